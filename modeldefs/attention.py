@@ -1,0 +1,58 @@
+"""Grouped-query causal self-attention through `scaled_dot_product_attention`, with a KV cache."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from modeldefs.config import ModelConfig
+from modeldefs.rope import apply_rope
+
+
+class KVCache(nn.Module):
+    """Preallocated keys/values of one attention layer for incremental decoding."""
+
+    def __init__(self, batch_size: int, n_kv_head: int, max_len: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device | None = None) -> None:
+        super().__init__()
+        shape = (batch_size, n_kv_head, max_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k/v (B, H, T, D) at cache slots `input_pos` (T,); return the cache up to the last slot written."""
+        self.k.index_copy_(2, input_pos, k.to(self.k.dtype))
+        self.v.index_copy_(2, input_pos, v.to(self.v.dtype))
+        end = int(input_pos[-1]) + 1
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
+        qkv_dim = (config.n_head + 2 * config.n_kv_head) * config.head_dim
+        self.qkv = nn.Linear(config.n_embd, qkv_dim, bias=config.qkv_bias)
+        self.proj = nn.Linear(config.n_head * config.head_dim, config.n_embd, bias=False)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                mask: torch.Tensor | None = None, kv_cache: KVCache | None = None,
+                input_pos: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, T, C). `mask` (bool, True = may attend, broadcastable to (B, H, T, S)) replaces the
+        causal rule when given; with `kv_cache`, the new keys are written at `input_pos` first."""
+        B, T, _ = x.shape
+        q, k, v = self.qkv(x).split(
+            [self.n_head * self.head_dim, self.n_kv_head * self.head_dim, self.n_kv_head * self.head_dim], dim=-1
+        )
+        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+        k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if kv_cache is not None:
+            k, v = kv_cache.update(input_pos, k, v)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
+            enable_gqa=self.n_kv_head != self.n_head,
+        )
+        return self.proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))

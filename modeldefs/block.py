@@ -1,0 +1,25 @@
+"""A pre-norm decoder block: x + attn(norm(x)), then + mlp(norm(x))."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from modeldefs.attention import CausalSelfAttention, KVCache
+from modeldefs.config import ModelConfig
+from modeldefs.mlp import SwiGLU
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.attn_norm = nn.RMSNorm(config.n_embd, eps=config.norm_eps)
+        self.attn = CausalSelfAttention(config)
+        self.mlp_norm = nn.RMSNorm(config.n_embd, eps=config.norm_eps)
+        self.mlp = SwiGLU(config)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                mask: torch.Tensor | None = None, kv_cache: KVCache | None = None,
+                input_pos: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), cos, sin, mask, kv_cache, input_pos)
+        return x + self.mlp(self.mlp_norm(x))

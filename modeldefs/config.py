@@ -1,0 +1,90 @@
+"""`ModelConfig`: every architectural choice of the decoder, serializable to YAML/JSON."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+
+@dataclass
+class ModelConfig:
+    """Hyperparameters of a Llama-family decoder (Llama, Mistral, Qwen2, SmolLM2 shapes)."""
+
+    name: str = "custom"
+    vocab_size: int = 49152
+    """Rows of the token embedding (and of the output head)."""
+    n_layer: int = 2
+    n_embd: int = 64
+    """Width of the residual stream (HF: hidden_size)."""
+    n_head: int = 4
+    n_kv_head: int = 2
+    """Key/value heads; fewer than `n_head` is grouped-query attention."""
+    head_dim: int | None = None
+    """Defaults to n_embd // n_head."""
+    intermediate_size: int = 128
+    """Hidden width of the SwiGLU MLP."""
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = True
+    qkv_bias: bool = False
+    """Bias on the query/key/value projections (Qwen2 has it, Llama does not)."""
+    block_size: int = 2048
+    """Longest sequence the model accepts (RoPE tables are built for this length)."""
+    init_std: float = 0.02
+
+    def __post_init__(self) -> None:
+        if self.head_dim is None:
+            if self.n_embd % self.n_head:
+                raise ValueError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}; set head_dim")
+            self.head_dim = self.n_embd // self.n_head
+        if self.n_head % self.n_kv_head:
+            raise ValueError(f"n_head={self.n_head} must be a multiple of n_kv_head={self.n_kv_head}")
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim={self.head_dim} must be even for rotary embeddings")
+
+    @classmethod
+    def from_name(cls, name: str, **overrides: Any) -> ModelConfig:
+        """A named config (see `NAMED_CONFIGS`), with fields overridden."""
+        if name not in NAMED_CONFIGS:
+            raise ValueError(f"unknown model config {name!r}; choose one of {sorted(NAMED_CONFIGS)}")
+        return cls(**{**NAMED_CONFIGS[name], **overrides})
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> ModelConfig:
+        """Build from a plain dict, naming any unknown key."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown ModelConfig field(s) {unknown}; known fields: {sorted(known)}")
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+NAMED_CONFIGS: dict[str, dict[str, Any]] = {
+    # HuggingFaceTB/SmolLM2-135M(-Instruct)
+    "smollm2-135m": dict(
+        name="smollm2-135m", vocab_size=49152, n_layer=30, n_embd=576, n_head=9, n_kv_head=3,
+        intermediate_size=1536, rope_theta=100000.0, norm_eps=1e-5, tie_embeddings=True, block_size=8192,
+    ),
+    # HuggingFaceTB/SmolLM2-360M(-Instruct)
+    "smollm2-360m": dict(
+        name="smollm2-360m", vocab_size=49152, n_layer=32, n_embd=960, n_head=15, n_kv_head=5,
+        intermediate_size=2560, rope_theta=100000.0, norm_eps=1e-5, tie_embeddings=True, block_size=8192,
+    ),
+    # The ~1B benchmark shape (TinyLlama-1.1B: 22 layers, d=2048, GQA 32/4).
+    "llama-1b": dict(
+        name="llama-1b", vocab_size=32000, n_layer=22, n_embd=2048, n_head=32, n_kv_head=4,
+        intermediate_size=5632, rope_theta=10000.0, norm_eps=1e-5, tie_embeddings=False, block_size=2048,
+    ),
+    # Tiny configs for tests and CPU smoke runs; the vocab matches the SmolLM2 tokenizer.
+    "tiny": dict(
+        name="tiny", vocab_size=49152, n_layer=4, n_embd=64, n_head=4, n_kv_head=2,
+        intermediate_size=192, rope_theta=10000.0, tie_embeddings=True, block_size=1024,
+    ),
+    "micro": dict(
+        name="micro", vocab_size=256, n_layer=2, n_embd=32, n_head=4, n_kv_head=2,
+        intermediate_size=64, rope_theta=10000.0, tie_embeddings=False, block_size=128,
+    ),
+}

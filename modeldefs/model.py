@@ -1,0 +1,92 @@
+"""The decoder: token embedding, a stack of blocks, final norm, language-model head."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from modeldefs.attention import KVCache
+from modeldefs.block import Block
+from modeldefs.config import ModelConfig
+from modeldefs.rope import rope_cache
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embed = nn.Embedding(config.vocab_size, config.n_embd)
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.norm = nn.RMSNorm(config.n_embd, eps=config.norm_eps)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+        cos, sin = rope_cache(config.head_dim, config.block_size, config.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.apply(self._init_weights)
+        # Residual projections start smaller so the stream's variance does not grow with depth (GPT-2).
+        for block in self.blocks:
+            for proj in (block.attn.proj, block.mlp.down):
+                nn.init.normal_(proj.weight, std=config.init_std / math.sqrt(2 * config.n_layer))
+
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, std=self.config.init_std)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def forward(self, idx: torch.Tensor, position_ids: torch.Tensor | None = None,
+                mask: torch.Tensor | None = None, kv_cache: list[KVCache] | None = None,
+                input_pos: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (B, T, vocab) for token ids `idx` (B, T).
+
+        position_ids: (B, T) or (T,) rotary positions; default 0..T-1 (or `input_pos` with a cache).
+        mask: bool, broadcastable to (B, n_head, T, S), True where a query may attend to a key.
+            None means plain causal attention. Routing and thought tokens use this path.
+        kv_cache / input_pos: one `KVCache` per block and the cache slots (T,) the new tokens fill.
+        """
+        T = idx.size(1)
+        if kv_cache is not None and input_pos is None:
+            raise ValueError("input_pos is required with kv_cache")
+        if T > self.config.block_size:
+            raise ValueError(
+                f"sequence length {T} exceeds the model's context (block_size={self.config.block_size});"
+                " shorten the sequence or raise block_size"
+            )
+        if position_ids is None:
+            position_ids = input_pos if input_pos is not None else torch.arange(T, device=idx.device)
+        if kv_cache is not None and mask is None and T > 1:
+            mask = torch.arange(int(input_pos[-1]) + 1, device=idx.device) <= input_pos[:, None]
+        if position_ids.dim() == 1:
+            position_ids = position_ids.unsqueeze(0)
+        cos, sin = self.rope_cos[position_ids], self.rope_sin[position_ids]
+        x = self.embed(idx)
+        for i, block in enumerate(self.blocks):
+            x = block(x, cos, sin, mask, None if kv_cache is None else kv_cache[i], input_pos)
+        return self.lm_head(self.norm(x))
+
+    def make_kv_cache(self, batch_size: int, max_len: int, dtype: torch.dtype | None = None) -> list[KVCache]:
+        """One empty `KVCache` per block, on the model's device."""
+        if max_len > self.config.block_size:
+            raise ValueError(f"max_len={max_len} exceeds block_size={self.config.block_size}")
+        weight = self.embed.weight
+        c = self.config
+        return [KVCache(batch_size, c.n_kv_head, max_len, c.head_dim, dtype or weight.dtype, weight.device)
+                for _ in range(c.n_layer)]
+
+    def num_params(self, exclude_embeddings: bool = False) -> int:
+        """Parameter count (shared tensors counted once)."""
+        n = sum(p.numel() for p in self.parameters())
+        return n - self.embed.weight.numel() if exclude_embeddings else n
+
+    def flops_per_token(self, seq_len: int) -> int:
+        """Training FLOPs per token (forward + backward = 3x forward), PaLM appendix B accounting."""
+        c = self.config
+        matmul_params = self.num_params(exclude_embeddings=True)
+        if c.tie_embeddings:
+            matmul_params += self.lm_head.weight.numel()
+        attention = 2 * c.n_layer * c.n_head * c.head_dim * seq_len  # QK^T and AV, causal half counted fully
+        return 6 * matmul_params + 6 * attention
