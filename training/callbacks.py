@@ -1,0 +1,98 @@
+"""Callbacks: token throughput/MFU, RNG state in checkpoints, and the end-of-run summary."""
+
+from __future__ import annotations
+
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint, ThroughputMonitor
+from lightning.pytorch.loggers import CSVLogger, WandbLogger
+from lightning.pytorch.utilities import rank_zero_only
+
+
+class TokenThroughput(ThroughputMonitor):
+    """Lightning's ThroughputMonitor counting tokens; FLOPs per batch from the model config.
+
+    Logs `train|throughput/items_per_sec` (tokens/s), `.../flops_per_sec` and, where Lightning knows
+    the device's peak (CUDA datacenter GPUs, not CPUs), `.../mfu`.
+    """
+
+    def __init__(self, window_size: int = 20) -> None:
+        """
+        Args:
+            window_size: batches averaged for each throughput figure.
+        """
+        super().__init__(
+            batch_size_fn=lambda batch: batch["input_ids"].size(0),
+            length_fn=lambda batch: batch["input_ids"].numel(),
+            window_size=window_size,
+        )
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+        if getattr(pl_module, "_flops_per_batch", None) is None:
+            tokens = batch["input_ids"].numel()
+            pl_module._flops_per_batch = pl_module.model.flops_per_token(batch["input_ids"].size(1)) * tokens
+
+
+class RNGState(L.Callback):
+    """Saves the Python/NumPy/torch RNG states in checkpoints and restores them when training resumes."""
+
+    def __init__(self) -> None:
+        self._to_restore: dict[str, Any] | None = None
+
+    def state_dict(self) -> dict[str, Any]:
+        kind, keys, pos, has_gauss, cached = np.random.get_state()
+        return {
+            "python": random.getstate(),
+            "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": pos,
+                      "has_gauss": has_gauss, "cached": cached},
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._to_restore = state_dict
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Restored here, not at load time, so nothing between loading and the first step consumes it.
+        if self._to_restore is None:
+            return
+        state = self._to_restore
+        random.setstate(state["python"])
+        n = state["numpy"]
+        np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
+        torch.set_rng_state(state["torch"])
+        if state["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda"])
+        self._to_restore = None
+
+
+class RunSummary(L.Callback):
+    """Prints where the run's checkpoints, metrics and W&B files are, with the final losses."""
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._t0 = time.perf_counter()
+
+    @rank_zero_only
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+        lines = [f"steps: {trainer.global_step}   wall time: {time.perf_counter() - self._t0:.1f} s"]
+        lines += [f"{k}: {v:.4f}" for k, v in sorted(metrics.items())]
+        for cb in trainer.checkpoint_callbacks:
+            if isinstance(cb, ModelCheckpoint) and cb.dirpath:
+                last = cb.last_model_path or cb.best_model_path
+                lines.append(f"checkpoints: {cb.dirpath}" + (f"   (latest: {Path(last).name})" if last else ""))
+        for logger in trainer.loggers:
+            if isinstance(logger, CSVLogger):
+                lines.append(f"metrics CSV: {Path(logger.log_dir) / 'metrics.csv'}")
+            elif isinstance(logger, WandbLogger):
+                run_dir = Path(logger.experiment.dir).parent
+                lines.append(f"W&B run: {run_dir}" + ("   (offline: `wandb sync " + str(run_dir) + "`)"
+                                                     if "offline" in run_dir.name else ""))
+        width = max(len(line) for line in lines)
+        print("\n" + "=" * width + "\nquietdepth run summary\n" + "\n".join(lines) + "\n" + "=" * width, flush=True)

@@ -1,0 +1,44 @@
+"""`quietdepth fit|validate|test`: the LightningCLI over quietdepth's modules and data."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+# Imported so their classes resolve by short name in YAML (class_path: CausalLM).
+from training import callbacks, data, lm  # noqa: F401
+
+
+def default_precision() -> str:
+    """bf16 mixed precision where the accelerator supports it, fp32 elsewhere."""
+    return "bf16-mixed" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "32-true"
+
+
+def _wandb_has_key() -> bool:
+    netrc = Path.home() / ".netrc"
+    return bool(os.environ.get("WANDB_API_KEY")) or (netrc.is_file() and "api.wandb.ai" in netrc.read_text())
+
+
+class QuietDepthCLI(LightningCLI):
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        # The sampler in training.data shards by rank itself, so Lightning must not wrap it.
+        parser.set_defaults({"trainer.precision": default_precision(), "trainer.use_distributed_sampler": False})
+
+
+def main(args: list[str] | None = None) -> QuietDepthCLI:
+    """Entry point of the `quietdepth` console script."""
+    if not _wandb_has_key():
+        os.environ.setdefault("WANDB_MODE", "offline")  # a real, `wandb sync`-able run folder; no login prompt
+    return QuietDepthCLI(
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        save_config_kwargs={"overwrite": True},
+        args=args,
+    )
+
+
+if __name__ == "__main__":
+    main()

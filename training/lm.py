@@ -1,0 +1,131 @@
+"""`CausalLM`: next-token training of a `modeldefs.Transformer` as a LightningModule."""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch.optim.lr_scheduler import LambdaLR
+
+from modeldefs import ModelConfig, Transformer
+from modeldefs.pretrained import load_pretrained
+from training.schedule import warmup_cosine
+
+
+class NonFiniteLossError(RuntimeError):
+    """Raised when the training loss is NaN or infinite (before the optimizer touches the weights)."""
+
+
+class CausalLM(L.LightningModule):
+    def __init__(
+        self,
+        model: str | None = "tiny",
+        model_overrides: dict[str, Any] | None = None,
+        init_from: str | None = None,
+        lr: float = 3e-4,
+        min_lr_ratio: float = 0.1,
+        warmup_steps: int = 100,
+        weight_decay: float = 0.1,
+        betas: tuple[float, float] = (0.9, 0.95),
+        eps: float = 1e-8,
+        compile: bool = False,
+        check_finite_loss: bool = True,
+    ) -> None:
+        """
+        Args:
+            model: named architecture (`modeldefs.config.NAMED_CONFIGS`) for random init; None with `init_from`.
+            model_overrides: ModelConfig fields to change (e.g. {"n_layer": 2, "block_size": 512}).
+            init_from: pretrained source to start from: "smollm2-135m-instruct" (offline GGUF), a .gguf
+                file, an HF model directory or hub id, or a quietdepth .ckpt. None = random init.
+            lr: peak learning rate of AdamW.
+            min_lr_ratio: the cosine schedule decays to lr * min_lr_ratio at trainer.max_steps.
+            warmup_steps: optimizer steps of linear warm-up from ~0 to lr.
+            weight_decay: AdamW decay on matrices and embeddings (never on norms and biases).
+            betas: AdamW betas.
+            eps: AdamW epsilon.
+            compile: torch.compile each decoder block.
+            check_finite_loss: stop with `NonFiniteLossError` on a NaN/inf loss (one host sync per step).
+        """
+        super().__init__()
+        if init_from is None and model is None:
+            raise ValueError("set model.init_args.model (a named config) or model.init_args.init_from")
+        if init_from is not None and model is not None:
+            raise ValueError("set either model.init_args.model (random init) or model.init_args.init_from, not both")
+        self.save_hyperparameters()
+        self.model: Transformer | None = None
+
+    def configure_model(self) -> None:
+        if self.model is not None:
+            return
+        overrides = self.hparams.model_overrides or {}
+        if self.hparams.init_from is not None:
+            self.model = load_pretrained(self.hparams.init_from)
+            if overrides:
+                config = ModelConfig.from_dict({**self.model.config.to_dict(), **overrides})
+                state = self.model.state_dict()
+                self.model = Transformer(config)
+                self.model.load_state_dict(state)
+        else:
+            self.model = Transformer(ModelConfig.from_name(self.hparams.model, **overrides))
+        self._check_seq_len()
+        if self.hparams.compile:
+            for block in self.model.blocks:
+                block.compile()
+
+    def _check_seq_len(self) -> None:
+        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        seq_len = getattr(datamodule, "seq_len", None)
+        if seq_len is not None and seq_len > self.model.config.block_size:
+            raise ValueError(
+                f"data.seq_len={seq_len} is longer than the model's context (block_size="
+                f"{self.model.config.block_size}); lower data.init_args.seq_len or raise "
+                "model.init_args.model_overrides.block_size"
+            )
+
+    def forward(self, input_ids: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        return self.model(input_ids, **kwargs)
+
+    def loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        logits = self.model(batch["input_ids"])
+        return F.cross_entropy(logits.flatten(0, 1).float(), batch["labels"].flatten(), ignore_index=-100)
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss = self.loss(batch)
+        if self.hparams.check_finite_loss and not torch.isfinite(loss):
+            raise NonFiniteLossError(
+                f"training loss is {loss.item()} at global step {self.global_step}: stopping before the weights are "
+                "touched; checkpoints already written are intact. Lower model.init_args.lr, raise warmup_steps, "
+                "or check the data."
+            )
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self.log("val/loss", self.loss(batch), prog_bar=True, sync_dist=True)
+
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self.log("test/loss", self.loss(batch), sync_dist=True)
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        hp = self.hparams
+        decay = [p for p in self.model.parameters() if p.requires_grad and p.dim() >= 2]
+        no_decay = [p for p in self.model.parameters() if p.requires_grad and p.dim() < 2]
+        optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=hp.lr, betas=tuple(hp.betas), eps=hp.eps, fused=self.device.type == "cuda",
+        )
+        max_steps = self.trainer.max_steps if self.trainer.max_steps > 0 else int(self.trainer.estimated_stepping_batches)
+        schedule = partial(warmup_cosine, warmup_steps=hp.warmup_steps, max_steps=max_steps, min_lr_ratio=hp.min_lr_ratio)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": LambdaLR(optimizer, schedule), "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # The architecture travels with the weights so a checkpoint loads without its YAML.
+        checkpoint["model_config"] = self.model.config.to_dict()
+
+    @property
+    def flops_per_batch(self) -> int | None:
+        """Training FLOPs of one batch, read by Lightning's ThroughputMonitor (set by `TokenThroughput`)."""
+        return getattr(self, "_flops_per_batch", None)
