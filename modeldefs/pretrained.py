@@ -46,8 +46,6 @@ def _from_pretrained_args(source: str) -> tuple[str, dict[str, Any]]:
         if not path.is_file():
             raise FileNotFoundError(f"GGUF file not found: {source}")
         return str(path.parent), {"gguf_file": path.name}
-    if os.path.isdir(source) and not os.path.isfile(os.path.join(source, "config.json")):
-        raise FileNotFoundError(f"{source} is a directory without config.json; not an HF model directory")
     return source, {}
 
 
@@ -56,6 +54,8 @@ def load_hf_model(source: str) -> torch.nn.Module:
     from transformers import AutoModelForCausalLM
 
     path, kwargs = _from_pretrained_args(source)
+    if os.path.isdir(path) and not kwargs and not os.path.isfile(os.path.join(path, "config.json")):
+        raise FileNotFoundError(f"{source} is a directory without config.json; not an HF model directory")
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **kwargs)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -32,6 +33,8 @@ def main(args: list[str] | None = None) -> QuietDepthCLI:
     """Entry point of the `quietdepth` console script."""
     if not _wandb_has_key():
         os.environ.setdefault("WANDB_MODE", "offline")  # a real, `wandb sync`-able run folder; no login prompt
+    # TextDataModule restores the data position itself (its state_dict), which Lightning cannot see.
+    warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
     return QuietDepthCLI(
         subclass_mode_model=True,
         subclass_mode_data=True,

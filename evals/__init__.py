@@ -1,0 +1,1 @@
+"""Evaluation: benchmark tasks (GSM8K, CommonsenseQA), decoding and leaderboard tables."""

@@ -1,0 +1,104 @@
+"""`quietdepth fit|validate` on the smoke config, the files a run leaves, and each bad input."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from transformers import AutoModelForCausalLM
+
+from modeldefs.pretrained import load_pretrained
+from tests.conftest import REPO, requires_smollm2
+from training.cli import main
+from training.export import main as export_main
+from training.lm import NonFiniteLossError
+
+pytestmark = requires_smollm2
+SMOKE = str(REPO / "configs" / "smoke.yaml")
+
+
+def smoke_args(data: Path, *extra: str, steps: int = 6, config: str = SMOKE) -> list[str]:
+    return ["--config", config, "--data.init_args.path", str(data), "--data.init_args.max_documents", "300",
+            "--trainer.max_steps", str(steps), "--trainer.val_check_interval", "3", "--trainer.limit_val_batches", "2",
+            "--trainer.log_every_n_steps", "1", "--trainer.enable_progress_bar", "false", *extra]
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, str]]:
+    (path,) = run_dir.glob("csv/version_*/metrics.csv")
+    with path.open() as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture
+def in_tmp(tmp_path, monkeypatch) -> Path:
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def test_fit_smoke_writes_checkpoints_metrics_wandb_run_and_summary(in_tmp, gsm8k_train, capsys):
+    main(["fit", *smoke_args(gsm8k_train)])
+    run = in_tmp / "runs" / "smoke"
+    assert (run / "checkpoints" / "last.ckpt").is_file()
+    rows = read_metrics(run)
+    losses = [float(r["train/loss"]) for r in rows if r.get("train/loss")]
+    assert len(losses) == 6 and all(torch.isfinite(torch.tensor(losses)))
+    assert any(r.get("val/loss") for r in rows)
+    (offline,) = (run / "wandb").glob("offline-run-*")
+    assert list(offline.glob("*.wandb"))
+    assert (run / "csv").exists() and list(run.rglob("config.yaml"))
+    out = capsys.readouterr().out
+    assert "quietdepth run summary" in out and "wandb sync" in out and "last.ckpt" in out
+
+
+def test_validate_and_export_from_a_checkpoint(in_tmp, gsm8k_train, smollm2_tokenizer):
+    main(["fit", *smoke_args(gsm8k_train, steps=3)])
+    ckpt = in_tmp / "runs" / "smoke" / "checkpoints" / "last.ckpt"
+    main(["validate", *smoke_args(gsm8k_train), "--ckpt_path", str(ckpt)])
+    export_main([str(ckpt), str(in_tmp / "hf")])
+    ours = load_pretrained(str(ckpt)).eval()
+    hf = AutoModelForCausalLM.from_pretrained(in_tmp / "hf").eval()
+    ids = smollm2_tokenizer("Question: 2+2?", return_tensors="pt").input_ids
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, ours(ids), rtol=0, atol=1e-5)
+
+
+def test_unknown_config_key_is_named(in_tmp, gsm8k_train, capsys):
+    with pytest.raises(SystemExit):
+        main(["fit", *smoke_args(gsm8k_train, "--model.init_args.learning_rate", "0.1")])
+    assert "learning_rate" in capsys.readouterr().err
+
+
+def test_wrong_type_is_named(in_tmp, gsm8k_train, capsys):
+    with pytest.raises(SystemExit):
+        main(["fit", *smoke_args(gsm8k_train, "--model.init_args.lr", "fast")])
+    err = capsys.readouterr().err
+    assert "lr" in err and "fast" in err
+
+
+def test_sequence_longer_than_context_stops_before_training(in_tmp, gsm8k_train):
+    with pytest.raises(ValueError, match=r"data.seq_len=2048 .*block_size=1024"):
+        main(["fit", *smoke_args(gsm8k_train, "--data.init_args.seq_len", "2048")])
+    assert not (in_tmp / "runs" / "smoke" / "checkpoints").exists()
+
+
+def test_missing_data_file_names_the_field(in_tmp, gsm8k_train):
+    with pytest.raises(FileNotFoundError, match="data.path"):
+        main(["fit", *smoke_args(in_tmp / "missing.jsonl")])
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(in_tmp, gsm8k_train):
+    # A huge learning rate blows the weights up after the first update: step 0 is finite, step 1 is not.
+    config = yaml.safe_load(Path(SMOKE).read_text())
+    config["trainer"]["callbacks"][0]["init_args"]["every_n_train_steps"] = 1
+    (in_tmp / "nan.yaml").write_text(yaml.safe_dump(config))
+    args = smoke_args(gsm8k_train, "--model.init_args.lr", "1e30", "--model.init_args.warmup_steps", "1",
+                      "--trainer.gradient_clip_val", "null", steps=20, config=str(in_tmp / "nan.yaml"))
+    with pytest.raises(NonFiniteLossError, match="training loss is (nan|inf)"):
+        main(["fit", *args])
+    ckpt = in_tmp / "runs" / "smoke" / "checkpoints" / "last.ckpt"
+    state = torch.load(ckpt, weights_only=True)
+    assert state["global_step"] >= 1
+    assert all(torch.isfinite(t).all() for t in state["state_dict"].values())

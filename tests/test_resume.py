@@ -1,0 +1,80 @@
+"""A training run killed with SIGKILL and resumed with `--ckpt_path last` continues step for step."""
+
+from __future__ import annotations
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from tests.conftest import REPO, requires_smollm2
+
+pytestmark = [requires_smollm2, pytest.mark.slow]
+STEPS, KILL_AFTER = 24, 12
+
+
+def write_config(run_dir: Path, data: Path) -> Path:
+    config = yaml.safe_load((REPO / "configs" / "smoke.yaml").read_text())
+    trainer = config["trainer"]
+    trainer.update(max_steps=STEPS, val_check_interval=1000, log_every_n_steps=1, enable_progress_bar=False,
+                   default_root_dir=str(run_dir))
+    trainer["logger"] = [{"class_path": "lightning.pytorch.loggers.CSVLogger",
+                          "init_args": {"save_dir": str(run_dir), "name": "csv", "flush_logs_every_n_steps": 1}}]
+    trainer["callbacks"][0]["init_args"].update(dirpath=str(run_dir / "checkpoints"), every_n_train_steps=4)
+    # Short documents make several epochs of data, so the resume also crosses an epoch boundary.
+    config["data"]["init_args"].update(path=str(data), max_documents=20, val_fraction=0.1, seq_len=64, batch_size=4)
+    path = run_dir / "config.in.yaml"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def quietdepth(config: Path, *extra: str) -> subprocess.Popen:
+    env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "2"}
+    return subprocess.Popen([sys.executable, "-m", "training", "fit", "--config", str(config), *extra],
+                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    out = {}
+    for path in sorted(run_dir.glob("csv/version_*/metrics.csv")):
+        with path.open() as f:
+            out.update({int(r["step"]): float(r["train/loss"]) for r in csv.DictReader(f) if r.get("train/loss")})
+    return out
+
+
+def finish(proc: subprocess.Popen, timeout: float = 300) -> None:
+    output, _ = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, output[-3000:]
+
+
+def test_resume_after_sigkill_reproduces_the_uninterrupted_losses(tmp_path, gsm8k_train):
+    straight = tmp_path / "straight"
+    finish(quietdepth(write_config(straight, gsm8k_train)))
+
+    killed = tmp_path / "killed"
+    config = write_config(killed, gsm8k_train)
+    proc = quietdepth(config)
+    deadline = time.monotonic() + 240
+    while not list(killed.glob(f"checkpoints/*step={KILL_AFTER}.ckpt")) and proc.poll() is None \
+            and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    output, _ = proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGKILL, f"the run ended before it could be killed:\n{output[-3000:]}"
+    resumed_from = torch.load(killed / "checkpoints" / "last.ckpt", weights_only=True)["global_step"]
+    assert KILL_AFTER <= resumed_from < STEPS
+
+    finish(quietdepth(config, "--ckpt_path", "last"))
+    expected, got = losses(straight), losses(killed)
+    assert len(expected) == STEPS
+    after = [s for s in sorted(expected) if s >= resumed_from]
+    assert after, "nothing ran after the resume point"
+    assert [got[s] for s in after] == [expected[s] for s in after]

@@ -1,0 +1,294 @@
+"""`TextDataModule`: documents from a hub dataset or local files, tokenised once, packed into windows.
+
+Each record becomes one document (a text field, or a GSM8K/CSQA formatting), the tokenizer's EOS
+is appended to every document, and the token stream is cut into windows of ``seq_len + 1`` tokens
+(inputs and next-token labels). The tokenised documents are cached on disk, keyed by their text and
+the tokenizer, so a second run (or every rank after the first) skips tokenisation.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Literal
+
+import datasets
+import lightning as L
+import numpy as np
+import pyarrow.compute as pc
+import torch
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch.utils.data import DataLoader, Dataset
+
+from modeldefs.pretrained import load_tokenizer
+from training.formatting import BadRecord, Format, formatter
+from training.sampler import ResumableSampler
+
+_LOCAL_BUILDERS = {".jsonl": "json", ".json": "json", ".txt": "text", ".parquet": "parquet", ".csv": "csv"}
+
+
+class PackedDataset(Dataset):
+    """Consecutive windows of ``seq_len + 1`` tokens from one stream; neighbours share one token."""
+
+    def __init__(self, tokens: torch.Tensor, seq_len: int) -> None:
+        self.tokens = tokens
+        self.seq_len = seq_len
+
+    def __len__(self) -> int:
+        return max(0, (len(self.tokens) - 1) // self.seq_len)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        window = self.tokens[i * self.seq_len : (i + 1) * self.seq_len + 1].long()
+        return {"input_ids": window[:-1], "labels": window[1:]}
+
+
+def _is_local(path: str) -> bool:
+    return os.path.exists(path) or Path(path).suffix in _LOCAL_BUILDERS or path.startswith((".", "/", "~"))
+
+
+def _jsonl_records(path: str) -> Iterator[tuple[str, Any]]:
+    """(file:line, record or the JSON error) for every non-blank line."""
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    yield f"{path}:{lineno}", json.loads(line)
+                except json.JSONDecodeError as e:
+                    yield f"{path}:{lineno}", BadRecord(f"malformed JSON ({e.msg}, column {e.colno})")
+
+
+def _records(path: str, name: str | None, split: str) -> Iterator[tuple[str, Any]]:
+    """(where, record) pairs from a local file or a hub dataset."""
+    if _is_local(path):
+        path = os.path.expanduser(path)
+        if not os.path.exists(path):
+            raise FileNotFoundError(
+                f"data.path: {path} not found; set data.init_args.path to a jsonl/json/txt/parquet/csv file, "
+                "a directory of them, or a hub dataset id such as openai/gsm8k"
+            )
+        if path.endswith(".jsonl"):
+            yield from _jsonl_records(path)
+            return
+        builder = _LOCAL_BUILDERS.get(Path(path).suffix)
+        if builder is None:  # a directory: let `datasets` infer the format of the files in it
+            dataset = datasets.load_dataset(path, name=name, split=split)
+        else:
+            extra = {"sample_by": "document"} if builder == "text" else {}
+            dataset = datasets.load_dataset(builder, data_files=path, split="train", **extra)
+    else:
+        dataset = datasets.load_dataset(path, name=name, split=split)
+    for i, record in enumerate(dataset):
+        yield f"{path} ({split}) row {i}", record
+
+
+class TextDataModule(L.LightningDataModule):
+    def __init__(
+        self,
+        path: str,
+        tokenizer: str = "smollm2-135m-instruct",
+        name: str | None = None,
+        split: str = "train",
+        val_split: str | None = None,
+        val_fraction: float = 0.05,
+        format: Format = "text",
+        text_field: str = "text",
+        seq_len: int = 512,
+        batch_size: int = 8,
+        num_workers: int = 0,
+        seed: int = 1234,
+        on_bad_row: Literal["error", "skip"] = "error",
+        max_documents: int | None = None,
+        cache_dir: str | None = None,
+    ) -> None:
+        """
+        Args:
+            path: hub dataset id (``openai/gsm8k``) or a local jsonl/json/txt/parquet/csv file or directory.
+            tokenizer: tokenizer source: ``smollm2-135m-instruct`` (offline), a .gguf, an HF directory or hub id.
+            name: hub dataset configuration (``main`` for openai/gsm8k).
+            split: hub split to train on (local files are a single split).
+            val_split: hub split to validate on; None holds out ``val_fraction`` of the documents instead.
+            val_fraction: share of documents held out for validation when ``val_split`` is None (0: none).
+            format: ``text`` (the ``text_field`` as it is), ``gsm8k`` (question + worked answer) or
+                ``csqa`` (question, lettered choices, answer letter).
+            text_field: the record field holding the text for ``format: text``.
+            seq_len: tokens per training sequence.
+            batch_size: sequences per batch on each device.
+            num_workers: DataLoader worker processes.
+            seed: seed of the document hold-out and of the per-epoch shuffle.
+            on_bad_row: ``error`` stops at the first malformed record (naming file:line), ``skip`` drops it.
+            max_documents: use only the first N documents (quick runs); None uses all.
+            cache_dir: where tokenised documents are cached (default: the `datasets` cache).
+        """
+        super().__init__()
+        if seq_len < 1 or batch_size < 1:
+            raise ValueError("data.seq_len and data.batch_size must be positive")
+        if not 0 <= val_fraction < 1:
+            raise ValueError(f"data.val_fraction={val_fraction} must be in [0, 1)")
+        self.save_hyperparameters()
+        self.seq_len = seq_len
+        self._tokenizer: Any | None = None
+        self._splits: dict[str, PackedDataset] | None = None
+        self._train_sampler: ResumableSampler | None = None
+        self._resume: tuple[int, int] | None = None
+
+    @property
+    def tokenizer(self) -> Any:
+        """The HF tokenizer (loaded on first use)."""
+        if self._tokenizer is None:
+            self._tokenizer = load_tokenizer(self.hparams.tokenizer)
+            if self._tokenizer.eos_token_id is None:
+                raise ValueError(f"data.tokenizer={self.hparams.tokenizer!r} has no EOS token to end documents with")
+        return self._tokenizer
+
+    # -- documents and tokens ------------------------------------------------------------------
+
+    def documents(self, split: str) -> list[str]:
+        """The formatted documents of `split` (malformed records stop or are skipped per ``on_bad_row``)."""
+        hp = self.hparams
+        fmt = formatter(hp.format, hp.text_field)
+        docs, skipped = [], []
+        for where, record in _records(hp.path, hp.name, split):
+            try:
+                if isinstance(record, BadRecord):
+                    raise record
+                docs.append(fmt(record))
+            except BadRecord as e:
+                if hp.on_bad_row == "error":
+                    raise ValueError(f"{where}: {e}; fix the row or set data.init_args.on_bad_row=skip") from None
+                skipped.append(where)
+            if hp.max_documents is not None and len(docs) >= hp.max_documents:
+                break
+        if skipped:
+            rank_zero_warn(f"data: skipped {len(skipped)} malformed rows (first: {skipped[0]})")
+        if not docs:
+            raise ValueError(f"data.path: {hp.path} ({split}) has no documents; check the file and data.format")
+        return docs
+
+    def _cache_path(self, docs: list[str]) -> Path:
+        key = hashlib.sha256()
+        backend = getattr(self.tokenizer, "backend_tokenizer", None)
+        key.update((backend.to_str() if backend is not None else self.tokenizer.name_or_path).encode())
+        key.update(str(self.tokenizer.eos_token_id).encode())
+        for doc in docs:
+            key.update(doc.encode())
+            key.update(b"\0")
+        root = Path(self.hparams.cache_dir or Path(datasets.config.HF_DATASETS_CACHE) / "quietdepth-tokens")
+        return root / f"tokens-{key.hexdigest()[:24]}.arrow"
+
+    def tokenized(self, split: str) -> datasets.Dataset:
+        """One row of token ids (EOS appended) per document, from the cache when it holds them."""
+        docs = self.documents(split)
+        path = self._cache_path(docs)
+        if path.is_file():
+            return datasets.Dataset.from_file(str(path))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        eos = self.tokenizer.eos_token_id
+
+        def tokenize(batch: dict[str, list[str]]) -> dict[str, list[list[int]]]:
+            ids = self.tokenizer(batch["text"], add_special_tokens=False)["input_ids"]
+            return {"input_ids": [doc + [eos] for doc in ids]}
+
+        features = datasets.Features({"input_ids": datasets.Sequence(datasets.Value("int32"))})
+        return datasets.Dataset.from_dict({"text": docs}).map(
+            tokenize, batched=True, remove_columns=["text"], features=features,
+            cache_file_name=str(path), desc="tokenizing",
+        )
+
+    @staticmethod
+    def _stream(dataset: datasets.Dataset, order: np.ndarray | None = None) -> torch.Tensor:
+        """The documents' tokens back to back (in `order` when given)."""
+        column = dataset.data.column("input_ids").combine_chunks()
+        flat = column.flatten().to_numpy()
+        if order is None:
+            return torch.from_numpy(flat.astype(np.int32))
+        offsets = np.concatenate([[0], np.cumsum(pc.list_value_length(column).to_numpy())])
+        return torch.from_numpy(np.concatenate([flat[offsets[i] : offsets[i + 1]] for i in order]).astype(np.int32))
+
+    def _build(self) -> dict[str, PackedDataset]:
+        hp = self.hparams
+        train = self.tokenized(hp.split)
+        if hp.val_split is not None:
+            streams = {"train": self._stream(train), "val": self._stream(self.tokenized(hp.val_split))}
+        elif hp.val_fraction > 0:
+            if len(train) < 2:
+                raise ValueError("data: one document cannot be split into train and validation; set data.val_fraction=0")
+            order = np.random.default_rng(hp.seed).permutation(len(train))
+            n_val = max(1, round(len(train) * hp.val_fraction))
+            streams = {"train": self._stream(train, np.sort(order[n_val:])),
+                       "val": self._stream(train, np.sort(order[:n_val]))}
+        else:
+            streams = {"train": self._stream(train)}
+        splits = {name: PackedDataset(tokens, self.seq_len) for name, tokens in streams.items()}
+        for name, data in splits.items():
+            if len(data) == 0:
+                fix = "raise data.init_args.val_fraction" if name == "val" else "use more documents"
+                raise ValueError(
+                    f"data: the {name} split has {len(data.tokens)} tokens, fewer than one sequence of "
+                    f"data.seq_len+1={self.seq_len + 1}; lower data.init_args.seq_len or {fix}"
+                )
+        rank_zero_info(
+            "data: " + ", ".join(f"{name} {len(d.tokens):,} tokens -> {len(d):,} sequences of {self.seq_len}"
+                                 for name, d in splits.items())
+        )
+        return splits
+
+    # -- Lightning hooks -----------------------------------------------------------------------
+
+    def prepare_data(self) -> None:
+        # Runs on one process per node before `setup`: it fills the token cache the other ranks read.
+        self.setup()
+
+    def setup(self, stage: str | None = None) -> None:
+        if self._splits is None:
+            self._splits = self._build()
+
+    def _rank(self) -> tuple[int, int]:
+        return (self.trainer.global_rank, self.trainer.world_size) if self.trainer is not None else (0, 1)
+
+    def _loader(self, data: PackedDataset, sampler: ResumableSampler, drop_last: bool) -> DataLoader:
+        workers = self.hparams.num_workers
+        return DataLoader(data, batch_size=self.hparams.batch_size, sampler=sampler, drop_last=drop_last,
+                          num_workers=workers, persistent_workers=workers > 0, pin_memory=torch.cuda.is_available())
+
+    def train_dataloader(self) -> DataLoader:
+        self.setup()
+        data = self._splits["train"]
+        rank, world = self._rank()
+        if len(data) // world < self.hparams.batch_size:
+            raise ValueError(
+                f"data: {len(data)} training sequences make no full batch of data.batch_size={self.hparams.batch_size}"
+                f" on each of {world} device(s); lower data.init_args.batch_size or seq_len, or use more data"
+            )
+        self._train_sampler = ResumableSampler(len(data), self.hparams.batch_size, True, self.hparams.seed, rank, world)
+        if self._resume is not None:
+            self._train_sampler.resume_from(*self._resume)
+            self._resume = None
+        return self._loader(data, self._train_sampler, drop_last=True)
+
+    def val_dataloader(self) -> DataLoader | list:
+        self.setup()
+        if "val" not in self._splits:
+            return []
+        rank, world = self._rank()
+        data = self._splits["val"]
+        return self._loader(data, ResumableSampler(len(data), self.hparams.batch_size, False, 0, rank, world), False)
+
+    def test_dataloader(self) -> DataLoader | list:
+        """The held-out split (the same data as validation)."""
+        return self.val_dataloader()
+
+    def state_dict(self) -> dict[str, Any]:
+        """The position in the training data, saved in checkpoints written while fitting."""
+        if self.trainer is None or self.trainer.state.fn != TrainerFn.FITTING:
+            return {}
+        # `processed` counts batches whose step has run; checkpoints are written after that increment.
+        processed = self.trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        return {"epoch": self.trainer.current_epoch, "batches_consumed": processed}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if state_dict:
+            self._resume = (state_dict["epoch"], state_dict["batches_consumed"])
