@@ -44,6 +44,14 @@ def smollm2_tokenizer():
     return load_tokenizer(OFFLINE_DEFAULT)
 
 
+@pytest.fixture(scope="session")
+def smollm2_tokenizer_dir(smollm2_tokenizer, tmp_path_factory) -> Path:
+    """The SmolLM2 tokenizer saved as an HF directory: loads in a fraction of the GGUF's time."""
+    path = tmp_path_factory.mktemp("smollm2-tokenizer")
+    smollm2_tokenizer.save_pretrained(path)
+    return path
+
+
 @pytest.fixture(autouse=True)
 def _deterministic() -> None:
     torch.manual_seed(0)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 import yaml
@@ -89,16 +90,47 @@ def test_missing_data_file_names_the_field(in_tmp, gsm8k_train):
         main(["fit", *smoke_args(in_tmp / "missing.jsonl")])
 
 
-def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(in_tmp, gsm8k_train):
-    # A huge learning rate blows the weights up after the first update: step 0 is finite, step 1 is not.
+class PoisonWeights(L.Callback):
+    """Fault injection: sets one weight to NaN at a given step and hook, as a diverging run would."""
+
+    def __init__(self, step: int, hook: str) -> None:
+        self.step, self.hook = step, hook
+
+    def _poison(self, trainer: L.Trainer, pl_module: L.LightningModule, hook: str) -> None:
+        if hook == self.hook and trainer.global_step == self.step:
+            with torch.no_grad():
+                pl_module.model.embed.weight[0, 0] = float("nan")
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._poison(trainer, pl_module, "batch_start")
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self._poison(trainer, pl_module, "batch_end")
+
+
+def poisoned_run(in_tmp: Path, data: Path, hook: str) -> list[str]:
     config = yaml.safe_load(Path(SMOKE).read_text())
     config["trainer"]["callbacks"][0]["init_args"]["every_n_train_steps"] = 1
-    (in_tmp / "nan.yaml").write_text(yaml.safe_dump(config))
-    args = smoke_args(gsm8k_train, "--model.init_args.lr", "1e30", "--model.init_args.warmup_steps", "1",
-                      "--trainer.gradient_clip_val", "null", steps=20, config=str(in_tmp / "nan.yaml"))
-    with pytest.raises(NonFiniteLossError, match="training loss is (nan|inf)"):
-        main(["fit", *args])
-    ckpt = in_tmp / "runs" / "smoke" / "checkpoints" / "last.ckpt"
-    state = torch.load(ckpt, weights_only=True)
-    assert state["global_step"] >= 1
+    config["trainer"]["callbacks"].append(
+        {"class_path": "tests.test_cli.PoisonWeights", "init_args": {"step": 3, "hook": hook}})
+    (in_tmp / "poison.yaml").write_text(yaml.safe_dump(config))
+    return ["fit", *smoke_args(data, steps=10, config=str(in_tmp / "poison.yaml"))]
+
+
+def assert_last_checkpoint_is_good(in_tmp: Path, step: int) -> None:
+    state = torch.load(in_tmp / "runs" / "smoke" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert state["global_step"] == step
     assert all(torch.isfinite(t).all() for t in state["state_dict"].values())
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(in_tmp, gsm8k_train):
+    with pytest.raises(NonFiniteLossError, match="training loss is nan at global step 3"):
+        main(poisoned_run(in_tmp, gsm8k_train, "batch_start"))
+    assert_last_checkpoint_is_good(in_tmp, 3)
+
+
+def test_non_finite_weights_are_never_written_to_a_checkpoint(in_tmp, gsm8k_train):
+    # Weights go bad after step 3's update, before its checkpoint: that save is refused.
+    with pytest.raises(NonFiniteLossError, match="weights are not finite at global step 3"):
+        main(poisoned_run(in_tmp, gsm8k_train, "batch_end"))
+    assert_last_checkpoint_is_good(in_tmp, 2)

@@ -69,8 +69,9 @@ def test_resume_after_sigkill_reproduces_the_uninterrupted_losses(tmp_path, gsm8
     proc.send_signal(signal.SIGKILL)
     output, _ = proc.communicate(timeout=60)
     assert proc.returncode == -signal.SIGKILL, f"the run ended before it could be killed:\n{output[-3000:]}"
+    # last.ckpt is written just after the step file, so the kill may land before it is updated.
     resumed_from = torch.load(killed / "checkpoints" / "last.ckpt", weights_only=True)["global_step"]
-    assert KILL_AFTER <= resumed_from < STEPS
+    assert KILL_AFTER - 4 <= resumed_from < STEPS
 
     finish(quietdepth(config, "--ckpt_path", "last"))
     expected, got = losses(straight), losses(killed)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import warnings
 from pathlib import Path
 
@@ -35,13 +36,22 @@ def main(args: list[str] | None = None) -> QuietDepthCLI:
         os.environ.setdefault("WANDB_MODE", "offline")  # a real, `wandb sync`-able run folder; no login prompt
     # TextDataModule restores the data position itself (its state_dict), which Lightning cannot see.
     warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
-    return QuietDepthCLI(
-        subclass_mode_model=True,
-        subclass_mode_data=True,
-        save_config_kwargs={"overwrite": True},
-        args=args,
-    )
+    try:
+        return QuietDepthCLI(
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            save_config_kwargs={"overwrite": True},
+            args=args,
+        )
+    finally:
+        _finish_wandb_run(failed=sys.exc_info()[0] is not None)
 
+
+def _finish_wandb_run(failed: bool) -> None:
+    """Close the W&B run (WandbLogger leaves it open), so a second run in one process starts its own."""
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and wandb.run is not None:
+        wandb.finish(exit_code=1 if failed else 0)
 
 if __name__ == "__main__":
     main()

@@ -47,7 +47,8 @@ class CausalLM(L.LightningModule):
             betas: AdamW betas.
             eps: AdamW epsilon.
             compile: torch.compile each decoder block.
-            check_finite_loss: stop with `NonFiniteLossError` on a NaN/inf loss (one host sync per step).
+            check_finite_loss: stop with `NonFiniteLossError` on a NaN/inf loss (one host sync per step), and
+                refuse to write a checkpoint whose weights are not finite, so the last one on disk stays good.
         """
         super().__init__()
         if init_from is None and model is None:
@@ -122,6 +123,11 @@ class CausalLM(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": LambdaLR(optimizer, schedule), "interval": "step"}}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.hparams.check_finite_loss and not all(p.isfinite().all() for p in self.model.parameters()):
+            raise NonFiniteLossError(
+                f"weights are not finite at global step {self.global_step}: stopping without writing this "
+                "checkpoint; the checkpoints already written are intact. Lower model.init_args.lr or check the data."
+            )
         # The architecture travels with the weights so a checkpoint loads without its YAML.
         checkpoint["model_config"] = self.model.config.to_dict()
 

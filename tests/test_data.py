@@ -1,0 +1,231 @@
+"""TextDataModule: formatting, packing, hold-out, shuffling, caching, sources and bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import datasets
+import pytest
+import torch
+
+from training import data as data_module
+from training.data import TextDataModule
+from training.formatting import format_csqa, format_gsm8k
+from training.sampler import ResumableSampler
+
+DOCS = [f"Document number {i} says {'la ' * (i % 7)}and ends here." for i in range(40)]
+
+
+def write_jsonl(path: Path, rows: list) -> Path:
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture
+def text_file(tmp_path) -> Path:
+    return write_jsonl(tmp_path / "docs.jsonl", [{"text": d} for d in DOCS])
+
+
+@pytest.fixture
+def make(smollm2_tokenizer_dir, tmp_path):
+    def make(path: Path | str, **kwargs) -> TextDataModule:
+        kwargs = {"tokenizer": str(smollm2_tokenizer_dir), "cache_dir": str(tmp_path / "cache"), "seq_len": 8,
+                  "batch_size": 2, "val_fraction": 0.0, **kwargs}
+        return TextDataModule(str(path), **kwargs)
+    return make
+
+
+def token_stream(dm: TextDataModule, docs: list[str]) -> list[int]:
+    out = []
+    for doc in docs:
+        out += dm.tokenizer(doc, add_special_tokens=False).input_ids + [dm.tokenizer.eos_token_id]
+    return out
+
+
+# -- formatting ----------------------------------------------------------------------------------
+
+def test_gsm8k_record_becomes_question_and_worked_answer():
+    record = {"question": "What is 2+3?", "answer": "2+3=<<2+3=5>>5\n#### 5"}
+    assert format_gsm8k(record) == "Question: What is 2+3?\nAnswer: 2+3=<<2+3=5>>5\n#### 5"
+
+
+def test_csqa_official_and_hub_schemas_give_the_same_document():
+    choices = [("A", "ignore"), ("B", "enforce"), ("C", "yell at")]
+    official = {"answerKey": "B", "question": {"stem": "Pick one?",
+                                               "choices": [{"label": l, "text": t} for l, t in choices]}}
+    hub = {"answerKey": "B", "question": "Pick one?",
+           "choices": {"label": [l for l, _ in choices], "text": [t for _, t in choices]}}
+    expected = "Question: Pick one?\nA. ignore\nB. enforce\nC. yell at\nAnswer: B"
+    assert format_csqa(official) == format_csqa(hub) == expected
+    assert not format_csqa({**hub, "answerKey": ""}).endswith("Answer: ")
+
+
+# -- packing -------------------------------------------------------------------------------------
+
+def test_documents_end_with_eos_and_windows_overlap_by_one_token(make, text_file):
+    dm = make(text_file)
+    dm.setup()
+    train = dm._splits["train"]
+    stream = token_stream(dm, DOCS)
+    assert train.tokens.tolist() == stream
+    assert len(train) == (len(stream) - 1) // 8
+    for i in (0, 1, len(train) - 1):
+        item = train[i]
+        assert item["input_ids"].tolist() == stream[i * 8 : i * 8 + 8]
+        assert item["labels"].tolist() == stream[i * 8 + 1 : i * 8 + 9]
+        assert item["input_ids"].dtype == torch.long
+
+
+def test_validation_holds_out_whole_documents_before_packing(make, text_file):
+    dm = make(text_file, val_fraction=0.1)
+    dm.setup()
+    eos = dm.tokenizer.eos_token_id
+
+    def documents(tokens: torch.Tensor) -> list[str]:
+        pieces, current = [], []
+        for t in tokens.tolist():
+            if t == eos:
+                pieces.append(dm.tokenizer.decode(current))
+                current = []
+            else:
+                current.append(t)
+        assert not current, "a split does not end at a document boundary"
+        return pieces
+
+    val, train = documents(dm._splits["val"].tokens), documents(dm._splits["train"].tokens)
+    assert len(val) == 4 and len(train) == 36
+    assert sorted(val + train) == sorted(DOCS)
+    again = make(text_file, val_fraction=0.1)
+    again.setup()
+    assert torch.equal(again._splits["val"].tokens, dm._splits["val"].tokens)
+
+
+def test_sequence_batches_have_the_configured_shape(make, text_file):
+    batch = next(iter(make(text_file, seq_len=16, batch_size=3).train_dataloader()))
+    assert batch["input_ids"].shape == batch["labels"].shape == (3, 16)
+
+
+# -- order: deterministic shuffle, rank shards, resume ------------------------------------------
+
+def first_batch(dm: TextDataModule, epoch: int = 0) -> torch.Tensor:
+    loader = dm.train_dataloader()
+    loader.sampler.set_epoch(epoch)
+    return next(iter(loader))["input_ids"]
+
+
+def test_shuffle_is_deterministic_per_seed_and_changes_each_epoch(make, text_file):
+    a, b = make(text_file, seed=1), make(text_file, seed=1)
+    assert torch.equal(first_batch(a), first_batch(b))
+    assert not torch.equal(first_batch(a, epoch=0), first_batch(a, epoch=1))
+    assert not torch.equal(first_batch(a), first_batch(make(text_file, seed=2)))
+
+
+def test_ranks_get_disjoint_equal_shares():
+    shares = [list(ResumableSampler(103, 4, True, 0, rank, 3)) for rank in range(3)]
+    assert {len(s) for s in shares} == {34}
+    flat = [i for s in shares for i in s]
+    assert len(set(flat)) == len(flat) and set(flat) <= set(range(103))
+
+
+def test_resume_skips_the_consumed_batches_of_that_epoch_only():
+    full = ResumableSampler(40, 4, True, 7)
+    full.set_epoch(2)
+    order = list(full)
+    resumed = ResumableSampler(40, 4, True, 7)
+    resumed.resume_from(epoch=2, batches_consumed=3)
+    resumed.set_epoch(2)
+    assert list(resumed) == order[12:]
+    assert len(resumed) == 40
+    assert list(resumed) == order  # the skip applies once; the next pass is whole
+
+
+# -- caching -------------------------------------------------------------------------------------
+
+def test_tokenisation_is_cached_on_disk_and_reused(make, text_file, tmp_path, monkeypatch):
+    first = make(text_file)
+    first.setup()
+    cached = list((tmp_path / "cache").glob("tokens-*.arrow"))
+    assert len(cached) == 1
+
+    second = make(text_file, seq_len=4)
+    tokenizer_class = type(second.tokenizer)
+    monkeypatch.setattr(tokenizer_class, "__call__", lambda *a, **k: pytest.fail("tokenised again"))
+    second.setup()
+    assert torch.equal(second._splits["train"].tokens, first._splits["train"].tokens)
+
+    monkeypatch.undo()
+    make(text_file, max_documents=5).setup()  # other documents: another cache entry
+    assert len(list((tmp_path / "cache").glob("tokens-*.arrow"))) == 2
+
+
+# -- sources -------------------------------------------------------------------------------------
+
+def test_txt_and_parquet_files_load(make, tmp_path):
+    (tmp_path / "book.txt").write_text("\n".join(DOCS))
+    txt = make(tmp_path / "book.txt")
+    assert txt.documents("train") == ["\n".join(DOCS)]  # a text file is one document
+    datasets.Dataset.from_dict({"body": DOCS}).to_parquet(str(tmp_path / "docs.parquet"))
+    parquet = make(tmp_path / "docs.parquet", text_field="body")
+    assert parquet.documents("train") == DOCS
+
+
+def test_hub_ids_go_to_datasets_with_config_and_split(make, monkeypatch):
+    calls = []
+
+    def load_dataset(path, name=None, split=None, **kwargs):
+        calls.append((path, name, split))
+        return datasets.Dataset.from_dict({"question": ["q"], "answer": ["a\n#### 1"]})
+
+    monkeypatch.setattr(data_module.datasets, "load_dataset", load_dataset)
+    dm = make("openai/gsm8k", name="main", format="gsm8k", val_split="test")
+    assert dm.documents("train") == ["Question: q\nAnswer: a\n#### 1"]
+    assert calls == [("openai/gsm8k", "main", "train")]
+
+
+def test_the_real_gsm8k_train_file(make, gsm8k_train):
+    docs = make(gsm8k_train, format="gsm8k").documents("train")
+    assert len(docs) == 7473
+    assert all(d.startswith("Question: ") and "\n#### " in d for d in docs)
+
+
+def test_max_documents_takes_the_first_n(make, text_file):
+    assert make(text_file, max_documents=5).documents("train") == DOCS[:5]
+
+
+# -- bad input -----------------------------------------------------------------------------------
+
+def test_malformed_jsonl_row_names_file_and_line(make, tmp_path):
+    path = write_jsonl(tmp_path / "bad.jsonl", [{"text": "one"}, {"text": "two"}, '{"text": "thr', {"text": "four"}])
+    with pytest.raises(ValueError, match=r"bad\.jsonl:3: malformed JSON.*on_bad_row=skip"):
+        make(path).documents("train")
+    with pytest.warns(UserWarning, match=r"skipped 1 malformed rows \(first: .*bad\.jsonl:3\)"):
+        assert make(path, on_bad_row="skip").documents("train") == ["one", "two", "four"]
+
+
+def test_row_missing_a_field_names_the_field_and_line(make, tmp_path):
+    path = write_jsonl(tmp_path / "q.jsonl", [{"question": "q", "answer": "a"}, {"question": "q2"}])
+    with pytest.raises(ValueError, match=r"q\.jsonl:2: missing field 'answer'"):
+        make(path, format="gsm8k").documents("train")
+
+
+def test_missing_file_names_data_path(make, tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"data\.path: .*nothing\.jsonl not found"):
+        make(tmp_path / "nothing.jsonl").documents("train")
+
+
+def test_empty_file_is_an_error(make, tmp_path):
+    (tmp_path / "empty.jsonl").write_text("\n")
+    with pytest.raises(ValueError, match="has no documents"):
+        make(tmp_path / "empty.jsonl").setup()
+
+
+def test_too_little_data_for_one_sequence_is_an_error(make, tmp_path):
+    path = write_jsonl(tmp_path / "short.jsonl", [{"text": "hi"}])
+    with pytest.raises(ValueError, match=r"fewer than one sequence of data\.seq_len\+1=513"):
+        make(path, seq_len=512).setup()
+
+
+def test_too_few_sequences_for_a_batch_is_an_error(make, text_file):
+    with pytest.raises(ValueError, match="no full batch of data.batch_size=4096"):
+        make(text_file, batch_size=4096).train_dataloader()
