@@ -13,7 +13,7 @@ import yaml
 from modeldefs import ModelConfig, Transformer
 from modeldefs.generate import generate
 from tests.conftest import REPO
-from training.cli import main
+from training.cli import run
 
 pytestmark = pytest.mark.gpu
 
@@ -29,12 +29,12 @@ def test_cli_fit_on_cuda_runs_bf16_and_logs_tokens_per_second_and_mfu(tmp_path, 
     config["model"]["init_args"]["compile"] = True
     config["data"]["init_args"].update(path=str(gsm8k_train), tokenizer=tokenizer_source, max_documents=2000)
     (tmp_path / "gpu.yaml").write_text(yaml.safe_dump(config))
-    cli = main(["fit", "--config", str(tmp_path / "gpu.yaml")])
+    cli = run(["fit", "--config", str(tmp_path / "gpu.yaml")])
     assert cli.trainer.precision == "bf16-mixed"
     (metrics,) = Path("runs/smoke/csv").glob("version_*/metrics.csv")
     rows = list(csv.DictReader(metrics.open()))
-    mfu = [float(r["train|throughput/mfu"]) for r in rows if r.get("train|throughput/mfu")]
-    tokens_per_s = [float(r["train|throughput/items_per_sec"]) for r in rows if r.get("train|throughput/items_per_sec")]
+    mfu = [float(r["train/device/mfu"]) for r in rows if r.get("train/device/mfu")]
+    tokens_per_s = [float(r["train/device/items_per_sec"]) for r in rows if r.get("train/device/items_per_sec")]
     losses = [float(r["train/loss"]) for r in rows if r.get("train/loss")]
     assert mfu and all(0 < m < 1 for m in mfu)
     assert tokens_per_s and min(tokens_per_s) > 0

@@ -18,7 +18,7 @@ from lightning.pytorch.utilities import rank_zero_only
 class TokenThroughput(ThroughputMonitor):
     """Lightning's ThroughputMonitor counting tokens; FLOPs per batch from the model config.
 
-    Logs `train|throughput/items_per_sec` (tokens/s), `.../flops_per_sec` and, where Lightning knows
+    Logs `train/device/items_per_sec` (tokens/s per device), `.../flops_per_sec` and, where Lightning knows
     the device's peak (CUDA datacenter GPUs, not CPUs), `.../mfu`.
     """
 

@@ -30,8 +30,13 @@ class QuietDepthCLI(LightningCLI):
         parser.set_defaults({"trainer.precision": default_precision(), "trainer.use_distributed_sampler": False})
 
 
-def main(args: list[str] | None = None) -> QuietDepthCLI:
+def main(args: list[str] | None = None) -> None:
     """Entry point of the `quietdepth` console script."""
+    run(args)
+
+
+def run(args: list[str] | None = None) -> QuietDepthCLI:
+    """Parse `args` (default: the command line), run the subcommand and return the CLI object."""
     if not _wandb_has_key():
         os.environ.setdefault("WANDB_MODE", "offline")  # a real, `wandb sync`-able run folder; no login prompt
     # TextDataModule restores the data position itself (its state_dict), which Lightning cannot see.

@@ -115,7 +115,8 @@ class CausalLM(L.LightningModule):
         decay = [p for p in self.model.parameters() if p.requires_grad and p.dim() >= 2]
         no_decay = [p for p in self.model.parameters() if p.requires_grad and p.dim() < 2]
         optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            [{"params": decay, "weight_decay": hp.weight_decay, "name": "decay"},
+             {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"}],
             lr=hp.lr, betas=tuple(hp.betas), eps=hp.eps, fused=self._loss_scaler() is None,
         )
         max_steps = self.trainer.max_steps if self.trainer.max_steps > 0 else int(self.trainer.estimated_stepping_batches)
