@@ -77,6 +77,16 @@ def test_bf16_mixed_training_clips_gradients_with_the_fused_optimizer(in_tmp, gs
     assert len(norms) == 3 and all(0 < n < float("inf") for n in norms)
 
 
+def test_print_config_shows_the_resolved_config(in_tmp, gsm8k_train, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", *smoke_args(gsm8k_train), "--print_config"])
+    assert exit_info.value.code in (0, None)
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["model"]["class_path"] == "training.lm.CausalLM"
+    assert printed["data"]["init_args"]["max_documents"] == 300
+    assert printed["trainer"]["max_steps"] == 6
+
+
 def test_unknown_config_key_is_named(in_tmp, gsm8k_train, capsys):
     with pytest.raises(SystemExit):
         main(["fit", *smoke_args(gsm8k_train, "--model.init_args.learning_rate", "0.1")])

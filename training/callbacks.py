@@ -82,7 +82,7 @@ class RunSummary(L.Callback):
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
         lines = [f"steps: {trainer.global_step}   wall time: {time.perf_counter() - self._t0:.1f} s"]
-        lines += [f"{k}: {v:.4f}" for k, v in sorted(metrics.items())]
+        lines += [f"{k}: {v:.4g}" for k, v in sorted(metrics.items())]
         for cb in trainer.checkpoint_callbacks:
             if isinstance(cb, ModelCheckpoint) and cb.dirpath:
                 last = cb.last_model_path or cb.best_model_path
