@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
-from typing import Any
+from typing import Any, Literal
 
 
 @dataclass
@@ -32,6 +32,28 @@ class ModelConfig:
     """Longest sequence the model accepts (RoPE tables are built for this length)."""
     init_std: float = 0.02
 
+    # Mixture-of-Depths (modeldefs/mod.py); mod_capacity None is a dense model.
+    mod_capacity: float | None = None
+    """Share of each sequence's tokens that a routed block processes (paper's best: 0.125)."""
+    mod_route_every: int = 2
+    """Route every n-th block (layers n-1, 2n-1, ...); 2 interleaves routed and dense blocks."""
+    mod_exempt_first: bool = True
+    """Keep the first layer dense."""
+    mod_exempt_last: bool = True
+    """Keep the last layer dense."""
+    mod_scale_by_router: bool = True
+    """Scale routed updates by 2*sigmoid(router logit), which is what gives the router an LM-loss
+    gradient; False (ablation) leaves the updates unscaled."""
+    mod_causal_rule: Literal["router", "predictor"] = "router"
+    """What decides routing at inference, token by token: the router's logit > 0 (trained towards
+    the top-k choice by the auxiliary BCE loss) or the auxiliary predictor's logit > 0."""
+    mod_aux_weight: float = 0.01
+    """Weight of the BCE loss on router logits with top-k membership as targets (0: off)."""
+    mod_predictor: bool = True
+    """Train the auxiliary predictor MLP (on the detached router input; no effect on the LM loss)."""
+    mod_predictor_hidden: int = 64
+    """Hidden width of the predictor MLP."""
+
     def __post_init__(self) -> None:
         if self.head_dim is None:
             if self.n_embd % self.n_head:
@@ -41,6 +63,18 @@ class ModelConfig:
             raise ValueError(f"n_head={self.n_head} must be a multiple of n_kv_head={self.n_kv_head}")
         if self.head_dim % 2:
             raise ValueError(f"head_dim={self.head_dim} must be even for rotary embeddings")
+        if self.mod_capacity is not None and not 0 < self.mod_capacity <= 1:
+            raise ValueError(f"mod_capacity={self.mod_capacity} must be in (0, 1], or None for a dense model")
+        if self.mod_route_every < 1:
+            raise ValueError(f"mod_route_every={self.mod_route_every} must be >= 1")
+        if self.mod_causal_rule == "predictor" and not self.mod_predictor:
+            raise ValueError("mod_causal_rule='predictor' needs mod_predictor=True")
+
+    def is_routed(self, layer: int) -> bool:
+        """Whether decoder layer `layer` is a Mixture-of-Depths routed block."""
+        if self.mod_capacity is None or layer % self.mod_route_every != self.mod_route_every - 1:
+            return False
+        return not (layer == 0 and self.mod_exempt_first) and not (layer == self.n_layer - 1 and self.mod_exempt_last)
 
     @classmethod
     def from_name(cls, name: str, **overrides: Any) -> ModelConfig:

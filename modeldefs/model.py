@@ -10,6 +10,7 @@ from torch import nn
 from modeldefs.attention import KVCache
 from modeldefs.block import Block
 from modeldefs.config import ModelConfig
+from modeldefs.mod import RoutedBlock, RoutedKVCache
 from modeldefs.rope import rope_cache
 
 
@@ -18,7 +19,9 @@ class Transformer(nn.Module):
         super().__init__()
         self.config = config
         self.embed = nn.Embedding(config.vocab_size, config.n_embd)
-        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.blocks = nn.ModuleList(
+            RoutedBlock(config) if config.is_routed(i) else Block(config) for i in range(config.n_layer)
+        )
         self.norm = nn.RMSNorm(config.n_embd, eps=config.norm_eps)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_embeddings:
@@ -40,13 +43,14 @@ class Transformer(nn.Module):
 
     def forward(self, idx: torch.Tensor, position_ids: torch.Tensor | None = None,
                 mask: torch.Tensor | None = None, kv_cache: list[KVCache] | None = None,
-                input_pos: torch.Tensor | None = None) -> torch.Tensor:
+                input_pos: torch.Tensor | None = None, valid: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (B, T, vocab) for token ids `idx` (B, T).
 
         position_ids: (B, T) or (T,) rotary positions; default 0..T-1 (or `input_pos` with a cache).
         mask: bool, broadcastable to (B, n_head, T, S), True where a query may attend to a key.
             None means plain causal attention. Routing and thought tokens use this path.
         kv_cache / input_pos: one `KVCache` per block and the cache slots (T,) the new tokens fill.
+        valid: (B, T) bool, False at padding; Mixture-of-Depths routers never pick padding.
         """
         T = idx.size(1)
         if kv_cache is not None and input_pos is None:
@@ -65,7 +69,11 @@ class Transformer(nn.Module):
         cos, sin = self.rope_cos[position_ids], self.rope_sin[position_ids]
         x = self.embed(idx)
         for i, block in enumerate(self.blocks):
-            x = block(x, cos, sin, mask, None if kv_cache is None else kv_cache[i], input_pos)
+            cache = None if kv_cache is None else kv_cache[i]
+            if isinstance(block, RoutedBlock):
+                x = block(x, cos, sin, mask, cache, input_pos, valid=valid)
+            else:
+                x = block(x, cos, sin, mask, cache, input_pos)
         return self.lm_head(self.norm(x))
 
     def make_kv_cache(self, batch_size: int, max_len: int, dtype: torch.dtype | None = None) -> list[KVCache]:
@@ -74,8 +82,14 @@ class Transformer(nn.Module):
             raise ValueError(f"max_len={max_len} exceeds block_size={self.config.block_size}")
         weight = self.embed.weight
         c = self.config
-        return [KVCache(batch_size, c.n_kv_head, max_len, c.head_dim, dtype or weight.dtype, weight.device)
-                for _ in range(c.n_layer)]
+        return [(RoutedKVCache if c.is_routed(i) else KVCache)(
+                    batch_size, c.n_kv_head, max_len, c.head_dim, dtype or weight.dtype, weight.device)
+                for i in range(c.n_layer)]
+
+    @property
+    def routed_blocks(self) -> dict[int, RoutedBlock]:
+        """Mixture-of-Depths blocks by layer index (empty for a dense model)."""
+        return {i: b for i, b in enumerate(self.blocks) if isinstance(b, RoutedBlock)}
 
     def num_params(self, exclude_embeddings: bool = False) -> int:
         """Parameter count (shared tensors counted once)."""
@@ -83,10 +97,21 @@ class Transformer(nn.Module):
         return n - self.embed.weight.numel() if exclude_embeddings else n
 
     def flops_per_token(self, seq_len: int) -> int:
-        """Training FLOPs per token (forward + backward = 3x forward), PaLM appendix B accounting."""
+        """Training FLOPs per token (forward + backward = 3x forward), PaLM appendix B accounting.
+
+        A routed block processes a `capacity` share of the tokens, and its attention spans that share
+        of the keys; its router and predictor run on every token.
+        """
         c = self.config
-        matmul_params = self.num_params(exclude_embeddings=True)
-        if c.tie_embeddings:
-            matmul_params += self.lm_head.weight.numel()
-        attention = 2 * c.n_layer * c.n_head * c.head_dim * seq_len  # QK^T and AV, causal half counted fully
-        return 6 * matmul_params + 6 * attention
+        forward = 2 * self.lm_head.weight.numel()
+        for block in self.blocks:
+            block_params = sum(p.numel() for p in block.parameters() if p.dim() == 2)
+            share = block.capacity_k(seq_len) / seq_len if isinstance(block, RoutedBlock) else 1.0
+            routing = 0
+            if isinstance(block, RoutedBlock):
+                routing = sum(p.numel() for m in (block.router, block.predictor) if m is not None
+                              for p in m.parameters() if p.dim() == 2)
+                block_params -= routing
+            attention = 4 * c.n_head * c.head_dim * seq_len * share  # QK^T and AV, causal half counted fully
+            forward += share * (2 * block_params + attention) + 2 * routing
+        return int(3 * forward)

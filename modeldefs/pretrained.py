@@ -99,6 +99,9 @@ def to_hf_model(model: Transformer) -> torch.nn.Module:
     """A transformers `LlamaForCausalLM` (or `Qwen2ForCausalLM`) with this model's weights."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    if model.config.mod_capacity is not None:
+        raise ValueError("a Mixture-of-Depths model has no transformers equivalent (its routers would be dropped); "
+                         "keep it as a quietdepth checkpoint")
     values = hf_config_dict(model.config)
     hf_config = AutoConfig.for_model(values.pop("model_type"), **values)
     hf_model = AutoModelForCausalLM.from_config(hf_config, dtype=model.embed.weight.dtype)
