@@ -12,6 +12,7 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from modeldefs import ModelConfig, Transformer
 from modeldefs.pretrained import load_pretrained
+from training.routing import causal_fraction, routing_losses
 from training.schedule import warmup_cosine
 
 
@@ -65,16 +66,28 @@ class CausalLM(L.LightningModule):
         if self.hparams.init_from is not None:
             self.model = load_pretrained(self.hparams.init_from)
             if overrides:
-                config = ModelConfig.from_dict({**self.model.config.to_dict(), **overrides})
-                state = self.model.state_dict()
-                self.model = Transformer(config)
-                self.model.load_state_dict(state)
+                self.model = self._with_overrides(self.model, overrides)
         else:
             self.model = Transformer(ModelConfig.from_name(self.hparams.model, **overrides))
         self._check_seq_len()
         if self.hparams.compile:
             for block in self.model.blocks:
                 block.compile()
+
+    @staticmethod
+    def _with_overrides(pretrained: Transformer, overrides: dict[str, Any]) -> Transformer:
+        """The pretrained weights in a model with changed config fields: e.g. Mixture-of-Depths fields
+        MoD-ify a dense model, whose routers and predictors then start from their initialisation."""
+        config = ModelConfig.from_dict({**pretrained.config.to_dict(), **overrides})
+        model = Transformer(config)
+        result = model.load_state_dict(pretrained.state_dict(), strict=False)
+        new = [k for k in result.missing_keys if ".router." not in k and ".predictor." not in k]
+        if new or result.unexpected_keys:
+            raise ValueError(
+                f"model_overrides {sorted(overrides)} change the shape of the pretrained weights (missing {new}, "
+                f"unexpected {result.unexpected_keys}); only Mixture-of-Depths and context fields can be overridden"
+            )
+        return model
 
     def _check_seq_len(self) -> None:
         datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
@@ -90,22 +103,35 @@ class CausalLM(L.LightningModule):
         return self.model(input_ids, **kwargs)
 
     def loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Next-token cross-entropy (positions labelled -100 are ignored)."""
         logits = self.model(batch["input_ids"])
         return F.cross_entropy(logits.flatten(0, 1).float(), batch["labels"].flatten(), ignore_index=-100)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss = self.loss(batch)
+        lm_loss = self.loss(batch)
+        loss = lm_loss
+        if self.model.routed_blocks:
+            aux_loss, stats = routing_losses(self.model)
+            loss = lm_loss + aux_loss
+            self.log("train/aux_loss", aux_loss)
+            self.log_dict(stats)
         if self.hparams.check_finite_loss and not torch.isfinite(loss):
             raise NonFiniteLossError(
                 f"training loss is {loss.item()} at global step {self.global_step}: stopping before the weights are "
                 "touched; checkpoints already written are intact. Lower model.init_args.lr, raise warmup_steps, "
                 "or check the data."
             )
-        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/loss", lm_loss, prog_bar=True)
         return loss
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        # In eval mode a Mixture-of-Depths model routes by its causal rule, as it would when deployed.
         self.log("val/loss", self.loss(batch), prog_bar=True, sync_dist=True)
+        if self.model.routed_blocks:
+            self.log("val/causal_fraction", causal_fraction(self.model), sync_dist=True)
+            self.model.train()  # top-k routing, for the cost of the causal rule
+            self.log("val/loss_topk", self.loss(batch), sync_dist=True)
+            self.model.eval()
 
     def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         self.log("test/loss", self.loss(batch), sync_dist=True)

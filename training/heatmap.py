@@ -1,0 +1,73 @@
+"""`RoutingHeatmap`: a token x layer picture of Mixture-of-Depths routing, as PNG and in W&B."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.utilities import rank_zero_only
+
+
+class RoutingHeatmap(L.Callback):
+    """Every `every_n_steps` training steps, draws which of the first tokens of one training sequence
+    each routed layer processed: by top-k (what training did, shaded by the router scale) and by the
+    causal rule (what inference would do). Writes `<default_root_dir>/routing/step_NNNNNN.png` and logs
+    the image to W&B when a WandbLogger is attached."""
+
+    def __init__(self, every_n_steps: int = 100, max_tokens: int = 64) -> None:
+        """
+        Args:
+            every_n_steps: optimizer steps between pictures.
+            max_tokens: tokens of the sequence shown (the x axis).
+        """
+        self.every_n_steps = every_n_steps
+        self.max_tokens = max_tokens
+
+    @rank_zero_only
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        blocks = pl_module.model.routed_blocks
+        if not blocks or trainer.global_step % self.every_n_steps != 0:
+            return
+        n = min(self.max_tokens, batch["input_ids"].size(1))
+        top_k, causal = [], []
+        for block in blocks.values():
+            r = block.routing
+            scale = block.router_scale(r.router_logits[0, :n].detach())
+            top_k.append(torch.where(r.topk[0, :n], scale, torch.zeros_like(scale)).float().cpu())
+            rule = r.predictor_logits if block.causal_rule == "predictor" else r.router_logits
+            causal.append((rule[0, :n] > 0).float().cpu())
+        tokenizer = getattr(trainer.datamodule, "tokenizer", None) if trainer.datamodule is not None else None
+        ids = batch["input_ids"][0, :n].tolist()
+        labels = [tokenizer.decode([t]) for t in ids] if tokenizer is not None else [str(t) for t in ids]
+        path = Path(trainer.default_root_dir) / "routing" / f"step_{trainer.global_step:06d}.png"
+        draw(torch.stack(top_k), torch.stack(causal), list(blocks), labels, path, trainer.global_step)
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                logger.log_image(key="mod/routing_heatmap", images=[str(path)], step=trainer.global_step)
+
+
+def draw(top_k: torch.Tensor, causal: torch.Tensor, layers: list[int], tokens: list[str], path: Path,
+         step: int) -> None:
+    """Two stacked heatmaps (routed layers x tokens) written to `path`."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig, axes = plt.subplots(2, 1, figsize=(max(8, 0.22 * len(tokens)), 1.2 + 0.5 * len(layers)), sharex=True)
+    panels = [(top_k, "top-k (training), shaded by router scale", 2.0), (causal, "causal rule (inference)", 1.0)]
+    for ax, (values, title, vmax) in zip(axes, panels):
+        image = ax.imshow(values.numpy(), aspect="auto", cmap="viridis", vmin=0, vmax=vmax, interpolation="nearest")
+        ax.set_yticks(range(len(layers)), [f"layer {i}" for i in layers], fontsize=7)
+        ax.set_title(title, fontsize=9)
+        fig.colorbar(image, ax=ax, fraction=0.02, pad=0.01)
+    axes[-1].set_xticks(range(len(tokens)), [repr(t)[1:-1] for t in tokens], rotation=90, fontsize=6)
+    fig.suptitle(f"Mixture-of-Depths routing at step {step}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
