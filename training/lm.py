@@ -80,13 +80,15 @@ class CausalLM(L.LightningModule):
         MoD-ify a dense model, whose routers and predictors then start from their initialisation."""
         config = ModelConfig.from_dict({**pretrained.config.to_dict(), **overrides})
         model = Transformer(config)
-        result = model.load_state_dict(pretrained.state_dict(), strict=False)
+        refusal = (f"model_overrides {sorted(overrides)} change the shape of the pretrained weights; only "
+                   "Mixture-of-Depths and context fields (block_size, rope_theta, ...) can be overridden")
+        try:
+            result = model.load_state_dict(pretrained.state_dict(), strict=False)
+        except RuntimeError as e:  # size mismatches
+            raise ValueError(refusal) from e
         new = [k for k in result.missing_keys if ".router." not in k and ".predictor." not in k]
         if new or result.unexpected_keys:
-            raise ValueError(
-                f"model_overrides {sorted(overrides)} change the shape of the pretrained weights (missing {new}, "
-                f"unexpected {result.unexpected_keys}); only Mixture-of-Depths and context fields can be overridden"
-            )
+            raise ValueError(f"{refusal} (missing {new}, unexpected {result.unexpected_keys})")
         return model
 
     def _check_seq_len(self) -> None:

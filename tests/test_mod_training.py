@@ -1,0 +1,94 @@
+"""Training Mixture-of-Depths models through the CLI, and MoD-ifying the pretrained SmolLM2."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from modeldefs.pretrained import load_pretrained
+from tests.conftest import REPO, requires_smollm2
+from training.cli import main
+from training.lm import CausalLM
+
+pytestmark = requires_smollm2
+
+
+def write_config(tmp: Path, name: str, **trainer) -> Path:
+    config = yaml.safe_load((REPO / "configs" / name).read_text())
+    config["trainer"].update(log_every_n_steps=1, enable_progress_bar=False, limit_val_batches=2, **trainer)
+    for callback in config["trainer"]["callbacks"]:
+        if callback["class_path"].endswith("RoutingHeatmap"):
+            callback["init_args"]["every_n_steps"] = 2
+        if callback["class_path"].endswith("ModelCheckpoint"):
+            callback["init_args"]["every_n_train_steps"] = 2
+    path = tmp / name
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def metrics(run: Path) -> list[dict[str, str]]:
+    rows = []
+    for path in sorted(run.glob("csv/version_*/metrics.csv")):
+        rows += list(csv.DictReader(path.open()))
+    return rows
+
+
+def test_mod_smoke_fit_logs_routing_and_draws_heatmaps(tmp_path, monkeypatch, gsm8k_train):
+    monkeypatch.chdir(tmp_path)
+    config = write_config(tmp_path, "mod-smoke.yaml", max_steps=4, val_check_interval=4)
+    main(["fit", "--config", str(config), "--data.init_args.path", str(gsm8k_train),
+          "--data.init_args.max_documents", "200"])
+    run = tmp_path / "runs" / "mod-smoke"
+    rows = metrics(run)
+    for key in ("mod/layer01/predictor_acc", "mod/layer03/causal_fraction", "mod/layer01/scale_std", "train/aux_loss",
+                "val/loss_topk", "val/causal_fraction"):
+        assert any(r.get(key) for r in rows), key
+    assert sorted(p.name for p in (run / "routing").glob("*.png")) == ["step_000002.png", "step_000004.png"]
+    (offline,) = (run / "wandb").glob("offline-run-*")
+    assert list(offline.rglob("media/images/mod/routing_heatmap*.png"))
+
+
+@pytest.mark.slow
+def test_mod_ified_smollm2_keeps_the_pretrained_weights_and_adds_routers():
+    module = CausalLM(model=None, init_from="smollm2-135m-instruct", model_overrides={"mod_capacity": 0.125})
+    module.configure_model()
+    dense = load_pretrained("smollm2-135m-instruct").state_dict()
+    routed = module.model.state_dict()
+    assert list(module.model.routed_blocks) == list(range(1, 29, 2))
+    assert all(torch.equal(routed[k], v) for k, v in dense.items())
+    assert {k for k in routed if k not in dense} == {
+        f"blocks.{i}.{name}" for i in range(1, 29, 2)
+        for name in ("router.weight", "router.bias", "predictor.0.weight", "predictor.0.bias",
+                     "predictor.2.weight", "predictor.2.bias")}
+
+
+def test_overrides_that_reshape_pretrained_weights_are_refused():
+    module = CausalLM(model=None, init_from="smollm2-135m-instruct", model_overrides={"n_embd": 128})
+    with pytest.raises(ValueError, match="change the shape of the pretrained weights"):
+        module.configure_model()
+
+
+@pytest.mark.slow
+def test_mod_ified_smollm2_trains_saves_and_resumes(tmp_path, monkeypatch, gsm8k_train):
+    monkeypatch.chdir(tmp_path)
+    config = write_config(tmp_path, "mod-smollm2-135m.yaml", max_steps=2, val_check_interval=2)
+    config_args = ["--config", str(config), "--data.init_args.path", str(gsm8k_train),
+                   "--data.init_args.max_documents", "60", "--data.init_args.seq_len", "64",
+                   "--data.init_args.batch_size", "2", "--model.init_args.warmup_steps", "1"]
+    main(["fit", *config_args])
+    ckpt = tmp_path / "runs" / "mod-smollm2-135m" / "checkpoints" / "last.ckpt"
+    state = torch.load(ckpt, weights_only=True)
+    assert state["global_step"] == 2 and state["model_config"]["mod_capacity"] == 0.125
+    main(["fit", *config_args, "--trainer.max_steps", "4", "--ckpt_path", "last"])
+    resumed = torch.load(ckpt, weights_only=True)
+    assert resumed["global_step"] == 4
+    assert not torch.equal(resumed["state_dict"]["model.blocks.1.router.weight"],
+                           state["state_dict"]["model.blocks.1.router.weight"])
+    model = load_pretrained(str(ckpt))
+    assert list(model.routed_blocks) == list(range(1, 29, 2))
+    losses = [float(r["train/loss"]) for r in metrics(tmp_path / "runs" / "mod-smollm2-135m") if r.get("train/loss")]
+    assert len(losses) == 4 and all(torch.isfinite(torch.tensor(losses)))
