@@ -82,7 +82,7 @@ def train(name: str, config: ModelConfig, budget: float, train_tokens: torch.Ten
             logits = model(x)
         loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
         if model.routed_blocks:
-            loss = loss + routing_losses(model)[0]
+            loss = loss + routing_losses(model)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()

@@ -57,7 +57,7 @@ def measure(config: ModelConfig, args: argparse.Namespace, device: torch.device,
             logits = model(x)
         loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
         if model.routed_blocks:
-            loss = loss + routing_losses(model)[0]
+            loss = loss + routing_losses(model)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -73,6 +73,15 @@ def measure(config: ModelConfig, args: argparse.Namespace, device: torch.device,
     sync(device)
     seconds = time.perf_counter() - t0
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
+    if args.profile:
+        activities = [torch.profiler.ProfilerActivity.CPU] + (
+            [torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        with torch.profiler.profile(activities=activities) as prof:
+            for _ in range(2):
+                step()
+            sync(device)
+        sort_by = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+        print(prof.key_averages().table(sort_by=sort_by, row_limit=args.profile, max_name_column_width=48))
     del model, optimizer
     gc.collect()
     if device.type == "cuda":
@@ -91,6 +100,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3, help="timed steps per variant")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--compile", action="store_true", help="torch.compile each block")
+    parser.add_argument("--profile", type=int, default=0, metavar="ROWS",
+                        help="after timing, profile two steps of each variant and print the top ROWS operators")
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args()
 

@@ -21,8 +21,8 @@ def write_config(tmp: Path, name: str, **trainer) -> Path:
     config = yaml.safe_load((REPO / "configs" / name).read_text())
     config["trainer"].update(log_every_n_steps=1, enable_progress_bar=False, limit_val_batches=2, **trainer)
     for callback in config["trainer"]["callbacks"]:
-        if callback["class_path"].endswith("RoutingHeatmap"):
-            callback["init_args"]["every_n_steps"] = 2
+        if callback["class_path"].endswith("RoutingMonitor"):
+            callback["init_args"].update(stats_every_n_steps=1, heatmap_every_n_steps=2)
         if callback["class_path"].endswith("ModelCheckpoint"):
             callback["init_args"]["every_n_train_steps"] = 2
     path = tmp / name

@@ -112,11 +112,10 @@ class CausalLM(L.LightningModule):
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         lm_loss = self.loss(batch)
         loss = lm_loss
-        if self.model.routed_blocks:
-            aux_loss, stats = routing_losses(self.model)
+        if self.model.routed_blocks:  # statistics: training.routing_monitor.RoutingMonitor
+            aux_loss = routing_losses(self.model)
             loss = lm_loss + aux_loss
             self.log("train/aux_loss", aux_loss)
-            self.log_dict(stats)
         if self.hparams.check_finite_loss and not torch.isfinite(loss):
             raise NonFiniteLossError(
                 f"training loss is {loss.item()} at global step {self.global_step}: stopping before the weights are "

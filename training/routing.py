@@ -1,4 +1,4 @@
-"""Mixture-of-Depths training signals: auxiliary losses and per-layer routing statistics."""
+"""Mixture-of-Depths training signals: the auxiliary losses and per-layer routing statistics."""
 
 from __future__ import annotations
 
@@ -7,40 +7,45 @@ import torch
 from modeldefs import Transformer
 
 
-def routing_losses(model: Transformer) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The auxiliary loss to add to the LM loss, and statistics, from the model's last training forward.
-
-    Per routed layer: BCE of the router logits against top-k membership (weighted by
-    `mod_aux_weight`), the predictor's BCE (its input is detached, so it trains only the predictor),
-    how often each causal rule agrees with top-k, the fraction the causal rule would route, and the
-    mean/std of the router scale on the tokens that went through.
-    """
+def routing_losses(model: Transformer) -> torch.Tensor:
+    """The auxiliary loss to add to the LM loss, from the model's last (top-k) forward: per routed layer
+    the router BCE against top-k membership, weighted by `mod_aux_weight`, plus the predictor's BCE
+    (its input is detached, so it trains only the predictor)."""
     weight = model.config.mod_aux_weight
     total = torch.zeros((), device=model.embed.weight.device)
+    for block in model.routed_blocks.values():
+        if weight > 0:
+            total = total + weight * block.routing.router_bce()
+        if block.routing.predictor_logits is not None:
+            total = total + block.routing.predictor_bce()
+    return total
+
+
+@torch.no_grad()
+def routing_stats(model: Transformer) -> dict[str, float]:
+    """Per routed layer, from the last (top-k) forward: router/predictor BCE, how often each causal rule
+    agrees with top-k, the fraction the causal rule would route, and the router scale's mean/std on
+    the tokens that went through; plus the means over layers."""
     stats: dict[str, torch.Tensor] = {}
     for i, block in model.routed_blocks.items():
-        r = block.routing
-        prefix = f"mod/layer{i:02d}"
-        router_bce = r.router_bce()
-        if weight > 0:
-            total = total + weight * router_bce
-        stats[f"{prefix}/router_bce"] = router_bce.detach()
+        r, prefix = block.routing, f"mod/layer{i:02d}"
+        stats[f"{prefix}/router_bce"] = r.router_bce()
         stats[f"{prefix}/router_acc"] = ((r.router_logits > 0) == r.topk).float().mean()
         if r.predictor_logits is not None:
-            predictor_bce = r.predictor_bce()
-            total = total + predictor_bce
-            stats[f"{prefix}/predictor_bce"] = predictor_bce.detach()
+            stats[f"{prefix}/predictor_bce"] = r.predictor_bce()
             stats[f"{prefix}/predictor_acc"] = ((r.predictor_logits > 0) == r.topk).float().mean()
         rule = r.predictor_logits if block.causal_rule == "predictor" else r.router_logits
         stats[f"{prefix}/causal_fraction"] = (rule > 0).float().mean()
-        scale = block.router_scale(r.router_logits.detach())[r.topk]
+        scale = block.router_scale(r.router_logits)[r.topk]
         stats[f"{prefix}/scale_mean"] = scale.mean()
         stats[f"{prefix}/scale_std"] = scale.std()
     for name in ("router_acc", "predictor_acc", "causal_fraction"):
         values = [v for k, v in stats.items() if k.endswith("/" + name)]
         if values:
             stats[f"mod/{name}"] = torch.stack(values).mean()
-    return total, stats
+    names = list(stats)
+    values = torch.stack([stats[n].float() for n in names]).tolist()  # one device-to-host copy
+    return dict(zip(names, values))
 
 
 def causal_fraction(model: Transformer) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""`RoutingHeatmap`: a token x layer picture of Mixture-of-Depths routing, as PNG and in W&B."""
+"""`RoutingMonitor`: Mixture-of-Depths routing statistics and token x layer heatmaps (PNG and W&B)."""
 
 from __future__ import annotations
 
@@ -10,27 +10,41 @@ import torch
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 
+from training.routing import routing_stats
 
-class RoutingHeatmap(L.Callback):
-    """Every `every_n_steps` training steps, draws which of the first tokens of one training sequence
-    each routed layer processed: by top-k (what training did, shaded by the router scale) and by the
-    causal rule (what inference would do). Writes `<default_root_dir>/routing/step_NNNNNN.png` and logs
-    the image to W&B when a WandbLogger is attached."""
 
-    def __init__(self, every_n_steps: int = 100, max_tokens: int = 64) -> None:
+class RoutingMonitor(L.Callback):
+    """Watches the routed layers of a Mixture-of-Depths model during training.
+
+    Every `stats_every_n_steps` steps it writes `routing_stats` (per layer: router/predictor BCE and
+    agreement with top-k, fraction routed by the causal rule, router-scale mean/std) to the loggers.
+    Every `heatmap_every_n_steps` steps it draws which of the first `max_tokens` tokens of one training
+    sequence each routed layer processed — by top-k (what training did, shaded by the router scale)
+    and by the causal rule (what inference would do) — to `<default_root_dir>/routing/step_NNNNNN.png`,
+    also logged to W&B when a WandbLogger is attached. Nothing happens for a dense model.
+    """
+
+    def __init__(self, stats_every_n_steps: int = 10, heatmap_every_n_steps: int = 100, max_tokens: int = 64) -> None:
         """
         Args:
-            every_n_steps: optimizer steps between pictures.
+            stats_every_n_steps: optimizer steps between statistics.
+            heatmap_every_n_steps: optimizer steps between pictures.
             max_tokens: tokens of the sequence shown (the x axis).
         """
-        self.every_n_steps = every_n_steps
+        self.stats_every_n_steps = stats_every_n_steps
+        self.heatmap_every_n_steps = heatmap_every_n_steps
         self.max_tokens = max_tokens
 
     @rank_zero_only
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         blocks = pl_module.model.routed_blocks
-        if not blocks or trainer.global_step % self.every_n_steps != 0:
+        step = trainer.global_step
+        if blocks and step % self.stats_every_n_steps == 0:
+            stats = routing_stats(pl_module.model)
+            for logger in trainer.loggers:
+                logger.log_metrics(stats, step=step)
+        if not blocks or step % self.heatmap_every_n_steps != 0:
             return
         n = min(self.max_tokens, batch["input_ids"].size(1))
         top_k, causal = [], []
@@ -43,11 +57,11 @@ class RoutingHeatmap(L.Callback):
         tokenizer = getattr(trainer.datamodule, "tokenizer", None) if trainer.datamodule is not None else None
         ids = batch["input_ids"][0, :n].tolist()
         labels = [tokenizer.decode([t]) for t in ids] if tokenizer is not None else [str(t) for t in ids]
-        path = Path(trainer.default_root_dir) / "routing" / f"step_{trainer.global_step:06d}.png"
-        draw(torch.stack(top_k), torch.stack(causal), list(blocks), labels, path, trainer.global_step)
+        path = Path(trainer.default_root_dir) / "routing" / f"step_{step:06d}.png"
+        draw(torch.stack(top_k), torch.stack(causal), list(blocks), labels, path, step)
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
-                logger.log_image(key="mod/routing_heatmap", images=[str(path)], step=trainer.global_step)
+                logger.log_image(key="mod/routing_heatmap", images=[str(path)], step=step)
 
 
 def draw(top_k: torch.Tensor, causal: torch.Tensor, layers: list[int], tokens: list[str], path: Path,
