@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from modeldefs import ModelConfig, Transformer
-from training.data import _jsonl_records
+from training.data import jsonl_records
 from training.formatting import format_csqa, format_gsm8k
 from training.routing import routing_losses
 from training.schedule import warmup_cosine
@@ -38,7 +38,7 @@ def byte_stream(paths_and_formats: list[tuple[Path, callable]]) -> tuple[torch.T
     train, val = bytearray(), bytearray()
     n = 0
     for path, fmt in paths_and_formats:
-        for _, record in _jsonl_records(str(path)):
+        for _, record in jsonl_records(str(path)):
             (val if n % 20 == 0 else train).extend(fmt(record).encode() + b"\0")
             n += 1
     return torch.frombuffer(train, dtype=torch.uint8).long(), torch.frombuffer(val, dtype=torch.uint8).long()

@@ -50,7 +50,7 @@ def _is_local(path: str) -> bool:
     return os.path.exists(path) or Path(path).suffix in _LOCAL_BUILDERS or path.startswith((".", "/", "~"))
 
 
-def _jsonl_records(path: str) -> Iterator[tuple[str, Any]]:
+def jsonl_records(path: str) -> Iterator[tuple[str, Any]]:
     """(file:line, record or the JSON error) for every non-blank line."""
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
@@ -71,7 +71,7 @@ def _records(path: str, name: str | None, split: str) -> Iterator[tuple[str, Any
                 "a directory of them, or a hub dataset id such as openai/gsm8k"
             )
         if path.endswith(".jsonl"):
-            yield from _jsonl_records(path)
+            yield from jsonl_records(path)
             return
         builder = _LOCAL_BUILDERS.get(Path(path).suffix)
         if builder is None:  # a directory: let `datasets` infer the format of the files in it
