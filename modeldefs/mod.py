@@ -10,7 +10,9 @@ is reported to blow up), and on the gradient path so the router learns.
 Inference: top-k over a sequence looks ahead, so routing is decided token by token instead — a token
 goes through iff the router's logit > 0 (the auxiliary BCE loss trains it towards the top-k choice)
 or iff the auxiliary predictor's logit > 0. A token that skipped a routed layer has no key/value
-there: later tokens cannot attend to it, in the KV cache too.
+there: later tokens cannot attend to it, in the KV cache too. An inference forward over a whole
+sequence runs the block on every token under that mask and discards the skipped tokens' results
+(exact, not cheaper); compute is saved when decoding, where a step that no row routes skips the block.
 """
 
 from __future__ import annotations
