@@ -1,0 +1,86 @@
+"""GSM8K as lm-evaluation-harness's `gsm8k` task (v3) defines it: data, few-shot prompts, answer
+extraction (strict-match and flexible-extract) and exact match."""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+from pathlib import Path
+from typing import Any
+
+HUB_ID = "openai/gsm8k"
+STOP_SEQUENCES = ("Question:", "</s>", "<|im_end|>")
+INVALID = "[invalid]"
+_STRICT = re.compile(r"#### (\-?[0-9\.\,]+)")
+_FLEXIBLE = re.compile(r"(-?[$0-9.,]{2,})|(-?[0-9]+)")
+_IGNORE = [re.compile(p) for p in (",", r"\$", r"(?s).*#### ", r"\.$")]
+
+
+def load(path: str = HUB_ID, split: str = "test") -> list[dict[str, str]]:
+    """GSM8K problems ({"question", "answer"}) from the hub (config `main`) or a local jsonl file."""
+    import datasets
+
+    local = os.path.exists(path) or Path(path).suffix in (".jsonl", ".json") or path.startswith((".", "/"))
+    if local:
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"GSM8K file not found: {path}; give a local jsonl "
+                                    "(e.g. ../shared/data/gsm8k/test.jsonl) or the hub id openai/gsm8k")
+        rows = datasets.load_dataset("json", data_files=path, split="train")
+    else:
+        rows = datasets.load_dataset(path, "main", split=split)
+    missing = {"question", "answer"} - set(rows.column_names)
+    if missing:
+        raise ValueError(f"{path}: GSM8K rows need the fields {sorted(missing)}")
+    return [{"question": r["question"], "answer": r["answer"]} for r in rows]
+
+
+def fewshot_examples(train: list[dict[str, str]], k: int, seed: int, item: int, exclude: str) -> list[dict[str, str]]:
+    """`k` training problems for test item `item`: a fixed draw per (seed, item), never the test question."""
+    rng = random.Random(seed * 1_000_003 + item)
+    pool = rng.sample(range(len(train)), min(len(train), k + 1))
+    return [train[i] for i in pool if train[i]["question"] != exclude][:k]
+
+
+def prompt(question: str, shots: list[dict[str, str]]) -> str:
+    """lm-eval's plain prompt: solved examples separated by a blank line, then `Question: …\\nAnswer:`."""
+    parts = [f"Question: {s['question']}\nAnswer: {s['answer']}" for s in shots]
+    return "\n\n".join([*parts, f"Question: {question}\nAnswer:"])
+
+
+def chat_prompt(question: str, shots: list[dict[str, str]], tokenizer: Any) -> str:
+    """The same examples as a multi-turn chat (lm-eval's `fewshot_as_multiturn`), through the
+    tokenizer's chat template, ending where the assistant's answer starts."""
+    messages = []
+    for s in shots:
+        messages += [{"role": "user", "content": f"Question: {s['question']}\nAnswer:"},
+                     {"role": "assistant", "content": s["answer"]}]
+    messages.append({"role": "user", "content": f"Question: {question}\nAnswer:"})
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def extract_strict(completion: str) -> str:
+    """The number after the first `#### `, or `[invalid]`."""
+    match = _STRICT.search(completion)
+    return match.group(1) if match else INVALID
+
+
+def extract_flexible(completion: str) -> str:
+    """The last number-like span in the completion, or `[invalid]`."""
+    matches = _FLEXIBLE.findall(completion)
+    if not matches:
+        return INVALID
+    return next(group for group in matches[-1] if group)
+
+
+def normalize(text: str) -> str:
+    """lm-eval's exact-match normalisation for GSM8K: drop `,`, `$`, everything up to `#### ` and a
+    trailing `.`, then lower-case."""
+    for pattern in _IGNORE:
+        text = pattern.sub("", text)
+    return text.lower()
+
+
+def exact_match(prediction: str, answer: str) -> bool:
+    """Whether an extracted prediction equals the reference solution's final answer."""
+    return normalize(prediction) == normalize(answer)

@@ -1,0 +1,75 @@
+"""GSM8K evaluation pieces: lm-eval's prompt, answer extraction, exact match, few-shot draws, data."""
+
+from __future__ import annotations
+
+import pytest
+
+from evals import gsm8k
+from evals.metrics import mean_and_stderr
+
+REFERENCE = "She has 3 + 4 = <<3+4=7>>7 apples.\n#### 1,250"
+
+
+@pytest.mark.parametrize("completion,strict,flexible", [
+    (" She has 1,250 apples.\n#### 1,250", "1,250", "1,250"),
+    (" It costs $1,250.", "[invalid]", "$1,250."),
+    (" 3 + 4 = 7, so the answer is 1250.\n\nQuestion:", "[invalid]", "1250."),
+    (" #### -5", "-5", "-5"),
+    (" #### 2.50 dollars", "2.50", "2.50"),
+    (" first 12 then #### 7 and later 9", "7", "9"),
+    (" I do not know.", "[invalid]", "[invalid]"),
+    (" The answer is 8", "[invalid]", "8"),
+])
+def test_extraction_matches_lm_eval_regexes(completion, strict, flexible):
+    assert gsm8k.extract_strict(completion) == strict
+    assert gsm8k.extract_flexible(completion) == flexible
+
+
+@pytest.mark.parametrize("prediction,correct", [
+    ("1,250", True), ("$1,250.", True), ("1250", True), ("1250.0", False), ("-1250", False), ("[invalid]", False),
+])
+def test_exact_match_normalises_commas_dollars_and_trailing_periods(prediction, correct):
+    assert gsm8k.exact_match(prediction, REFERENCE) is correct
+
+
+def test_prompt_is_lm_eval_format():
+    shots = [{"question": "Q1?", "answer": "A1\n#### 1"}, {"question": "Q2?", "answer": "A2\n#### 2"}]
+    assert gsm8k.prompt("Q?", shots) == "Question: Q1?\nAnswer: A1\n#### 1\n\nQuestion: Q2?\nAnswer: A2\n#### 2\n\nQuestion: Q?\nAnswer:"
+    assert gsm8k.prompt("Q?", []) == "Question: Q?\nAnswer:"
+
+
+def test_chat_prompt_puts_shots_in_turns(smollm2_tokenizer):
+    text = gsm8k.chat_prompt("Q?", [{"question": "Q1?", "answer": "A1\n#### 1"}], smollm2_tokenizer)
+    assert text.index("Question: Q1?") < text.index("A1\n#### 1") < text.index("Question: Q?")
+    assert text.endswith("<|im_start|>assistant\n")
+
+
+def test_fewshot_draw_is_deterministic_and_excludes_the_test_question():
+    train = [{"question": f"q{i}", "answer": f"a{i}"} for i in range(50)]
+    first = gsm8k.fewshot_examples(train, 5, seed=1234, item=7, exclude="q3")
+    assert first == gsm8k.fewshot_examples(train, 5, seed=1234, item=7, exclude="q3")
+    assert len(first) == 5 and all(s["question"] != "q3" for s in first)
+    assert first != gsm8k.fewshot_examples(train, 5, seed=1234, item=8, exclude="q3")
+    for item in range(50):  # the excluded question never appears, whatever the draw
+        assert all(s["question"] != f"q{item}" for s in gsm8k.fewshot_examples(train, 5, 1, item, f"q{item}"))
+
+
+def test_local_test_file_loads_with_its_answers():
+    from tests.conftest import shared_file
+
+    rows = gsm8k.load(str(shared_file("gsm8k/test.jsonl")))
+    assert len(rows) == 1319
+    assert all(gsm8k.extract_strict(r["answer"]) != gsm8k.INVALID for r in rows)
+    assert all(gsm8k.exact_match(gsm8k.extract_strict(r["answer"]), r["answer"]) for r in rows)
+
+
+def test_missing_file_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="GSM8K file not found: .*nope.jsonl"):
+        gsm8k.load(str(tmp_path / "nope.jsonl"))
+
+
+def test_mean_and_stderr():
+    mean, stderr = mean_and_stderr([1, 0, 1, 1])
+    assert mean == 0.75 and stderr == pytest.approx((0.25 / 4) ** 0.5)
+    with pytest.raises(ValueError):
+        mean_and_stderr([])
