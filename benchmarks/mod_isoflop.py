@@ -14,16 +14,15 @@ capacity share). Prints a Markdown table and a JSON line.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
-import platform
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from report import device_name, emit
 from modeldefs import ModelConfig, Transformer
 from training.data import jsonl_records
 from training.formatting import format_csqa, format_gsm8k
@@ -135,7 +134,7 @@ def main() -> None:
     budget = args.dense_steps * Transformer(dense).flops_per_token(args.seq) * args.batch * args.seq
     print(f"budget {budget:.3g} training FLOPs; {len(train_tokens):,} train / {len(val):,} val bytes")
     results = [train(name, config, budget, train_tokens, val, args, device, dtype) for name, config in variants.items()]
-    meta = dict(device=torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
+    meta = dict(device=device_name(device),
                 threads=torch.get_num_threads(), torch=torch.__version__, budget_flops=budget, **vars(args))
     print(f"\nisoFLOP {budget:.3g} FLOPs: d={args.n_embd}, seq {args.seq}, batch {args.batch}, {args.dtype}, "
           f"byte-level GSM8K+CSQA text, {meta['device']}, torch {torch.__version__}\n")
@@ -145,10 +144,7 @@ def main() -> None:
         print(f"| {r['model']} | {r['params'] / 1e6:.2f}M | {r['steps']} | {r['wall_s']} | {r['val_loss_topk']:.4f} | "
               f"{r['val_loss_causal']:.4f} | {r['val_loss_causal'] / math.log(2):.3f} |")
     record = {**meta, "results": results}
-    print(json.dumps(record))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(record, f, indent=2)
+    emit(record, args.json)
 
 
 if __name__ == "__main__":

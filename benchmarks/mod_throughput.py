@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
-import platform
 import time
 
 import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
+from report import device_name, emit, sync
 from modeldefs import ModelConfig, Transformer
 from training.routing import routing_losses
 
@@ -32,11 +31,6 @@ SHAPES = {
     "llama-1b": ModelConfig.from_name("llama-1b").to_dict(),
     "micro": ModelConfig.from_name("micro").to_dict(),
 }
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def measure(config: ModelConfig, args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> dict:
@@ -122,7 +116,7 @@ def main() -> None:
     meta = dict(shape=args.shape, n_layer=base["n_layer"], n_embd=base["n_embd"], vocab=base["vocab_size"],
                 routed_layers=list(Transformer(variants[list(variants)[-1]]).routed_blocks) if args.capacities else [],
                 batch=args.batch, seq=args.seq, dtype=args.dtype, compile=args.compile,
-                device=torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
+                device=device_name(device),
                 threads=torch.get_num_threads(), torch=torch.__version__)
     print(f"\n{args.shape}: {meta['n_layer']} layers, d={meta['n_embd']}, vocab {meta['vocab']}, routed layers "
           f"{meta['routed_layers']}; batch {args.batch} x seq {args.seq}, {args.dtype}"
@@ -134,10 +128,7 @@ def main() -> None:
         print(f"| {r['variant']} | {r['forward_gflops_per_token']:.3f} | {r['flop_ratio_dense_over_this']:.2f}x | "
               f"{r['tokens_per_s']:,.0f} | {r['speedup_vs_dense']:.2f}x | {mem} |")
     record = {**meta, "results": results}
-    print(json.dumps(record))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(record, f, indent=2)
+    emit(record, args.json)
 
 
 if __name__ == "__main__":

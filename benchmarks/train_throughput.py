@@ -11,13 +11,12 @@ drift in the machine's speed hits both alike. Prints a Markdown table and a JSON
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import time
 
 import torch
 import torch.nn.functional as F
 
+from report import device_name, emit, sync
 from modeldefs import ModelConfig, Transformer
 from modeldefs.pretrained import to_hf_model
 
@@ -49,11 +48,6 @@ def make_step(model: torch.nn.Module, logits_of, dtype: torch.dtype, device: tor
         optimizer.zero_grad(set_to_none=True)
 
     return step
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def main() -> None:
@@ -119,7 +113,7 @@ def main() -> None:
                             peak_mem_above_weights_gib=None if name not in peak_mem else round(peak_mem[name], 2)))
     speedup = results[1]["tokens_per_s"] / results[0]["tokens_per_s"]
     meta = dict(shape=args.shape, params=ours.num_params(), batch=args.batch, seq=args.seq, dtype=args.dtype,
-                compile=args.compile, device=torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
+                compile=args.compile, device=device_name(device),
                 threads=torch.get_num_threads(), torch=torch.__version__, speedup_quietdepth_over_transformers=round(speedup, 3))
     print(f"\n{args.shape} ({meta['params'] / 1e6:.1f}M params), batch {args.batch} x seq {args.seq}, {args.dtype}"
           f"{', compiled' if args.compile else ''}, {meta['device']}, torch {torch.__version__}\n")
@@ -130,10 +124,7 @@ def main() -> None:
         print(f"| {r['impl']} | {r['tokens_per_s']:,.0f} | {mfu} | {mem} |")
     print(f"\nquietdepth / transformers: {speedup:.2f}x")
     record = {**meta, "results": results}
-    print(json.dumps(record))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(record, f, indent=2)
+    emit(record, args.json)
 
 
 if __name__ == "__main__":
