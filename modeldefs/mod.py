@@ -39,7 +39,7 @@ class Routing:
     topk: torch.Tensor | None
     """(B, T) bool: top-k membership (training forward only); the targets of both auxiliary losses."""
     predictor_logits: torch.Tensor | None
-    """(B, T) fp32, when the block has a predictor."""
+    """(B, T) fp32: in training, and at inference when the predictor is the causal rule; else None."""
 
     def router_bce(self) -> torch.Tensor:
         """BCE of the router logits against top-k membership (the paper's auxiliary loss)."""
@@ -92,8 +92,11 @@ class RoutedBlock(Block):
         """As `Block.forward`; `valid` (B, T) bool marks real tokens (padding is never routed)."""
         h = F.rms_norm(x, (x.size(-1),))
         router_logits = self.router(h).squeeze(-1).float()
-        predictor_logits = None if self.predictor is None else self.predictor(h.detach()).squeeze(-1).float()
-        if self.training and kv_cache is None:
+        top_k = self.training and kv_cache is None
+        predictor_logits = None  # needed for its loss in training, and at inference only when it decides
+        if self.predictor is not None and (top_k or self.causal_rule == "predictor"):
+            predictor_logits = self.predictor(h.detach()).squeeze(-1).float()
+        if top_k:
             out, selected = self._top_k(x, router_logits, cos, sin, mask, valid)
             self.routing = Routing(router_logits, selected, selected, predictor_logits)
             return out
