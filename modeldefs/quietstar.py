@@ -160,6 +160,19 @@ class AppendKVCache:
         return self.k, self.v
 
 
+def thought_attention_mask(seq_len: int, positions: torch.Tensor, n_passes: int) -> torch.Tensor:
+    """Bool (P, T + (n_passes - 1) P), True where a thought query may attend to a key.
+
+    Row p is the chain at t = positions[p]; key columns are the cache slots: the T tokens of pass 0,
+    then P slots per thought pass. The chain sees pass-0 keys s <= t and its own slot in every
+    thought pass (an identity block per pass). Pass j uses the first T + jP columns.
+    """
+    P = positions.numel()
+    prefix = torch.arange(seq_len, device=positions.device) <= positions[:, None]
+    own_chain = torch.eye(P, dtype=torch.bool, device=positions.device).repeat(1, n_passes - 1)
+    return torch.cat([prefix, own_chain], dim=1)
+
+
 @dataclass
 class ThoughtOutput:
     """What one Quiet-STaR training forward computed. N = B * n_passes rows (copies of each example
@@ -218,7 +231,7 @@ class QuietStar(nn.Module):
         vector = self.start_thought if which == "start" else self.end_thought
         return (vector * self.thought_config.meta_token_scale).expand(*shape, -1)
 
-    def _sample(self, logits: torch.Tensor, temperature: float, generator: torch.Generator | None) -> torch.Tensor:
+    def sample_thought(self, logits: torch.Tensor, temperature: float, generator: torch.Generator | None) -> torch.Tensor:
         """Token ids from logits (..., V): argmax at temperature 0, else softmax(logits / temperature)
         via the Gumbel-max trick (the official hard Gumbel-softmax)."""
         logits = logits.detach().float()
@@ -247,11 +260,8 @@ class QuietStar(nn.Module):
         P, dev = positions.numel(), ids.device
         n_passes = c.n_ahead + talk_ids.size(-1)  # pass 0 + (n_ahead - 1) thought tokens + K - 1 talk tokens
         self._check_length(T, n_passes)
-        n_keys = T + (n_passes - 1) * P
-        cache = [AppendKVCache(N, n_keys, dev) for _ in lm.blocks]
-        prefix = torch.arange(T, device=dev) <= positions[:, None]                  # (P, T)
-        own_chain = torch.eye(P, dtype=torch.bool, device=dev).repeat(1, n_passes - 1)  # (P, (J-1) P)
-        mask = torch.cat([prefix, own_chain], dim=1)
+        mask = thought_attention_mask(T, positions, n_passes)
+        cache = [AppendKVCache(N, mask.size(1), dev) for _ in lm.blocks]
 
         causal = torch.ones(T, T, dtype=torch.bool, device=dev).tril()
         h0 = lm.hidden(lm.embed(ids), torch.arange(T, device=dev), causal, cache, torch.arange(T, device=dev))
@@ -262,7 +272,7 @@ class QuietStar(nn.Module):
             h = lm.hidden(x, positions + j, mask[:, : T + j * P], cache, slots)
             if j <= c.n_sampled:
                 logits = lm.lm_head(h)
-                token = self._sample(logits, temperature, generator)
+                token = self.sample_thought(logits, temperature, generator)
                 thought_logits.append(logits)
                 sampled.append(token)
                 x = lm.embed(token)
