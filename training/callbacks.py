@@ -36,7 +36,9 @@ class TokenThroughput(ThroughputMonitor):
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
         if getattr(pl_module, "_flops_per_batch", None) is None:
             tokens = batch["input_ids"].numel()
-            pl_module._flops_per_batch = pl_module.model.flops_per_token(batch["input_ids"].size(1)) * tokens
+            # A module whose step costs more than one pass of its model (Quiet-STaR) counts its own FLOPs.
+            flops_per_token = getattr(pl_module, "flops_per_token", None) or pl_module.model.flops_per_token
+            pl_module._flops_per_batch = flops_per_token(batch["input_ids"].size(1)) * tokens
 
 
 class RNGState(L.Callback):

@@ -11,7 +11,7 @@ import torch
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 # Imported so their classes resolve by short name in YAML (class_path: CausalLM).
-from training import callbacks, data, lm, routing_monitor  # noqa: F401
+from training import callbacks, data, lm, quietstar_lm, routing_monitor, thought_monitor  # noqa: F401
 
 
 def default_precision() -> str:

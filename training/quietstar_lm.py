@@ -1,0 +1,214 @@
+"""`QuietStarLM`: Quiet-STaR training (Zelikman et al., 2024) of a `modeldefs.Transformer` as a LightningModule."""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Any
+
+import torch
+from torch.utils.checkpoint import checkpoint as recompute
+
+from modeldefs import ModelConfig, Transformer
+from modeldefs.pretrained import load_pretrained, load_tokenizer
+from modeldefs.quietstar import QuietStar, ThoughtConfig, ThoughtOutput
+from training.lm import CausalLM, NonFiniteLossError
+from training.routing import causal_fraction
+
+
+class QuietStarLM(CausalLM):
+    """Trains a model to think: the Quiet-STaR objective of `modeldefs.quietstar.QuietStar` on the data's token ids.
+
+    Everything else is `CausalLM`'s: AdamW with warm-up + cosine, clipping, the non-finite loss guard,
+    `init_from` a pretrained source, Mixture-of-Depths overrides. The wrapped model is `self.model`
+    (a `QuietStar`), so checkpoints carry `model.lm.*`, the meta tokens and the mixing head, plus
+    `model_config` and `thought_config`; `modeldefs.pretrained.load_pretrained(ckpt)` returns the `QuietStar`.
+    """
+
+    def __init__(
+        self,
+        model: str | None = "tiny",
+        model_overrides: dict[str, Any] | None = None,
+        init_from: str | None = None,
+        thoughts: dict[str, Any] | None = None,
+        thought_init_text: str = "---",
+        tokenizer: str | None = None,
+        activation_checkpointing: bool = False,
+        val_seed: int = 0,
+        lr: float = 1e-6,
+        min_lr_ratio: float = 1.0,
+        warmup_steps: int = 20,
+        weight_decay: float = 0.001,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        compile: bool = False,
+        check_finite_loss: bool = True,
+    ) -> None:
+        """
+        Args:
+            model: named architecture for random init; None with `init_from`.
+            model_overrides: ModelConfig fields to change (e.g. Mixture-of-Depths fields to MoD-ify a pretrained model).
+            init_from: pretrained source: "smollm2-135m-instruct" (offline GGUF), a .gguf, an HF directory or hub id,
+                or a quietdepth .ckpt (a Quiet-STaR checkpoint keeps its meta tokens and mixing head).
+            thoughts: `modeldefs.quietstar.ThoughtConfig` fields (n_ahead, n_ahead_talk, n_passes, stride, ...);
+                unset fields keep the official defaults.
+            thought_init_text: the start/end-of-thought embeddings start from the embedding of this text's first
+                token ("---", as the official code; the paper describes an em dash).
+            tokenizer: tokenizer that encodes `thought_init_text`; None uses the `init_from` source's, else the
+                datamodule's.
+            activation_checkpointing: recompute each block's MLP in the backward pass instead of keeping its
+                activations (`recompute_mlps`): the thought passes multiply activation memory by about
+                n_ahead + n_ahead_talk - 1 (at stride 1).
+            val_seed: seed of the thought sampling in validation, so every validation sees the same draws.
+            lr: peak AdamW learning rate (official run: 1e-6).
+            min_lr_ratio: the cosine decays to lr * min_lr_ratio (1.0: constant after warm-up, as the official run).
+            warmup_steps: optimizer steps of linear warm-up (official: 20).
+            weight_decay: AdamW decay on matrices and embeddings (official: 0.001).
+            betas: AdamW betas (official: torch defaults).
+            eps: AdamW epsilon.
+            compile: torch.compile each decoder block.
+            check_finite_loss: stop on a NaN/inf loss before the optimizer step; never write non-finite weights.
+        """
+        super().__init__(model=model, model_overrides=model_overrides, init_from=init_from, lr=lr,
+                         min_lr_ratio=min_lr_ratio, warmup_steps=warmup_steps, weight_decay=weight_decay, betas=betas,
+                         eps=eps, compile=compile, check_finite_loss=check_finite_loss)
+        self.thought_config = ThoughtConfig.from_dict(thoughts or {})  # fails here, naming unknown keys
+        self.model: QuietStar | None = None
+
+    def configure_model(self) -> None:
+        if self.model is not None:
+            return
+        hp = self.hparams
+        overrides = hp.model_overrides or {}
+        previous: QuietStar | None = None
+        if hp.init_from is not None:
+            loaded = load_pretrained(hp.init_from)
+            previous = loaded if isinstance(loaded, QuietStar) else None
+            lm = previous.lm if previous is not None else loaded
+            if overrides:
+                lm = self._with_overrides(lm, overrides)
+        else:
+            lm = Transformer(ModelConfig.from_name(hp.model, **overrides))
+        self.model = QuietStar(lm, self.thought_config, init_token_id=self._init_token_id())
+        if previous is not None:  # continue from a Quiet-STaR checkpoint: keep its meta tokens and mixing head
+            thought_state = {k: v for k, v in previous.state_dict().items() if not k.startswith("lm.")}
+            self.model.load_state_dict(thought_state, strict=False)
+        self._check_seq_len()
+        if hp.activation_checkpointing:
+            recompute_mlps(lm)
+        if hp.compile:
+            for block in lm.blocks:
+                block.compile()
+
+    def _init_token_id(self) -> int:
+        source = self.hparams.tokenizer or self.hparams.init_from
+        if source is not None and not source.endswith(".ckpt"):
+            tokenizer = load_tokenizer(source)
+        else:
+            datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+            tokenizer = getattr(datamodule, "tokenizer", None)
+            if tokenizer is None:
+                raise ValueError("no tokenizer to encode thought_init_text: set model.init_args.tokenizer "
+                                 "(e.g. smollm2-135m-instruct)")
+        ids = tokenizer.encode(self.hparams.thought_init_text, add_special_tokens=False)
+        if not ids:
+            raise ValueError(f"thought_init_text={self.hparams.thought_init_text!r} encodes to no tokens")
+        return ids[0]
+
+    def _check_seq_len(self) -> None:
+        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        seq_len = getattr(datamodule, "seq_len", None)
+        block_size = self.model.lm.config.block_size
+        # The last thought chain's tokens take rotary positions up to n_ahead + n_ahead_talk - 2 past the sequence.
+        c = self.thought_config
+        needed = None if seq_len is None else seq_len + c.n_ahead + c.n_ahead_talk - 2
+        if needed is not None and needed > block_size:
+            raise ValueError(
+                f"data.seq_len={seq_len} plus the thought and talk tokens ({needed - seq_len}) exceed the model's "
+                f"context (block_size={block_size}); lower data.init_args.seq_len or raise "
+                "model.init_args.model_overrides.block_size"
+            )
+
+    def forward(self, input_ids: torch.Tensor, generator: torch.Generator | None = None) -> ThoughtOutput:
+        return self.model(input_ids, generator=generator)
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, Any]:
+        # A Mixture-of-Depths model routes by its causal rule in every pass here (see modeldefs.quietstar): there
+        # are no top-k targets, so no routing auxiliary losses; routers learn through their update scale.
+        out = self.model(batch["input_ids"])
+        loss = out.loss
+        if self.hparams.check_finite_loss and not torch.isfinite(loss):
+            raise NonFiniteLossError(
+                f"training loss is {loss.item()} at global step {self.global_step}: stopping before the weights are "
+                "touched; checkpoints already written are intact. Lower model.init_args.lr, "
+                "thoughts.policy_loss_weight or check the data."
+            )
+        self.log("train/loss", loss, prog_bar=True)
+        self.log_dict({f"train/{k}": v for k, v in thought_stats(out).items()})
+        # For training.thought_monitor.ThoughtMonitor; the logits are left out so they are freed after backward.
+        return {"loss": loss, "thought_tokens": out.thought_tokens, "positions": out.positions, "reward": out.reward,
+                "mixing_weight": out.mixing_weight}
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        generator = torch.Generator(batch["input_ids"].device).manual_seed(self.hparams.val_seed + batch_idx)
+        out = self.model(batch["input_ids"], generator=generator)
+        self.log("val/loss", out.loss, sync_dist=True)
+        self.log("val/lm_nll", out.lm_nll, sync_dist=True)
+        self.log("val/base_nll", out.base_nll, sync_dist=True, prog_bar=True)
+        self.log("val/mixed_nll", out.mixed_nll, sync_dist=True, prog_bar=True)
+        if self.model.lm.routed_blocks:
+            self.log("val/causal_fraction", causal_fraction(self.model.lm), sync_dist=True)
+
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        generator = torch.Generator(batch["input_ids"].device).manual_seed(self.hparams.val_seed + batch_idx)
+        out = self.model(batch["input_ids"], generator=generator)
+        self.log("test/base_nll", out.base_nll, sync_dist=True)
+        self.log("test/mixed_nll", out.mixed_nll, sync_dist=True)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.hparams.check_finite_loss and not all(p.isfinite().all() for p in self.model.parameters()):
+            raise NonFiniteLossError(
+                f"weights are not finite at global step {self.global_step}: stopping without writing this "
+                "checkpoint; the checkpoints already written are intact. Lower model.init_args.lr or check the data."
+            )
+        checkpoint["model_config"] = self.model.lm.config.to_dict()
+        checkpoint["thought_config"] = self.model.thought_config.to_dict()
+
+    def flops_per_token(self, seq_len: int) -> int:
+        """Training FLOPs per input token: the plain decoder's, times the tokens Quiet-STaR runs through it.
+
+        Each of the `n_passes` copies of a sequence of T tokens runs T + (n_ahead + n_ahead_talk - 2) * P tokens,
+        P = the thought positions (every `stride`-th with n_ahead_talk tokens after it). The mixing head and
+        attention to the thought keys are not counted (small next to the decoder's matmuls): a lower bound.
+        """
+        c = self.model.thought_config
+        positions = -(-(seq_len - c.n_ahead_talk) // c.stride)
+        tokens = c.n_passes * (seq_len + (c.n_ahead + c.n_ahead_talk - 2) * positions)
+        return int(self.model.lm.flops_per_token(seq_len) * tokens / seq_len)
+
+
+def recompute_mlps(lm: Transformer) -> None:
+    """Activation checkpointing of every block's MLP: it keeps only its input and recomputes the rest
+    (for SmolLM2 3x the width of the residual stream) in backward. Attention is not recomputed: in
+    Quiet-STaR's thought passes it appends to a KV cache, a side effect that must happen once."""
+    for block in lm.blocks:
+        # An instance attribute shadows the class's forward, so state-dict keys stay as they are.
+        block.mlp.forward = partial(recompute, block.mlp.forward, use_reentrant=False)
+
+
+def thought_stats(out: ThoughtOutput) -> dict[str, torch.Tensor]:
+    """Scalars to log from one Quiet-STaR step: NLL of the talk tokens without (base) and with (mixed) thought and
+    their difference, the plain LM's NLL over all positions, mixing weight, reward, policy loss."""
+    w = out.mixing_weight.detach().float()
+    r = out.reward.detach().float()
+    return {
+        "lm_nll": out.lm_nll.detach(),
+        "base_nll": out.base_nll.detach(),
+        "mixed_nll": out.mixed_nll.detach(),
+        "nll_gain": (out.base_nll - out.mixed_nll).detach(),
+        "policy_loss": out.policy_loss.detach(),
+        "mixing_weight_mean": w.mean(),
+        "mixing_weight_std": w.std() if w.numel() > 1 else torch.zeros(()),
+        "reward_mean": r.mean(),
+        "reward_std": r.std() if r.numel() > 1 else torch.zeros(()),
+        "reward_positive_fraction": (r > 0).float().mean(),
+    }
