@@ -1,0 +1,168 @@
+"""Cost of a Quiet-STaR training step against a plain one of the same model, side by side in one process.
+
+    python benchmarks/quietstar_cost.py --shape mid-small --batch 2 --seq 128                  # CPU
+    python benchmarks/quietstar_cost.py --shape smollm2-135m --batch 8 --seq 256 --dtype bf16  # GPU
+
+Each step is forward, loss, backward and an AdamW step. For every (n_ahead, n_ahead_talk) pair a
+`QuietStar` wraps the same decoder weights; the plain step is next-token cross-entropy on the same
+batch, and again on the `n_passes` copies of it that Quiet-STaR processes. Timings alternate between
+the variants in rounds so drift in the machine's speed hits all alike. Memory: the activations kept
+for backward (bytes of distinct tensors saved by autograd, parameters excluded) on any device, and on
+CUDA the peak allocated above the resident weights. Prints a Markdown table and a JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import itertools
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from report import device_name, emit, sync
+from modeldefs import ModelConfig, Transformer
+from modeldefs.quietstar import QuietStar, ThoughtConfig
+from training.quietstar_lm import recompute_mlps
+
+SHAPES = {
+    "micro": ModelConfig.from_name("micro").to_dict(),
+    "mid-small": dict(name="mid-small", vocab_size=49152, n_layer=6, n_embd=256, n_head=4, n_kv_head=2,
+                      intermediate_size=704, rope_theta=10000.0, tie_embeddings=True, block_size=2048),
+    "smollm2-135m": ModelConfig.from_name("smollm2-135m").to_dict(),
+}
+
+
+def make_step(model: torch.nn.Module, loss_of: Callable[[torch.Tensor], torch.Tensor], dtype: torch.dtype,
+              device: torch.device) -> Callable[[torch.Tensor], None]:
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6, fused=device.type == "cuda")
+
+    def step(x: torch.Tensor) -> None:
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+            loss = loss_of(x)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def plain_loss(lm: Transformer, copies: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    def loss_of(x: torch.Tensor) -> torch.Tensor:
+        x = x.repeat_interleave(copies, dim=0)
+        logits = lm(x[:, :-1])
+        return F.cross_entropy(logits.flatten(0, 1).float(), x[:, 1:].flatten())
+
+    return loss_of
+
+
+def activation_bytes(model: torch.nn.Module, loss_of: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
+                     dtype: torch.dtype) -> int:
+    """Bytes of the distinct tensors autograd keeps for backward in one step (parameters excluded)."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    kept: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            kept[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with torch.autocast(x.device.type, dtype=dtype, enabled=dtype != torch.float32):
+            loss = loss_of(x)
+    loss.backward()
+    model.zero_grad(set_to_none=True)
+    return sum(kept.values())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="mid-small")
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--n-ahead", type=int, nargs="+", default=[4, 8, 16], help="thought lengths (incl. start/end)")
+    parser.add_argument("--n-ahead-talk", type=int, nargs="+", default=[1, 4, 8])
+    parser.add_argument("--n-passes", type=int, default=2)
+    parser.add_argument("--stride", type=int, default=1, help="think at every stride-th position")
+    parser.add_argument("--checkpointing", action="store_true", help="recompute every block's MLP in backward")
+    parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="bf16 = autocast over fp32 weights")
+    parser.add_argument("--steps", type=int, default=2, help="timed steps per round")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--json", help="also write the results to this file")
+    args = parser.parse_args()
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    torch.manual_seed(0)
+    config = ModelConfig(**{**SHAPES[args.shape], "block_size": args.seq + max(args.n_ahead) + max(args.n_ahead_talk)})
+    base = Transformer(config)
+    x = torch.randint(0, config.vocab_size, (args.batch, args.seq), device=device)
+
+    variants: dict[str, tuple[torch.nn.Module, Callable[[torch.Tensor], torch.Tensor], dict]] = {}
+    for copies in sorted({1, args.n_passes}):
+        lm = copy.deepcopy(base).to(device).train()
+        if args.checkpointing:
+            recompute_mlps(lm)
+        variants[f"plain x{copies}"] = (lm, plain_loss(lm, copies), dict(n_ahead=0, n_ahead_talk=0, copies=copies))
+    for n_ahead, talk in itertools.product(args.n_ahead, args.n_ahead_talk):
+        lm = copy.deepcopy(base)
+        if args.checkpointing:
+            recompute_mlps(lm)
+        thoughts = ThoughtConfig(n_ahead=n_ahead, n_ahead_talk=talk, n_passes=args.n_passes, stride=args.stride)
+        model = QuietStar(lm, thoughts, init_token_id=0).to(device).train()
+        variants[f"thought {n_ahead} / talk {talk}"] = (
+            model, lambda x, m=model: m(x).loss, dict(n_ahead=n_ahead, n_ahead_talk=talk, copies=args.n_passes))
+
+    steps, memory = {}, {}
+    for name, (model, loss_of, _) in variants.items():
+        steps[name] = make_step(model, loss_of, dtype, device)
+        memory[name] = {"activations_mib": activation_bytes(model, loss_of, x, dtype) / 2**20}
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+            resident = torch.cuda.memory_allocated()
+        for _ in range(args.warmup):
+            steps[name](x)
+        sync(device)
+        if device.type == "cuda":
+            memory[name]["peak_above_resident_gib"] = (torch.cuda.max_memory_allocated() - resident) / 2**30
+    times = {name: 0.0 for name in steps}
+    for _ in range(args.rounds):
+        for name, step in steps.items():
+            sync(device)
+            t0 = time.perf_counter()
+            for _ in range(args.steps):
+                step(x)
+            sync(device)
+            times[name] += time.perf_counter() - t0
+
+    n = args.steps * args.rounds
+    plain = times["plain x1"] / n
+    results = []
+    for name, (_, _, info) in variants.items():
+        step_s = times[name] / n
+        bound = info["n_ahead"] + info["n_ahead_talk"] if info["n_ahead"] else None
+        results.append(dict(variant=name, **info, step_s=round(step_s, 4), x_plain=round(step_s / plain, 2),
+                            bound_x_plain=bound, within_bound=None if bound is None else step_s / plain <= bound,
+                            **{k: round(v, 2) for k, v in memory[name].items()}))
+    meta = dict(shape=args.shape, params=base.num_params(), batch=args.batch, seq=args.seq, n_passes=args.n_passes,
+                stride=args.stride, checkpointing=args.checkpointing, dtype=args.dtype, device=device_name(device),
+                threads=torch.get_num_threads(), torch=torch.__version__, steps=n)
+    print(f"\n{args.shape} ({meta['params'] / 1e6:.1f}M params), batch {args.batch} x seq {args.seq}, n_passes "
+          f"{args.n_passes}, stride {args.stride}, checkpointing {args.checkpointing}, {args.dtype}, {meta['device']}, "
+          f"torch {torch.__version__}\n")
+    gpu = device.type == "cuda"
+    print("| variant | step (s) | × plain step | bound (n_ahead + n_ahead_talk) | activations kept (MiB) |"
+          + (" peak above weights (GiB) |" if gpu else "") + "\n|---|---|---|---|---|" + ("---|" if gpu else ""))
+    for r in results:
+        bound = "" if r["bound_x_plain"] is None else f"{r['bound_x_plain']} ({'within' if r['within_bound'] else 'OVER'})"
+        print(f"| {r['variant']} | {r['step_s']:.3f} | {r['x_plain']:.2f} | {bound} | {r['activations_mib']:,.1f} |"
+              + (f" {r['peak_above_resident_gib']} |" if gpu else ""))
+    emit({**meta, "results": results}, args.json)
+
+
+if __name__ == "__main__":
+    main()
