@@ -1,6 +1,6 @@
 """Cost of a Quiet-STaR training step against a plain one of the same model, side by side in one process.
 
-    python benchmarks/quietstar_cost.py --shape mid-small --batch 2 --seq 128                  # CPU
+    python benchmarks/quietstar_cost.py --shape cpu-small --batch 2 --seq 64                   # CPU
     python benchmarks/quietstar_cost.py --shape smollm2-135m --batch 8 --seq 256 --dtype bf16  # GPU
 
 Each step is forward, loss, backward and an AdamW step. For every (n_ahead, n_ahead_talk) pair a
@@ -29,7 +29,7 @@ from training.quietstar_lm import recompute_mlps
 
 SHAPES = {
     "micro": ModelConfig.from_name("micro").to_dict(),
-    "mid-small": dict(name="mid-small", vocab_size=49152, n_layer=6, n_embd=256, n_head=4, n_kv_head=2,
+    "cpu-small": dict(name="cpu-small", vocab_size=8192, n_layer=4, n_embd=256, n_head=4, n_kv_head=2,
                       intermediate_size=704, rope_theta=10000.0, tie_embeddings=True, block_size=2048),
     "smollm2-135m": ModelConfig.from_name("smollm2-135m").to_dict(),
 }
@@ -80,7 +80,7 @@ def activation_bytes(model: torch.nn.Module, loss_of: Callable[[torch.Tensor], t
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shape", choices=sorted(SHAPES), default="mid-small")
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="cpu-small")
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--n-ahead", type=int, nargs="+", default=[4, 8, 16], help="thought lengths (incl. start/end)")

@@ -31,7 +31,7 @@ class QuietStarLM(CausalLM):
         init_from: str | None = None,
         thoughts: dict[str, Any] | None = None,
         thought_init_text: str = "---",
-        tokenizer: str | None = None,
+        thought_init_tokenizer: str | None = None,
         activation_checkpointing: bool = False,
         val_seed: int = 0,
         lr: float = 1e-6,
@@ -53,8 +53,8 @@ class QuietStarLM(CausalLM):
                 unset fields keep the official defaults.
             thought_init_text: the start/end-of-thought embeddings start from the embedding of this text's first
                 token ("---", as the official code; the paper describes an em dash).
-            tokenizer: tokenizer that encodes `thought_init_text`; None uses the `init_from` source's, else the
-                datamodule's.
+            thought_init_tokenizer: tokenizer source that encodes `thought_init_text`; None uses the datamodule's
+                (which must match the model's vocabulary anyway), else the `init_from` source's.
             activation_checkpointing: recompute each block's MLP in the backward pass instead of keeping its
                 activations (`recompute_mlps`): the thought passes multiply activation memory by about
                 n_ahead + n_ahead_talk - 1 (at stride 1).
@@ -100,15 +100,17 @@ class QuietStarLM(CausalLM):
                 block.compile()
 
     def _init_token_id(self) -> int:
-        source = self.hparams.tokenizer or self.hparams.init_from
-        if source is not None and not source.endswith(".ckpt"):
+        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        source = self.hparams.thought_init_tokenizer
+        if source is not None:
             tokenizer = load_tokenizer(source)
+        elif getattr(datamodule, "tokenizer", None) is not None:
+            tokenizer = datamodule.tokenizer
+        elif self.hparams.init_from is not None and not self.hparams.init_from.endswith(".ckpt"):
+            tokenizer = load_tokenizer(self.hparams.init_from)
         else:
-            datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
-            tokenizer = getattr(datamodule, "tokenizer", None)
-            if tokenizer is None:
-                raise ValueError("no tokenizer to encode thought_init_text: set model.init_args.tokenizer "
-                                 "(e.g. smollm2-135m-instruct)")
+            raise ValueError("no tokenizer to encode thought_init_text: set model.init_args.thought_init_tokenizer "
+                             "(e.g. smollm2-135m-instruct)")
         ids = tokenizer.encode(self.hparams.thought_init_text, add_special_tokens=False)
         if not ids:
             raise ValueError(f"thought_init_text={self.hparams.thought_init_text!r} encodes to no tokens")
