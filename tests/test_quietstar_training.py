@@ -114,6 +114,17 @@ def test_checkpoint_loads_as_quietstar_with_identical_meta_tokens_and_mixing_hea
 
 
 @requires_smollm2
+def test_init_from_a_quietstar_checkpoint_keeps_its_thought_weights_and_settings(smoke_run, smollm2_tokenizer_dir):
+    ckpt = smoke_run / "runs" / "quietstar-smoke" / "checkpoints" / "last.ckpt"
+    module = QuietStarLM(model=None, init_from=str(ckpt), thought_init_tokenizer=str(smollm2_tokenizer_dir))
+    module.configure_model()
+    saved = load_pretrained(str(ckpt))
+    assert module.model.thought_config == saved.thought_config
+    for key, value in saved.state_dict().items():
+        assert torch.equal(module.model.state_dict()[key], value), key
+
+
+@requires_smollm2
 def test_resume_with_ckpt_path_last_continues_the_run(tmp_path, monkeypatch, gsm8k_train, smollm2_tokenizer_dir):
     monkeypatch.chdir(tmp_path)
     ckpt = tmp_path / "runs" / "quietstar-smoke" / "checkpoints" / "last.ckpt"

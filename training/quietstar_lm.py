@@ -50,7 +50,7 @@ class QuietStarLM(CausalLM):
             init_from: pretrained source: "smollm2-135m-instruct" (offline GGUF), a .gguf, an HF directory or hub id,
                 or a quietdepth .ckpt (a Quiet-STaR checkpoint keeps its meta tokens and mixing head).
             thoughts: `modeldefs.quietstar.ThoughtConfig` fields (n_ahead, n_ahead_talk, n_passes, stride, ...);
-                unset fields keep the official defaults.
+                unset fields keep the official defaults. None with a Quiet-STaR `init_from` keeps its settings.
             thought_init_text: the start/end-of-thought embeddings start from the embedding of this text's first
                 token ("---", as the official code; the paper describes an em dash).
             thought_init_tokenizer: tokenizer source that encodes `thought_init_text`; None uses the datamodule's
@@ -84,6 +84,8 @@ class QuietStarLM(CausalLM):
             loaded = load_pretrained(hp.init_from)
             previous = loaded if isinstance(loaded, QuietStar) else None
             lm = previous.lm if previous is not None else loaded
+            if previous is not None and not hp.thoughts:  # no thought settings given: keep the checkpoint's
+                self.thought_config = previous.thought_config
             if overrides:
                 lm = self._with_overrides(lm, overrides)
         else:
