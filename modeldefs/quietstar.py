@@ -175,8 +175,9 @@ class ThoughtKVCache:
         while start > T + len(self.chain_k) * P:  # a routed layer skipped a pass (no row routed): its
             self.chain_k.append(torch.zeros_like(k))  # keys are masked out as unrouted, any value does
             self.chain_v.append(torch.zeros_like(v))
-        if start != T + len(self.chain_k) * P or input_pos.numel() != P:
-            raise ValueError("ThoughtKVCache takes pass 0, then one slot per chain per pass, in order")
+        if start != T + len(self.chain_k) * P or input_pos.numel() != P or mask is None:
+            raise ValueError("ThoughtKVCache takes pass 0, then one slot per chain per pass, in order, with the"
+                             " thought mask")
         self.chain_k.append(k)
         self.chain_v.append(v)
         j = len(self.chain_k)
@@ -187,12 +188,12 @@ class ThoughtKVCache:
         k0, v0 = (t.unsqueeze(2) for t in self.prefix)                                   # (B, Hkv, 1, T, D)
         kc, vc = (torch.stack(t, 3).unsqueeze(2) for t in (self.chain_k, self.chain_v))  # (B, Hkv, 1, P, j, D)
         scores = torch.cat([q @ k0.transpose(-1, -2), (q.unsqueeze(-2) * kc).sum(-1)], -1) * D ** -0.5
-        if mask is not None:  # keep its prefix columns and each chain's own column in every pass
-            m = mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape))                # (b, h, P, T + jP)
-            own = m[..., T:].unflatten(-1, (j, P)).diagonal(dim1=-3, dim2=-1)           # (b, h, j, P)
-            keep = torch.cat([m[..., :T], own.transpose(-1, -2)], -1)                   # (b, h, P, T + j)
-            keep = keep.unsqueeze(2) if keep.size(1) == 1 else keep.unflatten(1, (Hkv, G))
-            scores = scores.masked_fill(~keep, float("-inf"))
+        # the mask's prefix columns and each chain's own column in every pass
+        m = mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape))                    # (b, h, P, T + jP)
+        own = m[..., T:].unflatten(-1, (j, P)).diagonal(dim1=-3, dim2=-1)               # (b, h, j, P)
+        keep = torch.cat([m[..., :T], own.transpose(-1, -2)], -1)                       # (b, h, P, T + j)
+        keep = keep.unsqueeze(2) if keep.size(1) == 1 else keep.unflatten(1, (Hkv, G))
+        scores = scores.masked_fill(~keep, float("-inf"))
         probs = scores.float().softmax(-1).to(q.dtype)
         y = probs[..., :T] @ v0 + (probs[..., T:].unsqueeze(-1) * vc).sum(-2)          # (B, Hkv, G, P, D)
         return y.reshape(B, H, P, D)
@@ -292,8 +293,8 @@ class QuietStar(nn.Module):
 
         ids (N, T); positions (P,) where chains start; talk_ids (N, P, K-1) the tokens fed after <end>
         (x_{t+1} .. x_{t+K-1}). Returns base hidden (N, T, C), the hidden states after <end> and after
-        each talk token (N, P, K, C), the logits that sampled each thought token (N, P, n_sampled, V)
-        and the sampled ids (N, P, n_sampled).
+        each talk token (N, P, K, C), the sampled thought ids (N, P, n_sampled) and their
+        log-probabilities at reinforce_temperature (N, P, n_sampled), the REINFORCE actions.
         """
         c, lm = self.thought_config, self.lm
         N, T = ids.shape
@@ -305,15 +306,16 @@ class QuietStar(nn.Module):
 
         h0 = lm.hidden(lm.embed(ids), kv_cache=cache, input_pos=torch.arange(T, device=dev))  # causal
         x = self.meta_embedding("start", (N, P))
-        talk, thought_logits, sampled = [], [], []
+        talk, sampled, log_p = [], [], []
         for j in range(1, n_passes):
             slots = torch.arange(T + (j - 1) * P, T + j * P, device=dev)
             h = lm.hidden(x, positions + j, mask[:, : T + j * P], cache, slots)
             if j <= c.n_sampled:
                 logits = lm.lm_head(h)
                 token = self.sample_thought(logits, temperature, generator)
-                thought_logits.append(logits)
                 sampled.append(token)
+                log_p.append((logits.float() / c.reinforce_temperature).log_softmax(-1)
+                             .gather(-1, token.unsqueeze(-1)).squeeze(-1))
                 x = lm.embed(token)
             elif j == c.n_ahead - 2:
                 x = self.meta_embedding("end", (N, P))
@@ -322,7 +324,7 @@ class QuietStar(nn.Module):
                 k = j - (c.n_ahead - 1)  # talk tokens fed so far
                 if k < talk_ids.size(-1):
                     x = lm.embed(talk_ids[:, :, k])
-        return h0, torch.stack(talk, 2), torch.stack(thought_logits, 2), torch.stack(sampled, 2)
+        return h0, torch.stack(talk, 2), torch.stack(sampled, 2), torch.stack(log_p, 2)
 
     # ---- public API ------------------------------------------------------------------------------
 
@@ -344,7 +346,7 @@ class QuietStar(nn.Module):
         talk_positions = positions[:, None] + torch.arange(1, K + 1, device=dev)  # (P, K): x_{t+1} .. x_{t+K}
         targets = ids[:, talk_positions]                                          # (N, P, K)
 
-        h0, h_talk, thought_logits, sampled = self.think(ids, positions, targets[..., :-1], c.thought_temperature,
+        h0, h_talk, sampled, log_p = self.think(ids, positions, targets[..., :-1], c.thought_temperature,
                                                          generator)
         base_logits = self.lm.lm_head(h0)
         V = base_logits.size(-1)
@@ -362,8 +364,6 @@ class QuietStar(nn.Module):
             advantage = (per_example - per_example.mean(1, keepdim=True)).view_as(reward)
         if c.clamp_reward:
             advantage = advantage.clamp(min=0)
-        log_p = -F.cross_entropy((thought_logits.float() / c.reinforce_temperature).flatten(0, 2),
-                                 sampled.reshape(-1), reduction="none").view_as(sampled)
         policy_loss = -(advantage.unsqueeze(-1) * log_p).mean()
 
         lm_nll, mixed_mean = token_nll.mean(), mixed_nll.mean()
