@@ -109,7 +109,8 @@ def _load_thoughts(lm: Transformer, directory: Path) -> QuietStar:
 
     weights = directory / THOUGHT_WEIGHTS
     if not weights.is_file():
-        raise FileNotFoundError(f"{directory} has {THOUGHT_CONFIG} but no {THOUGHT_WEIGHTS}: an incomplete Quiet-STaR export")
+        raise FileNotFoundError(f"{directory} has {THOUGHT_CONFIG} but no {THOUGHT_WEIGHTS}:"
+                                " an incomplete Quiet-STaR export")
     config = ThoughtConfig.from_dict(json.loads((directory / THOUGHT_CONFIG).read_text()))
     model = QuietStar(lm, config, init_token_id=0)
     missing, unexpected = model.load_state_dict(load_file(weights), strict=False)

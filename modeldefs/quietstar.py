@@ -9,10 +9,12 @@ at the same position as baseline).
 
 All thoughts of a sequence are computed in parallel, one token per position per pass, through a
 KV cache: pass 0 is the ordinary forward over the T tokens (cache slots 0..T-1); pass j >= 1 appends
-one token to each of the P thought chains (slots T+(j-1)P .. T+jP-1, rotary position t+j). Its
-mask is P x (T + jP): the chain at t sees the prefix keys s <= t of pass 0 and its own slots in passes
-1..j (an identity block per pass), nothing of any other chain. Compute is ~T + (n_ahead +
-n_ahead_talk - 2)*P tokens per sequence; attention spans at most T + (J-1)P keys.
+one token to each of the P thought chains (slots T+(j-1)P .. T+jP-1, rotary position t+j). The chain
+at t sees the prefix keys s <= t of pass 0 and its own slots in passes 1..j, nothing of any other
+chain (`thought_attention_mask`: the prefix, then an identity block per pass). `ThoughtKVCache`
+computes exactly those scores, P x (T + j) per pass, instead of the dense P x (T + jP) of the official
+code's mask. Compute is ~T + (J - 1) P token-forwards per sequence for J = n_ahead + n_ahead_talk - 1
+passes.
 
 Mixture-of-Depths: every pass of a routed model, pass 0 included, routes by the model's causal rule
 (the inference rule: router or predictor logit > 0), never top-k. Thought tokens read the prefix
@@ -35,7 +37,15 @@ from modeldefs.model import Transformer
 
 @dataclass
 class ThoughtConfig:
-    """Quiet-STaR hyperparameters; defaults are the official run's (ezelikman/quiet-star)."""
+    """Quiet-STaR hyperparameters; defaults are the official run's (ezelikman/quiet-star).
+
+    Official switches kept at their paper values rather than exposed: <start>/<end> are used; hard
+    samples carry no gradient (gumbel_detach); the mixing head is the concatenated, weighted,
+    3-layer "talk head"; the plain LM term covers every position (first_and_last_mode). One
+    difference: the reward is the paper's, the NLL reduction on the talk tokens only; the official
+    code also adds the change in mixed NLL between the first and last thought token (a telescoped
+    sum over the thinking passes).
+    """
 
     n_ahead: int = 12
     """Thought length in the official sense: passes up to and including <end>, so a thought is
@@ -137,27 +147,56 @@ class ThoughtMixingHead(nn.Module):
         return self.net(torch.cat([h_base, h_thought], dim=-1))
 
 
-class AppendKVCache:
-    """A KV cache that grows by concatenation instead of writing into a preallocated buffer, so the
-    cached keys/values stay differentiable (autograd cannot go through a buffer that later passes
-    overwrite in place). Same `update` contract as `KVCache`; `routed` serves Mixture-of-Depths blocks."""
+class ThoughtKVCache:
+    """The keys/values of one layer in the parallel thought forward, attended to compactly.
 
-    def __init__(self, batch_size: int, max_len: int, device: torch.device) -> None:
-        self.k: torch.Tensor | None = None
-        self.v: torch.Tensor | None = None
-        self.routed = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)
+    Pass 0 (slots 0..T-1) is ordinary causal attention; its keys/values are kept. Thought pass j
+    (slots T+(j-1)P .. T+jP-1, one per chain) attends, for the chain at t, to the T pass-0 keys and to
+    the chain's own j keys only: scores are P x (T + j), not the P x (T + jP) of one dense mask over
+    every slot, most of which would be masked out. The caller's mask is still given over all slots
+    (it carries Mixture-of-Depths routing); its entries for other chains are never read. Keys and
+    values are kept as autograd tensors, never written in place, so gradients flow through them.
+    """
 
-    def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        length = 0 if self.k is None else self.k.size(2)
+    def __init__(self, batch_size: int, seq_len: int, n_chains: int, max_len: int, device: torch.device) -> None:
+        self.seq_len, self.n_chains = seq_len, n_chains
+        self.prefix: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.chain_k: list[torch.Tensor] = []
+        self.chain_v: list[torch.Tensor] = []
+        self.routed = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)  # for routed blocks
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, input_pos: torch.Tensor,
+               mask: torch.Tensor | None) -> torch.Tensor:
+        T, P = self.seq_len, self.n_chains
         start = int(input_pos[0])
-        if start < length or int(input_pos[-1]) - start + 1 != input_pos.numel():
-            raise ValueError("AppendKVCache takes contiguous slots after the ones already written")
-        if start > length:  # a routed layer skipped a whole pass: its keys are masked out, any value does
-            gap = k.new_zeros(k.size(0), k.size(1), start - length, k.size(3))
-            k, v = torch.cat([gap, k], 2), torch.cat([gap, v], 2)
-        self.k = k if self.k is None else torch.cat([self.k, k], 2)
-        self.v = v if self.v is None else torch.cat([self.v, v], 2)
-        return self.k, self.v
+        if start == 0:  # pass 0
+            self.prefix = (k, v)
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=k.size(1) != q.size(1))
+        while start > T + len(self.chain_k) * P:  # a routed layer skipped a pass (no row routed): its
+            self.chain_k.append(torch.zeros_like(k))  # keys are masked out as unrouted, any value does
+            self.chain_v.append(torch.zeros_like(v))
+        if start != T + len(self.chain_k) * P or input_pos.numel() != P or mask is None:
+            raise ValueError("ThoughtKVCache takes pass 0, then one slot per chain per pass, in order, with the"
+                             " thought mask")
+        self.chain_k.append(k)
+        self.chain_v.append(v)
+        j = len(self.chain_k)
+        B, H, _, D = q.shape
+        Hkv = k.size(1)
+        G = H // Hkv  # query heads per key/value head
+        q = q.reshape(B, Hkv, G, P, D)
+        k0, v0 = (t.unsqueeze(2) for t in self.prefix)                                   # (B, Hkv, 1, T, D)
+        kc, vc = (torch.stack(t, 3).unsqueeze(2) for t in (self.chain_k, self.chain_v))  # (B, Hkv, 1, P, j, D)
+        scores = torch.cat([q @ k0.transpose(-1, -2), (q.unsqueeze(-2) * kc).sum(-1)], -1) * D ** -0.5
+        # the mask's prefix columns and each chain's own column in every pass
+        m = mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape))                    # (b, h, P, T + jP)
+        own = m[..., T:].unflatten(-1, (j, P)).diagonal(dim1=-3, dim2=-1)               # (b, h, j, P)
+        keep = torch.cat([m[..., :T], own.transpose(-1, -2)], -1)                       # (b, h, P, T + j)
+        keep = keep.unsqueeze(2) if keep.size(1) == 1 else keep.unflatten(1, (Hkv, G))
+        scores = scores.masked_fill(~keep, float("-inf"))
+        probs = scores.float().softmax(-1).to(q.dtype)
+        y = probs[..., :T] @ v0 + (probs[..., T:].unsqueeze(-1) * vc).sum(-2)          # (B, Hkv, G, P, D)
+        return y.reshape(B, H, P, D)
 
 
 def thought_attention_mask(seq_len: int, positions: torch.Tensor, n_passes: int) -> torch.Tensor:
@@ -231,7 +270,8 @@ class QuietStar(nn.Module):
         vector = self.start_thought if which == "start" else self.end_thought
         return (vector * self.thought_config.meta_token_scale).expand(*shape, -1)
 
-    def sample_thought(self, logits: torch.Tensor, temperature: float, generator: torch.Generator | None) -> torch.Tensor:
+    def sample_thought(self, logits: torch.Tensor, temperature: float,
+                       generator: torch.Generator | None = None) -> torch.Tensor:
         """Token ids from logits (..., V): argmax at temperature 0, else softmax(logits / temperature)
         via the Gumbel-max trick (the official hard Gumbel-softmax)."""
         logits = logits.detach().float()
@@ -247,13 +287,14 @@ class QuietStar(nn.Module):
                              " shorten the sequence, n_ahead or n_ahead_talk")
 
     def think(self, ids: torch.Tensor, positions: torch.Tensor, talk_ids: torch.Tensor, temperature: float,
-              generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+              generator: torch.Generator | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """The parallel thought forward.
 
         ids (N, T); positions (P,) where chains start; talk_ids (N, P, K-1) the tokens fed after <end>
         (x_{t+1} .. x_{t+K-1}). Returns base hidden (N, T, C), the hidden states after <end> and after
-        each talk token (N, P, K, C), the logits that sampled each thought token (N, P, n_sampled, V)
-        and the sampled ids (N, P, n_sampled).
+        each talk token (N, P, K, C), the sampled thought ids (N, P, n_sampled) and their
+        log-probabilities at reinforce_temperature (N, P, n_sampled), the REINFORCE actions.
         """
         c, lm = self.thought_config, self.lm
         N, T = ids.shape
@@ -261,20 +302,20 @@ class QuietStar(nn.Module):
         n_passes = c.n_ahead + talk_ids.size(-1)  # pass 0 + (n_ahead - 1) thought tokens + K - 1 talk tokens
         self._check_length(T, n_passes)
         mask = thought_attention_mask(T, positions, n_passes)
-        cache = [AppendKVCache(N, mask.size(1), dev) for _ in lm.blocks]
+        cache = [ThoughtKVCache(N, T, P, mask.size(1), dev) for _ in lm.blocks]
 
-        causal = torch.ones(T, T, dtype=torch.bool, device=dev).tril()
-        h0 = lm.hidden(lm.embed(ids), torch.arange(T, device=dev), causal, cache, torch.arange(T, device=dev))
+        h0 = lm.hidden(lm.embed(ids), kv_cache=cache, input_pos=torch.arange(T, device=dev))  # causal
         x = self.meta_embedding("start", (N, P))
-        talk, thought_logits, sampled = [], [], []
+        talk, sampled, log_p = [], [], []
         for j in range(1, n_passes):
             slots = torch.arange(T + (j - 1) * P, T + j * P, device=dev)
             h = lm.hidden(x, positions + j, mask[:, : T + j * P], cache, slots)
             if j <= c.n_sampled:
                 logits = lm.lm_head(h)
                 token = self.sample_thought(logits, temperature, generator)
-                thought_logits.append(logits)
                 sampled.append(token)
+                log_p.append((logits.float() / c.reinforce_temperature).log_softmax(-1)
+                             .gather(-1, token.unsqueeze(-1)).squeeze(-1))
                 x = lm.embed(token)
             elif j == c.n_ahead - 2:
                 x = self.meta_embedding("end", (N, P))
@@ -283,7 +324,7 @@ class QuietStar(nn.Module):
                 k = j - (c.n_ahead - 1)  # talk tokens fed so far
                 if k < talk_ids.size(-1):
                     x = lm.embed(talk_ids[:, :, k])
-        return h0, torch.stack(talk, 2), torch.stack(thought_logits, 2), torch.stack(sampled, 2)
+        return h0, torch.stack(talk, 2), torch.stack(sampled, 2), torch.stack(log_p, 2)
 
     # ---- public API ------------------------------------------------------------------------------
 
@@ -297,14 +338,15 @@ class QuietStar(nn.Module):
         B, T = input_ids.shape
         K = c.n_ahead_talk
         if T <= K:
-            raise ValueError(f"sequence length {T} must exceed n_ahead_talk={K} (thoughts need {K} true tokens after them)")
+            raise ValueError(f"sequence length {T} must exceed n_ahead_talk={K}"
+                             f" (thoughts need {K} true tokens after them)")
         ids = input_ids.repeat_interleave(c.n_passes, dim=0)
         dev = ids.device
         positions = torch.arange(0, T - K, c.stride, device=dev)
         talk_positions = positions[:, None] + torch.arange(1, K + 1, device=dev)  # (P, K): x_{t+1} .. x_{t+K}
         targets = ids[:, talk_positions]                                          # (N, P, K)
 
-        h0, h_talk, thought_logits, sampled = self.think(ids, positions, targets[..., :-1], c.thought_temperature,
+        h0, h_talk, sampled, log_p = self.think(ids, positions, targets[..., :-1], c.thought_temperature,
                                                          generator)
         base_logits = self.lm.lm_head(h0)
         V = base_logits.size(-1)
@@ -322,8 +364,6 @@ class QuietStar(nn.Module):
             advantage = (per_example - per_example.mean(1, keepdim=True)).view_as(reward)
         if c.clamp_reward:
             advantage = advantage.clamp(min=0)
-        log_p = -F.cross_entropy((thought_logits.float() / c.reinforce_temperature).flatten(0, 2),
-                                 sampled.reshape(-1), reduction="none").view_as(sampled)
         policy_loss = -(advantage.unsqueeze(-1) * log_p).mean()
 
         lm_nll, mixed_mean = token_nll.mean(), mixed_nll.mean()

@@ -193,6 +193,15 @@ def test_mod_model_thinks_trains_and_routes_by_its_causal_rule():
     assert model.start_thought.grad.abs().sum() > 0 and model.mixing_head.net[0].weight.grad.abs().sum() > 0
 
 
+def test_mod_thought_pass_that_no_row_routes_skips_the_block_and_still_runs():
+    model = make_model(mod_capacity=0.5)
+    with torch.no_grad():
+        for block in model.lm.routed_blocks.values():
+            block.router.bias.fill_(-100.0)  # nothing routed: single-chain passes skip the block
+    out = model(ids(T=CONFIG.n_ahead_talk + 1), generator=gen())  # one thought position
+    assert len(out.positions) == 1 and torch.isfinite(out.loss)
+
+
 def test_stride_thinks_at_every_stride_th_position_only():
     model = make_model(stride=3)
     out = model(ids(T=16), generator=gen())
