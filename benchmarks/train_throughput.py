@@ -166,6 +166,10 @@ def throughput(args: argparse.Namespace, config: ModelConfig, device: torch.devi
             for v in variants:
                 timed(v)
 
+    if args.profile:
+        for v in variants:
+            if v.name in built:
+                profile(v.name, built[v.name][1], x, y, device, args.profile)
     tokens = args.batch * args.seq * args.steps * args.rounds
     peak = peak_flops(device, dtype)
     results = []
@@ -181,6 +185,19 @@ def throughput(args: argparse.Namespace, config: ModelConfig, device: torch.devi
         mem = "n/a" if r["peak_mem_gib"] is None else r["peak_mem_gib"]
         print(f"| {r['variant']} | {r['tokens_per_s']:,.0f} | {r['tokens_per_s'] / base:.2f}x | {mfu} | {mem} |")
     return {"results": results}
+
+
+def profile(name: str, step: Callable[[torch.Tensor, torch.Tensor], None], x: torch.Tensor, y: torch.Tensor,
+            device: torch.device, rows: int) -> None:
+    """Print the `rows` ops that take the most time over one training step."""
+    activities = [torch.profiler.ProfilerActivity.CPU] + (
+        [torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with torch.profiler.profile(activities=activities) as prof:
+        step(x, y)
+        sync(device)
+    sort_by = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    print(f"\nprofile of one step: {name}")
+    print(prof.key_averages().table(sort_by=sort_by, row_limit=rows, max_name_column_width=56))
 
 
 def step_memory(args: argparse.Namespace, config: ModelConfig, device: torch.device, dtype: torch.dtype,
@@ -259,6 +276,7 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="with --max-batch: compile the blocks")
     parser.add_argument("--batch-limit", type=int, default=256, help="with --max-batch: the largest batch tried")
     parser.add_argument("--memory-budget-gib", type=float, help="with --max-batch: the budget (required on a CPU)")
+    parser.add_argument("--profile", type=int, default=0, help="print this many top ops of one step per variant")
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args()
 
