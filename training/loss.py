@@ -65,20 +65,19 @@ class _LinearCrossEntropy(torch.autograd.Function):
             for start in range(0, hidden.size(0), chunk_size):
                 h = hidden[start:start + chunk_size].to(dtype)
                 y, k = safe_labels[start:start + chunk_size], keep[start:start + chunk_size]
-                logits = (h @ w.T).float()
-                lse = torch.logsumexp(logits, dim=-1)
-                target = logits.gather(1, y[:, None]).squeeze(1)
-                total += ((lse - target) * k).sum()
-                # d loss / d logits = (softmax - one_hot) / count on kept rows, written over the logits.
-                grad = logits.sub_(lse[:, None]).exp_()
-                grad.scatter_add_(1, y[:, None], -torch.ones_like(target[:, None]))
-                grad.mul_((k * inv_count)[:, None])
+                log_probs = torch.log_softmax((h @ w.T).float(), dim=-1)
+                total -= (log_probs.gather(1, y[:, None]).squeeze(1) * k).sum()
+                # d loss / d logits = (softmax - one_hot) * k / count, written over the log-probabilities;
+                # the per-row factor is applied to the (chunk, C) operands, not to the (chunk, V) gradient.
+                grad = log_probs.exp_()
+                grad.scatter_add_(1, y[:, None], -torch.ones_like(y[:, None], dtype=grad.dtype))
                 grad = grad.to(dtype)
-                grad_hidden[start:start + chunk_size] = grad @ w
+                scale = (k * inv_count)[:, None].to(dtype)
+                grad_hidden[start:start + chunk_size] = (grad @ w) * scale
                 if dtype == torch.float32:
-                    grad_weight.addmm_(grad.T, h)
+                    grad_weight.addmm_(grad.T, h * scale)
                 else:
-                    grad_weight += (grad.T @ h).float()
+                    grad_weight += (grad.T @ (h * scale)).float()
         ctx.save_for_backward(grad_hidden, grad_weight.to(weight.dtype))
         return total / count
 
