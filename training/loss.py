@@ -4,8 +4,9 @@ With a 32k–49k vocabulary the logits of a training batch are the largest tenso
 (batch 4 x 512 tokens x 49152 x fp32 = 400 MB) and `lm_head` + cross-entropy are a third to a half
 of a small model's FLOPs. `linear_cross_entropy` never materialises them whole: per chunk of tokens
 it computes the logits, the loss and, in the same pass, the gradients of the hidden states and of
-the projection weight (softmax - one-hot, times the inputs), which backward then only scales. The
-logits are read and written a few times per chunk instead of a dozen times over the whole tensor.
+the projection weight (softmax - one-hot, times the inputs), which backward then only scales.
+Peak memory falls by the logits and their gradient; the FLOPs are those of the unfused loss, so
+where matmuls bound the step (fp32 on a small CPU) it is no faster (benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations
