@@ -1,17 +1,37 @@
-"""Training throughput of quietdepth's decoder vs plain transformers on the same shape, in one process.
+"""Training throughput of quietdepth's training path vs plain transformers on the same shape, in one process.
 
-    python benchmarks/train_throughput.py --shape mid                       # CPU: d=512, 8 layers, seq 512, fp32
-    python benchmarks/train_throughput.py --shape smollm2-135m --dtype bf16 --batch 16 --seq 2048 --compile
+    python benchmarks/train_throughput.py --shape mid                       # CPU: d=512, 8 layers, vocab 49152
+    python benchmarks/train_throughput.py --shape mid --variants hf qd-fusedce-fusedadamw qd-fusedce qd qd+compile
+    python benchmarks/train_throughput.py --shape smollm2-135m --dtype bf16 --batch 16 --seq 2048 \\
+        --variants hf hf+compile qd+compile mod+compile
+    python benchmarks/train_throughput.py --shape llama-1b --dtype bf16 --seq 2048 --max-batch  # per AC policy
 
-Both models hold the same weights (ours exported through `to_hf_model`); each step is forward,
-cross-entropy, backward and an AdamW step (fused on CUDA). The two run in alternating rounds so
-drift in the machine's speed hits both alike. Prints a Markdown table and a JSON line.
+A variant is a base and modifiers:
+  hf    transformers LlamaForCausalLM (same weights, exported by `to_hf_model`), SDPA attention,
+        logits then F.cross_entropy; `+compile` compiles the model and the loss as one function.
+  qd    quietdepth's training path as `CausalLM` runs it: `Transformer.hidden`, the fused chunked
+        head + cross-entropy (`training.loss`), fused AdamW; `+compile` compiles each block
+        (`training.parallelize`); `-fusedce` computes full logits + F.cross_entropy instead;
+        `-fusedadamw` uses the default (foreach) AdamW.
+  mod   qd with Mixture-of-Depths (capacity 0.125, every other block routed) and its auxiliary losses.
+Every variant steps fused AdamW unless `-fusedadamw`. The variants run in alternating rounds so drift
+in the machine's speed hits all alike (`--sequential`: one at a time, each freed before the next, for
+shapes where not all fit in memory). Prints a Markdown table and a JSON line.
+
+`--max-batch` instead finds, for each activation-checkpointing policy (none / selective / block),
+the largest batch of `qd` that fits: on a GPU by running steps until out-of-memory; on a CPU
+(no allocator limit) against `--memory-budget-gib` of weights + gradients + AdamW state + the
+tensors autograd saves for backward (counted by saved-tensor hooks; checkpointed blocks' inputs,
+one B x T x C tensor each, are not counted).
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -19,14 +39,79 @@ import torch.nn.functional as F
 from report import device_name, emit, sync
 from modeldefs import ModelConfig, Transformer
 from modeldefs.pretrained import to_hf_model
+from training.loss import linear_cross_entropy
+from training.parallelize import apply_activation_checkpointing, apply_compile
+from training.routing import routing_losses
 
 SHAPES = {
-    "mid": dict(name="mid", vocab_size=32000, n_layer=8, n_embd=512, n_head=8, n_kv_head=8,
+    # The CPU comparison shape; the SmolLM2 vocabulary makes the head about half the FLOPs.
+    "mid": dict(name="mid", vocab_size=49152, n_layer=8, n_embd=512, n_head=8, n_kv_head=8,
                 intermediate_size=1376, tie_embeddings=False, block_size=2048),
     "smollm2-135m": ModelConfig.from_name("smollm2-135m").to_dict(),
     "llama-1b": ModelConfig.from_name("llama-1b").to_dict(),
     "tiny": ModelConfig.from_name("micro").to_dict(),
 }
+MOD = dict(mod_capacity=0.125, mod_route_every=2, mod_exempt_last=False)
+LOSS_CHUNK = 1024
+
+
+@dataclass
+class Variant:
+    name: str
+    base: str
+    compile: bool = False
+    fused_ce: bool = True
+    fused_adamw: bool = True
+
+    @classmethod
+    def parse(cls, name: str) -> Variant:
+        base = name.split("+")[0].split("-")[0]
+        if base not in ("hf", "qd", "mod"):
+            raise ValueError(f"variant {name!r}: the base must be hf, qd or mod")
+        return cls(name, base, compile="+compile" in name, fused_ce="-fusedce" not in name and base != "hf",
+                   fused_adamw="-fusedadamw" not in name)
+
+
+def build(variant: Variant, config: ModelConfig, seq: int, device: torch.device, dtype: torch.dtype,
+          ac: str = "none") -> tuple[torch.nn.Module, Callable[[torch.Tensor, torch.Tensor], None], int]:
+    """The model, one training step on (x, y), and the model's training FLOPs per token."""
+    torch.manual_seed(0)
+    ours = Transformer(ModelConfig(**{**config.to_dict(), **(MOD if variant.base == "mod" else {})}))
+    flops_per_token = ours.flops_per_token(seq)
+    if variant.base == "hf":
+        hf = to_hf_model(ours)
+        hf.config._attn_implementation = "sdpa"
+        model = hf.to(device).train()
+
+        def loss_of(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+                logits = hf(x).logits
+            return F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
+
+        if variant.compile:
+            loss_of = torch.compile(loss_of)
+    else:
+        model = ours.to(device).train()
+        apply_activation_checkpointing(model, ac)
+        if variant.compile:
+            apply_compile(model)
+
+        def loss_of(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+                if variant.fused_ce:
+                    loss = linear_cross_entropy(model.hidden(model.embed(x)), model.lm_head.weight, y, LOSS_CHUNK)
+                else:
+                    loss = F.cross_entropy(model(x).flatten(0, 1).float(), y.flatten())
+            return loss + routing_losses(model) if model.routed_blocks else loss
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=variant.fused_adamw)
+
+    def step(x: torch.Tensor, y: torch.Tensor) -> None:
+        loss_of(x, y).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return model, step, flops_per_token
 
 
 def peak_flops(device: torch.device, dtype: torch.dtype) -> float | None:
@@ -36,18 +121,143 @@ def peak_flops(device: torch.device, dtype: torch.dtype) -> float | None:
     return get_available_flops(device, dtype) if device.type == "cuda" else None
 
 
-def make_step(model: torch.nn.Module, logits_of, dtype: torch.dtype, device: torch.device):
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+def throughput(args: argparse.Namespace, config: ModelConfig, device: torch.device, dtype: torch.dtype) -> dict:
+    variants = [Variant.parse(v) for v in args.variants]
+    x = torch.randint(0, config.vocab_size, (args.batch, args.seq), device=device)
+    y = torch.randint(0, config.vocab_size, (args.batch, args.seq), device=device)
+    built: dict[str, tuple] = {}
+    times = {v.name: 0.0 for v in variants}
+    peak_mem, flops = {}, {}
 
-    def step(x: torch.Tensor, y: torch.Tensor) -> None:
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-            logits = logits_of(x)
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+    def warm(v: Variant) -> None:
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+            resident = torch.cuda.memory_allocated()
+        model, step, flops[v.name] = build(v, config, args.seq, device, dtype)
+        built[v.name] = (model, step)
+        for _ in range(args.warmup):
+            step(x, y)
+        sync(device)
+        if device.type == "cuda":
+            peak_mem[v.name] = (torch.cuda.max_memory_allocated() - resident) / 2**30
 
-    return step
+    def timed(v: Variant) -> None:
+        step = built[v.name][1]
+        sync(device)
+        t0 = time.perf_counter()
+        for _ in range(args.steps):
+            step(x, y)
+        sync(device)
+        times[v.name] += time.perf_counter() - t0
+
+    if args.sequential:
+        for v in variants:
+            warm(v)
+            for _ in range(args.rounds):
+                timed(v)
+            del built[v.name]
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    else:
+        for v in variants:
+            warm(v)
+        for _ in range(args.rounds):
+            for v in variants:
+                timed(v)
+
+    if args.profile:
+        for v in variants:
+            if v.name in built:
+                profile(v.name, built[v.name][1], x, y, device, args.profile)
+    tokens = args.batch * args.seq * args.steps * args.rounds
+    peak = peak_flops(device, dtype)
+    results = []
+    for v in variants:
+        tps = tokens / times[v.name]
+        results.append(dict(variant=v.name, tokens_per_s=round(tps, 1),
+                            mfu=None if peak is None else round(tps * flops[v.name] / peak, 4),
+                            peak_mem_gib=None if v.name not in peak_mem else round(peak_mem[v.name], 2)))
+    base = results[0]["tokens_per_s"]
+    print("| variant | tokens/s | vs first | MFU | peak memory (GiB) |\n|---|---|---|---|---|")
+    for r in results:
+        mfu = "n/a" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
+        mem = "n/a" if r["peak_mem_gib"] is None else r["peak_mem_gib"]
+        print(f"| {r['variant']} | {r['tokens_per_s']:,.0f} | {r['tokens_per_s'] / base:.2f}x | {mfu} | {mem} |")
+    return {"results": results}
+
+
+def profile(name: str, step: Callable[[torch.Tensor, torch.Tensor], None], x: torch.Tensor, y: torch.Tensor,
+            device: torch.device, rows: int) -> None:
+    """Print the `rows` ops that take the most time over one training step."""
+    activities = [torch.profiler.ProfilerActivity.CPU] + (
+        [torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with torch.profiler.profile(activities=activities) as prof:
+        step(x, y)
+        sync(device)
+    sort_by = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    print(f"\nprofile of one step: {name}")
+    print(prof.key_averages().table(sort_by=sort_by, row_limit=rows, max_name_column_width=56))
+
+
+def step_memory(args: argparse.Namespace, config: ModelConfig, device: torch.device, dtype: torch.dtype,
+                ac: str, batch: int) -> float | None:
+    """GiB one `qd` training step needs at this batch (None: out of memory on the GPU)."""
+    model, step, _ = build(Variant.parse("qd+compile" if args.compile else "qd"), config, args.seq, device, dtype, ac)
+    x = torch.randint(0, config.vocab_size, (batch, args.seq), device=device)
+    try:
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+            step(x, x)  # the first step creates the AdamW state: the second is the steady-state peak
+            step(x, x)
+            sync(device)
+            return torch.cuda.max_memory_allocated() / 2**30
+        saved = 0
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            nonlocal saved
+            saved += t.numel() * t.element_size()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            step(x, x)
+        state = sum(p.numel() * p.element_size() for p in model.parameters()) * 4  # weights, grads, 2 AdamW moments
+        return (state + saved) / 2**30
+    except torch.OutOfMemoryError:
+        return None
+    finally:
+        del model, step
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def max_batch(args: argparse.Namespace, config: ModelConfig, device: torch.device, dtype: torch.dtype) -> dict:
+    if device.type == "cpu" and args.memory_budget_gib is None:
+        raise SystemExit("--max-batch on a CPU needs --memory-budget-gib")
+    budget = args.memory_budget_gib if args.memory_budget_gib is not None else float("inf")
+    results = []
+    for ac in ("none", "selective", "block"):
+        def fits(b: int) -> float | None:
+            gib = step_memory(args, config, device, dtype, ac, b)
+            return gib if gib is not None and gib <= budget else None
+
+        lo, hi, lo_gib = 0, 1, None
+        while hi <= args.batch_limit and (gib := fits(hi)) is not None:  # doubling, then bisection
+            lo, hi, lo_gib = hi, hi * 2, gib
+        hi = min(hi, args.batch_limit + 1)
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            if (gib := fits(mid)) is not None:
+                lo, lo_gib = mid, gib
+            else:
+                hi = mid
+        results.append(dict(activation_checkpointing=ac, max_batch=lo, memory_gib=None if lo_gib is None else round(lo_gib, 3)))
+    what = "peak allocated" if device.type == "cuda" else "state + saved activations (estimate)"
+    print(f"| activation checkpointing | largest batch x {args.seq} | {what} (GiB) |\n|---|---|---|")
+    for r in results:
+        print(f"| {r['activation_checkpointing']} | {r['max_batch']} | {r['memory_gib']} |")
+    return {"max_batch": results, "memory_budget_gib": args.memory_budget_gib}
 
 
 def main() -> None:
@@ -56,75 +266,31 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=512)
     parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="bf16 = autocast over fp32 weights")
+    parser.add_argument("--variants", nargs="+", default=["hf", "hf+compile", "qd", "qd+compile", "mod+compile"])
     parser.add_argument("--steps", type=int, default=5, help="timed steps per round")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--compile", action="store_true", help="torch.compile both models")
+    parser.add_argument("--sequential", action="store_true", help="one variant resident at a time")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--max-batch", action="store_true", help="largest batch per activation-checkpointing policy")
+    parser.add_argument("--compile", action="store_true", help="with --max-batch: compile the blocks")
+    parser.add_argument("--batch-limit", type=int, default=256, help="with --max-batch: the largest batch tried")
+    parser.add_argument("--memory-budget-gib", type=float, help="with --max-batch: the budget (required on a CPU)")
+    parser.add_argument("--profile", type=int, default=0, help="print this many top ops of one step per variant")
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args()
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
-    torch.manual_seed(0)
     config = ModelConfig(**{**SHAPES[args.shape], "block_size": max(args.seq, SHAPES[args.shape]["block_size"])})
-    ours = Transformer(config)
-    hf = to_hf_model(ours)
-    hf.config._attn_implementation = "sdpa"
-    ours, hf = ours.to(device).train(), hf.to(device).train()
-    if args.compile:
-        for block in ours.blocks:
-            block.compile()
-        hf = torch.compile(hf)
-    steps = {
-        "transformers": make_step(hf, lambda x: hf(x).logits, dtype, device),
-        "quietdepth": make_step(ours, ours, dtype, device),
-    }
-    x = torch.randint(0, config.vocab_size, (args.batch, args.seq), device=device)
-    y = torch.randint(0, config.vocab_size, (args.batch, args.seq), device=device)
-    times = {name: 0.0 for name in steps}
-    peak_mem = {}
-    for name, step in steps.items():
-        # Both models' weights stay resident, so memory is counted above what is allocated before this
-        # model's first step: its gradients, optimizer state and activations.
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-            resident = torch.cuda.memory_allocated()
-        for _ in range(args.warmup):
-            step(x, y)
-        sync(device)
-        if device.type == "cuda":
-            peak_mem[name] = (torch.cuda.max_memory_allocated() - resident) / 2**30
-    for _ in range(args.rounds):
-        for name, step in steps.items():
-            sync(device)
-            t0 = time.perf_counter()
-            for _ in range(args.steps):
-                step(x, y)
-            sync(device)
-            times[name] += time.perf_counter() - t0
-
-    tokens = args.batch * args.seq * args.steps * args.rounds
-    flops_per_token = ours.flops_per_token(args.seq)
-    peak = peak_flops(device, dtype)
-    results = []
-    for name in steps:
-        tps = tokens / times[name]
-        results.append(dict(impl=name, tokens_per_s=round(tps, 1), mfu=None if peak is None else round(tps * flops_per_token / peak, 4),
-                            peak_mem_above_weights_gib=None if name not in peak_mem else round(peak_mem[name], 2)))
-    speedup = results[1]["tokens_per_s"] / results[0]["tokens_per_s"]
-    meta = dict(shape=args.shape, params=ours.num_params(), batch=args.batch, seq=args.seq, dtype=args.dtype,
-                compile=args.compile, device=device_name(device),
-                threads=torch.get_num_threads(), torch=torch.__version__, speedup_quietdepth_over_transformers=round(speedup, 3))
-    print(f"\n{args.shape} ({meta['params'] / 1e6:.1f}M params), batch {args.batch} x seq {args.seq}, {args.dtype}"
-          f"{', compiled' if args.compile else ''}, {meta['device']}, torch {torch.__version__}\n")
-    print("| implementation | tokens/s | MFU | peak memory above resident weights (GiB) |\n|---|---|---|---|")
-    for r in results:
-        mfu = "n/a" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
-        mem = "n/a" if r["peak_mem_above_weights_gib"] is None else r["peak_mem_above_weights_gib"]
-        print(f"| {r['impl']} | {r['tokens_per_s']:,.0f} | {mfu} | {mem} |")
-    print(f"\nquietdepth / transformers: {speedup:.2f}x")
-    record = {**meta, "results": results}
-    emit(record, args.json)
+    meta = dict(shape=args.shape, params=Transformer(config).num_params(), batch=args.batch, seq=args.seq,
+                dtype=args.dtype, device=device_name(device), threads=torch.get_num_threads(), torch=torch.__version__)
+    print(f"\n{args.shape} ({meta['params'] / 1e6:.1f}M params), batch {args.batch} x seq {args.seq}, {args.dtype}, "
+          f"{meta['device']}, {meta['threads']} threads, torch {torch.__version__}\n")
+    record = max_batch(args, config, device, dtype) if args.max_batch else throughput(args, config, device, dtype)
+    emit({**meta, **record}, args.json)
 
 
 if __name__ == "__main__":

@@ -8,16 +8,25 @@ from typing import Any
 import lightning as L
 import torch
 import torch.nn.functional as F
+from torch.distributed.tensor import DTensor
 from torch.optim.lr_scheduler import LambdaLR
 
 from modeldefs import ModelConfig, Transformer
 from modeldefs.pretrained import load_pretrained
+from training.loss import linear_cross_entropy
+from training.parallelize import (ActivationCheckpointing, DType, apply_activation_checkpointing, apply_compile,
+                                  apply_fsdp, data_parallel_mesh)
 from training.routing import causal_fraction, routing_losses
 from training.schedule import warmup_cosine
 
 
 class NonFiniteLossError(RuntimeError):
     """Raised when the training loss is NaN or infinite (before the optimizer touches the weights)."""
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of an FSDP2 (DTensor) parameter; the tensor itself otherwise."""
+    return t.to_local() if isinstance(t, DTensor) else t
 
 
 class CausalLM(L.LightningModule):
@@ -34,6 +43,11 @@ class CausalLM(L.LightningModule):
         eps: float = 1e-8,
         compile: bool = False,
         check_finite_loss: bool = True,
+        finite_check_interval: int = 1,
+        loss_chunk_size: int | None = 1024,
+        activation_checkpointing: ActivationCheckpointing = "none",
+        fsdp_param_dtype: DType = "bfloat16",
+        fsdp_reduce_dtype: DType = "float32",
     ) -> None:
         """
         Args:
@@ -48,16 +62,34 @@ class CausalLM(L.LightningModule):
             betas: AdamW betas.
             eps: AdamW epsilon.
             compile: torch.compile each decoder block.
-            check_finite_loss: stop with `NonFiniteLossError` on a NaN/inf loss (one host sync per step), and
-                refuse to write a checkpoint whose weights are not finite, so the last one on disk stays good.
+            check_finite_loss: stop with `NonFiniteLossError` on a NaN/inf loss, and refuse to write a checkpoint
+                whose weights are not finite, so the last one on disk stays good.
+            finite_check_interval: read the non-finite-loss flag on the host every this many steps. Each read is a
+                host-device sync that stalls a GPU's queue; between reads the flag accumulates on the device, so a
+                NaN is still caught, up to this many steps late (checkpoints stay guarded by the weight check).
+            loss_chunk_size: tokens per chunk of the fused output projection + cross-entropy
+                (`training.loss.linear_cross_entropy`), which never holds the whole logits tensor; None computes
+                the full logits and `F.cross_entropy` instead.
+            activation_checkpointing: recompute activations in backward to save memory: "none", "block" (all of
+                each block's) or "selective" (keep matmul and attention outputs, recompute norms and elementwise ops).
+            fsdp_param_dtype: under `ModelParallelStrategy` (FSDP2), the dtype parameters are all-gathered and
+                computed in; fp32 master weights and optimizer state stay sharded.
+            fsdp_reduce_dtype: under FSDP2, the dtype gradients are reduce-scattered in.
         """
         super().__init__()
         if init_from is None and model is None:
             raise ValueError("set model.init_args.model (a named config) or model.init_args.init_from")
         if init_from is not None and model is not None:
             raise ValueError("set either model.init_args.model (random init) or model.init_args.init_from, not both")
+        if finite_check_interval < 1:
+            raise ValueError(f"model.init_args.finite_check_interval={finite_check_interval} must be >= 1 "
+                             "(switch the check off with check_finite_loss: false)")
+        if loss_chunk_size is not None and loss_chunk_size < 1:
+            raise ValueError(f"model.init_args.loss_chunk_size={loss_chunk_size} must be >= 1, or null for the "
+                             "unfused loss")
         self.save_hyperparameters()
         self.model: Transformer | None = None
+        self._nonfinite: torch.Tensor | None = None  # any non-finite loss since the last host check (on device)
 
     def configure_model(self) -> None:
         if self.model is not None:
@@ -70,9 +102,15 @@ class CausalLM(L.LightningModule):
         else:
             self.model = Transformer(ModelConfig.from_name(self.hparams.model, **overrides))
         self._check_seq_len()
-        if self.hparams.compile:
-            for block in self.model.blocks:
-                block.compile()
+        hp = self.hparams
+        apply_activation_checkpointing(self.model, hp.activation_checkpointing)
+        if hp.compile:
+            apply_compile(self.model)
+        if self.device_mesh is not None:  # ModelParallelStrategy
+            # The LightningModule is the FSDP root, so that `loss` (embedding, trunk, fused head) runs inside
+            # the root's all-gather/reduce-scatter hooks like a forward.
+            apply_fsdp(self.model.blocks, self, data_parallel_mesh(self.device_mesh), hp.fsdp_param_dtype,
+                       hp.fsdp_reduce_dtype, root_methods=("loss",))
 
     @staticmethod
     def _with_overrides(pretrained: Transformer, overrides: dict[str, Any]) -> Transformer:
@@ -106,8 +144,11 @@ class CausalLM(L.LightningModule):
 
     def loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Next-token cross-entropy (positions labelled -100 are ignored)."""
-        logits = self.model(batch["input_ids"])
-        return F.cross_entropy(logits.flatten(0, 1).float(), batch["labels"].flatten(), ignore_index=-100)
+        if self.hparams.loss_chunk_size is None:
+            logits = self.model(batch["input_ids"])
+            return F.cross_entropy(logits.flatten(0, 1).float(), batch["labels"].flatten(), ignore_index=-100)
+        hidden = self.model.hidden(self.model.embed(batch["input_ids"]))
+        return linear_cross_entropy(hidden, self.model.lm_head.weight, batch["labels"], self.hparams.loss_chunk_size)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         lm_loss = self.loss(batch)
@@ -116,14 +157,25 @@ class CausalLM(L.LightningModule):
             aux_loss = routing_losses(self.model)
             loss = lm_loss + aux_loss
             self.log("train/aux_loss", aux_loss)
-        if self.hparams.check_finite_loss and not torch.isfinite(loss):
-            raise NonFiniteLossError(
-                f"training loss is {loss.item()} at global step {self.global_step}: stopping before the weights are "
-                "touched; checkpoints already written are intact. Lower model.init_args.lr, raise warmup_steps, "
-                "or check the data."
-            )
+        if self.hparams.check_finite_loss:
+            self._check_finite(loss.detach())
         self.log("train/loss", lm_loss, prog_bar=True)
         return loss
+
+    def _check_finite(self, loss: torch.Tensor) -> None:
+        bad = ~torch.isfinite(loss)
+        self._nonfinite = bad if self._nonfinite is None else self._nonfinite | bad
+        if (self.global_step + 1) % self.hparams.finite_check_interval and not self.trainer.is_last_batch:
+            return
+        flag, self._nonfinite = self._nonfinite, None
+        if bool(self.trainer.strategy.reduce_boolean_decision(bool(flag), all=False)):
+            late = "" if self.hparams.finite_check_interval == 1 else \
+                f" (or up to {self.hparams.finite_check_interval - 1} steps earlier: finite_check_interval)"
+            raise NonFiniteLossError(
+                f"training loss is {loss.item()} at global step {self.global_step}{late}: stopping before the "
+                "weights are touched; checkpoints already written are intact. Lower model.init_args.lr, raise "
+                "warmup_steps, or check the data."
+            )
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         # In eval mode a Mixture-of-Depths model routes by its causal rule, as it would when deployed.
@@ -168,11 +220,15 @@ class CausalLM(L.LightningModule):
             torch.nn.utils.clip_grad_value_(self.parameters(), gradient_clip_val)
         else:
             grad_norm = torch.nn.utils.clip_grad_norm_(self.parameters(), gradient_clip_val)
+            if isinstance(grad_norm, DTensor):  # FSDP2: the norm of the local shards' norms
+                grad_norm = grad_norm.full_tensor()
             self.log("train/grad_norm", grad_norm)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        if self.hparams.check_finite_loss and not all(p.isfinite().all() for p in self.model.parameters()):
-            raise NonFiniteLossError(
+        if self.hparams.check_finite_loss:
+            local_ok = all(bool(_local(p).isfinite().all()) for p in self.model.parameters())
+            if not self.trainer.strategy.reduce_boolean_decision(local_ok, all=True):
+                raise NonFiniteLossError(
                 f"weights are not finite at global step {self.global_step}: stopping without writing this "
                 "checkpoint; the checkpoints already written are intact. Lower model.init_args.lr or check the data."
             )

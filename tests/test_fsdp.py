@@ -1,0 +1,160 @@
+"""FSDP2 through the CLI on CPU (2 processes over gloo): same losses as one process with the same global
+batch, sharded checkpoints resume step for step, full checkpoints load in one process; the presets parse."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+import yaml
+
+from modeldefs.pretrained import load_checkpoint
+from tests.conftest import REPO, requires_smollm2
+from training.cli import main
+
+pytestmark = [requires_smollm2, pytest.mark.slow]
+CPU, FSDP, SINGLE_GPU = (str(REPO / "configs" / "trainer" / f"{n}.yaml") for n in ("cpu", "fsdp", "single-gpu"))
+GLOBAL_BATCH = 4
+# fp32 on both sides; the two runs differ only in reduction order (per-rank means averaged by the
+# reduce-scatter vs one mean over the batch), which moves the losses by ~1e-6 over a few steps.
+LOSS_TOL = 1e-4
+
+
+class RecordLoss(L.Callback):
+    """Appends each rank's training loss per step to `<dirpath>/loss_rank<r>.jsonl`."""
+
+    def __init__(self, dirpath: str) -> None:
+        self.dirpath = Path(dirpath)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.dirpath.mkdir(parents=True, exist_ok=True)
+        with (self.dirpath / f"loss_rank{trainer.global_rank}.jsonl").open("a") as f:
+            f.write(json.dumps({"step": trainer.global_step - 1, "loss": float(outputs["loss"])}) + "\n")
+
+
+def write_config(run_dir: Path, data: Path, tokenizer: Path, steps: int, every: int,
+                 model_overrides: dict | None = None) -> Path:
+    config = yaml.safe_load((REPO / "configs" / "smoke.yaml").read_text())
+    config["trainer"].update(max_steps=steps, limit_val_batches=0, log_every_n_steps=1, enable_progress_bar=False,
+                             default_root_dir=str(run_dir), enable_model_summary=False)
+    config["trainer"]["logger"] = [{"class_path": "lightning.pytorch.loggers.CSVLogger",
+                                    "init_args": {"save_dir": str(run_dir), "name": "csv"}}]
+    config["trainer"]["callbacks"] = [
+        {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+         "init_args": {"dirpath": str(run_dir / "checkpoints"), "every_n_train_steps": every, "save_top_k": -1}},
+        {"class_path": "training.callbacks.RNGState"},
+        {"class_path": "tests.test_fsdp.RecordLoss", "init_args": {"dirpath": str(run_dir / "losses")}},
+    ]
+    config["model"]["init_args"].update(model_overrides=model_overrides, warmup_steps=1)
+    config["data"]["init_args"].update(path=str(data), tokenizer=str(tokenizer), max_documents=200, batch_size=GLOBAL_BATCH)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / "config.in.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def fit_two_processes(config: Path, *extra: str, timeout: float = 240) -> None:
+    """`quietdepth fit` with FSDP2 over 2 CPU processes (Lightning starts the second), each with half the batch."""
+    env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(free_port()), "PYTHONPATH": str(REPO)}
+    args = [sys.executable, "-m", "training", "fit", "--config", str(config), "--config", FSDP,
+            "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy.init_args.data_parallel_size",
+            "2", "--model.init_args.compile", "false", "--model.init_args.fsdp_param_dtype", "float32",
+            "--data.init_args.batch_size", str(GLOBAL_BATCH // 2), *extra]
+    try:
+        proc = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as e:
+        pytest.fail(f"2-process run did not finish in {timeout} s:\n{(e.stdout or '')[-2000:]}{(e.stderr or '')[-3000:]}")
+    assert proc.returncode == 0, f"2-process run failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
+
+
+def fit_one_process(config: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    main(["fit", "--config", str(config), "--config", CPU])
+
+
+def losses(run_dir: Path, ranks: int) -> dict[int, float]:
+    """Per step, the mean of the ranks' losses: the loss of the global batch (ranks hold equal token counts)."""
+    per_rank = []
+    for rank in range(ranks):
+        lines = (run_dir / "losses" / f"loss_rank{rank}.jsonl").read_text().splitlines()
+        per_rank.append({(r := json.loads(line))["step"]: r["loss"] for line in lines})
+    return {step: sum(r[step] for r in per_rank) / ranks for step in per_rank[0]}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, gsm8k_train, smollm2_tokenizer_dir) -> dict[str, Path]:
+    """One set of training runs that the tests below read: dense and Mixture-of-Depths, 1 and 2 processes."""
+    root = tmp_path_factory.mktemp("fsdp")
+    mod = {"n_layer": 4, "mod_capacity": 0.5}
+    tok = smollm2_tokenizer_dir
+    out = {}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(root)
+        for name, overrides, steps in (("dense", None, 4), ("mod", mod, 2)):
+            out[f"{name}-1"] = root / f"{name}-1"
+            fit_one_process(write_config(out[f"{name}-1"], gsm8k_train, tok, steps, 2, overrides), mp)
+    out["dense-2"] = root / "dense-2"  # sharded checkpoints (the preset's default)
+    fit_two_processes(write_config(out["dense-2"], gsm8k_train, tok, 4, 2))
+    out["mod-2"] = root / "mod-2"
+    fit_two_processes(write_config(out["mod-2"], gsm8k_train, tok, 2, 2, mod),
+                      "--trainer.strategy.init_args.save_distributed_checkpoint", "false")
+    return out
+
+
+@pytest.mark.parametrize("model", ["dense", "mod"])
+def test_two_process_fsdp_matches_one_process_losses(runs, model):
+    one, two = losses(runs[f"{model}-1"], 1), losses(runs[f"{model}-2"], 2)
+    assert sorted(one) == sorted(two) and len(one) >= 2
+    for step in one:
+        assert two[step] == pytest.approx(one[step], abs=LOSS_TOL), f"step {step}: {two} vs {one}"
+    assert one[max(one)] < one[0]  # it trains
+
+
+def test_sharded_checkpoint_resumes_on_two_processes_step_for_step(runs, gsm8k_train, smollm2_tokenizer_dir, tmp_path):
+    sharded = runs["dense-2"] / "checkpoints" / "epoch=0-step=2.ckpt"
+    assert sharded.is_dir() and list(sharded.glob("*.distcp")), "expected a distributed-checkpoint folder"
+    resumed = tmp_path / "resumed"
+    fit_two_processes(write_config(resumed, gsm8k_train, smollm2_tokenizer_dir, 4, 2), "--ckpt_path", str(sharded))
+    expected, got = losses(runs["dense-2"], 2), losses(resumed, 2)
+    assert sorted(got) == [2, 3]
+    assert [got[s] for s in got] == [expected[s] for s in got]
+
+
+def test_full_checkpoint_from_two_processes_loads_in_one_process(runs):
+    full = runs["mod-2"] / "checkpoints" / "epoch=0-step=2.ckpt"
+    assert full.is_file(), "save_distributed_checkpoint=false writes one file"
+    two = load_checkpoint(full)  # weights_only=True inside
+    one = load_checkpoint(runs["mod-1"] / "checkpoints" / "epoch=0-step=2.ckpt")
+    assert two.routed_blocks and two.config == one.config
+    for (name, a), b in zip(two.state_dict().items(), one.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-4, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("preset", [FSDP, SINGLE_GPU, CPU])
+def test_trainer_presets_stack_on_a_model_config(preset, gsm8k_train, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(REPO / "configs" / "smoke.yaml"), "--config", preset,
+              "--data.init_args.path", str(gsm8k_train), "--print_config"])
+    assert exit_info.value.code in (0, None)
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["model"]["init_args"]["model"] == "tiny"  # the first config's model survives
+    assert printed["trainer"]["callbacks"]  # and its callbacks
+    if preset == FSDP:
+        strategy = printed["trainer"]["strategy"]
+        assert strategy["class_path"] == "lightning.pytorch.strategies.ModelParallelStrategy"
+        assert strategy["init_args"]["data_parallel_size"] == printed["trainer"]["devices"]
+        assert strategy["init_args"]["tensor_parallel_size"] == 1

@@ -1,0 +1,105 @@
+"""The single-process pieces of the fast path: fused linear + cross-entropy, activation checkpointing,
+the finite-loss check interval, and the throughput benchmark on a tiny shape."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from modeldefs import ModelConfig, Transformer
+from tests.conftest import REPO
+from training.lm import CausalLM
+from training.loss import linear_cross_entropy
+from training.parallelize import apply_activation_checkpointing
+
+
+def reference_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy((hidden @ weight.T).float().flatten(0, 1), labels.flatten(), ignore_index=-100)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 7, 64, 1000])
+def test_linear_cross_entropy_matches_full_logits_in_value_and_gradients(chunk_size):
+    hidden = torch.randn(3, 21, 16, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(50, 16, dtype=torch.float64, requires_grad=True)
+    labels = torch.randint(0, 50, (3, 21))
+    labels[0, :5] = -100
+    expected = reference_loss(hidden, weight, labels)
+    expected_grads = torch.autograd.grad(expected * 3, (hidden, weight))
+    got = linear_cross_entropy(hidden, weight, labels, chunk_size)
+    got_grads = torch.autograd.grad(got * 3, (hidden, weight))  # an upstream gradient other than 1
+    torch.testing.assert_close(got, expected)
+    for g, e in zip(got_grads, expected_grads):
+        torch.testing.assert_close(g, e)
+    with torch.no_grad():  # the evaluation path (no gradients computed in forward)
+        torch.testing.assert_close(linear_cross_entropy(hidden, weight, labels, chunk_size), expected)
+
+
+def test_linear_cross_entropy_under_bf16_autocast_is_close_to_fp32():
+    hidden = torch.randn(2, 33, 32, requires_grad=True)
+    weight = (torch.randn(300, 32) * 0.1).requires_grad_()
+    labels = torch.randint(0, 300, (2, 33))
+    expected = reference_loss(hidden, weight, labels)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = linear_cross_entropy(hidden, weight, labels, 16)
+    got.backward()
+    assert got.dtype == torch.float32 and weight.grad.dtype == torch.float32 and hidden.grad.dtype == torch.float32
+    torch.testing.assert_close(got, expected, rtol=2e-2, atol=2e-2)
+
+
+def test_causal_lm_loss_is_the_same_fused_or_not():
+    lm = {chunk: CausalLM(model="micro", loss_chunk_size=chunk) for chunk in (None, 8)}
+    for m in lm.values():
+        torch.manual_seed(0)
+        m.configure_model()
+    batch = {"input_ids": torch.randint(0, 256, (2, 20)), "labels": torch.randint(0, 256, (2, 20))}
+    torch.testing.assert_close(lm[8].loss(batch), lm[None].loss(batch))
+
+
+@pytest.mark.parametrize("policy", ["block", "selective"])
+@pytest.mark.parametrize("mod", [False, True])
+def test_activation_checkpointing_keeps_names_types_and_gradients(policy, mod):
+    config = ModelConfig.from_name("micro", n_layer=4, **({"mod_capacity": 0.5} if mod else {}))
+    x = torch.randint(0, config.vocab_size, (2, 24))
+    grads = {}
+    for name in ("none", policy):
+        torch.manual_seed(0)
+        model = Transformer(config)
+        apply_activation_checkpointing(model, name)
+        model(x).logsumexp(-1).mean().backward()
+        grads[name] = {k: p.grad for k, p in model.named_parameters()}
+        types = [type(b) for b in model.blocks]
+    assert list(grads[policy]) == list(grads["none"])  # same parameter names: checkpoints are interchangeable
+    assert types == [type(b) for b in Transformer(config).blocks]
+    for k, g in grads["none"].items():
+        torch.testing.assert_close(grads[policy][k], g, msg=lambda m: f"{k}: {m}")
+
+
+def test_unknown_activation_checkpointing_policy_is_named():
+    with pytest.raises(ValueError, match="activation_checkpointing='everything'"):
+        apply_activation_checkpointing(Transformer(ModelConfig.from_name("micro")), "everything")
+
+
+def test_bad_finite_check_interval_names_the_field():
+    with pytest.raises(ValueError, match="finite_check_interval=0"):
+        CausalLM(model="micro", finite_check_interval=0)
+
+
+def test_throughput_benchmark_prints_its_tables_on_cpu():
+    script = REPO / "benchmarks" / "train_throughput.py"
+    common = ["--shape", "tiny", "--seq", "32", "--batch", "2", "--threads", "1"]
+    runs = [[*common, "--steps", "1", "--rounds", "1", "--warmup", "1", "--variants", "hf", "qd", "mod"],
+            [*common, "--max-batch", "--memory-budget-gib", "0.002", "--batch-limit", "2"]]
+    outputs = []
+    for extra in runs:
+        proc = subprocess.run([sys.executable, str(script), *extra], cwd=REPO, capture_output=True, text=True,
+                              timeout=300, env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        outputs.append(proc.stdout)
+    for variant in ("hf", "qd", "mod"):
+        assert f"| {variant} |" in outputs[0]
+    for policy in ("none", "selective", "block"):
+        assert f"| {policy} |" in outputs[1]

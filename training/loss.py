@@ -1,0 +1,88 @@
+"""Next-token cross-entropy fused with the output projection, chunked over tokens.
+
+With a 32k–49k vocabulary the logits of a training batch are the largest tensor of the step
+(batch 4 x 512 tokens x 49152 x fp32 = 400 MB) and `lm_head` + cross-entropy are a third to a half
+of a small model's FLOPs. `linear_cross_entropy` never materialises them whole: per chunk of tokens
+it computes the logits, the loss and, in the same pass, the gradients of the hidden states and of
+the projection weight (softmax - one-hot, times the inputs), which backward then only scales.
+Peak memory falls by the logits and their gradient; the FLOPs are those of the unfused loss, so
+where matmuls bound the step (fp32 on a small CPU) it is no faster (benchmarks/RESULTS.md).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                         chunk_size: int = 1024, ignore_index: int = -100) -> torch.Tensor:
+    """Mean cross-entropy of `hidden @ weight.T` against `labels`, without the full logits tensor.
+
+    hidden (..., C), weight (V, C), labels (...) with `ignore_index` where no loss is taken.
+    Equals `F.cross_entropy((hidden @ weight.T).float().flatten(0, -2), labels.flatten())` (fp32
+    softmax; matmuls in the autocast dtype where autocast is on).
+    """
+    hidden, labels = hidden.flatten(0, -2), labels.flatten()
+    if not torch.is_grad_enabled() or not (hidden.requires_grad or weight.requires_grad):
+        return _chunked_loss(hidden, weight, labels, chunk_size, ignore_index)
+    return _LinearCrossEntropy.apply(hidden, weight, labels, chunk_size, ignore_index)
+
+
+def _compute_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
+    device = hidden.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
+
+
+def _chunked_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk_size: int,
+                  ignore_index: int) -> torch.Tensor:
+    """Forward only (evaluation): the same loss, chunk by chunk."""
+    dtype = _compute_dtype(hidden, weight)
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for h, y in zip(hidden.split(chunk_size), labels.split(chunk_size)):
+        logits = (h.to(dtype) @ weight.to(dtype).T).float()
+        total = total + F.cross_entropy(logits, y, ignore_index=ignore_index, reduction="sum")
+    return total / (labels != ignore_index).sum()
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk_size: int,
+                ignore_index: int) -> torch.Tensor:
+        dtype = _compute_dtype(hidden, weight)
+        w = weight.to(dtype)
+        keep = labels != ignore_index
+        # Dividing each chunk's gradient by the count makes this the mean; clamp: a batch of only
+        # ignored labels gives 0/1 gradients and a NaN loss, as F.cross_entropy does.
+        count = keep.sum()
+        inv_count = 1.0 / count.clamp(min=1).float()
+        safe_labels = torch.where(keep, labels, 0)
+        grad_hidden = torch.empty_like(hidden)
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32)
+        total = hidden.new_zeros((), dtype=torch.float32)
+        with torch.autocast(hidden.device.type, enabled=False):
+            for start in range(0, hidden.size(0), chunk_size):
+                h = hidden[start:start + chunk_size].to(dtype)
+                y, k = safe_labels[start:start + chunk_size], keep[start:start + chunk_size]
+                log_probs = torch.log_softmax((h @ w.T).float(), dim=-1)
+                total -= (log_probs.gather(1, y[:, None]).squeeze(1) * k).sum()
+                # d loss / d logits = (softmax - one_hot) * k / count, written over the log-probabilities;
+                # the per-row factor is applied to the (chunk, C) operands, not to the (chunk, V) gradient.
+                grad = log_probs.exp_()
+                grad.scatter_add_(1, y[:, None], -torch.ones_like(y[:, None], dtype=grad.dtype))
+                grad = grad.to(dtype)
+                scale = (k * inv_count)[:, None].to(dtype)
+                grad_hidden[start:start + chunk_size] = (grad @ w) * scale
+                if dtype == torch.float32:
+                    grad_weight.addmm_(grad.T, h * scale)
+                else:
+                    grad_weight += (grad.T @ (h * scale)).float()
+        ctx.save_for_backward(grad_hidden, grad_weight.to(weight.dtype))
+        return total / count
+
+    @staticmethod
+    def backward(ctx: Any, grad_loss: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        grad_hidden, grad_weight = ctx.saved_tensors
+        return grad_hidden * grad_loss, grad_weight * grad_loss, None, None, None

@@ -1,0 +1,93 @@
+"""Speed and memory transforms of a `modeldefs.Transformer`, applied in `CausalLM.configure_model`.
+
+In torchtitan's order: activation checkpointing, then `torch.compile` per decoder block, then FSDP2
+`fully_shard` per block and once at the root (what holds the embedding, final norm and head). The model file knows
+nothing of this; none of it changes parameter names or module types, so checkpoints and
+`isinstance` checks (Mixture-of-Depths' `RoutedBlock`) are the same with and without it.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from collections.abc import Iterable, Sequence
+from typing import Any, Literal
+
+import torch
+from torch.distributed.device_mesh import DeviceMesh
+from torch import nn
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
+
+from modeldefs import Transformer
+
+ActivationCheckpointing = Literal["none", "block", "selective"]
+DType = Literal["float32", "bfloat16", "float16"]
+
+# Selective checkpointing keeps what is expensive to recompute (matmul and attention outputs) and
+# recomputes the rest of the block (norms, rotary embedding, SiLU, residual adds), which is cheap in
+# FLOPs but holds most of a block's activation memory.
+_SAVED_OPS = {
+    torch.ops.aten.mm.default,
+    torch.ops.aten.addmm.default,
+    torch.ops.aten.bmm.default,
+    torch.ops.aten._scaled_dot_product_flash_attention.default,
+    torch.ops.aten._scaled_dot_product_efficient_attention.default,
+    torch.ops.aten._scaled_dot_product_cudnn_attention.default,
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default,
+}
+
+
+def _selective_policy(ctx: Any, op: Any, *args: Any, **kwargs: Any) -> CheckpointPolicy:
+    return CheckpointPolicy.MUST_SAVE if op in _SAVED_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def apply_activation_checkpointing(model: Transformer, policy: ActivationCheckpointing) -> None:
+    """Recompute each block's activations in backward: all of them ("block") or all but matmul and
+    attention outputs ("selective"). The block's own `forward` is wrapped (no wrapper module), so
+    parameter names and block types stay as they are."""
+    if policy == "none":
+        return
+    if policy not in ("block", "selective"):
+        raise ValueError(f"activation_checkpointing={policy!r}: choose 'none', 'block' or 'selective'")
+    for block in model.blocks:
+        kwargs: dict[str, Any] = {"use_reentrant": False}
+        if policy == "selective":
+            kwargs["context_fn"] = partial(create_selective_checkpoint_contexts, _selective_policy)
+        block.forward = partial(checkpoint, block.forward, **kwargs)
+
+
+def apply_compile(model: Transformer) -> None:
+    """`torch.compile` each decoder block: one graph per block, reused by every layer of the same kind."""
+    for block in model.blocks:
+        block.compile()
+
+
+def data_parallel_mesh(mesh: DeviceMesh) -> DeviceMesh:
+    """The data-parallel dimension of Lightning's `ModelParallelStrategy` mesh, refusing tensor parallelism."""
+    names = mesh.mesh_dim_names or ()
+    if "tensor_parallel" in names and mesh["tensor_parallel"].size() > 1:
+        raise ValueError(
+            f"quietdepth shards with FSDP only, but the device mesh has tensor_parallel_size="
+            f"{mesh['tensor_parallel'].size()}: set trainer.strategy.init_args.tensor_parallel_size: 1 and "
+            "data_parallel_size: <devices x num_nodes>"
+        )
+    return mesh["data_parallel"] if "data_parallel" in names else mesh
+
+
+def apply_fsdp(blocks: Iterable[nn.Module], root: nn.Module, mesh: DeviceMesh, param_dtype: DType = "bfloat16",
+               reduce_dtype: DType = "float32", root_methods: Sequence[str] = ()) -> None:
+    """FSDP2: shard each decoder block's parameters, then the rest of `root`'s (embedding, norm, head), over `mesh`.
+
+    A block's parameters are all-gathered in `param_dtype` just before it runs and freed after;
+    gradients are reduce-scattered in `reduce_dtype`; the optimizer updates fp32 shards.
+    `root_methods` are methods of `root` other than `forward` that run the model (they get the
+    root's all-gather and reduce-scatter hooks).
+    """
+    policy = MixedPrecisionPolicy(param_dtype=getattr(torch, param_dtype), reduce_dtype=getattr(torch, reduce_dtype))
+    blocks = list(blocks)
+    for i, block in enumerate(blocks):
+        # The last block's parameters are needed again at once by backward: keep them gathered.
+        fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=i < len(blocks) - 1)
+    fully_shard(root, mesh=mesh, mp_policy=policy)
+    for name in root_methods:
+        register_fsdp_forward_method(root, name)
