@@ -175,6 +175,8 @@ class CotResult:
     """The chosen branch's answer confidence (the answer's summed confidence with aggregation)."""
     branches: list[tuple[str, float]] = field(default_factory=list)
     """(completion, confidence) per branch, in order of the first token's probability."""
+    generated_tokens: int = 0
+    """Tokens generated over all branches."""
 
 
 def answer_confidence(model: EvalModel, tokens: list[int], margins: list[float], span: tuple[int, int] | None) -> float:
@@ -215,6 +217,7 @@ def cot_decode(model: EvalModel, prompts: Sequence[Sequence[int]], max_new_token
                 span = answer_span(text)
                 branches.append((text, answer_confidence(model, tokens[row], margins[row], span), span))
             out[i] = _choose(branches, aggregate, normalize)
+            out[i].generated_tokens = sum(len(t) for t in tokens[b * k:(b + 1) * k])
     return out
 
 
@@ -238,21 +241,42 @@ def _choose(branches: list[tuple[str, float, tuple[int, int] | None]], aggregate
 
 
 @torch.inference_mode()
-def generate_thoughts(model: EvalModel, prompts: Sequence[Sequence[int]], max_new_tokens: int,
-                      stop: Sequence[str] = (), progress: bool = False) -> list[str]:
-    """Completions from Quiet-STaR generation (`modeldefs.thought_generate.generate_with_thoughts`,
-    a thought before every token), one prompt at a time, cut at the first stop string."""
+def generate_thoughts_tokens(model: EvalModel, prompts: Sequence[Sequence[int]], max_new_tokens: int,
+                             progress: bool = False) -> list[list[int]]:
+    """Continuations (token ids, without EOS) from Quiet-STaR generation
+    (`modeldefs.thought_generate.generate_with_thoughts`, a thought before every token), one prompt at
+    a time. Stop strings are applied afterwards by `generate_thoughts`: that function has no stop hook."""
     if not model.has_thoughts:
         raise ValueError(f"decoding variant 'thoughts' needs a Quiet-STaR model (modeldefs.quietstar.QuietStar); "
                          f"{model.source} is a plain {type(model.net).__name__} — use 'greedy' or 'cot'")
     from modeldefs.thought_generate import generate_with_thoughts  # only Quiet-STaR models need it
 
     limit = _prompt_limit(model, max_new_tokens)
-    texts = []
+    out = []
     for prompt in tqdm(prompts, desc="generate with thoughts", disable=not progress):
         ids = torch.tensor([list(prompt)[-limit:]], device=model.device)
-        out = generate_with_thoughts(model.net, ids, max_new_tokens, eos_id=model.eos_id)[0, ids.size(1):].tolist()
-        if model.eos_id in out:
-            out = out[:out.index(model.eos_id)]
-        texts.append(cut_at_stop(model.decode(out), stop))
-    return texts
+        tokens = generate_with_thoughts(model.net, ids, max_new_tokens, eos_id=model.eos_id)[0, ids.size(1):].tolist()
+        out.append(tokens[:tokens.index(model.eos_id)] if model.eos_id in tokens else tokens)
+    return out
+
+
+def generate_thoughts(model: EvalModel, prompts: Sequence[Sequence[int]], max_new_tokens: int,
+                      stop: Sequence[str] = (), progress: bool = False) -> list[str]:
+    """Completions from Quiet-STaR generation, cut at the first stop string."""
+    return [cut_at_stop(model.decode(t), stop)
+            for t in generate_thoughts_tokens(model, prompts, max_new_tokens, progress)]
+
+
+def decode_completions(model: EvalModel, prompts: Sequence[Sequence[int]], config: DecodingConfig,
+                       stop: Sequence[str], answer_span: AnswerSpan, progress: bool = False) -> tuple[list[str], int]:
+    """(completions cut at the first stop string, tokens generated) under `config`'s variant;
+    `answer_span` locates the answer for CoT-decoding's confidence."""
+    if config.variant == "cot":
+        results = cot_decode(model, prompts, config.max_new_tokens, stop, answer_span, k=config.cot_k,
+                             aggregate=config.cot_aggregate, batch_size=config.batch_size, progress=progress)
+        return [r.text for r in results], sum(r.generated_tokens for r in results)
+    if config.variant == "thoughts":
+        tokens = generate_thoughts_tokens(model, prompts, config.max_new_tokens, progress)
+    else:
+        tokens = generate_tokens(model, prompts, config.max_new_tokens, stop, config.batch_size, progress)
+    return [cut_at_stop(model.decode(t), stop) for t in tokens], sum(map(len, tokens))

@@ -31,14 +31,19 @@ def encode_pair(model: EvalModel, context: str, continuation: str) -> tuple[list
 
 @torch.inference_mode()
 def loglikelihood(model: EvalModel, requests: Sequence[tuple[Sequence[int], Sequence[int]]],
-                  batch_size: int = 16, progress: bool = False) -> list[tuple[float, bool]]:
+                  batch_size: int = 16, progress: bool = False, think: bool = False) -> list[tuple[float, bool]]:
     """For each (context ids, continuation ids): the summed log-probability of the continuation given
     the context, and whether greedy decoding would produce exactly that continuation.
 
     batch_size: distinct contexts per forward pass (their continuations ride along).
     An empty context is replaced by the prefix token (BOS, else EOS) and an over-long one keeps its
     last tokens, as in lm-eval. Results come back in request order.
+    think: score with a Quiet-STaR model's thought-mixed logits (`next_token_logits(think=True)`,
+    a full forward per request: thoughts have no shared-prefix cache).
     """
+    if think and not model.has_thoughts:
+        raise ValueError(f"scoring with thoughts needs a Quiet-STaR model; {model.source} is a plain "
+                         f"{type(model.net).__name__}")
     L = model.block_size
     normalised = []
     for i, (context, continuation) in enumerate(requests):
@@ -48,6 +53,9 @@ def loglikelihood(model: EvalModel, requests: Sequence[tuple[Sequence[int], Sequ
             raise ValueError(f"request {i}: continuation of {len(continuation)} tokens exceeds block_size={L}")
         context = list(context) or [model.prefix_token_id]
         normalised.append((tuple(context[-(L - len(continuation) + 1):]), tuple(continuation)))
+    if think:
+        return [_score_with_thoughts(model, c, k) for c, k in tqdm(normalised, desc="loglikelihood (thoughts)",
+                                                                      disable=not progress)]
     groups: dict[tuple[int, ...], list[int]] = {}
     for i, (context, _) in enumerate(normalised):
         groups.setdefault(context, []).append(i)
@@ -104,6 +112,13 @@ def _score_batch(model: EvalModel, contexts: list[tuple[int, ...]],
     totals = (token_logprobs * real).sum(-1)
     greedy = ((logprobs.argmax(-1) == targets) | ~real).all(-1)
     return list(zip(totals.tolist(), greedy.tolist()))
+
+
+def _score_with_thoughts(model: EvalModel, context: tuple[int, ...], continuation: tuple[int, ...]) -> tuple[float, bool]:
+    ids = torch.tensor([[*context, *continuation[:-1]]], device=model.device)
+    logprobs = model.net.next_token_logits(ids, think=True)[0, len(context) - 1:].float().log_softmax(-1)
+    target = torch.tensor(continuation, device=model.device)
+    return logprobs.gather(-1, target[:, None]).sum().item(), bool((logprobs.argmax(-1) == target).all())
 
 
 def loglikelihood_rolling(model: EvalModel, token_lists: Sequence[Sequence[int]], batch_size: int = 16,
