@@ -94,12 +94,13 @@ def letter_span(completion: str) -> tuple[int, int] | None:
     return match.span(1) if match else None
 
 
-def _choice_scores(model: EvalModel, contexts: list[str], options: list[list[str]], batch_size: int,
-                   progress: bool, think: bool) -> tuple[list[list[float]], int]:
+def _choice_scores(model: EvalModel, contexts: list[str], options: list[list[str]], decoding: DecodingConfig,
+                   progress: bool) -> tuple[list[list[float]], int]:
     """Log-likelihood of each option (target delimiter " " prepended, as lm-eval does) per context,
-    and the number of tokens the model read."""
+    and the number of tokens the model read. Under the `thoughts` variant, thought-mixed logits score."""
     requests = [encode_pair(model, context, " " + option) for context, opts in zip(contexts, options) for option in opts]
-    scores = loglikelihood(model, requests, batch_size=batch_size, progress=progress, think=think)
+    scores = loglikelihood(model, requests, batch_size=decoding.batch_size, progress=progress,
+                           think=decoding.variant == "thoughts", chunk=decoding.prefill_chunk)
     flat = iter(score for score, _ in scores)
     tokens = sum(len(c) + len(k) for c, k in {(tuple(c), tuple(k)) for c, k in requests})
     return [[next(flat) for _ in opts] for opts in options], tokens
@@ -110,20 +111,19 @@ def _argmax(values: list[float]) -> int:
 
 
 def evaluate(model: EvalModel, questions: list[Question], task: str, decoding: DecodingConfig,
-             batch_size: int = 16, progress: bool = True) -> TaskResult:
+             progress: bool = True) -> TaskResult:
     """Run protocol `task` (csqa, csqa_cloze or csqa_gen) on `questions`; per-item results in `samples`."""
     gold = [LETTERS.index(q.answer) for q in questions]
-    think = decoding.variant == "thoughts"
     metrics: dict[str, list[float]] = {}
     with timed() as clock:
         if task == "csqa":
             prompts = [letter_prompt(q) for q in questions]
-            scores, tokens = _choice_scores(model, prompts, [list(LETTERS)] * len(questions), batch_size, progress, think)
+            scores, tokens = _choice_scores(model, prompts, [list(LETTERS)] * len(questions), decoding, progress)
             metrics["acc"] = [float(_argmax(s) == g) for s, g in zip(scores, gold)]
             samples = [{"scores": s, "pred": LETTERS[_argmax(s)]} for s in scores]
         elif task == "csqa_cloze":
             prompts = [cloze_prompt(q) for q in questions]
-            scores, tokens = _choice_scores(model, prompts, [q.choices for q in questions], batch_size, progress, think)
+            scores, tokens = _choice_scores(model, prompts, [q.choices for q in questions], decoding, progress)
             normed = [[v / len(c) for v, c in zip(s, q.choices)] for s, q in zip(scores, questions)]
             metrics["acc"] = [float(_argmax(s) == g) for s, g in zip(scores, gold)]
             metrics["acc_norm"] = [float(_argmax(s) == g) for s, g in zip(normed, gold)]

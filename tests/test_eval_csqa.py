@@ -30,10 +30,10 @@ REQUESTS = [  # three contexts, continuations of 1-4 tokens, two requests repeat
 ]
 
 
-@pytest.mark.parametrize("overrides", [{}, MOD], ids=["dense", "mod"])
-def test_batched_prefix_shared_scores_equal_plain_full_forward_scores(overrides):
+@pytest.mark.parametrize("overrides,chunk", [({}, 256), (MOD, 256), (MOD, 2)], ids=["dense", "mod", "mod-chunked"])
+def test_batched_prefix_shared_scores_equal_plain_full_forward_scores(overrides, chunk):
     model = tiny_model(**overrides)
-    batched = loglikelihood(model, REQUESTS, batch_size=2)
+    batched = loglikelihood(model, REQUESTS, batch_size=2, chunk=chunk)
     one_by_one = [loglikelihood(model, [r], batch_size=1)[0] for r in REQUESTS]
     reference = [full_forward_score(model, c, k) for c, k in REQUESTS]
     for got, single, want in zip(batched, one_by_one, reference):
@@ -63,7 +63,7 @@ def test_empty_context_starts_from_the_prefix_token_and_rolling_covers_every_tok
 def test_rolling_windows_longer_than_the_context_add_up():
     model = tiny_model()  # block_size 128
     tokens = [(i * 7) % 250 + 1 for i in range(300)]
-    (rolling,) = loglikelihood_rolling(model, [tokens])
+    (rolling,) = loglikelihood_rolling(model, [tokens], chunk=50)
     full = [0, *tokens]
     windows = [full_forward_score(model, full[max(0, e - 128):s + 1], full[s + 1:e + 1])[0]
                for s, e in [(0, 128), (128, 256), (256, 300)]]
