@@ -258,7 +258,8 @@ def generate_thoughts_tokens(model: EvalModel, prompts: Sequence[Sequence[int]],
                          f"{model.source} is a plain {type(model.net).__name__} — use 'greedy' or 'cot'")
     from modeldefs.thought_generate import generate_with_thoughts  # only Quiet-STaR models need it
 
-    limit = _prompt_limit(model, max_new_tokens)
+    scratch = model.net.thought_config.n_ahead - 2  # a thought's slots past the newest token
+    limit = _prompt_limit(model, max_new_tokens + scratch)
     out = []
     for prompt in tqdm(prompts, desc="generate with thoughts", disable=not progress):
         ids = torch.tensor([list(prompt)[-limit:]], device=model.device)

@@ -113,9 +113,9 @@ def _score_batch(model: EvalModel, contexts: list[tuple[int, ...]], continuation
         context_lengths = valid.sum(-1).index_select(0, rows)
         for first in range(0, extra, chunk):
             step = torch.arange(first, min(first + chunk, extra), device=device)
-            logits = forward_chunk(lm, targets[:, step], context_lengths[:, None] + step, key_valid, T + first, cache,
+            hidden = forward_chunk(lm, targets[:, step], context_lengths[:, None] + step, key_valid, T + first, cache,
                                    valid=step < (lengths[:, None] - 1))
-            accumulate(logits, first + 1)
+            accumulate(lm.lm_head(hidden), first + 1)
     return list(zip(totals.tolist(), greedy.tolist()))
 
 

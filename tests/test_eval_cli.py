@@ -123,3 +123,20 @@ def test_thoughts_on_a_plain_model_is_a_clear_error(tiny_checkpoint, smollm2_tok
     with pytest.raises(SystemExit):
         main(run_args(tiny_checkpoint, smollm2_tokenizer_dir, tmp_path, "--tasks", "csqa_gen", "--decoding", "thoughts"))
     assert "needs a Quiet-STaR model" in capsys.readouterr().err
+
+
+def test_quietstar_checkpoint_runs_with_thoughts_and_records_the_thought_length(smollm2_tokenizer_dir, tmp_path):
+    from modeldefs.quietstar import QuietStar, ThoughtConfig
+
+    torch.manual_seed(0)
+    lm = Transformer(ModelConfig.from_name("tiny", n_layer=2, block_size=512))
+    net = QuietStar(lm, ThoughtConfig(n_ahead=4, n_ahead_talk=2, n_passes=1), init_token_id=7)
+    checkpoint = tmp_path / "qs.ckpt"
+    torch.save({"model_config": lm.config.to_dict(), "thought_config": net.thought_config.to_dict(),
+                "state_dict": {f"model.{k}": v for k, v in net.state_dict().items()}}, checkpoint)
+    main(run_args(checkpoint, smollm2_tokenizer_dir, tmp_path, "--tasks", "csqa", "csqa_gen", "--decoding", "thoughts"))
+    (entry,) = json.loads((tmp_path / "run" / "results.json").read_text())["models"]
+    assert entry["class"] == "QuietStar" and entry["thought_config"]["n_ahead"] == 4
+    assert {(r["task"], r["decoding"]) for r in entry["results"]} == {("csqa", "thoughts"), ("csqa_gen", "thoughts")}
+    rows = list(csv.DictReader((tmp_path / "board" / "leaderboard.csv").open()))
+    assert {r["thought_length"] for r in rows} == {"4"}
