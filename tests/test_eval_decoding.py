@@ -47,9 +47,9 @@ def reference(model: EvalModel, prompt: list[int], n: int) -> list[int]:
 @pytest.mark.parametrize("overrides,chunk", [({}, 256), (MOD, 256), (MOD, 3)], ids=["dense", "mod", "mod-chunked-prefill"])
 def test_batched_left_padded_greedy_equals_unbatched_generate(overrides, chunk):
     model = tiny_model(**overrides)
-    batched = generate_tokens(model, PROMPTS, max_new_tokens=24, batch_size=4, prefill_chunk=chunk)
-    assert batched == [reference(model, p, 24) for p in PROMPTS]
-    assert any(len(t) == 24 for t in batched)
+    batched = generate_tokens(model, PROMPTS, max_new_tokens=16, batch_size=4, prefill_chunk=chunk)
+    assert batched == [reference(model, p, 16) for p in PROMPTS]
+    assert any(len(t) == 16 for t in batched)
 
 
 def test_mod_model_routes_some_tokens_and_skips_others_while_decoding():
@@ -61,9 +61,9 @@ def test_mod_model_routes_some_tokens_and_skips_others_while_decoding():
 
 def test_stop_string_cuts_the_text_and_finished_rows_leave_the_batch_without_changing_the_others():
     model = tiny_model()
-    full = generate(model, PROMPTS, max_new_tokens=24, batch_size=4)
+    full = generate(model, PROMPTS, max_new_tokens=16, batch_size=4)
     stop = full[0][5:7]
-    stopped = generate(model, PROMPTS, max_new_tokens=24, stop=[stop], batch_size=4)
+    stopped = generate(model, PROMPTS, max_new_tokens=16, stop=[stop], batch_size=4)
     assert stopped[0] == full[0][:full[0].index(stop)]
     assert stopped == [cut_at_stop(text, [stop]) for text in full]
 
