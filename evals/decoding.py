@@ -1,0 +1,258 @@
+"""Decoding for evaluation: batched greedy generation, CoT-decoding, and generation with thoughts.
+
+All three stop at the tokenizer's EOS and at stop strings, and cut the returned text at the first
+stop string (lm-eval's `generate_until`). Greedy runs left-padded batches (longest prompts first)
+through one KV cache; finished rows leave the batch, so a batch costs what its unfinished rows
+cost. Stop strings are checked once per step on the tokens just produced: that check is the only
+host synchronisation per token.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from tqdm.auto import tqdm
+
+from evals.batching import left_pad, positions, prefill_mask, select_cache_rows
+from evals.model import EvalModel
+
+Variant = Literal["greedy", "cot", "thoughts"]
+AnswerSpan = Callable[[str], "tuple[int, int] | None"]
+
+
+@dataclass
+class DecodingConfig:
+    """How completions are decoded (one row of the leaderboard per variant)."""
+
+    variant: Variant = "greedy"
+    """greedy; cot (CoT-decoding, Wang & Zhou 2024); thoughts (Quiet-STaR generation, needs a QuietStar model)."""
+    max_new_tokens: int = 256
+    """Generated tokens per completion at most (lm-eval's GSM8K default)."""
+    batch_size: int = 16
+    """Prompts per forward pass (CoT-decoding runs cot_k rows per prompt)."""
+    cot_k: int = 10
+    """CoT-decoding: branches, one per top-k first token (the paper's default is 10)."""
+    cot_aggregate: bool = False
+    """CoT-decoding: pick the answer with the largest summed confidence over branches (the paper's
+    'agg') instead of the single most confident branch ('max')."""
+
+    def __post_init__(self) -> None:
+        if self.variant not in ("greedy", "cot", "thoughts"):
+            raise ValueError(f"decoding variant {self.variant!r} is not one of 'greedy', 'cot', 'thoughts'")
+        if self.max_new_tokens < 1 or self.batch_size < 1 or self.cot_k < 1:
+            raise ValueError(f"max_new_tokens, batch_size and cot_k must be >= 1, got {self.max_new_tokens}, "
+                             f"{self.batch_size}, {self.cot_k}")
+
+    @property
+    def label(self) -> str:
+        """The variant's name in tables: greedy, cot-k10 (cot-k10-agg), thoughts."""
+        if self.variant == "cot":
+            return f"cot-k{self.cot_k}" + ("-agg" if self.cot_aggregate else "")
+        return self.variant
+
+
+def cut_at_stop(text: str, stop: Sequence[str]) -> str:
+    """`text` up to the first occurrence of any stop string."""
+    for s in stop:
+        text = text.split(s)[0]
+    return text
+
+
+class _StopChecker:
+    """Whether a row's newest token completed a stop string (looks at a short decoded tail only)."""
+
+    def __init__(self, model: EvalModel, stop: Sequence[str]) -> None:
+        self.model, self.stop = model, [s for s in stop if s]
+        # A token decodes to at least one character, so a stop string ending now lies within this many tokens.
+        self.window = max((len(s) for s in self.stop), default=0) + 1
+
+    def __call__(self, tokens: list[int]) -> bool:
+        if not self.stop:
+            return False
+        tail = self.model.decode(tokens[-self.window:])
+        return any(s in tail for s in self.stop)
+
+
+def _prompt_limit(model: EvalModel, max_new_tokens: int) -> int:
+    limit = model.block_size - max_new_tokens
+    if limit < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt in block_size={model.block_size}")
+    return limit
+
+
+def _decode_rows(model: EvalModel, prompts: list[list[int]], max_new_tokens: int, stop: Sequence[str],
+                 branches: int = 1) -> tuple[list[list[int]], list[list[float]]]:
+    """Greedy continuations of a batch of prompts, with each step's top-1 minus top-2 probability.
+
+    branches > 1: every prompt is continued `branches` times, row j forced to the j-th most likely
+    first token (CoT-decoding); rows come out prompt-major.
+    """
+    lm, device = model.lm, model.device
+    ids, valid = left_pad(prompts, device)
+    B, T = ids.shape
+    n = max_new_tokens
+    cache = lm.make_kv_cache(B, T + n)
+    logits = lm(ids, position_ids=positions(valid), mask=prefill_mask(valid), kv_cache=cache,
+                input_pos=torch.arange(T, device=device), valid=valid)[:, -1]
+    next_pos = valid.sum(-1)
+    key_valid = torch.cat([valid, torch.ones(B, n, dtype=torch.bool, device=device)], 1)
+    forced = None
+    if branches > 1:
+        rows = torch.arange(B, device=device).repeat_interleave(branches)
+        select_cache_rows(cache, rows)
+        logits, next_pos, key_valid = logits[rows], next_pos[rows], key_valid[rows]
+        forced = logits.topk(branches, dim=-1).indices.view(B, branches, branches).diagonal(dim1=1, dim2=2).reshape(-1)
+    rows_total = logits.size(0)
+    tokens: list[list[int]] = [[] for _ in range(rows_total)]
+    margins: list[list[float]] = [[] for _ in range(rows_total)]
+    active = list(range(rows_total))
+    stops = _StopChecker(model, stop)
+    eos = model.eos_id
+    for step in range(n):
+        probs = logits.float().softmax(-1)
+        top2 = probs.topk(2, dim=-1).values
+        token = probs.argmax(-1) if forced is None or step else forced
+        produced, margin = token.tolist(), (top2[:, 0] - top2[:, 1]).tolist()
+        keep = []
+        for j, (row, t, m) in enumerate(zip(active, produced, margin)):
+            if t == eos:
+                continue
+            tokens[row].append(t)
+            margins[row].append(m)
+            if not stops(tokens[row]):
+                keep.append(j)
+        if not keep or step == n - 1:
+            break
+        if len(keep) < len(active):  # finished rows leave the batch
+            index = torch.tensor(keep, device=device)
+            select_cache_rows(cache, index)
+            token, next_pos, key_valid = token[index], next_pos[index], key_valid[index]
+            active = [active[j] for j in keep]
+        slot = T + step
+        logits = lm(token[:, None], position_ids=next_pos[:, None], mask=key_valid[:, None, None, :slot + 1],
+                    kv_cache=cache, input_pos=torch.tensor([slot], device=device))[:, -1]
+        next_pos = next_pos + 1
+    return tokens, margins
+
+
+def _batches(prompts: Sequence[Sequence[int]], batch_size: int, limit: int, desc: str, progress: bool):
+    """(original indices, truncated prompts) batches, longest prompts first."""
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    for start in tqdm(range(0, len(order), batch_size), desc=desc, disable=not progress):
+        index = order[start:start + batch_size]
+        yield index, [list(prompts[i])[-limit:] for i in index]
+
+
+@torch.inference_mode()
+def generate_tokens(model: EvalModel, prompts: Sequence[Sequence[int]], max_new_tokens: int,
+                    stop: Sequence[str] = (), batch_size: int = 16, progress: bool = False) -> list[list[int]]:
+    """Greedy continuations (token ids, without EOS) of each prompt, in prompt order. Prompts longer
+    than block_size - max_new_tokens keep their last tokens."""
+    limit = _prompt_limit(model, max_new_tokens)
+    out: list[list[int]] = [[] for _ in prompts]
+    for index, batch in _batches(prompts, batch_size, limit, "generate", progress):
+        for i, tokens in zip(index, _decode_rows(model, batch, max_new_tokens, stop)[0]):
+            out[i] = tokens
+    return out
+
+
+def generate(model: EvalModel, prompts: Sequence[Sequence[int]], max_new_tokens: int, stop: Sequence[str] = (),
+             batch_size: int = 16, progress: bool = False) -> list[str]:
+    """Greedy completions of each prompt, cut at the first stop string."""
+    return [cut_at_stop(model.decode(t), stop)
+            for t in generate_tokens(model, prompts, max_new_tokens, stop, batch_size, progress)]
+
+
+@dataclass
+class CotResult:
+    """The chosen completion of CoT-decoding and every branch it chose from."""
+
+    text: str
+    confidence: float
+    """The chosen branch's answer confidence (the answer's summed confidence with aggregation)."""
+    branches: list[tuple[str, float]] = field(default_factory=list)
+    """(completion, confidence) per branch, in order of the first token's probability."""
+
+
+def answer_confidence(model: EvalModel, tokens: list[int], margins: list[float], span: tuple[int, int] | None) -> float:
+    """Mean top-1/top-2 probability margin over the tokens that overlap the answer's character span
+    [start, end) of the decoded completion; 0 when there is no answer."""
+    if span is None:
+        return 0.0
+    start, end = span
+    overlapping, offset = [], 0
+    for i in range(len(tokens)):
+        # Character offsets of the generated tokens themselves (re-tokenising the text could split it differently).
+        token_end = len(model.decode(tokens[:i + 1]))
+        if offset < end and token_end > start:
+            overlapping.append(margins[i])
+        offset = token_end
+        if offset >= end:
+            break
+    return sum(overlapping) / len(overlapping) if overlapping else 0.0
+
+
+@torch.inference_mode()
+def cot_decode(model: EvalModel, prompts: Sequence[Sequence[int]], max_new_tokens: int, stop: Sequence[str],
+               answer_span: AnswerSpan, k: int = 10, aggregate: bool = False, batch_size: int = 4,
+               normalize: Callable[[str], str] = str.strip, progress: bool = False) -> list[CotResult]:
+    """CoT-decoding (Wang & Zhou 2024): branch on the top-k first tokens, continue each greedily, and
+    keep the branch whose answer (located by `answer_span` in the cut completion) the model is most
+    sure of — the mean top-1/top-2 probability margin over the answer tokens. With `aggregate`, the
+    answer (compared after `normalize`) with the largest summed confidence wins, as its most
+    confident branch. Ties go to the earlier branch, so with no answer anywhere it is greedy."""
+    limit = _prompt_limit(model, max_new_tokens)
+    out: list[CotResult | None] = [None] * len(prompts)
+    for index, batch in _batches(prompts, batch_size, limit, f"cot-decoding k={k}", progress):
+        tokens, margins = _decode_rows(model, batch, max_new_tokens, stop, branches=k)
+        for b, i in enumerate(index):
+            branches = []
+            for row in range(b * k, (b + 1) * k):
+                text = cut_at_stop(model.decode(tokens[row]), stop)
+                span = answer_span(text)
+                branches.append((text, answer_confidence(model, tokens[row], margins[row], span), span))
+            out[i] = _choose(branches, aggregate, normalize)
+    return out
+
+
+def _choose(branches: list[tuple[str, float, tuple[int, int] | None]], aggregate: bool,
+            normalize: Callable[[str], str]) -> CotResult:
+    listed = [(text, confidence) for text, confidence, _ in branches]
+    best = max(range(len(branches)), key=lambda j: (branches[j][1], -j))
+    if not aggregate:
+        return CotResult(branches[best][0], branches[best][1], listed)
+    totals: dict[str, float] = {}
+    for text, confidence, span in branches:
+        if span is not None:
+            answer = normalize(text[span[0]:span[1]])
+            totals[answer] = totals.get(answer, 0.0) + confidence
+    if not totals:
+        return CotResult(branches[best][0], branches[best][1], listed)
+    winner = max(totals, key=lambda a: totals[a])  # dicts keep insertion order: ties go to the earlier branch
+    chosen = next(j for j in sorted(range(len(branches)), key=lambda j: (-branches[j][1], j))
+                  if branches[j][2] is not None and normalize(branches[j][0][slice(*branches[j][2])]) == winner)
+    return CotResult(branches[chosen][0], totals[winner], listed)
+
+
+@torch.inference_mode()
+def generate_thoughts(model: EvalModel, prompts: Sequence[Sequence[int]], max_new_tokens: int,
+                      stop: Sequence[str] = (), progress: bool = False) -> list[str]:
+    """Completions from Quiet-STaR generation (`modeldefs.thought_generate.generate_with_thoughts`,
+    a thought before every token), one prompt at a time, cut at the first stop string."""
+    if not model.has_thoughts:
+        raise ValueError(f"decoding variant 'thoughts' needs a Quiet-STaR model (modeldefs.quietstar.QuietStar); "
+                         f"{model.source} is a plain {type(model.net).__name__} — use 'greedy' or 'cot'")
+    from modeldefs.thought_generate import generate_with_thoughts  # only Quiet-STaR models need it
+
+    limit = _prompt_limit(model, max_new_tokens)
+    texts = []
+    for prompt in tqdm(prompts, desc="generate with thoughts", disable=not progress):
+        ids = torch.tensor([list(prompt)[-limit:]], device=model.device)
+        out = generate_with_thoughts(model.net, ids, max_new_tokens, eos_id=model.eos_id)[0, ids.size(1):].tolist()
+        if model.eos_id in out:
+            out = out[:out.index(model.eos_id)]
+        texts.append(cut_at_stop(model.decode(out), stop))
+    return texts

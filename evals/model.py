@@ -1,0 +1,88 @@
+"""`EvalModel`: a loaded model with its tokenizer, device and dtype, as every evaluation takes it."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from modeldefs.model import Transformer
+from modeldefs.pretrained import OFFLINE_DEFAULT, load_pretrained, load_tokenizer
+
+
+class ModelLoadError(RuntimeError):
+    """A model or tokenizer source that could not be loaded (the message names the source and why)."""
+
+
+@dataclass
+class EvalModel:
+    """A model in eval mode (`Transformer`, dense or Mixture-of-Depths, or a Quiet-STaR wrapper around
+    one) with the tokenizer that goes with it."""
+
+    net: torch.nn.Module
+    tokenizer: Any
+    device: torch.device
+    dtype: torch.dtype
+    source: str
+
+    @property
+    def lm(self) -> Transformer:
+        """The plain language model: the model itself, or the LM a Quiet-STaR wrapper thinks with."""
+        return self.net.lm if self.has_thoughts else self.net
+
+    @property
+    def has_thoughts(self) -> bool:
+        """Whether the model is a Quiet-STaR model (it can generate with thoughts)."""
+        return hasattr(self.net, "next_token_logits") and hasattr(self.net, "lm")
+
+    @property
+    def block_size(self) -> int:
+        return self.lm.config.block_size
+
+    @property
+    def eos_id(self) -> int | None:
+        return self.tokenizer.eos_token_id
+
+    @property
+    def prefix_token_id(self) -> int:
+        """The token an empty context is replaced by (lm-eval: BOS if the tokenizer has one, else EOS)."""
+        token = self.tokenizer.bos_token_id if self.tokenizer.bos_token_id is not None else self.eos_id
+        if token is None:
+            raise ValueError(f"tokenizer of {self.source} has neither a BOS nor an EOS token to start an empty context")
+        return token
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of `text`, without special tokens added (as lm-eval encodes contexts)."""
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=False)
+
+
+def load_eval_model(source: str, tokenizer: str | None = None, device: str | torch.device = "cpu",
+                    dtype: torch.dtype = torch.float32) -> EvalModel:
+    """Load `source` (anything `modeldefs.pretrained.load_pretrained` takes: a quietdepth .ckpt, an HF
+    directory or hub id, a .gguf file, ``smollm2-135m-instruct``) for evaluation.
+
+    tokenizer: tokenizer source; defaults to `source` itself, or to ``smollm2-135m-instruct`` for a
+    quietdepth checkpoint (training's default tokenizer).
+    """
+    tokenizer_source = tokenizer or (OFFLINE_DEFAULT if source.endswith(".ckpt") else source)
+    try:
+        net = load_pretrained(source)
+    except (OSError, ValueError, KeyError, RuntimeError) as error:
+        hint = "" if os.path.exists(source) else " (no such file or directory; for a hub id the hub must be reachable)"
+        raise ModelLoadError(f"cannot load model {source!r}{hint}: {error}") from error
+    try:
+        tok = load_tokenizer(tokenizer_source)
+    except (OSError, ValueError, KeyError, RuntimeError) as error:
+        raise ModelLoadError(f"cannot load tokenizer {tokenizer_source!r} for model {source!r}: {error}; "
+                             "pass tokenizer=<source> (--tokenizer on the command line)") from error
+    vocab = (net.lm if hasattr(net, "lm") else net).config.vocab_size
+    if len(tok) > vocab:
+        raise ModelLoadError(f"tokenizer {tokenizer_source!r} has {len(tok)} tokens but model {source!r} only "
+                             f"{vocab} embedding rows; pass the tokenizer the model was trained with")
+    net = net.to(device=device, dtype=dtype).eval()
+    return EvalModel(net=net, tokenizer=tok, device=torch.device(device), dtype=dtype, source=source)

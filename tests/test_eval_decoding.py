@@ -1,0 +1,122 @@
+"""Evaluation decoding: batched left-padded greedy generation, stop strings, CoT-decoding, thoughts."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from evals.decoding import (CotResult, DecodingConfig, _choose, answer_confidence, cot_decode, cut_at_stop, generate,
+                            generate_thoughts, generate_tokens)
+from evals.model import EvalModel
+from modeldefs import ModelConfig, Transformer
+from modeldefs.generate import generate as reference_generate
+
+
+class ByteTokenizer:
+    """Bytes as tokens (ids 0-255) for the 256-token `micro` models; id 0 is EOS."""
+
+    eos_token_id, bos_token_id = 0, None
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        return list(text.encode())
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
+        return bytes(ids).decode(errors="replace")
+
+    def __len__(self) -> int:
+        return 256
+
+
+def tiny_model(**overrides) -> EvalModel:
+    """A random `micro` model (dense, or Mixture-of-Depths with overrides) with the byte tokenizer."""
+    torch.manual_seed(0)
+    net = Transformer(ModelConfig.from_name("micro", **overrides)).eval()
+    return EvalModel(net, ByteTokenizer(), torch.device("cpu"), torch.float32, "micro-random")
+
+
+MOD = dict(n_layer=4, mod_capacity=0.5, mod_route_every=1, mod_exempt_first=False, mod_exempt_last=False)
+PROMPTS = [[5, 17, 99, 3], [42], [7, 7, 7, 7, 7, 7, 7, 7, 7, 120], [200, 1, 2]]
+
+
+def reference(model: EvalModel, prompt: list[int], n: int) -> list[int]:
+    out = reference_generate(model.net, torch.tensor([prompt]), n, eos_id=model.eos_id)[0, len(prompt):].tolist()
+    return out[:out.index(0)] if 0 in out else out
+
+
+@pytest.mark.parametrize("overrides", [{}, MOD], ids=["dense", "mod"])
+def test_batched_left_padded_greedy_equals_unbatched_generate(overrides):
+    model = tiny_model(**overrides)
+    batched = generate_tokens(model, PROMPTS, max_new_tokens=24, batch_size=4)
+    assert batched == [reference(model, p, 24) for p in PROMPTS]
+    assert any(len(t) == 24 for t in batched)
+
+
+def test_mod_model_routes_some_tokens_and_skips_others_while_decoding():
+    model = tiny_model(**MOD)
+    generate_tokens(model, PROMPTS, max_new_tokens=4, batch_size=4)
+    selected = torch.cat([b.routing.selected.flatten() for b in model.lm.routed_blocks.values()])
+    assert selected.any() and not selected.all()
+
+
+def test_stop_string_cuts_the_text_and_finished_rows_leave_the_batch_without_changing_the_others():
+    model = tiny_model()
+    full = generate(model, PROMPTS, max_new_tokens=24, batch_size=4)
+    stop = full[0][5:7]
+    stopped = generate(model, PROMPTS, max_new_tokens=24, stop=[stop], batch_size=4)
+    assert stopped[0] == full[0][:full[0].index(stop)]
+    assert stopped == [cut_at_stop(text, [stop]) for text in full]
+
+
+def test_prompts_longer_than_the_context_keep_their_last_tokens():
+    model = tiny_model()  # block_size 128
+    long_prompt = list(range(1, 200))
+    (tokens,) = generate_tokens(model, [long_prompt], max_new_tokens=8)
+    assert tokens == reference(model, long_prompt[-120:], 8)
+
+
+def test_cot_decoding_keeps_the_branch_with_the_highest_answer_margin():
+    model = tiny_model()
+    prompt, k, n = PROMPTS[0], 4, 12
+    last_char = lambda text: (len(text) - 1, len(text)) if text else None  # noqa: E731 - the "answer" is the last character
+    (result,) = cot_decode(model, [prompt], n, stop=[], answer_span=last_char, k=k)
+    with torch.no_grad():
+        first = model.net(torch.tensor([prompt]))[0, -1].topk(k).indices.tolist()
+        expected = []
+        for token in first:  # each branch by a plain full forward: first token forced, then greedy
+            ids = [*prompt, token, *reference(model, [*prompt, token], n - 1)][:len(prompt) + n]
+            probs = model.net(torch.tensor([ids]))[0, len(prompt) - 1:].softmax(-1)
+            top2 = probs.topk(2, dim=-1).values
+            margins = (top2[:, 0] - top2[:, 1]).tolist()
+            text = model.decode(ids[len(prompt):])
+            expected.append((text, answer_confidence(model, ids[len(prompt):], margins, last_char(text))))
+    assert [t for t, _ in result.branches] == [t for t, _ in expected]
+    assert [c for _, c in result.branches] == pytest.approx([c for _, c in expected], abs=1e-5)
+    best = max(expected, key=lambda b: b[1])
+    assert result.text == best[0] and len({c for _, c in expected}) > 1
+
+
+def test_answer_confidence_averages_the_margins_of_the_tokens_overlapping_the_answer():
+    model = tiny_model()
+    tokens = list(b"ab 42.")
+    margins = [0.1, 0.2, 0.3, 0.5, 0.9, 0.0]
+    assert answer_confidence(model, tokens, margins, (3, 5)) == pytest.approx(0.7)
+    assert answer_confidence(model, tokens, margins, None) == 0.0
+
+
+def test_cot_aggregation_sums_confidence_per_answer():
+    spans = lambda text: (text.index("=") + 1, len(text))  # noqa: E731
+    branches = [(t, c, spans(t)) for t, c in [("x=1", 0.5), ("y=2", 0.3), ("z= 2", 0.4), ("w=3", 0.0)]]
+    assert _choose(branches, aggregate=False, normalize=str.strip).text == "x=1"
+    chosen = _choose(branches, aggregate=True, normalize=str.strip)
+    assert isinstance(chosen, CotResult) and chosen.text == "z= 2" and chosen.confidence == pytest.approx(0.7)
+
+
+def test_thoughts_variant_on_a_plain_model_is_a_clear_error():
+    with pytest.raises(ValueError, match="needs a Quiet-STaR model.*plain Transformer"):
+        generate_thoughts(tiny_model(), PROMPTS, 4)
+
+
+def test_decoding_config_names_a_bad_variant():
+    with pytest.raises(ValueError, match="'beam' is not one of"):
+        DecodingConfig(variant="beam")
+    assert DecodingConfig(variant="cot", cot_k=5).label == "cot-k5"
