@@ -31,13 +31,32 @@ def positions(valid: torch.Tensor) -> torch.Tensor:
     return (valid.long().cumsum(-1) - 1).clamp(min=0)
 
 
-def prefill_mask(valid: torch.Tensor) -> torch.Tensor:
-    """(B, 1, T, T) bool: causal attention to real keys; a padding query sees only itself so its
-    (discarded) output stays finite."""
-    T = valid.size(1)
-    causal = torch.ones(T, T, dtype=torch.bool, device=valid.device).tril()
-    diagonal = torch.eye(T, dtype=torch.bool, device=valid.device)
-    return ((causal & valid[:, None, :]) | diagonal).unsqueeze(1)
+def forward_chunk(lm: torch.nn.Module, ids: torch.Tensor, position_ids: torch.Tensor, key_valid: torch.Tensor,
+                  start: int, cache: list[torch.nn.Module], valid: torch.Tensor | None = None) -> torch.Tensor:
+    """Logits (B, c, V) of tokens `ids` (B, c) written to cache slots start..start+c-1.
+
+    key_valid: (B, >= start + c) bool, False at padding slots. Each query attends causally to the
+    real keys; a padding query sees only itself, so its (discarded) output stays finite.
+    """
+    end = start + ids.size(1)
+    slots = torch.arange(start, end, device=ids.device)
+    keys = torch.arange(end, device=ids.device)
+    mask = (key_valid[:, None, :end] & (keys <= slots[:, None])) | (keys == slots[:, None])
+    return lm(ids, position_ids=position_ids, mask=mask.unsqueeze(1), kv_cache=cache, input_pos=slots, valid=valid)
+
+
+def prefill(lm: torch.nn.Module, ids: torch.Tensor, valid: torch.Tensor, cache: list[torch.nn.Module],
+            chunk: int) -> torch.Tensor:
+    """Run left-padded prompts (B, T) into `cache` `chunk` tokens at a time; last-position logits (B, V).
+
+    Chunking bounds the logits tensor to (B, chunk, V): the whole prompt's would be vocabulary-sized
+    per token (GBs for few-shot prompts), and only the last position's is needed.
+    """
+    pos = positions(valid)
+    for start in range(0, ids.size(1), chunk):
+        end = start + chunk
+        logits = forward_chunk(lm, ids[:, start:end], pos[:, start:end], valid, start, cache, valid[:, start:end])
+    return logits[:, -1]
 
 
 def select_cache_rows(cache: list[torch.nn.Module], rows: torch.Tensor) -> None:

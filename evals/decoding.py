@@ -16,7 +16,7 @@ from typing import Literal
 import torch
 from tqdm.auto import tqdm
 
-from evals.batching import left_pad, positions, prefill_mask, select_cache_rows
+from evals.batching import left_pad, prefill, select_cache_rows
 from evals.model import EvalModel
 
 Variant = Literal["greedy", "cot", "thoughts"]
@@ -33,6 +33,8 @@ class DecodingConfig:
     """Generated tokens per completion at most (lm-eval's GSM8K default)."""
     batch_size: int = 16
     """Prompts per forward pass (CoT-decoding runs cot_k rows per prompt)."""
+    prefill_chunk: int = 256
+    """Prompt tokens per forward when filling the KV cache (bounds the prompt's logits in memory)."""
     cot_k: int = 10
     """CoT-decoding: branches, one per top-k first token (the paper's default is 10)."""
     cot_aggregate: bool = False
@@ -42,9 +44,9 @@ class DecodingConfig:
     def __post_init__(self) -> None:
         if self.variant not in ("greedy", "cot", "thoughts"):
             raise ValueError(f"decoding variant {self.variant!r} is not one of 'greedy', 'cot', 'thoughts'")
-        if self.max_new_tokens < 1 or self.batch_size < 1 or self.cot_k < 1:
-            raise ValueError(f"max_new_tokens, batch_size and cot_k must be >= 1, got {self.max_new_tokens}, "
-                             f"{self.batch_size}, {self.cot_k}")
+        for name in ("max_new_tokens", "batch_size", "prefill_chunk", "cot_k"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"decoding {name}={getattr(self, name)} must be >= 1")
 
     @property
     def label(self) -> str:
@@ -84,8 +86,9 @@ def _prompt_limit(model: EvalModel, max_new_tokens: int) -> int:
 
 
 def _decode_rows(model: EvalModel, prompts: list[list[int]], max_new_tokens: int, stop: Sequence[str],
-                 branches: int = 1) -> tuple[list[list[int]], list[list[float]]]:
-    """Greedy continuations of a batch of prompts, with each step's top-1 minus top-2 probability.
+                 chunk: int, branches: int = 1) -> tuple[list[list[int]], list[list[float]]]:
+    """Greedy continuations of a batch of prompts, and per token the top-1 minus top-2 probability
+    of the distribution it came from (CoT-decoding only; zeros otherwise).
 
     branches > 1: every prompt is continued `branches` times, row j forced to the j-th most likely
     first token (CoT-decoding); rows come out prompt-major.
@@ -95,8 +98,7 @@ def _decode_rows(model: EvalModel, prompts: list[list[int]], max_new_tokens: int
     B, T = ids.shape
     n = max_new_tokens
     cache = lm.make_kv_cache(B, T + n)
-    logits = lm(ids, position_ids=positions(valid), mask=prefill_mask(valid), kv_cache=cache,
-                input_pos=torch.arange(T, device=device), valid=valid)[:, -1]
+    logits = prefill(lm, ids, valid, cache, chunk)
     next_pos = valid.sum(-1)
     key_valid = torch.cat([valid, torch.ones(B, n, dtype=torch.bool, device=device)], 1)
     forced = None
@@ -112,10 +114,13 @@ def _decode_rows(model: EvalModel, prompts: list[list[int]], max_new_tokens: int
     stops = _StopChecker(model, stop)
     eos = model.eos_id
     for step in range(n):
-        probs = logits.float().softmax(-1)
-        top2 = probs.topk(2, dim=-1).values
-        token = probs.argmax(-1) if forced is None or step else forced
-        produced, margin = token.tolist(), (top2[:, 0] - top2[:, 1]).tolist()
+        token = logits.argmax(-1) if forced is None or step else forced
+        if branches > 1:  # CoT-decoding's confidence; one transfer for tokens and margins
+            top2 = logits.float().softmax(-1).topk(2, dim=-1).values
+            both = torch.stack([token.to(top2.dtype), top2[:, 0] - top2[:, 1]]).tolist()
+            produced, margin = [int(t) for t in both[0]], both[1]
+        else:
+            produced, margin = token.tolist(), [0.0] * len(active)
         keep = []
         for j, (row, t, m) in enumerate(zip(active, produced, margin)):
             if t == eos:
@@ -148,22 +153,23 @@ def _batches(prompts: Sequence[Sequence[int]], batch_size: int, limit: int, desc
 
 @torch.inference_mode()
 def generate_tokens(model: EvalModel, prompts: Sequence[Sequence[int]], max_new_tokens: int,
-                    stop: Sequence[str] = (), batch_size: int = 16, progress: bool = False) -> list[list[int]]:
+                    stop: Sequence[str] = (), batch_size: int = 16, progress: bool = False,
+                    prefill_chunk: int = 256) -> list[list[int]]:
     """Greedy continuations (token ids, without EOS) of each prompt, in prompt order. Prompts longer
     than block_size - max_new_tokens keep their last tokens."""
     limit = _prompt_limit(model, max_new_tokens)
     out: list[list[int]] = [[] for _ in prompts]
     for index, batch in _batches(prompts, batch_size, limit, "generate", progress):
-        for i, tokens in zip(index, _decode_rows(model, batch, max_new_tokens, stop)[0]):
+        for i, tokens in zip(index, _decode_rows(model, batch, max_new_tokens, stop, prefill_chunk)[0]):
             out[i] = tokens
     return out
 
 
 def generate(model: EvalModel, prompts: Sequence[Sequence[int]], max_new_tokens: int, stop: Sequence[str] = (),
-             batch_size: int = 16, progress: bool = False) -> list[str]:
-    """Greedy completions of each prompt, cut at the first stop string."""
+             batch_size: int = 16, progress: bool = False, prefill_chunk: int = 256) -> list[str]:
+    """Greedy completions of each prompt, cut at the first stop string (see `DecodingConfig` for the knobs)."""
     return [cut_at_stop(model.decode(t), stop)
-            for t in generate_tokens(model, prompts, max_new_tokens, stop, batch_size, progress)]
+            for t in generate_tokens(model, prompts, max_new_tokens, stop, batch_size, progress, prefill_chunk)]
 
 
 @dataclass
@@ -175,6 +181,8 @@ class CotResult:
     """The chosen branch's answer confidence (the answer's summed confidence with aggregation)."""
     branches: list[tuple[str, float]] = field(default_factory=list)
     """(completion, confidence) per branch, in order of the first token's probability."""
+    generated_tokens: int = 0
+    """Tokens generated over all branches."""
 
 
 def answer_confidence(model: EvalModel, tokens: list[int], margins: list[float], span: tuple[int, int] | None) -> float:
@@ -198,7 +206,8 @@ def answer_confidence(model: EvalModel, tokens: list[int], margins: list[float],
 @torch.inference_mode()
 def cot_decode(model: EvalModel, prompts: Sequence[Sequence[int]], max_new_tokens: int, stop: Sequence[str],
                answer_span: AnswerSpan, k: int = 10, aggregate: bool = False, batch_size: int = 4,
-               normalize: Callable[[str], str] = str.strip, progress: bool = False) -> list[CotResult]:
+               normalize: Callable[[str], str] = str.strip, progress: bool = False,
+               prefill_chunk: int = 256) -> list[CotResult]:
     """CoT-decoding (Wang & Zhou 2024): branch on the top-k first tokens, continue each greedily, and
     keep the branch whose answer (located by `answer_span` in the cut completion) the model is most
     sure of — the mean top-1/top-2 probability margin over the answer tokens. With `aggregate`, the
@@ -207,7 +216,7 @@ def cot_decode(model: EvalModel, prompts: Sequence[Sequence[int]], max_new_token
     limit = _prompt_limit(model, max_new_tokens)
     out: list[CotResult | None] = [None] * len(prompts)
     for index, batch in _batches(prompts, batch_size, limit, f"cot-decoding k={k}", progress):
-        tokens, margins = _decode_rows(model, batch, max_new_tokens, stop, branches=k)
+        tokens, margins = _decode_rows(model, batch, max_new_tokens, stop, prefill_chunk, branches=k)
         for b, i in enumerate(index):
             branches = []
             for row in range(b * k, (b + 1) * k):
@@ -215,6 +224,7 @@ def cot_decode(model: EvalModel, prompts: Sequence[Sequence[int]], max_new_token
                 span = answer_span(text)
                 branches.append((text, answer_confidence(model, tokens[row], margins[row], span), span))
             out[i] = _choose(branches, aggregate, normalize)
+            out[i].generated_tokens = sum(len(t) for t in tokens[b * k:(b + 1) * k])
     return out
 
 
@@ -238,21 +248,44 @@ def _choose(branches: list[tuple[str, float, tuple[int, int] | None]], aggregate
 
 
 @torch.inference_mode()
-def generate_thoughts(model: EvalModel, prompts: Sequence[Sequence[int]], max_new_tokens: int,
-                      stop: Sequence[str] = (), progress: bool = False) -> list[str]:
-    """Completions from Quiet-STaR generation (`modeldefs.thought_generate.generate_with_thoughts`,
-    a thought before every token), one prompt at a time, cut at the first stop string."""
+def generate_thoughts_tokens(model: EvalModel, prompts: Sequence[Sequence[int]], max_new_tokens: int,
+                             progress: bool = False) -> list[list[int]]:
+    """Continuations (token ids, without EOS) from Quiet-STaR generation
+    (`modeldefs.thought_generate.generate_with_thoughts`, a thought before every token), one prompt at
+    a time. Stop strings are applied afterwards by `generate_thoughts`: that function has no stop hook."""
     if not model.has_thoughts:
         raise ValueError(f"decoding variant 'thoughts' needs a Quiet-STaR model (modeldefs.quietstar.QuietStar); "
                          f"{model.source} is a plain {type(model.net).__name__} — use 'greedy' or 'cot'")
     from modeldefs.thought_generate import generate_with_thoughts  # only Quiet-STaR models need it
 
     limit = _prompt_limit(model, max_new_tokens)
-    texts = []
+    out = []
     for prompt in tqdm(prompts, desc="generate with thoughts", disable=not progress):
         ids = torch.tensor([list(prompt)[-limit:]], device=model.device)
-        out = generate_with_thoughts(model.net, ids, max_new_tokens, eos_id=model.eos_id)[0, ids.size(1):].tolist()
-        if model.eos_id in out:
-            out = out[:out.index(model.eos_id)]
-        texts.append(cut_at_stop(model.decode(out), stop))
-    return texts
+        tokens = generate_with_thoughts(model.net, ids, max_new_tokens, eos_id=model.eos_id)[0, ids.size(1):].tolist()
+        out.append(tokens[:tokens.index(model.eos_id)] if model.eos_id in tokens else tokens)
+    return out
+
+
+def generate_thoughts(model: EvalModel, prompts: Sequence[Sequence[int]], max_new_tokens: int,
+                      stop: Sequence[str] = (), progress: bool = False) -> list[str]:
+    """Completions from Quiet-STaR generation, cut at the first stop string."""
+    return [cut_at_stop(model.decode(t), stop)
+            for t in generate_thoughts_tokens(model, prompts, max_new_tokens, progress)]
+
+
+def decode_completions(model: EvalModel, prompts: Sequence[Sequence[int]], config: DecodingConfig,
+                       stop: Sequence[str], answer_span: AnswerSpan, progress: bool = False) -> tuple[list[str], int]:
+    """(completions cut at the first stop string, tokens generated) under `config`'s variant;
+    `answer_span` locates the answer for CoT-decoding's confidence."""
+    if config.variant == "cot":
+        results = cot_decode(model, prompts, config.max_new_tokens, stop, answer_span, k=config.cot_k,
+                             aggregate=config.cot_aggregate, batch_size=config.batch_size, progress=progress,
+                             prefill_chunk=config.prefill_chunk)
+        return [r.text for r in results], sum(r.generated_tokens for r in results)
+    if config.variant == "thoughts":
+        tokens = generate_thoughts_tokens(model, prompts, config.max_new_tokens, progress)
+    else:
+        tokens = generate_tokens(model, prompts, config.max_new_tokens, stop, config.batch_size, progress,
+                                 config.prefill_chunk)
+    return [cut_at_stop(model.decode(t), stop) for t in tokens], sum(map(len, tokens))

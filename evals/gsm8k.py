@@ -9,9 +9,16 @@ import re
 from pathlib import Path
 from typing import Any
 
+from evals.decoding import DecodingConfig, decode_completions
+from evals.metrics import mean_and_stderr
+from evals.model import EvalModel
+from evals.results import Metric, TaskResult, prompts_hash, timed
+
 HUB_ID = "openai/gsm8k"
 STOP_SEQUENCES = ("Question:", "</s>", "<|im_end|>")
 INVALID = "[invalid]"
+VERSION = "3.0"
+"""lm-eval's `gsm8k` task version these prompts, stops and filters reproduce."""
 _STRICT = re.compile(r"#### (\-?[0-9\.\,]+)")
 _FLEXIBLE = re.compile(r"(-?[$0-9.,]{2,})|(-?[0-9]+)")
 _IGNORE = [re.compile(p) for p in (",", r"\$", r"(?s).*#### ", r"\.$")]
@@ -73,6 +80,15 @@ def extract_flexible(completion: str) -> str:
     return next(group for group in matches[-1] if group)
 
 
+def flexible_span(completion: str) -> tuple[int, int] | None:
+    """Character span of the flexible-extract answer (the last number-like span): the answer whose
+    tokens CoT-decoding measures its confidence on."""
+    match = None
+    for match in _FLEXIBLE.finditer(completion):
+        pass
+    return None if match is None else match.span(match.lastindex)
+
+
 def normalize(text: str) -> str:
     """lm-eval's exact-match normalisation for GSM8K: drop `,`, `$`, everything up to `#### ` and a
     trailing `.`, then lower-case."""
@@ -84,3 +100,32 @@ def normalize(text: str) -> str:
 def exact_match(prediction: str, answer: str) -> bool:
     """Whether an extracted prediction equals the reference solution's final answer."""
     return normalize(prediction) == normalize(answer)
+
+
+def evaluate(model: EvalModel, rows: list[dict[str, str]], train: list[dict[str, str]], decoding: DecodingConfig,
+             shots: int = 5, seed: int = 1234, chat: bool = False, progress: bool = True) -> TaskResult:
+    """GSM8K exact match under strict-match and flexible-extract, `shots` examples drawn from `train`
+    per problem (fixed by `seed` and the problem's index), plain or chat-template prompts."""
+    if shots and not train:
+        raise ValueError(f"{shots}-shot GSM8K needs training problems to draw examples from; pass the train split")
+    prompts = []
+    for i, row in enumerate(rows):
+        examples = fewshot_examples(train, shots, seed, i, row["question"]) if shots else []
+        prompts.append(chat_prompt(row["question"], examples, model.tokenizer) if chat
+                       else prompt(row["question"], examples))
+    with timed() as clock:
+        completions, generated = decode_completions(model, [model.encode(p) for p in prompts], decoding,
+                                                    list(STOP_SEQUENCES), flexible_span, progress=progress)
+    strict = [extract_strict(c) for c in completions]
+    flexible = [extract_flexible(c) for c in completions]
+    scores = {
+        "strict-match": [float(exact_match(p, r["answer"])) for p, r in zip(strict, rows)],
+        "flexible-extract": [float(exact_match(p, r["answer"])) for p, r in zip(flexible, rows)],
+    }
+    return TaskResult(
+        task="gsm8k_chat" if chat else "gsm8k", version=VERSION, n_shot=shots, decoding=decoding.label,
+        metrics=[Metric(name, "exact_match", *mean_and_stderr(values)) for name, values in scores.items()],
+        n=len(rows), prompts_hash=prompts_hash(prompts), seconds=clock.seconds, generated_tokens=generated,
+        samples=[{"prompt": p, "completion": c, "strict": s, "flexible": f, "answer": r["answer"]}
+                 for p, c, s, f, r in zip(prompts, completions, strict, flexible, rows)],
+    )

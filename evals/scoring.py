@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import torch
 from tqdm.auto import tqdm
 
-from evals.batching import left_pad, positions, prefill_mask, select_cache_rows
+from evals.batching import forward_chunk, left_pad, prefill, select_cache_rows
 from evals.model import EvalModel
 
 
@@ -31,14 +31,21 @@ def encode_pair(model: EvalModel, context: str, continuation: str) -> tuple[list
 
 @torch.inference_mode()
 def loglikelihood(model: EvalModel, requests: Sequence[tuple[Sequence[int], Sequence[int]]],
-                  batch_size: int = 16, progress: bool = False) -> list[tuple[float, bool]]:
+                  batch_size: int = 16, progress: bool = False, think: bool = False,
+                  chunk: int = 256) -> list[tuple[float, bool]]:
     """For each (context ids, continuation ids): the summed log-probability of the continuation given
     the context, and whether greedy decoding would produce exactly that continuation.
 
     batch_size: distinct contexts per forward pass (their continuations ride along).
     An empty context is replaced by the prefix token (BOS, else EOS) and an over-long one keeps its
     last tokens, as in lm-eval. Results come back in request order.
+    chunk: tokens per forward along the sequence (bounds the (rows, chunk, vocab) logits in memory).
+    think: score with a Quiet-STaR model's thought-mixed logits (`next_token_logits(think=True)`,
+    a full forward per request: thoughts have no shared-prefix cache).
     """
+    if think and not model.has_thoughts:
+        raise ValueError(f"scoring with thoughts needs a Quiet-STaR model; {model.source} is a plain "
+                         f"{type(model.net).__name__}")
     L = model.block_size
     normalised = []
     for i, (context, continuation) in enumerate(requests):
@@ -48,6 +55,9 @@ def loglikelihood(model: EvalModel, requests: Sequence[tuple[Sequence[int], Sequ
             raise ValueError(f"request {i}: continuation of {len(continuation)} tokens exceeds block_size={L}")
         context = list(context) or [model.prefix_token_id]
         normalised.append((tuple(context[-(L - len(continuation) + 1):]), tuple(continuation)))
+    if think:
+        return [_score_with_thoughts(model, c, k) for c, k in tqdm(normalised, desc="loglikelihood (thoughts)",
+                                                                      disable=not progress)]
     groups: dict[tuple[int, ...], list[int]] = {}
     for i, (context, _) in enumerate(normalised):
         groups.setdefault(context, []).append(i)
@@ -64,50 +74,60 @@ def loglikelihood(model: EvalModel, requests: Sequence[tuple[Sequence[int], Sequ
         batch.append(c)
     for contexts in tqdm(batches, desc="loglikelihood", disable=not progress):
         members = [(row, i) for row, c in enumerate(contexts) for i in groups[c]]
-        scores = _score_batch(model, contexts, [(row, normalised[i][1]) for row, i in members])
+        scores = _score_batch(model, contexts, [(row, normalised[i][1]) for row, i in members], chunk)
         for (_, i), score in zip(members, scores):
             results[i] = score
     return results
 
 
-def _score_batch(model: EvalModel, contexts: list[tuple[int, ...]],
-                 continuations: list[tuple[int, tuple[int, ...]]]) -> list[tuple[float, bool]]:
+def _score_batch(model: EvalModel, contexts: list[tuple[int, ...]], continuations: list[tuple[int, tuple[int, ...]]],
+                 chunk: int) -> list[tuple[float, bool]]:
     """Scores of continuations, each given as (row of its context in `contexts`, ids)."""
     lm, device = model.lm, model.device
     ids, valid = left_pad(contexts, device)
     B, T = ids.shape
+    R = len(continuations)
     extra = max(len(c) for _, c in continuations) - 1  # continuation tokens fed after the context
     cache = lm.make_kv_cache(B, T + extra)
-    logits = lm(ids, position_ids=positions(valid), mask=prefill_mask(valid), kv_cache=cache,
-                input_pos=torch.arange(T, device=device), valid=valid)[:, -1]
     rows = torch.tensor([row for row, _ in continuations], device=device)
-    R = len(continuations)
     targets = torch.zeros(R, extra + 1, dtype=torch.long)
-    lengths = torch.tensor([len(c) for _, c in continuations])
     for r, (_, c) in enumerate(continuations):
         targets[r, :len(c)] = torch.as_tensor(c)
-    targets, lengths = targets.to(device), lengths.to(device)
-    logprobs = [logits.float().log_softmax(-1).index_select(0, rows).unsqueeze(1)]  # (R, 1, V)
+    targets = targets.to(device)
+    lengths = torch.tensor([len(c) for _, c in continuations], device=device)
+    real = torch.arange(extra + 1, device=device) < lengths[:, None]
+    totals = torch.zeros(R, device=device)
+    greedy = torch.ones(R, dtype=torch.bool, device=device)
+
+    def accumulate(logits: torch.Tensor, first: int) -> None:  # logits (R, c, V) predict targets[:, first:first+c]
+        nonlocal totals, greedy
+        logprobs = logits.float().log_softmax(-1)
+        target, keep = targets[:, first:first + logits.size(1)], real[:, first:first + logits.size(1)]
+        totals = totals + (logprobs.gather(-1, target.unsqueeze(-1)).squeeze(-1) * keep).sum(-1)
+        greedy = greedy & ((logprobs.argmax(-1) == target) | ~keep).all(-1)
+
+    accumulate(prefill(lm, ids, valid, cache, chunk).index_select(0, rows).unsqueeze(1), 0)
     if extra:
         select_cache_rows(cache, rows)
         key_valid = torch.cat([valid.index_select(0, rows), torch.ones(R, extra, dtype=torch.bool, device=device)], 1)
-        step = torch.arange(extra, device=device)
-        causal = torch.arange(T + extra, device=device) <= (T + step)[:, None]  # (extra, T + extra)
-        mask = (key_valid[:, None, :] & causal).unsqueeze(1)
-        start = valid.sum(-1).index_select(0, rows)
-        logits = lm(targets[:, :-1], position_ids=start[:, None] + step, mask=mask, kv_cache=cache,
-                    input_pos=T + step, valid=step < (lengths[:, None] - 1))
-        logprobs.append(logits.float().log_softmax(-1))
-    logprobs = torch.cat(logprobs, 1)  # (R, extra + 1, V): the distribution each target token is drawn from
-    real = torch.arange(extra + 1, device=device) < lengths[:, None]
-    token_logprobs = logprobs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    totals = (token_logprobs * real).sum(-1)
-    greedy = ((logprobs.argmax(-1) == targets) | ~real).all(-1)
+        context_lengths = valid.sum(-1).index_select(0, rows)
+        for first in range(0, extra, chunk):
+            step = torch.arange(first, min(first + chunk, extra), device=device)
+            logits = forward_chunk(lm, targets[:, step], context_lengths[:, None] + step, key_valid, T + first, cache,
+                                   valid=step < (lengths[:, None] - 1))
+            accumulate(logits, first + 1)
     return list(zip(totals.tolist(), greedy.tolist()))
 
 
+def _score_with_thoughts(model: EvalModel, context: tuple[int, ...], continuation: tuple[int, ...]) -> tuple[float, bool]:
+    ids = torch.tensor([[*context, *continuation[:-1]]], device=model.device)
+    logprobs = model.net.next_token_logits(ids, think=True)[0, len(context) - 1:].float().log_softmax(-1)
+    target = torch.tensor(continuation, device=model.device)
+    return logprobs.gather(-1, target[:, None]).sum().item(), bool((logprobs.argmax(-1) == target).all())
+
+
 def loglikelihood_rolling(model: EvalModel, token_lists: Sequence[Sequence[int]], batch_size: int = 16,
-                          progress: bool = False) -> list[float]:
+                          progress: bool = False, chunk: int = 256) -> list[float]:
     """Total log-probability of each token list, from the prefix token on (lm-eval's rolling
     log-likelihood, for perplexity): disjoint windows of up to block_size predicted tokens, each
     conditioned on as much preceding text as fits."""
@@ -121,6 +141,6 @@ def loglikelihood_rolling(model: EvalModel, token_lists: Sequence[Sequence[int]]
             requests.append((full[first:s + 1], full[s + 1:end + 1]))
             owner.append(i)
     totals = [0.0] * len(token_lists)
-    for i, (logprob, _) in zip(owner, loglikelihood(model, requests, batch_size, progress)):
+    for i, (logprob, _) in zip(owner, loglikelihood(model, requests, batch_size, progress, chunk=chunk)):
         totals[i] += logprob
     return totals

@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
+from evals import csqa
+from evals.decoding import DecodingConfig
+from evals.model import EvalModel
 from evals.scoring import encode_pair, loglikelihood, loglikelihood_rolling
+from modeldefs import ModelConfig, Transformer
 from tests.test_eval_decoding import MOD, tiny_model
 
 
@@ -24,10 +30,10 @@ REQUESTS = [  # three contexts, continuations of 1-4 tokens, two requests repeat
 ]
 
 
-@pytest.mark.parametrize("overrides", [{}, MOD], ids=["dense", "mod"])
-def test_batched_prefix_shared_scores_equal_plain_full_forward_scores(overrides):
+@pytest.mark.parametrize("overrides,chunk", [({}, 256), (MOD, 256), (MOD, 2)], ids=["dense", "mod", "mod-chunked"])
+def test_batched_prefix_shared_scores_equal_plain_full_forward_scores(overrides, chunk):
     model = tiny_model(**overrides)
-    batched = loglikelihood(model, REQUESTS, batch_size=2)
+    batched = loglikelihood(model, REQUESTS, batch_size=2, chunk=chunk)
     one_by_one = [loglikelihood(model, [r], batch_size=1)[0] for r in REQUESTS]
     reference = [full_forward_score(model, c, k) for c, k in REQUESTS]
     for got, single, want in zip(batched, one_by_one, reference):
@@ -57,7 +63,7 @@ def test_empty_context_starts_from_the_prefix_token_and_rolling_covers_every_tok
 def test_rolling_windows_longer_than_the_context_add_up():
     model = tiny_model()  # block_size 128
     tokens = [(i * 7) % 250 + 1 for i in range(300)]
-    (rolling,) = loglikelihood_rolling(model, [tokens])
+    (rolling,) = loglikelihood_rolling(model, [tokens], chunk=50)
     full = [0, *tokens]
     windows = [full_forward_score(model, full[max(0, e - 128):s + 1], full[s + 1:e + 1])[0]
                for s, e in [(0, 128), (128, 256), (256, 300)]]
@@ -68,3 +74,75 @@ def test_encode_pair_moves_trailing_spaces_into_the_continuation():
     model = tiny_model()
     assert encode_pair(model, "Answer: ", "A") == (list(b"Answer:"), list(b" A"))
     assert encode_pair(model, "Answer:", " A") == (list(b"Answer:"), list(b" A"))
+
+
+OFFICIAL = {"answerKey": "B", "id": "x", "question": {"question_concept": "c", "stem": " Where do you keep milk? ",
+            "choices": [{"label": l, "text": t} for l, t in zip("ABCDE", ["shelf", "fridge", "car", "bed", "sky"])]}}
+HUB = {"id": "x", "question": " Where do you keep milk? ", "question_concept": "c", "answerKey": "B",
+       "choices": {"label": list("ABCDE"), "text": ["shelf", "fridge", "car", "bed", "sky"]}}
+
+
+def write_jsonl(path, records):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return str(path)
+
+
+def test_both_schemas_load_to_the_same_questions(tmp_path):
+    official = csqa.load(write_jsonl(tmp_path / "official.jsonl", [OFFICIAL]))
+    hub = csqa.load(write_jsonl(tmp_path / "hub.jsonl", [HUB]))
+    assert official == hub == [csqa.Question(" Where do you keep milk? ", ["shelf", "fridge", "car", "bed", "sky"], "B")]
+
+
+def test_prompts_match_lm_eval():
+    q = csqa._question(HUB, "x")
+    assert csqa.letter_prompt(q) == ("Question: Where do you keep milk?\nA. shelf\nB. fridge\nC. car\nD. bed\nE. sky\n"
+                                     "Answer:")
+    assert csqa.cloze_prompt(q) == "Question: Where do you keep milk?\nAnswer:"
+
+
+def test_local_validation_file_has_1221_answered_questions():
+    from tests.conftest import shared_file
+
+    questions = csqa.load(str(shared_file("commonsense_qa/dev_rand_split.jsonl")))
+    assert len(questions) == 1221 and all(len(q.choices) == 5 for q in questions)
+
+
+def test_missing_file_and_unlabelled_records_are_clear_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="CommonsenseQA file not found: .*nope.jsonl"):
+        csqa.load(str(tmp_path / "nope.jsonl"))
+    with pytest.raises(ValueError, match="answerKey"):
+        csqa.load(write_jsonl(tmp_path / "test.jsonl", [{**HUB, "answerKey": ""}]))
+
+
+@pytest.mark.parametrize("completion,letter", [(" B", "B"), (" The answer is C.", "C"), (" (E) sky", "E"),
+                                               (" A fridge", "A"), (" I think so", None)])
+def test_generated_letter_is_the_first_standalone_a_to_e(completion, letter):
+    assert csqa.extract_letter(completion) == letter
+    span = csqa.letter_span(completion)
+    assert (completion[slice(*span)] if span else None) == letter
+
+
+def test_csqa_protocols_pick_the_argmax_of_hand_computed_log_likelihoods(smollm2_tokenizer):
+    torch.manual_seed(0)
+    net = Transformer(ModelConfig.from_name("tiny", n_layer=2)).eval()
+    model = EvalModel(net, smollm2_tokenizer, torch.device("cpu"), torch.float32, "tiny-random")
+    questions = [csqa._question(HUB, "x"), csqa.Question("What is red?", ["apple", "sky", "grass", "sea", "snow"], "A")]
+
+    def by_hand(context: str, option: str) -> float:  # one plain forward over the lm-eval token split
+        c, k = encode_pair(model, context, " " + option)
+        return full_forward_score(model, c, k)[0]
+
+    letters = csqa.evaluate(model, questions, "csqa", DecodingConfig(), progress=False)
+    cloze = csqa.evaluate(model, questions, "csqa_cloze", DecodingConfig(), progress=False)
+    for q, s_letter, s_cloze in zip(questions, letters.samples, cloze.samples):
+        hand = [by_hand(csqa.letter_prompt(q), letter) for letter in csqa.LETTERS]
+        assert s_letter["scores"] == pytest.approx(hand, abs=1e-4)
+        assert s_letter["pred"] == csqa.LETTERS[max(range(5), key=hand.__getitem__)]
+        hand = [by_hand(csqa.cloze_prompt(q), choice) for choice in q.choices]
+        assert s_cloze["pred"] == csqa.LETTERS[max(range(5), key=hand.__getitem__)]
+        normed = [h / len(c) for h, c in zip(hand, q.choices)]
+        assert s_cloze["pred_norm"] == csqa.LETTERS[max(range(5), key=normed.__getitem__)]
+    accuracy = {m.name: m.value for m in cloze.metrics}
+    assert set(accuracy) == {"acc", "acc_norm"}
+    assert accuracy["acc"] == sum(s["pred"] == q.answer for s, q in zip(cloze.samples, questions)) / 2
+    assert letters.n == 2 and letters.scored_tokens > 0 and len(letters.prompts_hash) == 16

@@ -43,10 +43,10 @@ def reference(model: EvalModel, prompt: list[int], n: int) -> list[int]:
     return out[:out.index(0)] if 0 in out else out
 
 
-@pytest.mark.parametrize("overrides", [{}, MOD], ids=["dense", "mod"])
-def test_batched_left_padded_greedy_equals_unbatched_generate(overrides):
+@pytest.mark.parametrize("overrides,chunk", [({}, 256), (MOD, 256), (MOD, 3)], ids=["dense", "mod", "mod-chunked-prefill"])
+def test_batched_left_padded_greedy_equals_unbatched_generate(overrides, chunk):
     model = tiny_model(**overrides)
-    batched = generate_tokens(model, PROMPTS, max_new_tokens=24, batch_size=4)
+    batched = generate_tokens(model, PROMPTS, max_new_tokens=24, batch_size=4, prefill_chunk=chunk)
     assert batched == [reference(model, p, 24) for p in PROMPTS]
     assert any(len(t) == 24 for t in batched)
 

@@ -1,0 +1,232 @@
+"""`quietdepth-eval`: evaluate models on GSM8K / CommonsenseQA under decoding variants, write
+results.json, append to the leaderboard, and plot accuracy against compute knobs.
+
+    quietdepth-eval --model smollm2-135m-instruct --tasks gsm8k csqa --shots 0 5 --decoding greedy cot \\
+        --gsm8k-path ../shared/data/gsm8k/test.jsonl --gsm8k-train-path ../shared/data/gsm8k/train.jsonl \\
+        --csqa-path ../shared/data/commonsense_qa/dev_rand_split.jsonl --limit 50
+    quietdepth-eval plot --leaderboard eval-results --x k --task gsm8k --filter flexible-extract
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from evals import csqa, gsm8k
+from evals.decoding import DecodingConfig
+from evals.leaderboard import COLUMNS, LONG_HEADER, append_rows, log_to_wandb, long_table, read_rows, wide_table
+from evals.model import EvalModel, ModelLoadError, load_eval_model
+from evals.plots import plot_accuracy
+from evals.results import TaskResult, git_commit
+
+TASKS = ("gsm8k", "gsm8k_chat", "csqa", "csqa_cloze", "csqa_gen")
+GENERATIVE = ("gsm8k", "gsm8k_chat", "csqa_gen")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def run_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="quietdepth-eval", description="Evaluate models on GSM8K and CommonsenseQA.")
+    p.add_argument("--model", nargs="+", default=["smollm2-135m-instruct"],
+                   help="model sources: a quietdepth .ckpt, an HF directory or hub id, a .gguf file, or "
+                        "smollm2-135m-instruct (offline default)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer source (default: the model's; smollm2 for a .ckpt)")
+    p.add_argument("--tasks", nargs="+", default=["gsm8k", "csqa"], choices=TASKS, metavar="TASK",
+                   help=f"any of {', '.join(TASKS)} (csqa = lm-eval's commonsense_qa)")
+    p.add_argument("--shots", nargs="+", type=int, default=[5], help="GSM8K few-shot counts (CommonsenseQA is 0-shot)")
+    p.add_argument("--decoding", nargs="+", default=["greedy"], choices=("greedy", "cot", "thoughts"),
+                   help="decoding variants; log-likelihood tasks run under greedy (plain model) and thoughts only")
+    p.add_argument("--cot-k", nargs="+", type=int, default=[10], help="CoT-decoding branch counts (one variant each)")
+    p.add_argument("--cot-aggregate", action="store_true", help="CoT-decoding: sum confidence per answer (paper's agg)")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=16, help="prompts (generation) or contexts (scoring) per forward")
+    p.add_argument("--prefill-chunk", type=int, default=256, help="tokens per forward when reading prompts/contexts")
+    p.add_argument("--limit", type=int, default=None, help="evaluate the first N items of each task only")
+    p.add_argument("--seed", type=int, default=1234, help="few-shot draw seed (lm-eval's default)")
+    p.add_argument("--gsm8k-path", default=gsm8k.HUB_ID, help="hub id or local test jsonl")
+    p.add_argument("--gsm8k-train-path", default=None, help="few-shot pool: hub id or local train jsonl "
+                   "(default: the train split of --gsm8k-path when it is a hub id)")
+    p.add_argument("--csqa-path", default=csqa.HUB_ID, help="hub id or local validation jsonl (either schema)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    p.add_argument("--output", default=None, help="folder for results.json (default eval-results/<UTC time>)")
+    p.add_argument("--leaderboard", default="eval-results", help="folder of leaderboard.csv/.md/.html (appended to)")
+    p.add_argument("--log-samples", action="store_true", help="also write per-item prompts and outputs (jsonl)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return p
+
+
+def plot_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="quietdepth-eval plot", description="Accuracy against k / thought length / capacity.")
+    p.add_argument("--leaderboard", default="eval-results", help="folder holding leaderboard.csv")
+    p.add_argument("--x", required=True, choices=("k", "thought_length", "capacity"))
+    p.add_argument("--task", default="gsm8k")
+    p.add_argument("--metric", default="exact_match")
+    p.add_argument("--filter", default="flexible-extract")
+    p.add_argument("--out", default=None, help="PNG path (default <leaderboard>/<task>_vs_<x>.png)")
+    return p
+
+
+def decodings(args: argparse.Namespace) -> list[DecodingConfig]:
+    configs = []
+    for variant in args.decoding:
+        for k in args.cot_k if variant == "cot" else [args.cot_k[0]]:
+            configs.append(DecodingConfig(variant=variant, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+                                          prefill_chunk=args.prefill_chunk, cot_k=k, cot_aggregate=args.cot_aggregate))
+    return configs
+
+
+def load_data(args: argparse.Namespace) -> dict[str, Any]:
+    """Each needed data set once, cut to --limit (the few-shot pool is never cut)."""
+    data: dict[str, Any] = {}
+    cut = slice(None, args.limit)
+    if {"gsm8k", "gsm8k_chat"} & set(args.tasks):
+        data["gsm8k"] = gsm8k.load(args.gsm8k_path, "test")[cut]
+        data["gsm8k_train"] = []
+        if any(args.shots):
+            train = args.gsm8k_train_path
+            if train is None:
+                if Path(args.gsm8k_path).suffix in (".jsonl", ".json"):
+                    raise FileNotFoundError("few-shot GSM8K from a local test file needs --gsm8k-train-path "
+                                            "(e.g. ../shared/data/gsm8k/train.jsonl), or pass --shots 0")
+                train = args.gsm8k_path
+            data["gsm8k_train"] = gsm8k.load(train, "train")
+    if {"csqa", "csqa_cloze", "csqa_gen"} & set(args.tasks):
+        data["csqa"] = csqa.load(args.csqa_path)[cut]
+    return data
+
+
+def evaluate_model(model: EvalModel, args: argparse.Namespace, data: dict[str, Any]) -> list[TaskResult]:
+    progress = not args.no_progress
+    results = []
+    for decoding in decodings(args):
+        for task in args.tasks:
+            if task not in GENERATIVE and decoding.variant == "cot":
+                continue  # CoT-decoding changes generation only; log-likelihood scores would repeat greedy's
+            if task in ("gsm8k", "gsm8k_chat"):
+                done = [gsm8k.evaluate(model, data["gsm8k"], data["gsm8k_train"], decoding, shots, args.seed,
+                                       chat=task == "gsm8k_chat", progress=progress) for shots in args.shots]
+            else:
+                done = [csqa.evaluate(model, data["csqa"], task, decoding, progress)]
+            for result in done:
+                print(_one_line(model, result), flush=True)
+            results += done
+    return results
+
+
+def _one_line(model: EvalModel, r: TaskResult) -> str:
+    metrics = ", ".join(f"{m.filter}/{m.name} {m.value:.4f} ± {m.stderr:.4f}" for m in r.metrics)
+    return f"[{model.source} | {r.decoding}] {r.task} {r.n_shot}-shot n={r.n}: {metrics} ({r.seconds:.1f} s, {r.tokens_per_s:.1f} tok/s)"
+
+
+def weights_hash(model: EvalModel) -> str:
+    """sha256 (first 16 hex digits) of the parameters in state-dict order: which weights were evaluated."""
+    digest = hashlib.sha256()
+    for name, tensor in model.net.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def model_info(model: EvalModel) -> dict[str, Any]:
+    info = {"source": model.source, "class": type(model.net).__name__, "params": model.lm.num_params(),
+            "weights_sha256": weights_hash(model), "config": model.lm.config.to_dict()}
+    if model.has_thoughts:
+        info["thought_config"] = model.net.thought_config.to_dict()
+    return info
+
+
+def leaderboard_rows(model: EvalModel, results: list[TaskResult], commit: str, date: str) -> list[dict[str, Any]]:
+    capacity = model.lm.config.mod_capacity
+    thought_length = model.net.thought_config.n_ahead if model.has_thoughts else None
+    return [{"model": model.source, "decoding": r.decoding, "task": r.task, "version": r.version, "filter": m.filter,
+             "n_shot": r.n_shot, "metric": m.name, "value": m.value, "stderr": m.stderr, "n": r.n,
+             "tokens_per_s": round(r.tokens_per_s, 2), "capacity": capacity, "thought_length": thought_length,
+             "prompts_hash": r.prompts_hash, "commit": commit, "date": date}
+            for r in results for m in r.metrics]
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    started = time.perf_counter()
+    now = datetime.now(timezone.utc)
+    output = Path(args.output or Path("eval-results") / now.strftime("%Y%m%d-%H%M%S"))
+    commit = git_commit()
+    data = load_data(args)
+    report: dict[str, Any] = {"created": now.isoformat(timespec="seconds"), "git_commit": commit,
+                              "command": ["quietdepth-eval", *sys.argv[1:]], "config": vars(args), "models": []}
+    rows = []
+    for source in args.model:
+        load_start = time.perf_counter()
+        model = load_eval_model(source, args.tokenizer, args.device, DTYPES[args.dtype])
+        entry = {**model_info(model), "load_seconds": round(time.perf_counter() - load_start, 2)}
+        results = evaluate_model(model, args, data)
+        entry["results"] = [r.to_dict() for r in results]
+        report["models"].append(entry)
+        rows += leaderboard_rows(model, results, commit, report["created"])
+        if args.log_samples:
+            output.mkdir(parents=True, exist_ok=True)
+            for r in results:
+                name = f"samples_{Path(source).name}_{r.task}_{r.n_shot}shot_{r.decoding}.jsonl"
+                with (output / name).open("w") as f:
+                    f.writelines(json.dumps(s) + "\n" for s in r.samples)
+        del model
+    report["wall_seconds"] = round(time.perf_counter() - started, 2)
+    output.mkdir(parents=True, exist_ok=True)
+    (output / "results.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+    everything, added = append_rows(args.leaderboard, rows)
+    logged = log_to_wandb([{c: str(r[c]) if r[c] is not None else "" for c in COLUMNS} for r in rows])
+    print(summary(rows, output, args.leaderboard, added, logged, report["wall_seconds"]))
+    return report
+
+
+def summary(rows: list[dict[str, Any]], output: Path, leaderboard: str, added: int, wandb_logged: bool,
+            seconds: float) -> str:
+    """The final printout: this run's long table and wide summary, and where everything went."""
+    text_rows = [{c: "" if r[c] is None else str(r[c]) for c in COLUMNS} for r in rows]
+
+    def table(header: list[str], body: list[list[str]]) -> str:
+        widths = [max(len(h), *(len(row[i]) for row in body)) if body else len(h) for i, h in enumerate(header)]
+        fmt = lambda cells: "|" + "|".join(f" {c:<{w}} " for c, w in zip(cells, widths)) + "|"  # noqa: E731
+        return "\n".join([fmt(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(fmt, body)])
+
+    header, wide = wide_table(text_rows)
+    board = Path(leaderboard)
+    lines = ["", "quietdepth-eval results", table(LONG_HEADER, long_table(text_rows)), "", table(header, wide), "",
+             f"results:     {output / 'results.json'}",
+             f"leaderboard: {board / 'leaderboard.md'} (+ .csv, .html); {added} new row(s) of {len(rows)}",
+             f"wall time:   {seconds:.1f} s" + ("; leaderboard logged to the active W&B run" if wandb_logged else "")]
+    return "\n".join(lines)
+
+
+def plot(args: argparse.Namespace) -> Path:
+    rows = read_rows(Path(args.leaderboard) / "leaderboard.csv")
+    if not rows:
+        raise FileNotFoundError(f"no leaderboard rows in {Path(args.leaderboard) / 'leaderboard.csv'}; run an evaluation first")
+    out = args.out or Path(args.leaderboard) / f"{args.task}_vs_{args.x}.png"
+    path = plot_accuracy(rows, args.x, args.task, args.metric, args.filter, out)
+    print(f"wrote {path}")
+    return path
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    is_plot = bool(argv) and argv[0] == "plot"
+    parser = plot_parser() if is_plot else run_parser()
+    args = parser.parse_args(argv[1:] if is_plot or (argv and argv[0] == "run") else argv)
+    try:
+        plot(args) if is_plot else run(args)
+    except (ModelLoadError, FileNotFoundError) as error:
+        parser.exit(2, f"{parser.prog}: error: {error}\n")
+    except ValueError as error:  # bad settings found past argument parsing (a data file's schema, a decoding field)
+        parser.exit(2, f"{parser.prog}: error: {error}\n")
+
+
+if __name__ == "__main__":
+    main()

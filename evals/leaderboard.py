@@ -1,0 +1,134 @@
+"""The leaderboard: one CSV of result rows that every run appends to, rendered as Markdown and HTML
+(lm-eval's long table and a wide per-model summary), and as a W&B Table when a run is active.
+
+A row is one metric of one task for one model under one decoding. A re-run appends its rows; a row
+equal to one already there in everything but date, commit and speed is not added again.
+"""
+
+from __future__ import annotations
+
+import csv
+import html
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+COLUMNS = ["model", "decoding", "task", "version", "filter", "n_shot", "metric", "value", "stderr", "n",
+           "tokens_per_s", "capacity", "thought_length", "prompts_hash", "commit", "date"]
+_NOT_IDENTITY = {"tokens_per_s", "commit", "date"}
+LONG_HEADER = ["Model", "Decoding", "Tasks", "Version", "Filter", "n-shot", "Metric", "Value", "± Stderr", "n"]
+
+
+def _key(row: dict[str, Any]) -> tuple[str, ...]:
+    return tuple(str(row[c]) for c in COLUMNS if c not in _NOT_IDENTITY)
+
+
+def read_rows(path: str | Path) -> list[dict[str, str]]:
+    """Rows of a leaderboard CSV (none if it does not exist yet)."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    with path.open(newline="") as f:
+        reader = csv.DictReader(f)
+        if reader.fieldnames != COLUMNS:
+            raise ValueError(f"{path} is not a quietdepth leaderboard (columns {reader.fieldnames}, expected {COLUMNS}); "
+                             "point --leaderboard at another folder")
+        return list(reader)
+
+
+def append_rows(directory: str | Path, rows: Sequence[dict[str, Any]]) -> tuple[list[dict[str, str]], int]:
+    """Append `rows` to `directory`/leaderboard.csv (skipping rows already there), rewrite the Markdown
+    and HTML views; returns (all rows, rows added)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / "leaderboard.csv"
+    existing = read_rows(path)
+    seen = {_key(r) for r in existing}
+    added = []
+    for row in rows:
+        row = {c: "" if row.get(c) is None else str(row[c]) for c in COLUMNS}
+        if _key(row) not in seen:
+            seen.add(_key(row))
+            added.append(row)
+    new_file = not path.is_file()
+    with path.open("a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+        if new_file:
+            writer.writeheader()
+        writer.writerows(added)
+    everything = existing + added
+    (directory / "leaderboard.md").write_text(markdown(everything))
+    (directory / "leaderboard.html").write_text(html_page(everything))
+    return everything, len(added)
+
+
+def _number(text: str, digits: int = 4) -> str:
+    if text in ("", "nan"):
+        return "N/A" if text == "nan" else ""
+    value = float(text)
+    return "N/A" if math.isnan(value) else f"{value:.{digits}f}"
+
+
+def long_table(rows: Sequence[dict[str, str]]) -> list[list[str]]:
+    """lm-eval's results table (Tasks | Version | Filter | n-shot | Metric | Value | ± Stderr), per model and decoding."""
+    return [[r["model"], r["decoding"], r["task"], r["version"], r["filter"], r["n_shot"], r["metric"],
+             _number(r["value"]), _number(r["stderr"]), r["n"]] for r in rows]
+
+
+def wide_table(rows: Sequence[dict[str, str]]) -> tuple[list[str], list[list[str]]]:
+    """(header, rows): one row per model and decoding — GSM8K strict/flexible per n-shot, CommonsenseQA
+    acc, and the generation speed; the latest value wins."""
+    shots = sorted({int(r["n_shot"]) for r in rows if r["task"] == "gsm8k"})
+    columns = [f"gsm8k {s}-shot {f}" for s in shots for f in ("strict", "flexible")] + ["csqa acc", "tokens/s"]
+    table: dict[tuple[str, str], dict[str, str]] = {}
+    for r in rows:
+        cells = table.setdefault((r["model"], r["decoding"]), {})
+        if r["task"] == "gsm8k":
+            name = "strict" if r["filter"] == "strict-match" else "flexible"
+            cells[f"gsm8k {r['n_shot']}-shot {name}"] = _number(r["value"])
+            cells["tokens/s"] = _number(r["tokens_per_s"], 1)
+        elif r["task"] == "csqa" and r["metric"] == "acc":
+            cells["csqa acc"] = _number(r["value"])
+    header = ["model", "decoding", *columns]
+    return header, [[model, decoding, *(cells.get(c, "") for c in columns)] for (model, decoding), cells in table.items()]
+
+
+def _markdown_table(header: Sequence[str], body: Sequence[Sequence[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in body]
+    return "\n".join(lines)
+
+
+def markdown(rows: Sequence[dict[str, str]]) -> str:
+    header, wide = wide_table(rows)
+    return (f"# Leaderboard\n\n## Summary\n\n{_markdown_table(header, wide)}\n\n"
+            f"## All results\n\n{_markdown_table(LONG_HEADER, long_table(rows))}\n")
+
+
+def _html_table(header: Sequence[str], body: Sequence[Sequence[str]]) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    cells = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in body)
+    return f"<table>\n<thead><tr>{head}</tr></thead>\n<tbody>{cells}</tbody>\n</table>"
+
+
+def html_page(rows: Sequence[dict[str, str]]) -> str:
+    header, wide = wide_table(rows)
+    style = "table{border-collapse:collapse;margin-bottom:2em}td,th{border:1px solid #ccc;padding:2px 8px}"
+    return (f"<!doctype html>\n<html><head><meta charset='utf-8'><title>quietdepth leaderboard</title>"
+            f"<style>{style}</style></head><body>\n<h2>Summary</h2>\n{_html_table(header, wide)}\n"
+            f"<h2>All results</h2>\n{_html_table(LONG_HEADER, long_table(rows))}\n</body></html>\n")
+
+
+def log_to_wandb(rows: Sequence[dict[str, str]]) -> bool:
+    """Log the rows as W&B Tables (long and summary) to the active run; False when there is none."""
+    try:
+        import wandb
+    except ImportError:
+        return False
+    if wandb.run is None:
+        return False
+    header, wide = wide_table(rows)
+    wandb.run.log({"eval/leaderboard": wandb.Table(columns=COLUMNS, data=[[r[c] for c in COLUMNS] for r in rows]),
+                   "eval/summary": wandb.Table(columns=header, data=wide)})
+    return True

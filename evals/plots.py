@@ -1,0 +1,58 @@
+"""Accuracy against a compute knob — CoT-decoding's k, Quiet-STaR's thought length, Mixture-of-Depths
+capacity — from leaderboard rows, as a PNG with standard-error bars, one line per group."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Literal
+
+XAxis = Literal["k", "thought_length", "capacity"]
+_COT_K = re.compile(r"^cot-k(\d+)")
+
+
+def x_value(row: dict[str, str], x: XAxis) -> float | None:
+    """The row's value on the x axis, or None if the row does not vary it (greedy counts as k = 1)."""
+    if x == "k":
+        match = _COT_K.match(row["decoding"])
+        return float(match.group(1)) if match else (1.0 if row["decoding"] == "greedy" else None)
+    return float(row[x]) if row[x] else None
+
+
+def plot_accuracy(rows: Sequence[dict[str, str]], x: XAxis, task: str, metric: str, filter: str, out: str | Path) -> Path:
+    """Write a PNG of `metric` (under `filter`) on `task` against `x`: one line per model for k, per
+    decoding otherwise; the latest row wins where a point repeats."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display on servers
+    import matplotlib.pyplot as plt
+
+    lines: dict[str, dict[float, tuple[float, float]]] = {}
+    for row in rows:
+        if (row["task"], row["metric"], row["filter"]) != (task, metric, filter):
+            continue
+        value = x_value(row, x)
+        if value is None:
+            continue
+        group = row["model"] if x == "k" else row["decoding"]
+        stderr = float(row["stderr"]) if row["stderr"] not in ("", "nan") else 0.0
+        lines.setdefault(group, {})[value] = (float(row["value"]), stderr)
+    if not lines:
+        raise ValueError(f"no leaderboard rows with task={task!r}, metric={metric!r}, filter={filter!r} that vary {x!r}; "
+                         "check the names against leaderboard.csv")
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for group, points in sorted(lines.items()):
+        xs = sorted(points)
+        ax.errorbar(xs, [points[v][0] for v in xs], yerr=[points[v][1] for v in xs], marker="o", capsize=3, label=group)
+    ax.set_xlabel({"k": "CoT-decoding k (1 = greedy)", "thought_length": "thought length (tokens)",
+                   "capacity": "Mixture-of-Depths capacity"}[x])
+    ax.set_ylabel(f"{task} {metric} ({filter})")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out

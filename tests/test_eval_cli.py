@@ -1,0 +1,125 @@
+"""`quietdepth-eval`: an end-to-end run on a tiny random checkpoint, the leaderboard, plots, bad inputs."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from evals import leaderboard
+from evals.cli import main
+from modeldefs import ModelConfig, Transformer
+from tests.conftest import shared_file
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    """A random `tiny` model saved the way training saves checkpoints (model_config + `model.` keys)."""
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig.from_name("tiny", n_layer=2, block_size=512))
+    path = tmp_path_factory.mktemp("ckpt") / "tiny.ckpt"
+    torch.save({"model_config": model.config.to_dict(),
+                "state_dict": {f"model.{k}": v for k, v in model.state_dict().items()}}, path)
+    return path
+
+
+def data_args() -> list[str]:
+    return ["--gsm8k-path", str(shared_file("gsm8k/test.jsonl")), "--gsm8k-train-path", str(shared_file("gsm8k/train.jsonl")),
+            "--csqa-path", str(shared_file("commonsense_qa/dev_rand_split.jsonl"))]
+
+
+def run_args(checkpoint: Path, tokenizer: Path, out: Path, *extra: str) -> list[str]:
+    return ["--model", str(checkpoint), "--tokenizer", str(tokenizer), "--limit", "2", "--max-new-tokens", "6",
+            "--output", str(out / "run"), "--leaderboard", str(out / "board"), "--no-progress", *data_args(), *extra]
+
+
+def test_end_to_end_run_writes_results_and_leaderboard_and_reruns_do_not_duplicate(
+        tiny_checkpoint, smollm2_tokenizer_dir, tmp_path, capsys):
+    args = run_args(tiny_checkpoint, smollm2_tokenizer_dir, tmp_path, "--tasks", "gsm8k", "csqa", "csqa_cloze", "csqa_gen",
+                    "--shots", "0", "1", "--decoding", "greedy", "cot", "--cot-k", "2", "--log-samples")
+    main(args)
+    report = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert report["git_commit"] and report["wall_seconds"] > 0
+    (entry,) = report["models"]
+    assert entry["source"] == str(tiny_checkpoint) and len(entry["weights_sha256"]) == 16
+    done = {(r["task"], r["decoding"], r["n_shot"]) for r in entry["results"]}
+    assert done == {("gsm8k", "greedy", 0), ("gsm8k", "greedy", 1), ("csqa", "greedy", 0), ("csqa_cloze", "greedy", 0),
+                    ("csqa_gen", "greedy", 0), ("gsm8k", "cot-k2", 0), ("gsm8k", "cot-k2", 1), ("csqa_gen", "cot-k2", 0)}
+    for result in entry["results"]:
+        assert result["n"] == 2 and result["prompts_hash"] and result["seconds"] > 0 and result["tokens_per_s"] > 0
+        assert all(0 <= m["value"] <= 1 for m in result["metrics"])
+    gsm8k_filters = {m["filter"] for r in entry["results"] if r["task"] == "gsm8k" for m in r["metrics"]}
+    assert gsm8k_filters == {"strict-match", "flexible-extract"}
+    assert len(list((tmp_path / "run").glob("samples_*.jsonl"))) == 8
+    board = tmp_path / "board"
+    rows = list(csv.DictReader((board / "leaderboard.csv").open()))
+    assert len(rows) == 2 * 2 + 1 + 2 + 1 + 2 * 2 + 1  # gsm8k has two filters per shot count; cloze acc + acc_norm
+    markdown = (board / "leaderboard.md").read_text()
+    assert "| Tasks | Version | Filter | n-shot | Metric | Value | ± Stderr |" in markdown
+    assert "| model | decoding | gsm8k 0-shot strict | gsm8k 0-shot flexible | gsm8k 1-shot strict" in markdown
+    assert "<table>" in (board / "leaderboard.html").read_text()
+    out = capsys.readouterr().out
+    assert "quietdepth-eval results" in out and f"{len(rows)} new row(s) of {len(rows)}" in out
+
+    main(args)  # identical results: nothing appended
+    assert len(list(csv.DictReader((board / "leaderboard.csv").open()))) == len(rows)
+    assert f"0 new row(s) of {len(rows)}" in capsys.readouterr().out
+
+
+def test_plot_writes_a_png_of_accuracy_against_cot_k(tmp_path):
+    base = dict(model="m", task="gsm8k", version="3.0", filter="flexible-extract", n_shot=0, metric="exact_match",
+                n=10, tokens_per_s=1.0, capacity=None, thought_length=None, prompts_hash="h", commit="c", date="d")
+    rows = [{**base, "decoding": d, "value": v, "stderr": 0.1} for d, v in [("greedy", 0.1), ("cot-k3", 0.2), ("cot-k5", 0.3)]]
+    leaderboard.append_rows(tmp_path, rows)
+    main(["plot", "--leaderboard", str(tmp_path), "--x", "k"])
+    png = tmp_path / "gsm8k_vs_k.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(SystemExit):
+        main(["plot", "--leaderboard", str(tmp_path), "--x", "capacity"])
+
+
+def test_leaderboard_appends_new_rows_and_skips_identical_ones(tmp_path):
+    row = dict(model="m", decoding="greedy", task="csqa", version="N/A", filter="none", n_shot=0, metric="acc",
+               value=0.5, stderr=0.1, n=4, tokens_per_s=3.0, capacity=None, thought_length=None, prompts_hash="h",
+               commit="c1", date="d1")
+    _, added = leaderboard.append_rows(tmp_path, [row])
+    assert added == 1
+    rows, added = leaderboard.append_rows(tmp_path, [{**row, "commit": "c2", "date": "d2", "tokens_per_s": 9.0},
+                                                     {**row, "value": 0.75}])
+    assert added == 1 and [r["value"] for r in rows] == ["0.5", "0.75"]
+    assert (tmp_path / "leaderboard.csv").read_text().count("\n") == 3
+    header, wide = leaderboard.wide_table(rows)
+    assert header == ["model", "decoding", "csqa acc", "tokens/s"] and wide == [["m", "greedy", "0.7500", ""]]
+
+
+def test_unknown_task_is_a_clear_error(capsys):
+    with pytest.raises(SystemExit):
+        main(["--tasks", "mmlu"])
+    assert "invalid choice: 'mmlu'" in capsys.readouterr().err
+
+
+def test_missing_data_file_is_a_clear_error(tiny_checkpoint, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--model", str(tiny_checkpoint), "--tasks", "csqa", "--csqa-path", str(tmp_path / "nope.jsonl")])
+    assert exit_info.value.code == 2
+    assert "CommonsenseQA file not found" in capsys.readouterr().err
+
+
+def test_model_that_cannot_be_loaded_is_a_clear_error(tmp_path, capsys):
+    bad = tmp_path / "broken.ckpt"
+    torch.save({"state_dict": {}}, bad)
+    for source in (str(tmp_path / "missing.ckpt"), str(bad), str(tmp_path)):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["--model", source, "--tasks", "csqa", *data_args(), "--limit", "1", "--output", str(tmp_path / "o"),
+                  "--leaderboard", str(tmp_path / "b")])
+        assert exit_info.value.code == 2
+        assert f"cannot load model {source!r}" in capsys.readouterr().err
+
+
+def test_thoughts_on_a_plain_model_is_a_clear_error(tiny_checkpoint, smollm2_tokenizer_dir, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(run_args(tiny_checkpoint, smollm2_tokenizer_dir, tmp_path, "--tasks", "csqa_gen", "--decoding", "thoughts"))
+    assert "needs a Quiet-STaR model" in capsys.readouterr().err
