@@ -61,7 +61,7 @@ def load_models(source: str, batch_size: int, hf_batch_size: int):
 def tokens_processed(samples: list[dict[str, Any]], tokenizer: Any) -> int:
     """Tokens read or written for a task's logged requests (same count for both sides)."""
     total = 0
-    for sample in samples:
+    for sample in unique_docs(samples):
         for i, (context, second) in enumerate(sample["arguments"]):
             if isinstance(second, str):  # log-likelihood request: (context, continuation)
                 total += len(tokenizer.encode(context + second, add_special_tokens=False))
@@ -85,6 +85,11 @@ def time_requests(lm: Any) -> Any:
     return lm
 
 
+def unique_docs(samples: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One logged sample per document (lm-eval logs a generation task's documents once per filter)."""
+    return list({sample["doc_id"]: sample for sample in samples}.values())
+
+
 def run(lm: Any, task: str, limit: int | None, task_manager: Any, tokenizer: Any) -> dict[str, Any]:
     from lm_eval import simple_evaluate
 
@@ -96,7 +101,7 @@ def run(lm: Any, task: str, limit: int | None, task_manager: Any, tokenizer: Any
                if "," in k and "_stderr" not in k}
     stderrs = {k.replace("_stderr,", "/"): v for k, v in out["results"][task].items() if "_stderr," in k}
     tokens = tokens_processed(out["samples"][task], tokenizer)
-    return {"seconds": seconds, "request_seconds": lm.request_seconds, "n": len(out["samples"][task]), "tokens": tokens,
+    return {"seconds": seconds, "request_seconds": lm.request_seconds, "n": len(unique_docs(out["samples"][task])), "tokens": tokens,
             "tokens_per_s": tokens / lm.request_seconds,
             "metrics": {k: (v, stderrs.get(k)) for k, v in metrics.items()}}
 
