@@ -33,7 +33,7 @@ def positions(valid: torch.Tensor) -> torch.Tensor:
 
 def forward_chunk(lm: torch.nn.Module, ids: torch.Tensor, position_ids: torch.Tensor, key_valid: torch.Tensor,
                   start: int, cache: list[torch.nn.Module], valid: torch.Tensor | None = None) -> torch.Tensor:
-    """Logits (B, c, V) of tokens `ids` (B, c) written to cache slots start..start+c-1.
+    """Final hidden states (B, c, n_embd) of tokens `ids` (B, c) written to cache slots start..start+c-1.
 
     key_valid: (B, >= start + c) bool, False at padding slots. Each query attends causally to the
     real keys; a padding query sees only itself, so its (discarded) output stays finite.
@@ -42,21 +42,22 @@ def forward_chunk(lm: torch.nn.Module, ids: torch.Tensor, position_ids: torch.Te
     slots = torch.arange(start, end, device=ids.device)
     keys = torch.arange(end, device=ids.device)
     mask = (key_valid[:, None, :end] & (keys <= slots[:, None])) | (keys == slots[:, None])
-    return lm(ids, position_ids=position_ids, mask=mask.unsqueeze(1), kv_cache=cache, input_pos=slots, valid=valid)
+    return lm.hidden(lm.embed(ids), position_ids=position_ids, mask=mask.unsqueeze(1), kv_cache=cache, input_pos=slots,
+                     valid=valid)
 
 
 def prefill(lm: torch.nn.Module, ids: torch.Tensor, valid: torch.Tensor, cache: list[torch.nn.Module],
             chunk: int) -> torch.Tensor:
     """Run left-padded prompts (B, T) into `cache` `chunk` tokens at a time; last-position logits (B, V).
 
-    Chunking bounds the logits tensor to (B, chunk, V): the whole prompt's would be vocabulary-sized
-    per token (GBs for few-shot prompts), and only the last position's is needed.
+    Only the last position goes through the output head (the others' logits would be vocabulary-sized
+    per token, GBs for few-shot prompts); chunks bound the attention and MLP activations.
     """
     pos = positions(valid)
     for start in range(0, ids.size(1), chunk):
         end = start + chunk
-        logits = forward_chunk(lm, ids[:, start:end], pos[:, start:end], valid, start, cache, valid[:, start:end])
-    return logits[:, -1]
+        hidden = forward_chunk(lm, ids[:, start:end], pos[:, start:end], valid, start, cache, valid[:, start:end])
+    return lm.lm_head(hidden[:, -1])
 
 
 def select_cache_rows(cache: list[torch.nn.Module], rows: torch.Tensor) -> None:

@@ -32,9 +32,11 @@ class DecodingConfig:
     max_new_tokens: int = 256
     """Generated tokens per completion at most (lm-eval's GSM8K default)."""
     batch_size: int = 16
-    """Prompts per forward pass (CoT-decoding runs cot_k rows per prompt)."""
+    """Rows per forward pass: prompts, or for CoT-decoding batch_size // cot_k prompts (at least one)
+    of cot_k branches each."""
     prefill_chunk: int = 256
-    """Prompt tokens per forward when filling the KV cache (bounds the prompt's logits in memory)."""
+    """Prompt tokens per forward when filling the KV cache (bounds activation memory for long
+    few-shot prompts and large batches); also the chunk of log-likelihood scoring."""
     cot_k: int = 10
     """CoT-decoding: branches, one per top-k first token (the paper's default is 10)."""
     cot_aggregate: bool = False
@@ -258,7 +260,8 @@ def generate_thoughts_tokens(model: EvalModel, prompts: Sequence[Sequence[int]],
                          f"{model.source} is a plain {type(model.net).__name__} — use 'greedy' or 'cot'")
     from modeldefs.thought_generate import generate_with_thoughts  # only Quiet-STaR models need it
 
-    limit = _prompt_limit(model, max_new_tokens)
+    scratch = model.net.thought_config.n_ahead - 2  # a thought's slots past the newest token
+    limit = _prompt_limit(model, max_new_tokens + scratch)
     out = []
     for prompt in tqdm(prompts, desc="generate with thoughts", disable=not progress):
         ids = torch.tensor([list(prompt)[-limit:]], device=model.device)
@@ -280,8 +283,8 @@ def decode_completions(model: EvalModel, prompts: Sequence[Sequence[int]], confi
     `answer_span` locates the answer for CoT-decoding's confidence."""
     if config.variant == "cot":
         results = cot_decode(model, prompts, config.max_new_tokens, stop, answer_span, k=config.cot_k,
-                             aggregate=config.cot_aggregate, batch_size=config.batch_size, progress=progress,
-                             prefill_chunk=config.prefill_chunk)
+                             aggregate=config.cot_aggregate, batch_size=max(1, config.batch_size // config.cot_k),
+                             progress=progress, prefill_chunk=config.prefill_chunk)
         return [r.text for r in results], sum(r.generated_tokens for r in results)
     if config.variant == "thoughts":
         tokens = generate_thoughts_tokens(model, prompts, config.max_new_tokens, progress)

@@ -36,9 +36,11 @@ def loglikelihood(model: EvalModel, requests: Sequence[tuple[Sequence[int], Sequ
     """For each (context ids, continuation ids): the summed log-probability of the continuation given
     the context, and whether greedy decoding would produce exactly that continuation.
 
-    batch_size: distinct contexts per forward pass (their continuations ride along).
     An empty context is replaced by the prefix token (BOS, else EOS) and an over-long one keeps its
     last tokens, as in lm-eval. Results come back in request order.
+
+    batch_size: distinct contexts per forward pass (their continuations ride along; a batch's longest
+    context plus longest continuation fits block_size).
     chunk: tokens per forward along the sequence (bounds the (rows, chunk, vocab) logits in memory).
     think: score with a Quiet-STaR model's thought-mixed logits (`next_token_logits(think=True)`,
     a full forward per request: thoughts have no shared-prefix cache).
@@ -113,9 +115,9 @@ def _score_batch(model: EvalModel, contexts: list[tuple[int, ...]], continuation
         context_lengths = valid.sum(-1).index_select(0, rows)
         for first in range(0, extra, chunk):
             step = torch.arange(first, min(first + chunk, extra), device=device)
-            logits = forward_chunk(lm, targets[:, step], context_lengths[:, None] + step, key_valid, T + first, cache,
+            hidden = forward_chunk(lm, targets[:, step], context_lengths[:, None] + step, key_valid, T + first, cache,
                                    valid=step < (lengths[:, None] - 1))
-            accumulate(logits, first + 1)
+            accumulate(lm.lm_head(hidden), first + 1)
     return list(zip(totals.tolist(), greedy.tolist()))
 
 

@@ -27,6 +27,14 @@ class KVCache(nn.Module):
         end = int(input_pos[-1]) + 1
         return self.k[:, :, :end], self.v[:, :, :end]
 
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, input_pos: torch.Tensor,
+               mask: torch.Tensor | None) -> torch.Tensor:
+        """Write the new k/v at `input_pos`, then attend q (B, H, T, D) over the cache up to the last
+        slot written under `mask` (None: every cached key). A cache with structure it knows better
+        (Quiet-STaR's thought chains) overrides this."""
+        k, v = self.update(input_pos, k, v)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=k.size(1) != q.size(1))
+
 
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
@@ -50,9 +58,10 @@ class CausalSelfAttention(nn.Module):
         v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if kv_cache is not None:
-            k, v = kv_cache.update(input_pos, k, v)
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
-            enable_gqa=self.n_kv_head != self.n_head,
-        )
+            y = kv_cache.attend(q, k, v, input_pos, mask)
+        else:
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
+                enable_gqa=self.n_kv_head != self.n_head,
+            )
         return self.proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))

@@ -52,7 +52,18 @@ class Transformer(nn.Module):
         kv_cache / input_pos: one `KVCache` per block and the cache slots (T,) the new tokens fill.
         valid: (B, T) bool, False at padding; Mixture-of-Depths routers never pick padding.
         """
-        T = idx.size(1)
+        return self.lm_head(self.hidden(self.embed(idx), position_ids, mask, kv_cache, input_pos, valid))
+
+    def hidden(self, x: torch.Tensor, position_ids: torch.Tensor | None = None,
+               mask: torch.Tensor | None = None, kv_cache: list[KVCache] | None = None,
+               input_pos: torch.Tensor | None = None, valid: torch.Tensor | None = None) -> torch.Tensor:
+        """Final-normed hidden states (B, T, n_embd) for input embeddings `x` (B, T, n_embd).
+
+        `forward` is `lm_head(hidden(embed(idx), ...))`; this entry point takes vectors that are not
+        rows of the embedding (Quiet-STaR's thought markers) and returns what comes before the head
+        (Quiet-STaR mixes hidden states). Other arguments as in `forward`.
+        """
+        T = x.size(1)
         if kv_cache is not None and input_pos is None:
             raise ValueError("input_pos is required with kv_cache")
         if T > self.config.block_size:
@@ -61,20 +72,19 @@ class Transformer(nn.Module):
                 " shorten the sequence or raise block_size"
             )
         if position_ids is None:
-            position_ids = input_pos if input_pos is not None else torch.arange(T, device=idx.device)
+            position_ids = input_pos if input_pos is not None else torch.arange(T, device=x.device)
         if kv_cache is not None and mask is None and T > 1:
-            mask = torch.arange(int(input_pos[-1]) + 1, device=idx.device) <= input_pos[:, None]
+            mask = torch.arange(int(input_pos[-1]) + 1, device=x.device) <= input_pos[:, None]
         if position_ids.dim() == 1:
             position_ids = position_ids.unsqueeze(0)
         cos, sin = self.rope_cos[position_ids], self.rope_sin[position_ids]
-        x = self.embed(idx)
         for i, block in enumerate(self.blocks):
             cache = None if kv_cache is None else kv_cache[i]
             if isinstance(block, RoutedBlock):
                 x = block(x, cos, sin, mask, cache, input_pos, valid=valid)
             else:
                 x = block(x, cos, sin, mask, cache, input_pos)
-        return self.lm_head(self.norm(x))
+        return self.norm(x)
 
     def make_kv_cache(self, batch_size: int, max_len: int, dtype: torch.dtype | None = None) -> list[KVCache]:
         """One empty `KVCache` per block, on the model's device."""

@@ -7,11 +7,17 @@ A *source* is one of:
 - a directory holding an HF checkpoint (config.json + weights);
 - a hub id such as ``HuggingFaceTB/SmolLM2-135M`` (needs network access);
 - a quietdepth ``.ckpt`` written by training (read with ``weights_only=True``).
+
+A Quiet-STaR model (`QuietStar`) round-trips too: its checkpoint carries ``thought_config`` beside
+``model_config``; its HF export is the base LM plus ``thoughts.safetensors`` (<start>/<end> vectors,
+mixing head) and ``thought_config.json``, and `load_pretrained` on that directory returns the
+`QuietStar` again, bit-exact.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -21,9 +27,12 @@ import torch
 from modeldefs.config import ModelConfig
 from modeldefs.convert import config_from_hf, hf_config_dict, state_dict_from_hf, state_dict_to_hf
 from modeldefs.model import Transformer
+from modeldefs.quietstar import QuietStar, ThoughtConfig
 
 OFFLINE_DEFAULT = "smollm2-135m-instruct"
 _SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+THOUGHT_WEIGHTS = "thoughts.safetensors"
+THOUGHT_CONFIG = "thought_config.json"
 
 
 def smollm2_gguf_path() -> Path:
@@ -67,24 +76,48 @@ def from_hf_model(hf_model: torch.nn.Module, name: str = "custom") -> Transforme
     return model
 
 
-def load_checkpoint(path: str | os.PathLike) -> Transformer:
-    """Our model from a quietdepth Lightning checkpoint (architecture stored beside the weights)."""
+def load_checkpoint(path: str | os.PathLike) -> Transformer | QuietStar:
+    """Our model from a quietdepth Lightning checkpoint (architecture stored beside the weights): a
+    `QuietStar` where the checkpoint has a ``thought_config``, else a `Transformer`."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     if "model_config" not in checkpoint:
         raise ValueError(f"{path} has no 'model_config': not a checkpoint written by quietdepth training")
-    model = Transformer(ModelConfig.from_dict(checkpoint["model_config"]))
+    model: Transformer | QuietStar = Transformer(ModelConfig.from_dict(checkpoint["model_config"]))
+    if "thought_config" in checkpoint:
+        # init_token_id only seeds <start>/<end>; the strict load below replaces them with the trained ones
+        model = QuietStar(model, ThoughtConfig.from_dict(checkpoint["thought_config"]), init_token_id=0)
     prefix = "model."
     model.load_state_dict({k[len(prefix):]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)})
     return model
 
 
-def load_pretrained(source: str) -> Transformer:
+def load_pretrained(source: str) -> Transformer | QuietStar:
     """Our model with the weights of `source` (see the module docstring), in fp32, train mode."""
     if source.endswith(".ckpt"):
         return load_checkpoint(source)
-    return from_hf_model(load_hf_model(source), name=Path(source).stem if source.endswith(".gguf") else source)
+    lm = from_hf_model(load_hf_model(source), name=Path(source).stem if source.endswith(".gguf") else source)
+    if os.path.isfile(os.path.join(source, THOUGHT_CONFIG)):
+        return _load_thoughts(lm, Path(source))
+    return lm
+
+
+def _load_thoughts(lm: Transformer, directory: Path) -> QuietStar:
+    """Wrap `lm` in the `QuietStar` saved by `export_hf` in `directory`."""
+    from safetensors.torch import load_file
+
+    weights = directory / THOUGHT_WEIGHTS
+    if not weights.is_file():
+        raise FileNotFoundError(f"{directory} has {THOUGHT_CONFIG} but no {THOUGHT_WEIGHTS}:"
+                                " an incomplete Quiet-STaR export")
+    config = ThoughtConfig.from_dict(json.loads((directory / THOUGHT_CONFIG).read_text()))
+    model = QuietStar(lm, config, init_token_id=0)
+    missing, unexpected = model.load_state_dict(load_file(weights), strict=False)
+    missing = [k for k in missing if not k.startswith("lm.")]
+    if missing or unexpected:
+        raise ValueError(f"{weights} does not match the Quiet-STaR model: missing {missing}, unexpected {unexpected}")
+    return model
 
 
 def load_tokenizer(source: str) -> Any:
@@ -109,17 +142,24 @@ def to_hf_model(model: Transformer) -> torch.nn.Module:
     return hf_model
 
 
-def export_hf(model: Transformer, out_dir: str | os.PathLike, tokenizer: Any | None = None) -> Path:
+def export_hf(model: Transformer | QuietStar, out_dir: str | os.PathLike, tokenizer: Any | None = None) -> Path:
     """Write an HF directory (config.json + model.safetensors [+ tokenizer]) that
-    `transformers.AutoModelForCausalLM.from_pretrained` loads."""
+    `transformers.AutoModelForCausalLM.from_pretrained` loads. For a `QuietStar` that is its base LM,
+    plus thoughts.safetensors and thought_config.json, which `load_pretrained(out_dir)` reads back."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    hf_model = to_hf_model(model)
+    hf_model = to_hf_model(model.lm if isinstance(model, QuietStar) else model)
     if tokenizer is not None:
         for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
             setattr(hf_model.config, key, getattr(tokenizer, key))
         tokenizer.save_pretrained(out)
     hf_model.save_pretrained(out, safe_serialization=True)
+    if isinstance(model, QuietStar):
+        from safetensors.torch import save_file
+
+        thoughts = {k: v.detach().contiguous() for k, v in model.state_dict().items() if not k.startswith("lm.")}
+        save_file(thoughts, out / THOUGHT_WEIGHTS)
+        (out / THOUGHT_CONFIG).write_text(json.dumps(model.thought_config.to_dict(), indent=2) + "\n")
     return out
 
 

@@ -36,7 +36,7 @@ def run_args(checkpoint: Path, tokenizer: Path, out: Path, *extra: str) -> list[
             "--output", str(out / "run"), "--leaderboard", str(out / "board"), "--no-progress", *data_args(), *extra]
 
 
-def test_end_to_end_run_writes_results_and_leaderboard_and_reruns_do_not_duplicate(
+def test_end_to_end_run_writes_results_samples_and_leaderboard(
         tiny_checkpoint, smollm2_tokenizer_dir, tmp_path, capsys):
     args = run_args(tiny_checkpoint, smollm2_tokenizer_dir, tmp_path, "--tasks", "gsm8k", "csqa", "csqa_cloze", "csqa_gen",
                     "--shots", "0", "1", "--decoding", "greedy", "cot", "--cot-k", "2", "--log-samples")
@@ -64,9 +64,15 @@ def test_end_to_end_run_writes_results_and_leaderboard_and_reruns_do_not_duplica
     out = capsys.readouterr().out
     assert "quietdepth-eval results" in out and f"{len(rows)} new row(s) of {len(rows)}" in out
 
+
+def test_a_rerun_appends_only_rows_that_changed(tiny_checkpoint, smollm2_tokenizer_dir, tmp_path, capsys):
+    args = run_args(tiny_checkpoint, smollm2_tokenizer_dir, tmp_path, "--tasks", "csqa", "csqa_cloze")
+    main(args)
     main(args)  # identical results: nothing appended
-    assert len(list(csv.DictReader((board / "leaderboard.csv").open()))) == len(rows)
-    assert f"0 new row(s) of {len(rows)}" in capsys.readouterr().out
+    assert "0 new row(s) of 3" in capsys.readouterr().out
+    main([*args, "--limit", "3"])  # other items: new rows
+    rows = list(csv.DictReader((tmp_path / "board" / "leaderboard.csv").open()))
+    assert [r["n"] for r in rows] == ["2", "2", "2", "3", "3", "3"]
 
 
 def test_plot_writes_a_png_of_accuracy_against_cot_k(tmp_path):
@@ -123,3 +129,35 @@ def test_thoughts_on_a_plain_model_is_a_clear_error(tiny_checkpoint, smollm2_tok
     with pytest.raises(SystemExit):
         main(run_args(tiny_checkpoint, smollm2_tokenizer_dir, tmp_path, "--tasks", "csqa_gen", "--decoding", "thoughts"))
     assert "needs a Quiet-STaR model" in capsys.readouterr().err
+
+
+def test_quietstar_checkpoint_runs_with_thoughts_and_records_the_thought_length(smollm2_tokenizer_dir, tmp_path):
+    from modeldefs.quietstar import QuietStar, ThoughtConfig
+
+    torch.manual_seed(0)
+    lm = Transformer(ModelConfig.from_name("tiny", n_layer=2, block_size=512))
+    net = QuietStar(lm, ThoughtConfig(n_ahead=4, n_ahead_talk=2, n_passes=1), init_token_id=7)
+    checkpoint = tmp_path / "qs.ckpt"
+    torch.save({"model_config": lm.config.to_dict(), "thought_config": net.thought_config.to_dict(),
+                "state_dict": {f"model.{k}": v for k, v in net.state_dict().items()}}, checkpoint)
+    main(run_args(checkpoint, smollm2_tokenizer_dir, tmp_path, "--tasks", "csqa", "csqa_gen", "--decoding", "thoughts"))
+    (entry,) = json.loads((tmp_path / "run" / "results.json").read_text())["models"]
+    assert entry["class"] == "QuietStar" and entry["thought_config"]["n_ahead"] == 4
+    assert {(r["task"], r["decoding"]) for r in entry["results"]} == {("csqa", "thoughts"), ("csqa_gen", "thoughts")}
+    rows = list(csv.DictReader((tmp_path / "board" / "leaderboard.csv").open()))
+    assert {r["thought_length"] for r in rows} == {"4"}
+
+
+def test_leaderboard_goes_to_the_active_wandb_run_as_tables(tmp_path, monkeypatch):
+    wandb = pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    row = dict(model="m", decoding="greedy", task="csqa", version="N/A", filter="none", n_shot="0", metric="acc",
+               value="0.5", stderr="0.1", n="4", tokens_per_s="3.0", capacity="", thought_length="", prompts_hash="h",
+               commit="c", date="d")
+    assert not leaderboard.log_to_wandb([row])  # no active run
+    run = wandb.init(project="quietdepth-test", dir=str(tmp_path))
+    try:
+        assert leaderboard.log_to_wandb([row])
+        assert {"eval/leaderboard", "eval/summary"} <= set(run.summary.keys())
+    finally:
+        run.finish()

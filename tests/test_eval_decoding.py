@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from evals.decoding import (CotResult, DecodingConfig, _choose, answer_confidence, cot_decode, cut_at_stop, generate,
-                            generate_thoughts, generate_tokens)
+from evals.decoding import (CotResult, DecodingConfig, _choose, answer_confidence, cot_decode, cut_at_stop,
+                            decode_completions, generate, generate_thoughts, generate_tokens)
 from evals.model import EvalModel
+from evals.scoring import loglikelihood
 from modeldefs import ModelConfig, Transformer
 from modeldefs.generate import generate as reference_generate
 
@@ -46,9 +47,9 @@ def reference(model: EvalModel, prompt: list[int], n: int) -> list[int]:
 @pytest.mark.parametrize("overrides,chunk", [({}, 256), (MOD, 256), (MOD, 3)], ids=["dense", "mod", "mod-chunked-prefill"])
 def test_batched_left_padded_greedy_equals_unbatched_generate(overrides, chunk):
     model = tiny_model(**overrides)
-    batched = generate_tokens(model, PROMPTS, max_new_tokens=24, batch_size=4, prefill_chunk=chunk)
-    assert batched == [reference(model, p, 24) for p in PROMPTS]
-    assert any(len(t) == 24 for t in batched)
+    batched = generate_tokens(model, PROMPTS, max_new_tokens=16, batch_size=4, prefill_chunk=chunk)
+    assert batched == [reference(model, p, 16) for p in PROMPTS]
+    assert any(len(t) == 16 for t in batched)
 
 
 def test_mod_model_routes_some_tokens_and_skips_others_while_decoding():
@@ -60,9 +61,9 @@ def test_mod_model_routes_some_tokens_and_skips_others_while_decoding():
 
 def test_stop_string_cuts_the_text_and_finished_rows_leave_the_batch_without_changing_the_others():
     model = tiny_model()
-    full = generate(model, PROMPTS, max_new_tokens=24, batch_size=4)
+    full = generate(model, PROMPTS, max_new_tokens=16, batch_size=4)
     stop = full[0][5:7]
-    stopped = generate(model, PROMPTS, max_new_tokens=24, stop=[stop], batch_size=4)
+    stopped = generate(model, PROMPTS, max_new_tokens=16, stop=[stop], batch_size=4)
     assert stopped[0] == full[0][:full[0].index(stop)]
     assert stopped == [cut_at_stop(text, [stop]) for text in full]
 
@@ -109,6 +110,41 @@ def test_cot_aggregation_sums_confidence_per_answer():
     assert _choose(branches, aggregate=False, normalize=str.strip).text == "x=1"
     chosen = _choose(branches, aggregate=True, normalize=str.strip)
     assert isinstance(chosen, CotResult) and chosen.text == "z= 2" and chosen.confidence == pytest.approx(0.7)
+
+
+def quietstar_model() -> EvalModel:
+    from modeldefs.quietstar import QuietStar, ThoughtConfig
+
+    torch.manual_seed(0)
+    lm = Transformer(ModelConfig.from_name("micro", init_std=0.3)).eval()
+    net = QuietStar(lm, ThoughtConfig(n_ahead=5, n_ahead_talk=2, n_passes=1, mixing_bound="none"), init_token_id=7)
+    torch.nn.init.normal_(net.mixing_head.net[-1].weight, std=0.3)  # thoughts must change the output
+    return EvalModel(net.eval(), ByteTokenizer(), torch.device("cpu"), torch.float32, "micro-quietstar")
+
+
+def test_thoughts_variant_decodes_with_generate_with_thoughts():
+    from modeldefs.thought_generate import generate_with_thoughts
+
+    model = quietstar_model()
+    prompts = [[5, 17, 99, 3], [200, 1, 2, 8, 9, 10, 11]]
+    config = DecodingConfig(variant="thoughts", max_new_tokens=8)
+    texts, generated = decode_completions(model, prompts, config, stop=[], answer_span=lambda text: None)
+    expected = [generate_with_thoughts(model.net, torch.tensor([p]), 8, eos_id=0)[0, len(p):].tolist() for p in prompts]
+    expected = [e[:e.index(0)] if 0 in e else e for e in expected]
+    assert texts == [model.decode(e) for e in expected] and generated == sum(map(len, expected))
+    assert texts != decode_completions(model, prompts, DecodingConfig(max_new_tokens=8), [], lambda text: None)[0]
+
+
+def test_thought_scoring_uses_the_thought_mixed_logits():
+    model = quietstar_model()
+    context, continuation = [5, 17, 99, 3], [65, 66, 67]
+    ((score, _),) = loglikelihood(model, [(context, continuation)], think=True)
+    with torch.no_grad():
+        logprobs = model.net.next_token_logits(torch.tensor([context + continuation[:-1]]))[0, 3:].log_softmax(-1)
+    assert score == pytest.approx(logprobs.gather(-1, torch.tensor(continuation)[:, None]).sum().item(), abs=1e-5)
+    assert score != pytest.approx(loglikelihood(model, [(context, continuation)])[0][0], abs=1e-3)
+    with pytest.raises(ValueError, match="needs a Quiet-STaR model"):
+        loglikelihood(tiny_model(), [(context, continuation)], think=True)
 
 
 def test_thoughts_variant_on_a_plain_model_is_a_clear_error():

@@ -1,0 +1,96 @@
+"""Quiet-STaR training step: compact thought attention vs one dense mask over every cache slot.
+
+    flock /tmp/qd-heavy.lock python benchmarks/thought_attention.py                 # SmolLM2-135M shape, CPU
+    python benchmarks/thought_attention.py --shape micro --seq 32 --n-ahead 6        # smoke run
+
+`ThoughtKVCache` scores each thought chain against the T prefix keys and its own j keys (P x (T + j)
+per pass). The reference here is the official layout: keys of every pass concatenated, attended
+through SDPA with the dense P x (T + jP) boolean mask (`thought_attention_mask`), most of it False.
+Both give the same loss (checked below); the script times forward + backward of `QuietStar.forward`
+(random weights: cost does not depend on them) and, for scale, a plain LM step on the same batch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+import modeldefs.quietstar as quietstar
+from report import device_name, emit
+from modeldefs import ModelConfig, Transformer
+from modeldefs.quietstar import QuietStar, ThoughtConfig, ThoughtKVCache
+
+
+class DenseMaskCache(ThoughtKVCache):
+    """The reference: all keys concatenated, SDPA under the full slot mask."""
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, input_pos: torch.Tensor,
+               mask: torch.Tensor | None) -> torch.Tensor:
+        if int(input_pos[0]) == 0:
+            self.k, self.v = k, v
+        else:
+            self.k, self.v = torch.cat([self.k, k], 2), torch.cat([self.v, v], 2)
+        return F.scaled_dot_product_attention(q, self.k, self.v, attn_mask=mask, enable_gqa=k.size(1) != q.size(1))
+
+
+def time_steps(step: Callable[[], object], steps: int) -> float:
+    step()  # warm-up
+    samples = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        step()
+        samples.append(time.perf_counter() - t0)
+    return statistics.median(samples)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", default="smollm2-135m", help="a named ModelConfig")
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--seq", type=int, default=64)
+    parser.add_argument("--n-ahead", type=int, default=12)
+    parser.add_argument("--n-ahead-talk", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=2, help="timed steps per variant (median)")
+    parser.add_argument("--json", help="also write the results to this file")
+    args = parser.parse_args()
+
+    torch.manual_seed(0)
+    lm = Transformer(ModelConfig.from_name(args.shape))
+    config = ThoughtConfig(n_ahead=args.n_ahead, n_ahead_talk=args.n_ahead_talk)
+    model = QuietStar(lm, config, init_token_id=0)
+    x = torch.randint(0, lm.config.vocab_size, (args.batch, args.seq))
+
+    def thought_step() -> float:
+        model.zero_grad(set_to_none=True)
+        out = model(x, generator=torch.Generator().manual_seed(0))
+        out.loss.backward()
+        return out.loss.item()
+
+    def plain_step() -> None:
+        lm.zero_grad(set_to_none=True)
+        logits = lm(x)
+        F.cross_entropy(logits[:, :-1].flatten(0, 1), x[:, 1:].flatten()).backward()
+
+    results = {"plain": time_steps(plain_step, args.steps), "compact": time_steps(thought_step, args.steps)}
+    compact_loss = thought_step()
+    quietstar.ThoughtKVCache = DenseMaskCache  # what `think` builds from here on
+    results["dense_mask"] = time_steps(thought_step, args.steps)
+    dense_loss = thought_step()
+    quietstar.ThoughtKVCache = ThoughtKVCache
+    print(f"loss compact {compact_loss:.6f} vs dense mask {dense_loss:.6f}")
+    for name, seconds in results.items():
+        print(f"{name:>10}: {seconds:7.2f} s/step ({seconds / results['plain']:.1f}x plain)")
+    print(f"compact attention is {results['dense_mask'] / results['compact']:.2f}x faster than the dense mask")
+    emit(dict(shape=args.shape, batch=args.batch, seq=args.seq, n_ahead=args.n_ahead, n_ahead_talk=args.n_ahead_talk,
+              n_passes=config.n_passes, seconds_per_step=results, compact_loss=compact_loss, dense_loss=dense_loss,
+              speedup=results["dense_mask"] / results["compact"], device=device_name(torch.device("cpu")),
+              threads=torch.get_num_threads(), torch=torch.__version__), args.json)
+
+
+if __name__ == "__main__":
+    main()

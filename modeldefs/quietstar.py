@@ -1,0 +1,387 @@
+"""Quiet-STaR (Zelikman et al., 2024, arXiv 2403.09629): the model learns to think before each token.
+
+At every position t (or every `stride`-th) the decoder writes a short *thought* — a learned
+<start> vector, `n_ahead - 3` sampled tokens, a learned <end> vector — then a mixing head blends the
+hidden state after the thought with the plain hidden state at t, and the blend predicts the next
+`n_ahead_talk` true tokens (teacher-forced after the thought). Thoughts that make those tokens more
+likely than the plain model does are reinforced (REINFORCE with the mean over `n_passes` thoughts
+at the same position as baseline).
+
+All thoughts of a sequence are computed in parallel, one token per position per pass, through a
+KV cache: pass 0 is the ordinary forward over the T tokens (cache slots 0..T-1); pass j >= 1 appends
+one token to each of the P thought chains (slots T+(j-1)P .. T+jP-1, rotary position t+j). The chain
+at t sees the prefix keys s <= t of pass 0 and its own slots in passes 1..j, nothing of any other
+chain (`thought_attention_mask`: the prefix, then an identity block per pass). `ThoughtKVCache`
+computes exactly those scores, P x (T + j) per pass, instead of the dense P x (T + jP) of the official
+code's mask. Compute is ~T + (J - 1) P token-forwards per sequence for J = n_ahead + n_ahead_talk - 1
+passes.
+
+Mixture-of-Depths: every pass of a routed model, pass 0 included, routes by the model's causal rule
+(the inference rule: router or predictor logit > 0), never top-k. Thought tokens read the prefix
+through the cache, and top-k over a sequence looks at future tokens, which would break causality
+and the match between training and (KV-cached) generation. So Quiet-STaR training gives routers no
+top-k targets for MoD's auxiliary losses; they keep learning through the 2*sigmoid(logit) scale.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from modeldefs.model import Transformer
+
+
+@dataclass
+class ThoughtConfig:
+    """Quiet-STaR hyperparameters; defaults are the official run's (ezelikman/quiet-star).
+
+    Official switches kept at their paper values rather than exposed: <start>/<end> are used; hard
+    samples carry no gradient (gumbel_detach); the mixing head is the concatenated, weighted,
+    3-layer "talk head"; the plain LM term covers every position (first_and_last_mode). One
+    difference: the reward is the paper's, the NLL reduction on the talk tokens only; the official
+    code also adds the change in mixed NLL between the first and last thought token (a telescoped
+    sum over the thinking passes).
+    """
+
+    n_ahead: int = 12
+    """Thought length in the official sense: passes up to and including <end>, so a thought is
+    <start> + (n_ahead - 3) sampled tokens + <end> (official: 12 -> 9 sampled tokens)."""
+    n_ahead_talk: int = 4
+    """True future tokens predicted after each thought (teacher-forced); official 4."""
+    n_passes: int = 2
+    """Thoughts sampled per position (copies of each example); their mean reward is the REINFORCE
+    baseline. Official 2."""
+    stride: int = 1
+    """Think at every stride-th position (0, stride, 2*stride, ...); official 1 (every position).
+    Compute and memory of the thought passes scale with T / stride."""
+    thought_temperature: float = 1.0
+    """Sampling temperature of thought tokens in training. Official: hard Gumbel-softmax, tau=1,
+    which is sampling from softmax(logits) (the hard sample is argmax(logits + Gumbel noise))."""
+    eval_thought_temperature: float = 0.0
+    """Thought sampling temperature at inference (`next_token_logits`, generation); 0 = greedy.
+    The official eval uses hard Gumbel-softmax with tau=0.001, whose argmax does not depend on tau:
+    it samples at temperature 1. Greedy makes inference deterministic."""
+    reinforce_temperature: float = 3.0
+    """Log-probabilities of sampled thought tokens in the REINFORCE loss come from logits / this."""
+    base_loss_weight: float = 0.5
+    """Weight of the plain next-token NLL over all positions (official original_loss_weight 0.5)."""
+    mixed_loss_weight: float = 0.5
+    """Weight of the mean NLL of the mixed (post-thought) predictions of the talk tokens (official
+    1 - original_loss_weight)."""
+    policy_loss_weight: float = 1e6
+    """Weight of the REINFORCE loss (official policy_loss_beta 1e6); 0 switches it off."""
+    clamp_reward: bool = True
+    """Reinforce only thoughts above the baseline: advantage clamped at 0 (official
+    remove_negative_rewards)."""
+    subtract_baseline: bool = True
+    """Subtract the mean reward over the n_passes thoughts at the same position (official
+    trice_mode); needs n_passes > 1 to have an effect."""
+    meta_token_scale: float = 100.0
+    """<start>/<end> vectors are stored divided by this and multiplied by it when used, so under
+    Adam they move ~this many times faster than other weights (official embedding_scale 100)."""
+    mixing_bound: Literal["sigmoid", "none"] = "sigmoid"
+    """"sigmoid": w = sigmoid(head + mixing_logit_offset) in (0, 1), the paper's description.
+    "none": w = head output, unbounded, as the official code (w = 0 exactly at initialisation)."""
+    mixing_logit_offset: float = -4.0
+    """Added to the head's output before the sigmoid, so that w starts near 0 (sigmoid(-4) = 0.018)
+    as the official zero-initialised unbounded head does (sigmoid(0) would mix half the thought in
+    from the first step). Unused with mixing_bound="none"."""
+
+    def __post_init__(self) -> None:
+        if self.n_ahead < 4:
+            raise ValueError(f"n_ahead={self.n_ahead} must be >= 4 (<start>, at least one sampled token, <end>)")
+        if self.n_ahead_talk < 1:
+            raise ValueError(f"n_ahead_talk={self.n_ahead_talk} must be >= 1")
+        if self.n_passes < 1:
+            raise ValueError(f"n_passes={self.n_passes} must be >= 1")
+        if self.stride < 1:
+            raise ValueError(f"stride={self.stride} must be >= 1")
+        for name in ("thought_temperature", "eval_thought_temperature"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 0 (0 = greedy)")
+        if self.reinforce_temperature <= 0:
+            raise ValueError(f"reinforce_temperature={self.reinforce_temperature} must be > 0")
+        if self.meta_token_scale <= 0:
+            raise ValueError(f"meta_token_scale={self.meta_token_scale} must be > 0")
+        for name in ("base_loss_weight", "mixed_loss_weight", "policy_loss_weight"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 0")
+        if self.mixing_bound not in ("sigmoid", "none"):
+            raise ValueError(f"mixing_bound={self.mixing_bound!r} must be 'sigmoid' or 'none'")
+
+    @property
+    def n_sampled(self) -> int:
+        """Sampled tokens per thought (between <start> and <end>)."""
+        return self.n_ahead - 3
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> ThoughtConfig:
+        """Build from a plain dict, naming any unknown key."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown ThoughtConfig field(s) {unknown}; known fields: {sorted(known)}")
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class ThoughtMixingHead(nn.Module):
+    """[h_base; h_thought] (2d) -> mixing logit; the last layer starts at zero (w = 0, or near it)."""
+
+    def __init__(self, n_embd: int) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Linear(2 * n_embd, n_embd), nn.ReLU(),
+            nn.Linear(n_embd, n_embd), nn.ReLU(),
+            nn.Linear(n_embd, 1, bias=False),
+        )
+        nn.init.zeros_(self.net[-1].weight)
+
+    def forward(self, h_base: torch.Tensor, h_thought: torch.Tensor) -> torch.Tensor:
+        return self.net(torch.cat([h_base, h_thought], dim=-1))
+
+
+class ThoughtKVCache:
+    """The keys/values of one layer in the parallel thought forward, attended to compactly.
+
+    Pass 0 (slots 0..T-1) is ordinary causal attention; its keys/values are kept. Thought pass j
+    (slots T+(j-1)P .. T+jP-1, one per chain) attends, for the chain at t, to the T pass-0 keys and to
+    the chain's own j keys only: scores are P x (T + j), not the P x (T + jP) of one dense mask over
+    every slot, most of which would be masked out. The caller's mask is still given over all slots
+    (it carries Mixture-of-Depths routing); its entries for other chains are never read. Keys and
+    values are kept as autograd tensors, never written in place, so gradients flow through them.
+    """
+
+    def __init__(self, batch_size: int, seq_len: int, n_chains: int, max_len: int, device: torch.device) -> None:
+        self.seq_len, self.n_chains = seq_len, n_chains
+        self.prefix: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.chain_k: list[torch.Tensor] = []
+        self.chain_v: list[torch.Tensor] = []
+        self.routed = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)  # for routed blocks
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, input_pos: torch.Tensor,
+               mask: torch.Tensor | None) -> torch.Tensor:
+        T, P = self.seq_len, self.n_chains
+        start = int(input_pos[0])
+        if start == 0:  # pass 0
+            self.prefix = (k, v)
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=k.size(1) != q.size(1))
+        while start > T + len(self.chain_k) * P:  # a routed layer skipped a pass (no row routed): its
+            self.chain_k.append(torch.zeros_like(k))  # keys are masked out as unrouted, any value does
+            self.chain_v.append(torch.zeros_like(v))
+        if start != T + len(self.chain_k) * P or input_pos.numel() != P or mask is None:
+            raise ValueError("ThoughtKVCache takes pass 0, then one slot per chain per pass, in order, with the"
+                             " thought mask")
+        self.chain_k.append(k)
+        self.chain_v.append(v)
+        j = len(self.chain_k)
+        B, H, _, D = q.shape
+        Hkv = k.size(1)
+        G = H // Hkv  # query heads per key/value head
+        q = q.reshape(B, Hkv, G, P, D)
+        k0, v0 = (t.unsqueeze(2) for t in self.prefix)                                   # (B, Hkv, 1, T, D)
+        kc, vc = (torch.stack(t, 3).unsqueeze(2) for t in (self.chain_k, self.chain_v))  # (B, Hkv, 1, P, j, D)
+        scores = torch.cat([q @ k0.transpose(-1, -2), (q.unsqueeze(-2) * kc).sum(-1)], -1) * D ** -0.5
+        # the mask's prefix columns and each chain's own column in every pass
+        m = mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape))                    # (b, h, P, T + jP)
+        own = m[..., T:].unflatten(-1, (j, P)).diagonal(dim1=-3, dim2=-1)               # (b, h, j, P)
+        keep = torch.cat([m[..., :T], own.transpose(-1, -2)], -1)                       # (b, h, P, T + j)
+        keep = keep.unsqueeze(2) if keep.size(1) == 1 else keep.unflatten(1, (Hkv, G))
+        scores = scores.masked_fill(~keep, float("-inf"))
+        probs = scores.float().softmax(-1).to(q.dtype)
+        y = probs[..., :T] @ v0 + (probs[..., T:].unsqueeze(-1) * vc).sum(-2)          # (B, Hkv, G, P, D)
+        return y.reshape(B, H, P, D)
+
+
+def thought_attention_mask(seq_len: int, positions: torch.Tensor, n_passes: int) -> torch.Tensor:
+    """Bool (P, T + (n_passes - 1) P), True where a thought query may attend to a key.
+
+    Row p is the chain at t = positions[p]; key columns are the cache slots: the T tokens of pass 0,
+    then P slots per thought pass. The chain sees pass-0 keys s <= t and its own slot in every
+    thought pass (an identity block per pass). Pass j uses the first T + jP columns.
+    """
+    P = positions.numel()
+    prefix = torch.arange(seq_len, device=positions.device) <= positions[:, None]
+    own_chain = torch.eye(P, dtype=torch.bool, device=positions.device).repeat(1, n_passes - 1)
+    return torch.cat([prefix, own_chain], dim=1)
+
+
+@dataclass
+class ThoughtOutput:
+    """What one Quiet-STaR training forward computed. N = B * n_passes rows (copies of each example
+    adjacent), P thought positions, K = n_ahead_talk."""
+
+    loss: torch.Tensor
+    """base_loss_weight * lm_nll + mixed_loss_weight * mixed_nll + policy_loss_weight * policy_loss."""
+    lm_nll: torch.Tensor
+    """Plain next-token NLL of the LM over all positions (the loss's base term)."""
+    base_nll: torch.Tensor
+    """NLL of the plain LM on the talk tokens (the same tokens as mixed_nll)."""
+    mixed_nll: torch.Tensor
+    """NLL of the mixed (after-thought) predictions of the talk tokens."""
+    policy_loss: torch.Tensor
+    """-mean(advantage * log p(sampled thought token))."""
+    mixing_weight: torch.Tensor
+    """(N, P, K) w per prediction (detached)."""
+    reward: torch.Tensor
+    """(N, P): sum over the K talk tokens of NLL_base - NLL_mixed, before baseline and clamp (detached)."""
+    thought_tokens: torch.Tensor
+    """(N, P, n_ahead - 3) sampled thought token ids (the <start>/<end> vectors are not tokens)."""
+    positions: torch.Tensor
+    """(P,) the positions t at which thoughts were taken."""
+    base_logits: torch.Tensor
+    """(N, T, V) plain LM logits (the tensor the loss used, not a copy)."""
+    mixed_logits: torch.Tensor
+    """(N, P, K, V) mixed logits: [n, p, k] predicts token positions[p] + k + 1."""
+
+
+class QuietStar(nn.Module):
+    """A decoder (dense or Mixture-of-Depths) that thinks before it speaks; see the module docstring."""
+
+    def __init__(self, lm: Transformer, config: ThoughtConfig, init_token_id: int) -> None:
+        """`init_token_id`: the embedding row <start>/<end> start from (official: the first token of "---")."""
+        super().__init__()
+        if not 0 <= init_token_id < lm.config.vocab_size:
+            raise ValueError(f"init_token_id={init_token_id} is outside the vocabulary (size {lm.config.vocab_size})")
+        self.lm = lm
+        self.thought_config = config
+        row = lm.embed.weight.detach()[init_token_id].clone() / config.meta_token_scale
+        self.start_thought = nn.Parameter(row.clone())
+        self.end_thought = nn.Parameter(row.clone())
+        self.mixing_head = ThoughtMixingHead(lm.config.n_embd).to(row.device, row.dtype)
+
+    # ---- the pieces -------------------------------------------------------------------------------
+
+    def mix(self, h_base: torch.Tensor, h_thought: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits, w): lm_head((1 - w) h_base + w h_thought) and the mixing weight (..., 1)."""
+        w = self.mixing_head(h_base, h_thought)
+        if self.thought_config.mixing_bound == "sigmoid":
+            w = torch.sigmoid(w + self.thought_config.mixing_logit_offset)
+        return self.lm.lm_head((1 - w) * h_base + w * h_thought), w
+
+    def meta_embedding(self, which: Literal["start", "end"], shape: tuple[int, ...]) -> torch.Tensor:
+        """The <start> or <end> input vector, scaled back up, broadcast to `shape` + (n_embd,)."""
+        vector = self.start_thought if which == "start" else self.end_thought
+        return (vector * self.thought_config.meta_token_scale).expand(*shape, -1)
+
+    def sample_thought(self, logits: torch.Tensor, temperature: float,
+                       generator: torch.Generator | None = None) -> torch.Tensor:
+        """Token ids from logits (..., V): argmax at temperature 0, else softmax(logits / temperature)
+        via the Gumbel-max trick (the official hard Gumbel-softmax)."""
+        logits = logits.detach().float()
+        if temperature == 0:
+            return logits.argmax(-1)
+        u = torch.rand(logits.shape, generator=generator, device=logits.device).clamp_(min=1e-20)
+        return (logits / temperature - torch.log(-torch.log(u))).argmax(-1)
+
+    def _check_length(self, T: int, passes: int) -> None:
+        limit = self.lm.config.block_size
+        if T + passes - 1 > limit:
+            raise ValueError(f"sequence length {T} + {passes - 1} thought/talk positions exceeds block_size={limit};"
+                             " shorten the sequence, n_ahead or n_ahead_talk")
+
+    def think(self, ids: torch.Tensor, positions: torch.Tensor, talk_ids: torch.Tensor, temperature: float,
+              generator: torch.Generator | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The parallel thought forward.
+
+        ids (N, T); positions (P,) where chains start; talk_ids (N, P, K-1) the tokens fed after <end>
+        (x_{t+1} .. x_{t+K-1}). Returns base hidden (N, T, C), the hidden states after <end> and after
+        each talk token (N, P, K, C), the sampled thought ids (N, P, n_sampled) and their
+        log-probabilities at reinforce_temperature (N, P, n_sampled), the REINFORCE actions.
+        """
+        c, lm = self.thought_config, self.lm
+        N, T = ids.shape
+        P, dev = positions.numel(), ids.device
+        n_passes = c.n_ahead + talk_ids.size(-1)  # pass 0 + (n_ahead - 1) thought tokens + K - 1 talk tokens
+        self._check_length(T, n_passes)
+        mask = thought_attention_mask(T, positions, n_passes)
+        cache = [ThoughtKVCache(N, T, P, mask.size(1), dev) for _ in lm.blocks]
+
+        h0 = lm.hidden(lm.embed(ids), kv_cache=cache, input_pos=torch.arange(T, device=dev))  # causal
+        x = self.meta_embedding("start", (N, P))
+        talk, sampled, log_p = [], [], []
+        for j in range(1, n_passes):
+            slots = torch.arange(T + (j - 1) * P, T + j * P, device=dev)
+            h = lm.hidden(x, positions + j, mask[:, : T + j * P], cache, slots)
+            if j <= c.n_sampled:
+                logits = lm.lm_head(h)
+                token = self.sample_thought(logits, temperature, generator)
+                sampled.append(token)
+                log_p.append((logits.float() / c.reinforce_temperature).log_softmax(-1)
+                             .gather(-1, token.unsqueeze(-1)).squeeze(-1))
+                x = lm.embed(token)
+            elif j == c.n_ahead - 2:
+                x = self.meta_embedding("end", (N, P))
+            else:
+                talk.append(h)
+                k = j - (c.n_ahead - 1)  # talk tokens fed so far
+                if k < talk_ids.size(-1):
+                    x = lm.embed(talk_ids[:, :, k])
+        return h0, torch.stack(talk, 2), torch.stack(sampled, 2), torch.stack(log_p, 2)
+
+    # ---- public API ------------------------------------------------------------------------------
+
+    def forward(self, input_ids: torch.Tensor, generator: torch.Generator | None = None) -> ThoughtOutput:
+        """The Quiet-STaR training objective on token ids (B, T); see `ThoughtOutput`.
+
+        Thoughts are taken at positions 0, stride, ... that still have n_ahead_talk true tokens after
+        them; the plain LM loss covers every next-token prediction.
+        """
+        c = self.thought_config
+        B, T = input_ids.shape
+        K = c.n_ahead_talk
+        if T <= K:
+            raise ValueError(f"sequence length {T} must exceed n_ahead_talk={K}"
+                             f" (thoughts need {K} true tokens after them)")
+        ids = input_ids.repeat_interleave(c.n_passes, dim=0)
+        dev = ids.device
+        positions = torch.arange(0, T - K, c.stride, device=dev)
+        talk_positions = positions[:, None] + torch.arange(1, K + 1, device=dev)  # (P, K): x_{t+1} .. x_{t+K}
+        targets = ids[:, talk_positions]                                          # (N, P, K)
+
+        h0, h_talk, sampled, log_p = self.think(ids, positions, targets[..., :-1], c.thought_temperature,
+                                                         generator)
+        base_logits = self.lm.lm_head(h0)
+        V = base_logits.size(-1)
+        token_nll = F.cross_entropy(base_logits[:, :-1].reshape(-1, V).float(), ids[:, 1:].reshape(-1),
+                                    reduction="none").view(ids.size(0), T - 1)
+        base_talk_nll = token_nll[:, talk_positions - 1]                          # (N, P, K)
+        mixed_logits, w = self.mix(h0[:, talk_positions - 1], h_talk)
+        mixed_nll = F.cross_entropy(mixed_logits.flatten(0, 2).float(), targets.reshape(-1),
+                                    reduction="none").view_as(targets)
+
+        reward = (base_talk_nll - mixed_nll).detach().sum(-1)                     # (N, P)
+        advantage = reward
+        if c.subtract_baseline and c.n_passes > 1:
+            per_example = reward.view(B, c.n_passes, -1)
+            advantage = (per_example - per_example.mean(1, keepdim=True)).view_as(reward)
+        if c.clamp_reward:
+            advantage = advantage.clamp(min=0)
+        policy_loss = -(advantage.unsqueeze(-1) * log_p).mean()
+
+        lm_nll, mixed_mean = token_nll.mean(), mixed_nll.mean()
+        loss = c.base_loss_weight * lm_nll + c.mixed_loss_weight * mixed_mean + c.policy_loss_weight * policy_loss
+        return ThoughtOutput(
+            loss=loss, lm_nll=lm_nll, base_nll=base_talk_nll.mean(), mixed_nll=mixed_mean, policy_loss=policy_loss,
+            mixing_weight=w.squeeze(-1).detach(), reward=reward, thought_tokens=sampled, positions=positions,
+            base_logits=base_logits, mixed_logits=mixed_logits,
+        )
+
+    def next_token_logits(self, input_ids: torch.Tensor, think: bool = True,
+                          generator: torch.Generator | None = None) -> torch.Tensor:
+        """Inference logits (B, T, V) at every position: after a thought at that position (sampled at
+        eval_thought_temperature, greedy by default) mixed by the head, or with think=False the plain LM's."""
+        if not think:
+            return self.lm(input_ids)
+        positions = torch.arange(input_ids.size(1), device=input_ids.device)
+        no_talk = input_ids.new_empty(input_ids.size(0), positions.numel(), 0)
+        h0, h_thought, _, _ = self.think(input_ids, positions, no_talk, self.thought_config.eval_thought_temperature,
+                                         generator)
+        return self.mix(h0, h_thought[:, :, 0])[0]

@@ -1,0 +1,77 @@
+"""KV-cached decoding in which every produced token is preceded by a hidden Quiet-STaR thought.
+
+The cache holds the sequence in slots 0..n-1 (slot = rotary position). To predict token n, the
+thought <start>, s_1 .. s_{n_ahead-3}, <end> is written one token at a time into slots n, n+1, ...
+at positions n, n+1, ...: plain causal attention over the cache then gives exactly the training
+mask (the prefix <= n-1 plus the thought's own earlier tokens). The head mixes the hidden state
+after <end> with the plain one at n-1, a token is chosen, and it is written into slot n, which
+throws the thought away (later steps never read slots past their own). Per token this costs
+n_ahead single-token forwards (n_ahead - 1 thought tokens + the token), with no recomputation of
+the sequence.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from modeldefs.generate import sample_next
+from modeldefs.quietstar import QuietStar
+
+
+def _step(model: QuietStar, x: torch.Tensor, cache: list, slot: int) -> torch.Tensor:
+    """Hidden state (B, C) of one input vector per row (B, C) written at cache slot = position `slot`."""
+    return model.lm.hidden(x[:, None], kv_cache=cache, input_pos=torch.tensor([slot], device=x.device))[:, -1]
+
+
+def thought_hidden(model: QuietStar, cache: list, slot: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Think after the token in slot `slot - 1`, in slots `slot` .. `slot + n_ahead - 2` of the cache;
+    returns the hidden state after <end> (B, C). The slots it used are free for the next real token."""
+    c = model.thought_config
+    B = cache[0].k.size(0)
+    x = model.meta_embedding("start", (B,))
+    for i in range(c.n_ahead - 1):
+        h = _step(model, x, cache, slot + i)
+        if i < c.n_sampled:
+            token = model.sample_thought(model.lm.lm_head(h), c.eval_thought_temperature, generator)
+            x = model.lm.embed(token)
+        else:
+            x = model.meta_embedding("end", (B,))
+    return h
+
+
+@torch.inference_mode()
+def generate_with_thoughts(model: QuietStar, prompt: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
+                           eos_id: int | None = None, think: bool = True,
+                           generator: torch.Generator | None = None) -> torch.Tensor:
+    """Continue `prompt` (B, T) by up to `max_new_tokens`, thinking before each token; returns (B, T + n).
+
+    Same contract as `modeldefs.generate.generate` (rows that produced `eos_id` are padded with it);
+    `temperature` is for the produced tokens, thoughts use the model's eval_thought_temperature.
+    think=False decodes with the plain LM (identical to `generate`).
+    """
+    B, T = prompt.shape
+    total = T + max_new_tokens
+    scratch = model.thought_config.n_ahead - 2 if think else 0  # thought slots past the last token
+    limit = model.lm.config.block_size
+    if total + scratch > limit:
+        raise ValueError(f"prompt ({T}) + max_new_tokens ({max_new_tokens}) + thought ({scratch}) exceeds"
+                         f" block_size={limit}")
+    cache = model.lm.make_kv_cache(B, total + scratch)
+    out = torch.empty(B, total, dtype=prompt.dtype, device=prompt.device)
+    out[:, :T] = prompt
+    finished = torch.zeros(B, dtype=torch.bool, device=prompt.device)
+    h = model.lm.hidden(model.lm.embed(prompt), kv_cache=cache, input_pos=torch.arange(T, device=prompt.device))[:, -1]
+    for pos in range(T, total):
+        if think:
+            logits = model.mix(h, thought_hidden(model, cache, pos, generator))[0]
+        else:
+            logits = model.lm.lm_head(h)
+        token = sample_next(logits, temperature, generator=generator)
+        if eos_id is not None:
+            token = token.masked_fill(finished, eos_id)
+            finished |= token == eos_id
+        out[:, pos] = token
+        if (eos_id is not None and bool(finished.all())) or pos == total - 1:
+            return out[:, : pos + 1]
+        h = _step(model, model.lm.embed(token), cache, pos)
+    return out

@@ -1,0 +1,233 @@
+"""Quiet-STaR training forward: the thought mask, causality, the loss terms, REINFORCE, save/load/export, MoD."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from modeldefs import ModelConfig, Transformer
+from modeldefs.pretrained import export_hf, load_checkpoint, load_pretrained
+from modeldefs.quietstar import QuietStar, ThoughtConfig, thought_attention_mask
+
+# Small but complete: <start>, 2 sampled tokens, <end>, then 3 talk tokens; 2 thoughts per position.
+CONFIG = ThoughtConfig(n_ahead=5, n_ahead_talk=3, n_passes=2)
+
+
+def make_model(mod_capacity: float | None = None, **overrides) -> QuietStar:
+    torch.manual_seed(0)
+    # init_std well above the default: attention sharp enough that positions and masks matter visibly
+    lm = Transformer(ModelConfig.from_name("micro", mod_capacity=mod_capacity, init_std=0.3))
+    model = QuietStar(lm, dataclasses.replace(CONFIG, **overrides), init_token_id=7)
+    # A head that actually mixes, so thoughts change predictions (the zero init would hide them).
+    torch.nn.init.normal_(model.mixing_head.net[-1].weight, std=0.3)
+    return model
+
+
+def ids(B: int = 2, T: int = 16, seed: int = 1) -> torch.Tensor:
+    return torch.randint(0, 256, (B, T), generator=torch.Generator().manual_seed(seed))
+
+
+def gen(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def test_thought_mask_allows_exactly_the_prefix_and_the_own_chain():
+    T, n_passes = 7, 4
+    positions = torch.tensor([0, 2, 5])
+    P = len(positions)
+    mask = thought_attention_mask(T, positions, n_passes)
+    assert mask.shape == (P, T + (n_passes - 1) * P)
+    for p, t in enumerate(positions.tolist()):
+        allowed = {s for s in range(T) if s <= t} | {T + i * P + p for i in range(n_passes - 1)}
+        assert set(mask[p].nonzero().flatten().tolist()) == allowed
+
+
+def test_parallel_thoughts_equal_each_thought_run_as_its_own_sequence():
+    """Behavioural check of mask and positions: chain t computed in parallel = the plain decoder on
+    x_0..x_t, <start>, sampled tokens, <end>, x_{t+1}.. with ordinary causal attention."""
+    model = make_model()
+    x = ids()
+    out = model(x, generator=gen())
+    lm, K = model.lm, CONFIG.n_ahead_talk
+    xs = x.repeat_interleave(CONFIG.n_passes, 0)
+    with torch.no_grad():
+        for n, p in [(0, 0), (1, 4), (3, len(out.positions) - 1)]:
+            t = int(out.positions[p])
+            seq = torch.cat([
+                lm.embed(xs[n, : t + 1]), model.meta_embedding("start", (1,)),
+                lm.embed(out.thought_tokens[n, p]), model.meta_embedding("end", (1,)),
+                lm.embed(xs[n, t + 1: t + K]),
+            ])
+            h = lm.hidden(seq[None])[0]
+            h_talk = h[-K:]
+            h_base = lm.hidden(lm.embed(xs[n: n + 1]))[0, t: t + K]
+            expected = model.mix(h_base, h_talk)[0]
+            torch.testing.assert_close(out.mixed_logits[n, p], expected, atol=1e-5, rtol=1e-5)
+            # the sampled tokens came from the chain's own logits: greedy recompute agrees at temperature 0
+            assert out.thought_tokens.shape == (xs.size(0), len(out.positions), CONFIG.n_ahead - 3)
+
+
+@pytest.mark.parametrize("mod_capacity", [None, 0.5], ids=["dense", "mod"])
+def test_future_tokens_never_change_outputs_at_or_before_t(mod_capacity):
+    model = make_model(mod_capacity)
+    x = ids(T=14)
+    m = 9  # perturbed position
+    y = x.clone()
+    y[:, m:] = (y[:, m:] + 1 + torch.arange(y.size(1) - m)) % 256
+    a, b = model(x, generator=gen()), model(y, generator=gen())
+    torch.testing.assert_close(a.base_logits[:, :m], b.base_logits[:, :m], atol=0, rtol=0)
+    # mixed[p, k] predicts x_{t+k+1} from tokens <= t+k
+    t_plus_k = a.positions[:, None] + torch.arange(CONFIG.n_ahead_talk)
+    keep = t_plus_k < m
+    assert keep.any() and not keep.all()
+    torch.testing.assert_close(a.mixed_logits[:, keep], b.mixed_logits[:, keep], atol=0, rtol=0)
+    assert not torch.equal(a.mixed_logits[:, ~keep], b.mixed_logits[:, ~keep])
+    with torch.no_grad():
+        la, lb = model.next_token_logits(x), model.next_token_logits(y)
+    torch.testing.assert_close(la[:, :m], lb[:, :m], atol=0, rtol=0)
+    assert not torch.equal(la[:, m:], lb[:, m:])
+
+
+def test_with_mixing_weight_zero_the_loss_is_the_plain_nll():
+    model = make_model(mixing_bound="none")
+    torch.nn.init.zeros_(model.mixing_head.net[-1].weight)  # w = 0 exactly
+    x = ids()
+    out = model(x, generator=gen())
+    assert torch.all(out.mixing_weight == 0)
+    with torch.no_grad():
+        logits = model.lm(x)
+    token_nll = F.cross_entropy(logits[:, :-1].transpose(1, 2), x[:, 1:], reduction="none")
+    talk = out.positions[:, None] + torch.arange(CONFIG.n_ahead_talk)  # predicting position + 1
+    torch.testing.assert_close(out.lm_nll, token_nll.mean())
+    torch.testing.assert_close(out.base_nll, token_nll[:, talk].mean())
+    torch.testing.assert_close(out.mixed_nll, out.base_nll)
+    assert torch.all(out.reward == 0) and out.policy_loss == 0
+    torch.testing.assert_close(out.loss, 0.5 * token_nll.mean() + 0.5 * token_nll[:, talk].mean())
+
+
+def test_reinforce_raises_the_log_prob_of_a_thought_that_helped():
+    """One position, two thoughts of one sampled token each: the one that made the true next token
+    likelier (positive advantage) becomes likelier itself after one SGD step on the policy loss."""
+    model = make_model(n_ahead=4, n_ahead_talk=1, base_loss_weight=0.0, mixed_loss_weight=0.0,
+                       policy_loss_weight=1.0, thought_temperature=3.0)
+    x = ids(B=1, T=3)[:, :2]  # T=2: a single thought position (t=0)
+    for seed in range(20):  # find samples where the two thoughts differ
+        out = model(x, generator=gen(seed))
+        if out.thought_tokens[0, 0, 0] != out.thought_tokens[1, 0, 0]:
+            break
+    true_nll = F.cross_entropy(out.mixed_logits[:, 0, 0], x[0, 1].expand(2), reduction="none")
+    assert true_nll[0] != true_nll[1]
+    better = int(true_nll.argmin())
+    token = out.thought_tokens[better, 0, 0]
+
+    def log_p() -> torch.Tensor:  # log p(token | x_0, <start>) at the REINFORCE temperature
+        with torch.no_grad():
+            seq = torch.cat([model.lm.embed(x[0, :1]), model.meta_embedding("start", (1,))])
+            logits = model.lm.lm_head(model.lm.hidden(seq[None]))[0, -1]
+            return F.log_softmax(logits / model.thought_config.reinforce_temperature, -1)[token]
+
+    before = log_p()
+    out.loss.backward()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.grad is not None:
+                p -= 1e-2 * p.grad
+    assert log_p() > before
+
+
+def _trained_looking(model: QuietStar) -> QuietStar:
+    with torch.no_grad():  # move meta tokens and head off their initial values, as training would
+        model.start_thought.add_(torch.randn_like(model.start_thought))
+        model.end_thought.add_(torch.randn_like(model.end_thought))
+        for p in model.mixing_head.parameters():
+            p.add_(torch.randn_like(p))
+    return model
+
+
+def test_meta_tokens_and_mixing_head_survive_a_checkpoint_bit_exact(tmp_path):
+    model = _trained_looking(make_model())
+    path = tmp_path / "qs.ckpt"
+    torch.save({"state_dict": {f"model.{k}": v for k, v in model.state_dict().items()},
+                "model_config": model.lm.config.to_dict(), "thought_config": model.thought_config.to_dict()}, path)
+    loaded = load_checkpoint(path)
+    assert isinstance(loaded, QuietStar) and loaded.thought_config == model.thought_config
+    for key, value in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
+    x = ids()
+    torch.testing.assert_close(loaded.next_token_logits(x), model.next_token_logits(x), atol=0, rtol=0)
+
+
+def test_meta_tokens_and_mixing_head_survive_hf_export_bit_exact(tmp_path):
+    model = _trained_looking(make_model())
+    out = export_hf(model, tmp_path / "hf")
+    assert json.loads((out / "thought_config.json").read_text()) == model.thought_config.to_dict()
+    loaded = load_pretrained(str(out))
+    assert isinstance(loaded, QuietStar)
+    for key, value in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
+
+
+def test_a_checkpoint_missing_the_meta_tokens_is_refused(tmp_path):
+    model = make_model()
+    state = {f"model.{k}": v for k, v in model.state_dict().items() if "thought" not in k}
+    path = tmp_path / "qs.ckpt"
+    torch.save({"state_dict": state, "model_config": model.lm.config.to_dict(),
+                "thought_config": model.thought_config.to_dict()}, path)
+    with pytest.raises(RuntimeError, match="start_thought"):
+        load_checkpoint(path)
+
+
+def test_mod_model_thinks_trains_and_routes_by_its_causal_rule():
+    model = make_model(mod_capacity=0.5)
+    out = model(ids(), generator=gen())
+    assert torch.isfinite(out.loss)
+    out.loss.backward()
+    for block in model.lm.routed_blocks.values():
+        assert block.routing.topk is None  # causal rule, not top-k, in every pass
+        grad = block.router.weight.grad
+        assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0
+    assert model.start_thought.grad.abs().sum() > 0 and model.mixing_head.net[0].weight.grad.abs().sum() > 0
+
+
+def test_mod_thought_pass_that_no_row_routes_skips_the_block_and_still_runs():
+    model = make_model(mod_capacity=0.5)
+    with torch.no_grad():
+        for block in model.lm.routed_blocks.values():
+            block.router.bias.fill_(-100.0)  # nothing routed: single-chain passes skip the block
+    out = model(ids(T=CONFIG.n_ahead_talk + 1), generator=gen())  # one thought position
+    assert len(out.positions) == 1 and torch.isfinite(out.loss)
+
+
+def test_stride_thinks_at_every_stride_th_position_only():
+    model = make_model(stride=3)
+    out = model(ids(T=16), generator=gen())
+    assert out.positions.tolist() == [0, 3, 6, 9, 12]  # t + n_ahead_talk <= 15
+    assert out.mixed_logits.shape[:3] == (4, 5, CONFIG.n_ahead_talk)
+
+
+@pytest.mark.parametrize("field, value", [
+    ("n_ahead", 3), ("n_ahead_talk", 0), ("n_passes", 0), ("stride", 0), ("thought_temperature", -1.0),
+    ("reinforce_temperature", 0.0), ("policy_loss_weight", -1.0), ("mixing_bound", "tanh"),
+])
+def test_bad_config_values_are_refused_naming_the_field(field, value):
+    with pytest.raises(ValueError, match=field):
+        ThoughtConfig(**{field: value})
+
+
+def test_unknown_config_key_is_named():
+    with pytest.raises(ValueError, match="n_thoughts"):
+        ThoughtConfig.from_dict({"n_thoughts": 3})
+
+
+def test_sequences_too_short_or_too_long_are_refused():
+    model = make_model()
+    with pytest.raises(ValueError, match="n_ahead_talk"):
+        model(ids(T=3))
+    with pytest.raises(ValueError, match="block_size"):
+        model(ids(T=model.lm.config.block_size))
+    with pytest.raises(ValueError, match="init_token_id"):
+        QuietStar(model.lm, CONFIG, init_token_id=10_000)

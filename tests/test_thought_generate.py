@@ -1,0 +1,82 @@
+"""Thought-augmented generation: the plain path equals `generate`, the KV-cached thought path equals a
+full recompute with `next_token_logits`."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from modeldefs import ModelConfig, Transformer
+from modeldefs.generate import generate
+from modeldefs.quietstar import QuietStar, ThoughtConfig
+from modeldefs.thought_generate import generate_with_thoughts, thought_hidden
+
+
+def make_model(mod_capacity: float | None = None) -> QuietStar:
+    torch.manual_seed(0)
+    lm = Transformer(ModelConfig.from_name("micro", mod_capacity=mod_capacity, init_std=0.3)).eval()
+    model = QuietStar(lm, ThoughtConfig(n_ahead=5, n_ahead_talk=2, n_passes=1, mixing_bound="none"), init_token_id=7)
+    torch.nn.init.normal_(model.mixing_head.net[-1].weight, std=0.3)  # thoughts must change the output
+    return model
+
+
+def prompt(B: int = 2, T: int = 6) -> torch.Tensor:
+    return torch.randint(0, 256, (B, T), generator=torch.Generator().manual_seed(3))
+
+
+@pytest.mark.parametrize("mod_capacity", [None, 0.5], ids=["dense", "mod"])
+def test_without_thinking_it_is_plain_generation_token_for_token(mod_capacity):
+    model = make_model(mod_capacity)
+    x = prompt()
+    assert torch.equal(generate_with_thoughts(model, x, 10, think=False), generate(model.lm, x, 10))
+
+
+@pytest.mark.parametrize("mod_capacity", [None, 0.5], ids=["dense", "mod"])
+def test_kv_cached_thoughts_equal_a_full_recompute(mod_capacity):
+    model = make_model(mod_capacity)
+    x = prompt()
+    out = generate_with_thoughts(model, x, 10)
+    seq = x
+    with torch.no_grad():
+        for _ in range(10):
+            seq = torch.cat([seq, model.next_token_logits(seq)[:, -1].argmax(-1, keepdim=True)], 1)
+    assert torch.equal(out, seq)
+    assert not torch.equal(out, generate(model.lm, x, 10))  # the thoughts did change the text
+
+
+def test_first_thought_logits_match_the_parallel_forward():
+    model = make_model()
+    x = prompt()
+    with torch.no_grad():
+        cache = model.lm.make_kv_cache(x.size(0), x.size(1) + 8)
+        h = model.lm.hidden(model.lm.embed(x), kv_cache=cache, input_pos=torch.arange(x.size(1)))[:, -1]
+        cached = model.mix(h, thought_hidden(model, cache, x.size(1)))[0]
+        torch.testing.assert_close(cached, model.next_token_logits(x)[:, -1], atol=1e-5, rtol=1e-5)
+
+
+def test_rows_stop_at_eos_and_are_padded_with_it():
+    model = make_model()
+    x = prompt()
+    free = generate_with_thoughts(model, x, 8)
+    eos = int(free[0, x.size(1) + 2])  # a token row 0 produces
+    out = generate_with_thoughts(model, x, 8, eos_id=eos)
+    row = out[0, x.size(1):]
+    first = int((row == eos).nonzero()[0])
+    assert torch.all(row[first:] == eos)
+
+
+def test_sampled_thoughts_and_tokens_are_reproducible_with_a_generator():
+    model = make_model()
+    model.thought_config.eval_thought_temperature = 1.0
+    x = prompt()
+    a = generate_with_thoughts(model, x, 6, temperature=1.0, generator=torch.Generator().manual_seed(5))
+    b = generate_with_thoughts(model, x, 6, temperature=1.0, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(a, b)
+
+
+def test_the_thought_must_fit_in_the_context():
+    model = make_model()
+    limit = model.lm.config.block_size
+    with pytest.raises(ValueError, match="block_size"):
+        generate_with_thoughts(model, prompt(T=limit - 10), 9)
+    generate_with_thoughts(model, prompt(T=limit - 10), 9, think=False)
