@@ -1,0 +1,155 @@
+"""Evaluation speed: quietdepth's scorer/decoder vs lm-evaluation-harness's `hf` backend, same model,
+same tasks, same process.
+
+    python benchmarks/eval_speed.py --limit commonsense_qa_local=200,commonsense_qa_cloze_local=200,gsm8k_local=20
+
+Both sides run through `lm_eval.simple_evaluate` on the offline task YAMLs in evals/lm_eval_tasks
+(identical prompts, few-shot draws, stop strings and answer extraction): lm-eval's `HFLM` on the
+transformers model, and the `quietdepth` model type (evals/lm_eval_adapter.py) on our decoder with
+the same weights (SmolLM2-135M-Instruct from its GGUF by default). Only the backend differs, so the
+accuracies must agree. Models load once, outside the timings. "model s" is the time spent inside the
+model's request methods (the backend's work; the speed-up is its ratio), "wall s" the whole
+`simple_evaluate` call, which adds lm-eval's task building and metrics, the same for both sides.
+tokens/s (over model s) counts every token each side had to read or write: context + continuation of
+each scored request, prompt + completion of each generation. Prints a Markdown table and a JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from report import device_name, emit
+
+TASKS_DIR = Path(__file__).resolve().parents[1] / "evals" / "lm_eval_tasks"
+DEFAULT_TASKS = "commonsense_qa_local,commonsense_qa_cloze_local,gsm8k_local"
+
+
+def parse_limits(text: str) -> dict[str, int]:
+    """`task=n,task=n` → {task: n}."""
+    limits = {}
+    for item in filter(None, text.split(",")):
+        task, _, n = item.partition("=")
+        if not n.isdigit():
+            raise SystemExit(f"--limit {item!r}: expected task=<number of documents>")
+        limits[task] = int(n)
+    return limits
+
+
+def load_models(source: str, batch_size: int, hf_batch_size: int):
+    """(lm-eval HFLM, quietdepth LM, load seconds of each) on the same weights, CPU or the first GPU."""
+    from lm_eval.models.huggingface import HFLM
+
+    from evals.lm_eval_adapter import QuietdepthLM
+    from modeldefs.pretrained import _from_pretrained_args
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    path, kwargs = _from_pretrained_args(source)
+    start = time.perf_counter()
+    hf = HFLM(pretrained=path, device=device, batch_size=hf_batch_size, dtype="float32", **kwargs)
+    hf_load = time.perf_counter() - start
+    start = time.perf_counter()
+    ours = QuietdepthLM(source, device=device, batch_size=batch_size)
+    return time_requests(hf), time_requests(ours), hf_load, time.perf_counter() - start
+
+
+def tokens_processed(samples: list[dict[str, Any]], tokenizer: Any) -> int:
+    """Tokens read or written for a task's logged requests (same count for both sides)."""
+    total = 0
+    for sample in unique_docs(samples):
+        for i, (context, second) in enumerate(sample["arguments"]):
+            if isinstance(second, str):  # log-likelihood request: (context, continuation)
+                total += len(tokenizer.encode(context + second, add_special_tokens=False))
+            else:  # generation: (context, gen_kwargs); the response is the completion
+                total += len(tokenizer.encode(context + sample["resps"][i][0], add_special_tokens=False))
+    return total
+
+
+def time_requests(lm: Any) -> Any:
+    """Make `lm.request_seconds` add up the time spent inside its request methods (the backend's own work,
+    without lm-eval's task building and metric computation, which both sides share)."""
+    lm.request_seconds = 0.0
+    for name in ("loglikelihood", "loglikelihood_rolling", "generate_until"):
+        def timed(requests: list[Any], *args: Any, _method: Any = getattr(lm, name), **kwargs: Any) -> list[Any]:
+            start = time.perf_counter()
+            try:
+                return _method(requests, *args, **kwargs)
+            finally:
+                lm.request_seconds += time.perf_counter() - start
+        setattr(lm, name, timed)
+    return lm
+
+
+def unique_docs(samples: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One logged sample per document (lm-eval logs a generation task's documents once per filter)."""
+    return list({sample["doc_id"]: sample for sample in samples}.values())
+
+
+def run(lm: Any, task: str, limit: int | None, task_manager: Any, tokenizer: Any) -> dict[str, Any]:
+    from lm_eval import simple_evaluate
+
+    lm.request_seconds = 0.0
+    start = time.perf_counter()
+    out = simple_evaluate(model=lm, tasks=[task], limit=limit, log_samples=True, task_manager=task_manager)
+    seconds = time.perf_counter() - start
+    metrics = {k.replace(",", "/"): v for k, v in out["results"][task].items()
+               if "," in k and "_stderr" not in k}
+    stderrs = {k.replace("_stderr,", "/"): v for k, v in out["results"][task].items() if "_stderr," in k}
+    tokens = tokens_processed(out["samples"][task], tokenizer)
+    return {"seconds": seconds, "request_seconds": lm.request_seconds, "n": len(unique_docs(out["samples"][task])), "tokens": tokens,
+            "tokens_per_s": tokens / lm.request_seconds,
+            "metrics": {k: (v, stderrs.get(k)) for k, v in metrics.items()}}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2-135m-instruct", help="a .gguf, an HF directory or smollm2-135m-instruct")
+    parser.add_argument("--tasks", default=DEFAULT_TASKS, help="comma-separated task names from evals/lm_eval_tasks")
+    parser.add_argument("--limit", default="", help="documents per task, e.g. gsm8k_local=20 (default: all)")
+    parser.add_argument("--batch-size", type=int, default=32, help="quietdepth: contexts/prompts per forward pass")
+    parser.add_argument("--hf-batch-size", type=int, default=32, help="lm-eval hf backend batch size")
+    parser.add_argument("--json", help="also write the record to this file")
+    args = parser.parse_args()
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    from lm_eval.tasks import TaskManager
+
+    limits = parse_limits(args.limit)
+    tasks = args.tasks.split(",")
+    task_manager = TaskManager(include_path=str(TASKS_DIR), include_defaults=False)
+    hf, ours, hf_load, ours_load = load_models(args.model, args.batch_size, args.hf_batch_size)
+    tokenizer = ours.model.tokenizer
+    record: dict[str, Any] = {
+        "benchmark": "eval_speed", "model": args.model, "device": device_name(ours.model.device),
+        "threads": torch.get_num_threads(), "torch": torch.__version__, "batch_size": args.batch_size,
+        "hf_batch_size": args.hf_batch_size, "load_seconds": {"lm-eval hf": hf_load, "quietdepth": ours_load},
+        "tasks": {}}
+    rows = []
+    for task in tasks:
+        limit = limits.get(task)
+        result = {"lm-eval hf": run(hf, task, limit, task_manager, tokenizer),
+                  "quietdepth": run(ours, task, limit, task_manager, tokenizer)}
+        result["speedup"] = result["lm-eval hf"]["request_seconds"] / result["quietdepth"]["request_seconds"]
+        record["tasks"][task] = result
+        print({task: {side: (r["seconds"], r["metrics"]) for side, r in result.items() if side != "speedup"}}, flush=True)
+        for side in ("lm-eval hf", "quietdepth"):
+            r = result[side]
+            metrics = "; ".join(f"{k} {v:.4f} ± {e:.4f}" if isinstance(e, float) else f"{k} {v:.4f}"
+                                for k, (v, e) in r["metrics"].items())
+            rows.append(f"| {task} | {side} | {r['n']} | {r['request_seconds']:.1f} | {r['seconds']:.1f} | "
+                        f"{r['tokens_per_s']:.0f} | {metrics} | "
+                        + (f"{result['speedup']:.2f}× |" if side == "quietdepth" else "|"))
+    print(f"\n{args.model} on {record['device']} ({record['threads']} threads), torch {torch.__version__}; "
+          f"batch size quietdepth {args.batch_size}, lm-eval hf {args.hf_batch_size}\n")
+    print("| task | backend | n | model s | wall s | tokens/s | accuracy ± stderr | speed-up (model s) |")
+    print("|---|---|---:|---:|---:|---:|---|---:|")
+    print("\n".join(rows))
+    emit(record, args.json)
+
+
+if __name__ == "__main__":
+    main()

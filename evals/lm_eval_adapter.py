@@ -1,0 +1,127 @@
+"""quietdepth models as an lm-evaluation-harness model type, so lm-eval can run any of its tasks on them.
+
+    python -m evals.lm_eval_adapter --model quietdepth --model_args pretrained=runs/x/checkpoints/last.ckpt \\
+        --tasks hellaswag --batch_size 32
+
+takes every `lm_eval` argument; this module only has to be imported before lm-eval resolves
+`--model quietdepth`, which is what running it as `__main__` does (in Python:
+`import evals.lm_eval_adapter` and then `lm_eval.simple_evaluate(model="quietdepth", ...)`).
+Requests go through `evals.scoring` (prefix-shared, batched log-likelihoods) and `evals.decoding`
+(batched KV-cached greedy generation); contexts are tokenised as lm-eval's `hf` backend does, so
+scores are comparable with `--model hf` on the same weights.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+try:
+    from lm_eval.api.model import LM
+    from lm_eval.api.registry import register_model
+except ImportError as error:  # lm-eval is an optional extra
+    raise ImportError("the lm-eval adapter needs lm-evaluation-harness: pip install -e '.[lmeval]' "
+                      "(or pip install lm_eval==0.4.13)") from error
+import torch
+
+from evals import decoding, scoring
+from evals.model import EvalModel, load_eval_model
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@register_model("quietdepth")
+class QuietdepthLM(LM):
+    """lm-eval `LM` over a quietdepth model (dense, Mixture-of-Depths or Quiet-STaR).
+
+    Model args (`--model_args k=v,...`): `pretrained` (a .ckpt, HF directory or hub id, .gguf, or
+    `smollm2-135m-instruct`; in Python also an already loaded `EvalModel`), `tokenizer` (defaults as in `evals.model.load_eval_model`), `dtype`
+    (float32, bfloat16, float16), `decoding` (greedy; thoughts for Quiet-STaR models), `max_gen_toks`
+    (the default when a task sets none). `--batch_size` is the number of distinct contexts per forward
+    pass; `--device` is honoured.
+    """
+
+    def __init__(self, pretrained: str | EvalModel = "smollm2-135m-instruct", tokenizer: str | None = None,
+                 device: str | None = None, dtype: str = "float32", batch_size: int | str = 16,
+                 decoding: str = "greedy", max_gen_toks: int = 256, **unused: Any) -> None:
+        super().__init__()
+        if dtype not in _DTYPES:
+            raise ValueError(f"dtype={dtype!r}: use one of {sorted(_DTYPES)}")
+        if decoding not in ("greedy", "thoughts"):
+            raise ValueError(f"decoding={decoding!r}: use greedy, or thoughts for a Quiet-STaR model "
+                             "(CoT-decoding needs a task's answer format: use quietdepth-eval)")
+        if not str(batch_size).isdigit() or int(batch_size) < 1:
+            raise ValueError(f"batch_size={batch_size!r}: give a positive number (automatic sizing is not supported)")
+        # lm-eval passes its own settings (max_batch_size, ...) to every model type; none changes ours.
+        if isinstance(pretrained, EvalModel):
+            self.model = pretrained
+        else:
+            self.model = load_eval_model(pretrained, tokenizer, device or ("cuda" if torch.cuda.is_available() else "cpu"),
+                                         _DTYPES[dtype])
+        if decoding == "thoughts" and not self.model.has_thoughts:
+            raise ValueError(f"decoding=thoughts needs a Quiet-STaR checkpoint; {self.model.source} is a plain model")
+        self.batch_size = int(batch_size)
+        self.decoding = decoding
+        self.max_gen_toks = int(max_gen_toks)
+
+    @property
+    def tokenizer_name(self) -> str:
+        return self.model.tokenizer.name_or_path.replace("/", "__")
+
+    def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        return self.model.tokenizer.apply_chat_template(chat_history, tokenize=False,
+                                                        add_generation_prompt=add_generation_prompt,
+                                                        continue_final_message=not add_generation_prompt)
+
+    def loglikelihood(self, requests: list[Any], disable_tqdm: bool = False) -> list[tuple[float, bool]]:
+        pairs = [scoring.encode_pair(self.model, *request.args) for request in requests]
+        return self._cached(requests, "loglikelihood",
+                            scoring.loglikelihood(self.model, pairs, self.batch_size, progress=not disable_tqdm))
+
+    def loglikelihood_rolling(self, requests: list[Any], disable_tqdm: bool = False) -> list[float]:
+        tokens = [self.model.encode(request.args[0]) for request in requests]
+        return self._cached(requests, "loglikelihood_rolling",
+                            scoring.loglikelihood_rolling(self.model, tokens, self.batch_size, progress=not disable_tqdm))
+
+    def generate_until(self, requests: list[Any], disable_tqdm: bool = False) -> list[str]:
+        # One decoding call per distinct (stop strings, length); a task's requests share them.
+        groups: dict[tuple[tuple[str, ...], int], list[int]] = {}
+        for i, request in enumerate(requests):
+            groups.setdefault(self._generation_args(request.args[1]), []).append(i)
+        out: list[str] = [""] * len(requests)
+        for (until, max_new), index in groups.items():
+            prompts = [self.model.encode(requests[i].args[0]) for i in index]
+            if self.decoding == "thoughts":
+                texts = decoding.generate_thoughts(self.model, prompts, max_new, until, progress=not disable_tqdm)
+            else:
+                texts = decoding.generate(self.model, prompts, max_new, until, self.batch_size, progress=not disable_tqdm)
+            for i, text in zip(index, texts):
+                out[i] = text
+        return self._cached(requests, "generate_until", out)
+
+    def _generation_args(self, kwargs: dict[str, Any]) -> tuple[tuple[str, ...], int]:
+        """(stop strings, max new tokens) of a request's generation kwargs; sampling is refused."""
+        if kwargs.get("do_sample") or float(kwargs.get("temperature") or 0.0) > 0.0:
+            raise ValueError(f"the quietdepth model type decodes greedily; this task asks for sampling ({kwargs}): "
+                             "override with --gen_kwargs do_sample=False,temperature=0")
+        until = kwargs.get("until") or []
+        until = [until] if isinstance(until, str) else list(until)
+        return tuple(until), int(kwargs.get("max_gen_toks", self.max_gen_toks))
+
+    def _cached(self, requests: list[Any], kind: str, results: list[Any]) -> list[Any]:
+        """Hand results to lm-eval's request cache (`--use_cache`), then return them."""
+        for request, result in zip(requests, results):
+            self.cache_hook.add_partial(kind, request.args, result)
+        return results
+
+
+def main() -> None:
+    """`lm_eval`'s command line with the `quietdepth` model type registered."""
+    from lm_eval.__main__ import cli_evaluate
+
+    sys.argv[0] = "lm_eval"
+    cli_evaluate()
+
+
+if __name__ == "__main__":
+    main()

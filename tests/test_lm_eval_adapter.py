@@ -1,0 +1,123 @@
+"""The lm-evaluation-harness model type `quietdepth`: its scores equal our scorer's and a plain forward
+pass, generation honours lm-eval's stop strings, and lm-eval runs the local task YAMLs through it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("lm_eval", reason="lm-evaluation-harness is an optional extra: pip install -e '.[lmeval]'")
+
+from lm_eval.api.instance import Instance  # noqa: E402
+from lm_eval.api.registry import get_model  # noqa: E402
+
+from evals import scoring  # noqa: E402
+from evals.decoding import generate, generate_tokens  # noqa: E402
+from evals.lm_eval_adapter import QuietdepthLM  # noqa: E402
+from evals.model import EvalModel  # noqa: E402
+from modeldefs import ModelConfig, Transformer  # noqa: E402
+from tests.conftest import shared_file  # noqa: E402
+
+TASKS = Path(__file__).resolve().parents[1] / "evals" / "lm_eval_tasks"
+
+
+class ByteTokenizer:
+    """Bytes as tokens (ids 0-255) for the 256-token `micro` model; id 0 is EOS."""
+
+    eos_token_id, bos_token_id, name_or_path = 0, None, "bytes"
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        return list(text.encode())
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
+        return bytes(ids).decode(errors="replace")
+
+    def __len__(self) -> int:
+        return 256
+
+
+@pytest.fixture
+def model() -> EvalModel:
+    torch.manual_seed(0)
+    net = Transformer(ModelConfig.from_name("micro")).eval()
+    return EvalModel(net, ByteTokenizer(), torch.device("cpu"), torch.float32, "micro-random")
+
+
+def requests(kind: str, args: list[tuple]) -> list[Instance]:
+    return [Instance(request_type=kind, doc={}, arguments=a, idx=i) for i, a in enumerate(args)]
+
+
+PAIRS = [("Question: where?\nAnswer:", " A"), ("Question: where?\nAnswer:", " B"),
+         ("Question: where?\nAnswer: ", "a bank"), ("", "hello"), ("x" * 300, " long context")]
+
+
+def full_forward_loglikelihood(model: EvalModel, context: list[int], continuation: list[int]) -> tuple[float, bool]:
+    """The textbook computation: one forward over context + continuation, no cache, no batching."""
+    ids = ([*context, *continuation])[-(model.block_size + 1):]
+    logprobs = model.net(torch.tensor([ids[:-1]])).log_softmax(-1)[0, -len(continuation):]
+    target = torch.tensor(continuation)
+    return logprobs.gather(-1, target[:, None]).sum().item(), bool((logprobs.argmax(-1) == target).all())
+
+
+def test_quietdepth_is_a_registered_lm_eval_model_type():
+    assert get_model("quietdepth") is QuietdepthLM
+
+
+def test_loglikelihood_equals_our_scorer_and_a_plain_full_forward(model):
+    lm = QuietdepthLM(model, batch_size=2)
+    got = lm.loglikelihood(requests("loglikelihood", PAIRS), disable_tqdm=True)
+    pairs = [scoring.encode_pair(model, c, x) for c, x in PAIRS]
+    assert got == scoring.loglikelihood(model, pairs, batch_size=2)
+    for (logprob, greedy), (context, continuation) in zip(got, pairs):
+        expected, expected_greedy = full_forward_loglikelihood(model, context or [model.prefix_token_id], continuation)
+        assert logprob == pytest.approx(expected, abs=1e-4)
+        assert greedy == expected_greedy
+
+
+def test_a_trailing_space_of_the_context_moves_to_the_continuation(model):
+    lm = QuietdepthLM(model)
+    spaced, moved = lm.loglikelihood(requests("loglikelihood", [("Answer: ", "yes"), ("Answer:", " yes")]),
+                                     disable_tqdm=True)
+    assert spaced == moved
+
+
+def test_loglikelihood_rolling_is_the_whole_text_from_the_prefix_token(model):
+    text = "The quick brown fox jumps over the lazy dog. " * 5  # 225 bytes: two windows of block_size 128
+    (total,) = QuietdepthLM(model).loglikelihood_rolling(requests("loglikelihood_rolling", [(text,)]), disable_tqdm=True)
+    tokens = [model.prefix_token_id, *model.encode(text)]
+    first, _ = full_forward_loglikelihood(model, tokens[:1], tokens[1:129])
+    second, _ = full_forward_loglikelihood(model, tokens[:129], tokens[129:])
+    assert total == pytest.approx(first + second, abs=1e-3)
+
+
+def test_generate_until_stops_at_until_and_honours_max_gen_toks(model):
+    lm = QuietdepthLM(model)
+    prompts = ["Question: 1+1?\nAnswer:", "Hi"]
+    free = generate(model, [model.encode(p) for p in prompts], max_new_tokens=30)[0]
+    (first7,) = generate_tokens(model, [model.encode(prompts[0])], max_new_tokens=7)
+    stop = free[4:6]
+    args = [(p, {"until": [stop], "max_gen_toks": 30, "do_sample": False}) for p in prompts]
+    args.append((prompts[0], {"until": "never-produced", "max_gen_toks": 7}))
+    out = lm.generate_until(requests("generate_until", args), disable_tqdm=True)
+    assert out[0] == free[:free.index(stop)]
+    assert stop not in out[1]
+    assert out[2] == model.decode(first7) and len(first7) == 7
+
+
+def test_sampling_requests_are_refused_with_the_override(model):
+    with pytest.raises(ValueError, match="do_sample=False"):
+        QuietdepthLM(model).generate_until(requests("generate_until", [("Hi", {"until": [], "do_sample": True})]))
+
+
+def test_lm_eval_runs_the_local_commonsense_qa_task_through_the_adapter(model):
+    shared_file("commonsense_qa/dev_rand_split.jsonl")
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
+    lm = QuietdepthLM(model, batch_size=4)
+    out = simple_evaluate(model=lm, tasks=["commonsense_qa_local", "commonsense_qa_cloze_local"], limit=6,
+                          task_manager=TaskManager(include_path=str(TASKS), include_defaults=False))
+    assert out["results"]["commonsense_qa_local"]["acc,none"] in {i / 6 for i in range(7)}
+    assert set(out["results"]["commonsense_qa_cloze_local"]) >= {"acc,none", "acc_norm,none"}
