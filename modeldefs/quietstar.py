@@ -25,13 +25,14 @@ top-k targets for MoD's auxiliary losses; they keep learning through the 2*sigmo
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from modeldefs.config import dataclass_from_dict
 from modeldefs.model import Transformer
 
 
@@ -121,11 +122,7 @@ class ThoughtConfig:
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> ThoughtConfig:
         """Build from a plain dict, naming any unknown key."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown ThoughtConfig field(s) {unknown}; known fields: {sorted(known)}")
-        return cls(**values)
+        return dataclass_from_dict(cls, values)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
