@@ -28,7 +28,8 @@ LOSS_TOL = 1e-4
 
 
 class RecordLoss(L.Callback):
-    """Appends each rank's training loss per step to `<dirpath>/loss_rank<r>.jsonl`."""
+    """Appends each rank's training loss per micro-batch, with the optimizer step it belongs to, to
+    `<dirpath>/loss_rank<r>.jsonl`."""
 
     def __init__(self, dirpath: str) -> None:
         self.dirpath = Path(dirpath)
@@ -36,7 +37,11 @@ class RecordLoss(L.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self.dirpath.mkdir(parents=True, exist_ok=True)
         with (self.dirpath / f"loss_rank{trainer.global_rank}.jsonl").open("a") as f:
-            f.write(json.dumps({"step": trainer.global_step - 1, "loss": float(outputs["loss"])}) + "\n")
+            stepped = (batch_idx + 1) % trainer.accumulate_grad_batches == 0 or trainer.is_last_batch
+            step = trainer.global_step - 1 if stepped else trainer.global_step
+            # Lightning hands back the loss divided by the micro-batches per step (as backward saw it).
+            loss = float(outputs["loss"]) * trainer.accumulate_grad_batches
+            f.write(json.dumps({"step": step, "loss": loss}) + "\n")
 
 
 def write_config(run_dir: Path, data: Path, tokenizer: Path, steps: int, every: int,
@@ -87,11 +92,14 @@ def fit_one_process(config: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def losses(run_dir: Path, ranks: int) -> dict[int, float]:
-    """Per step, the mean of the ranks' losses: the loss of the global batch (ranks hold equal token counts)."""
+    """Per step, the mean over ranks and micro-batches of the losses: the loss of the global batch (equal
+    token counts everywhere)."""
     per_rank = []
     for rank in range(ranks):
-        lines = (run_dir / "losses" / f"loss_rank{rank}.jsonl").read_text().splitlines()
-        per_rank.append({(r := json.loads(line))["step"]: r["loss"] for line in lines})
+        steps: dict[int, list[float]] = {}
+        for line in (run_dir / "losses" / f"loss_rank{rank}.jsonl").read_text().splitlines():
+            steps.setdefault((r := json.loads(line))["step"], []).append(r["loss"])
+        per_rank.append({step: sum(v) / len(v) for step, v in steps.items()})
     return {step: sum(r[step] for r in per_rank) / ranks for step in per_rank[0]}
 
 
@@ -109,9 +117,13 @@ def runs(tmp_path_factory, gsm8k_train, smollm2_tokenizer_dir) -> dict[str, Path
             fit_one_process(write_config(out[f"{name}-1"], gsm8k_train, tok, steps, 2, overrides), mp)
     out["dense-2"] = root / "dense-2"  # sharded checkpoints (the preset's default)
     fit_two_processes(write_config(out["dense-2"], gsm8k_train, tok, 4, 2))
+    # Also: 2 micro-batches of 1 per rank and optimizer step (gradients reduce-scattered once per step), and
+    # FSDP2's CPU offload (on a CPU mesh this checks the wiring, not the host-device copies).
     out["mod-2"] = root / "mod-2"
     fit_two_processes(write_config(out["mod-2"], gsm8k_train, tok, 2, 2, mod),
-                      "--trainer.strategy.init_args.save_distributed_checkpoint", "false")
+                      "--trainer.strategy.init_args.save_distributed_checkpoint", "false",
+                      "--model.init_args.fsdp_cpu_offload", "true", "--trainer.accumulate_grad_batches", "2",
+                      "--data.init_args.batch_size", str(GLOBAL_BATCH // 4))
     return out
 
 

@@ -48,6 +48,7 @@ class CausalLM(L.LightningModule):
         activation_checkpointing: ActivationCheckpointing = "none",
         fsdp_param_dtype: DType = "bfloat16",
         fsdp_reduce_dtype: DType = "float32",
+        fsdp_cpu_offload: bool = False,
     ) -> None:
         """
         Args:
@@ -75,6 +76,8 @@ class CausalLM(L.LightningModule):
             fsdp_param_dtype: under `ModelParallelStrategy` (FSDP2), the dtype parameters are all-gathered and
                 computed in; fp32 master weights and optimizer state stay sharded.
             fsdp_reduce_dtype: under FSDP2, the dtype gradients are reduce-scattered in.
+            fsdp_cpu_offload: under FSDP2, keep parameter shards, gradients and the AdamW step in host memory
+                (FSDP2's `CPUOffloadPolicy`): fits larger models in GPU memory, costs host-device copies per block.
         """
         super().__init__()
         if init_from is None and model is None:
@@ -110,7 +113,7 @@ class CausalLM(L.LightningModule):
             # The LightningModule is the FSDP root, so that `loss` (embedding, trunk, fused head) runs inside
             # the root's all-gather/reduce-scatter hooks like a forward.
             apply_fsdp(self.model.blocks, self, data_parallel_mesh(self.device_mesh), hp.fsdp_param_dtype,
-                       hp.fsdp_reduce_dtype, root_methods=("loss",))
+                       hp.fsdp_reduce_dtype, root_methods=("loss",), cpu_offload=hp.fsdp_cpu_offload)
 
     @staticmethod
     def _with_overrides(pretrained: Transformer, overrides: dict[str, Any]) -> Transformer:
@@ -149,6 +152,14 @@ class CausalLM(L.LightningModule):
             return F.cross_entropy(logits.flatten(0, 1).float(), batch["labels"].flatten(), ignore_index=-100)
         hidden = self.model.hidden(self.model.embed(batch["input_ids"]))
         return linear_cross_entropy(hidden, self.model.lm_head.weight, batch["labels"], self.hparams.loss_chunk_size)
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        accumulate = self.trainer.accumulate_grad_batches
+        if self.device_mesh is not None and accumulate > 1:
+            # FSDP2 (Lightning's no_sync covers only DDP): keep micro-batch gradients unsharded and local,
+            # and reduce-scatter once, in the backward of the optimizer step's last micro-batch.
+            last = (batch_idx + 1) % accumulate == 0 or self.trainer.is_last_batch
+            self.set_requires_gradient_sync(last)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         lm_loss = self.loss(batch)

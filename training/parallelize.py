@@ -15,7 +15,7 @@ from typing import Any, Literal
 import torch
 from torch.distributed.device_mesh import DeviceMesh
 from torch import nn
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard, register_fsdp_forward_method
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from modeldefs import Transformer
@@ -75,19 +75,23 @@ def data_parallel_mesh(mesh: DeviceMesh) -> DeviceMesh:
 
 
 def apply_fsdp(blocks: Iterable[nn.Module], root: nn.Module, mesh: DeviceMesh, param_dtype: DType = "bfloat16",
-               reduce_dtype: DType = "float32", root_methods: Sequence[str] = ()) -> None:
+               reduce_dtype: DType = "float32", root_methods: Sequence[str] = (), cpu_offload: bool = False) -> None:
     """FSDP2: shard each decoder block's parameters, then the rest of `root`'s (embedding, norm, head), over `mesh`.
 
     A block's parameters are all-gathered in `param_dtype` just before it runs and freed after;
     gradients are reduce-scattered in `reduce_dtype`; the optimizer updates fp32 shards.
     `root_methods` are methods of `root` other than `forward` that run the model (they get the
-    root's all-gather and reduce-scatter hooks).
+    root's all-gather and reduce-scatter hooks). `cpu_offload` keeps the parameter shards, their
+    gradients and the optimizer step in host memory (copied to the device for each all-gather):
+    for models whose sharded state does not fit the accelerators, at the cost of host-device copies.
     """
     policy = MixedPrecisionPolicy(param_dtype=getattr(torch, param_dtype), reduce_dtype=getattr(torch, reduce_dtype))
+    # Pinned host memory makes the copies asynchronous; it needs an accelerator to pin for.
+    offload = CPUOffloadPolicy(pin_memory=mesh.device_type != "cpu") if cpu_offload else OffloadPolicy()
     blocks = list(blocks)
     for i, block in enumerate(blocks):
         # The last block's parameters are needed again at once by backward: keep them gathered.
-        fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=i < len(blocks) - 1)
-    fully_shard(root, mesh=mesh, mp_policy=policy)
+        fully_shard(block, mesh=mesh, mp_policy=policy, offload_policy=offload, reshard_after_forward=i < len(blocks) - 1)
+    fully_shard(root, mesh=mesh, mp_policy=policy, offload_policy=offload)
     for name in root_methods:
         register_fsdp_forward_method(root, name)
