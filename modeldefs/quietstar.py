@@ -372,13 +372,19 @@ class QuietStar(nn.Module):
         )
 
     def next_token_logits(self, input_ids: torch.Tensor, think: bool = True,
-                          generator: torch.Generator | None = None) -> torch.Tensor:
+                          generator: torch.Generator | None = None,
+                          positions: torch.Tensor | None = None) -> torch.Tensor:
         """Inference logits (B, T, V) at every position: after a thought at that position (sampled at
-        eval_thought_temperature, greedy by default) mixed by the head, or with think=False the plain LM's."""
+        eval_thought_temperature, greedy by default) mixed by the head, or with think=False the plain LM's.
+
+        positions: (P,) only these positions (logits (B, P, V)); a thought at t reads tokens <= t only,
+        so this equals the full result at those positions and skips the other thoughts' compute.
+        """
+        if positions is None:
+            positions = torch.arange(input_ids.size(1), device=input_ids.device)
         if not think:
-            return self.lm(input_ids)
-        positions = torch.arange(input_ids.size(1), device=input_ids.device)
+            return self.lm.lm_head(self.lm.hidden(self.lm.embed(input_ids))[:, positions])
         no_talk = input_ids.new_empty(input_ids.size(0), positions.numel(), 0)
         h0, h_thought, _, _ = self.think(input_ids, positions, no_talk, self.thought_config.eval_thought_temperature,
                                          generator)
-        return self.mix(h0, h_thought[:, :, 0])[0]
+        return self.mix(h0[:, positions], h_thought[:, :, 0])[0]
