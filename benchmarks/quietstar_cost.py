@@ -164,14 +164,15 @@ def main() -> None:
     print(f"\n{args.shape} ({meta['params'] / 1e6:.1f}M params), batch {args.batch} x seq {args.seq}, n_passes "
           f"{args.n_passes}, stride {args.stride}, checkpointing {args.checkpointing}, {args.dtype}, {meta['device']}, "
           f"torch {torch.__version__}\n")
-    gpu = device.type == "cuda"
-    print(f"| variant | step (s) | × plain x1 | × plain x{args.n_passes} | bound (n_ahead + n_ahead_talk) |"
-          " activations kept (MiB) |" + (" peak above weights (GiB) |" if gpu else "")
-          + "\n|---|---|---|---|---|---|" + ("---|" if gpu else ""))
+    gpu, copies = device.type == "cuda", args.n_passes > 1
+    print("| variant | step (s) | × plain x1 |" + (f" × plain x{args.n_passes} |" if copies else "")
+          + " bound (n_ahead + n_ahead_talk) | activations kept (MiB) |" + (" peak above weights (GiB) |" if gpu else "")
+          + "\n|---|---|---|---|---|" + ("---|" if copies else "") + ("---|" if gpu else ""))
     for r in results:
         bound = "" if r["bound_x_plain"] is None else f"{r['bound_x_plain']} ({'within' if r['within_bound'] else 'OVER'})"
-        print(f"| {r['variant']} | {r['step_s']:.3f} | {r['x_plain']:.2f} | {r['x_plain_same_copies']:.2f} | {bound} |"
-              f" {r['activations_mib']:,.1f} |" + (f" {r['peak_above_resident_gib']} |" if gpu else ""))
+        print(f"| {r['variant']} | {r['step_s']:.3f} | {r['x_plain']:.2f} |"
+              + (f" {r['x_plain_same_copies']:.2f} |" if copies else "")
+              + f" {bound} | {r['activations_mib']:,.1f} |" + (f" {r['peak_above_resident_gib']} |" if gpu else ""))
     emit({**meta, "results": results}, args.json)
 
 
