@@ -20,14 +20,14 @@ from typing import Any
 
 import torch
 
-from evals import csqa, gsm8k
+from evals import answer_prob, csqa, gsm8k
 from evals.decoding import DecodingConfig
 from evals.leaderboard import COLUMNS, LONG_HEADER, append_rows, log_to_wandb, long_table, read_rows, wide_table
 from evals.model import EvalModel, ModelLoadError, load_eval_model
 from evals.plots import plot_accuracy
 from evals.results import TaskResult, git_commit
 
-TASKS = ("gsm8k", "gsm8k_chat", "csqa", "csqa_cloze", "csqa_gen")
+TASKS = ("gsm8k", "gsm8k_chat", "csqa", "csqa_cloze", "csqa_gen", *answer_prob.TASKS)
 GENERATIVE = ("gsm8k", "gsm8k_chat", "csqa_gen")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -39,7 +39,8 @@ def run_parser() -> argparse.ArgumentParser:
                         "smollm2-135m-instruct (offline default)")
     p.add_argument("--tokenizer", default=None, help="tokenizer source (default: the model's; smollm2 for a .ckpt)")
     p.add_argument("--tasks", nargs="+", default=["gsm8k", "csqa"], choices=TASKS, metavar="TASK",
-                   help=f"any of {', '.join(TASKS)} (csqa = lm-eval's commonsense_qa)")
+                   help=f"any of {', '.join(TASKS)} (csqa = lm-eval's commonsense_qa; *_answer_prob = "
+                        f"{answer_prob.LABEL}, 0-shot)")
     p.add_argument("--shots", nargs="+", type=int, default=[5], help="GSM8K few-shot counts (CommonsenseQA is 0-shot)")
     p.add_argument("--decoding", nargs="+", default=["greedy"], choices=("greedy", "cot", "thoughts"),
                    help="decoding variants; log-likelihood tasks run under greedy (plain model) and thoughts only")
@@ -87,10 +88,10 @@ def load_data(args: argparse.Namespace) -> dict[str, Any]:
     """Each needed data set once, cut to --limit (the few-shot pool is never cut)."""
     data: dict[str, Any] = {}
     cut = slice(None, args.limit)
-    if {"gsm8k", "gsm8k_chat"} & set(args.tasks):
+    if {"gsm8k", "gsm8k_chat", "gsm8k_answer_prob"} & set(args.tasks):
         data["gsm8k"] = gsm8k.load(args.gsm8k_path, "test")[cut]
         data["gsm8k_train"] = []
-        if any(args.shots):
+        if any(args.shots) and {"gsm8k", "gsm8k_chat"} & set(args.tasks):
             train = args.gsm8k_train_path
             if train is None:
                 if Path(args.gsm8k_path).suffix in (".jsonl", ".json"):
@@ -98,7 +99,7 @@ def load_data(args: argparse.Namespace) -> dict[str, Any]:
                                             "(e.g. ../shared/data/gsm8k/train.jsonl), or pass --shots 0")
                 train = args.gsm8k_path
             data["gsm8k_train"] = gsm8k.load(train, "train")
-    if {"csqa", "csqa_cloze", "csqa_gen"} & set(args.tasks):
+    if {"csqa", "csqa_cloze", "csqa_gen", "csqa_answer_prob"} & set(args.tasks):
         data["csqa"] = csqa.load(args.csqa_path)[cut]
     return data
 
@@ -110,7 +111,11 @@ def evaluate_model(model: EvalModel, args: argparse.Namespace, data: dict[str, A
         for task in args.tasks:
             if task not in GENERATIVE and decoding.variant == "cot":
                 continue  # CoT-decoding changes generation only; log-likelihood scores would repeat greedy's
-            if task in ("gsm8k", "gsm8k_chat"):
+            if task in answer_prob.TASKS:
+                items = ([answer_prob.gsm8k_item(row) for row in data["gsm8k"]] if task == "gsm8k_answer_prob"
+                         else [answer_prob.csqa_item(q) for q in data["csqa"]])
+                done = [answer_prob.evaluate(model, items, task, decoding, progress)]
+            elif task in ("gsm8k", "gsm8k_chat"):
                 done = [gsm8k.evaluate(model, data["gsm8k"], data["gsm8k_train"], decoding, shots, args.seed,
                                        chat=task == "gsm8k_chat", progress=progress) for shots in args.shots]
             else:

@@ -13,8 +13,9 @@ one token to each of the P thought chains (slots T+(j-1)P .. T+jP-1, rotary posi
 at t sees the prefix keys s <= t of pass 0 and its own slots in passes 1..j, nothing of any other
 chain (`thought_attention_mask`: the prefix, then an identity block per pass). `ThoughtKVCache`
 computes exactly those scores, P x (T + j) per pass, instead of the dense P x (T + jP) of the official
-code's mask. Compute is ~T + (J - 1) P token-forwards per sequence for J = n_ahead + n_ahead_talk - 1
-passes.
+code's mask. Compute is ~T + n_passes (J - 1) P token-forwards per sequence for J = n_ahead +
+n_ahead_talk - 1 passes: pass 0 and the plain LM loss run once per example, the thought passes once
+per sample.
 
 Mixture-of-Depths: every pass of a routed model, pass 0 included, routes by the model's causal rule
 (the inference rule: router or predictor logit > 0), never top-k. Thought tokens read the prefix
@@ -162,6 +163,12 @@ class ThoughtKVCache:
         self.chain_v: list[torch.Tensor] = []
         self.routed = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)  # for routed blocks
 
+    def repeat_rows(self, copies: int) -> None:
+        """After pass 0 over one row per example, give each of its `copies` thought samples its rows
+        (adjacent), so pass 0 is computed once per example, not once per sample."""
+        self.prefix = tuple(t.repeat_interleave(copies, dim=0) for t in self.prefix)
+        self.routed = self.routed.repeat_interleave(copies, dim=0)
+
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, input_pos: torch.Tensor,
                mask: torch.Tensor | None) -> torch.Tensor:
         T, P = self.seq_len, self.n_chains
@@ -183,8 +190,10 @@ class ThoughtKVCache:
         G = H // Hkv  # query heads per key/value head
         q = q.reshape(B, Hkv, G, P, D)
         k0, v0 = (t.unsqueeze(2) for t in self.prefix)                                   # (B, Hkv, 1, T, D)
-        kc, vc = (torch.stack(t, 3).unsqueeze(2) for t in (self.chain_k, self.chain_v))  # (B, Hkv, 1, P, j, D)
-        scores = torch.cat([q @ k0.transpose(-1, -2), (q.unsqueeze(-2) * kc).sum(-1)], -1) * D ** -0.5
+        kc, vc = (torch.stack(t, 3) for t in (self.chain_k, self.chain_v))               # (B, Hkv, P, j, D)
+        # own-chain scores as one matmul batched over chains: (B, Hkv, P, G, D) @ (B, Hkv, P, D, j)
+        own_scores = (q.transpose(2, 3) @ kc.transpose(-1, -2)).transpose(2, 3)         # (B, Hkv, G, P, j)
+        scores = torch.cat([q @ k0.transpose(-1, -2), own_scores], -1) * D ** -0.5
         # the mask's prefix columns and each chain's own column in every pass
         m = mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape))                    # (b, h, P, T + jP)
         own = m[..., T:].unflatten(-1, (j, P)).diagonal(dim1=-3, dim2=-1)               # (b, h, j, P)
@@ -192,7 +201,7 @@ class ThoughtKVCache:
         keep = keep.unsqueeze(2) if keep.size(1) == 1 else keep.unflatten(1, (Hkv, G))
         scores = scores.masked_fill(~keep, float("-inf"))
         probs = scores.float().softmax(-1).to(q.dtype)
-        y = probs[..., :T] @ v0 + (probs[..., T:].unsqueeze(-1) * vc).sum(-2)          # (B, Hkv, G, P, D)
+        y = probs[..., :T] @ v0 + (probs[..., T:].transpose(2, 3) @ vc).transpose(2, 3)  # (B, Hkv, G, P, D)
         return y.reshape(B, H, P, D)
 
 
@@ -233,7 +242,8 @@ class ThoughtOutput:
     positions: torch.Tensor
     """(P,) the positions t at which thoughts were taken."""
     base_logits: torch.Tensor
-    """(N, T, V) plain LM logits (the tensor the loss used, not a copy)."""
+    """(B, T, V) plain LM logits (the tensor the loss used, not a copy), once per example: the n_passes
+    copies share pass 0."""
     mixed_logits: torch.Tensor
     """(N, P, K, V) mixed logits: [n, p, k] predicts token positions[p] + k + 1."""
 
@@ -269,13 +279,18 @@ class QuietStar(nn.Module):
 
     def sample_thought(self, logits: torch.Tensor, temperature: float,
                        generator: torch.Generator | None = None) -> torch.Tensor:
-        """Token ids from logits (..., V): argmax at temperature 0, else softmax(logits / temperature)
-        via the Gumbel-max trick (the official hard Gumbel-softmax)."""
+        """Token ids from logits (..., V): argmax at temperature 0, else a draw from
+        softmax(logits / temperature), the distribution of the official hard Gumbel-softmax's
+        argmax(logits + Gumbel noise). Drawn by inverse CDF: one uniform number per row instead of
+        Gumbel noise (two logarithms) per vocabulary entry, which cost more than the output head's
+        matmul in a thought pass."""
         logits = logits.detach().float()
         if temperature == 0:
             return logits.argmax(-1)
-        u = torch.rand(logits.shape, generator=generator, device=logits.device).clamp_(min=1e-20)
-        return (logits / temperature - torch.log(-torch.log(u))).argmax(-1)
+        cdf = (logits / temperature).softmax(-1).cumsum_(-1)
+        u = torch.rand(*cdf.shape[:-1], 1, generator=generator, device=cdf.device) * cdf[..., -1:]
+        # right=True: the first entry whose cdf exceeds u, so a zero-probability token is never drawn
+        return torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp_(max=cdf.size(-1) - 1)
 
     def _check_length(self, T: int, passes: int) -> None:
         limit = self.lm.config.block_size
@@ -284,24 +299,29 @@ class QuietStar(nn.Module):
                              " shorten the sequence, n_ahead or n_ahead_talk")
 
     def think(self, ids: torch.Tensor, positions: torch.Tensor, talk_ids: torch.Tensor, temperature: float,
-              generator: torch.Generator | None = None
+              generator: torch.Generator | None = None, copies: int = 1
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """The parallel thought forward.
 
-        ids (N, T); positions (P,) where chains start; talk_ids (N, P, K-1) the tokens fed after <end>
-        (x_{t+1} .. x_{t+K-1}). Returns base hidden (N, T, C), the hidden states after <end> and after
-        each talk token (N, P, K, C), the sampled thought ids (N, P, n_sampled) and their
-        log-probabilities at reinforce_temperature (N, P, n_sampled), the REINFORCE actions.
+        ids (B, T), one row per example; copies: thoughts sampled per position, in N = B * copies rows
+        (an example's copies adjacent); positions (P,) where chains start; talk_ids (N, P, K-1) the
+        tokens fed after <end> (x_{t+1} .. x_{t+K-1}). Returns base hidden (B, T, C) (pass 0 runs once
+        per example: it is the same for every copy), the hidden states after <end> and after each talk
+        token (N, P, K, C), the sampled thought ids (N, P, n_sampled) and their log-probabilities at
+        reinforce_temperature (N, P, n_sampled), the REINFORCE actions.
         """
         c, lm = self.thought_config, self.lm
-        N, T = ids.shape
-        P, dev = positions.numel(), ids.device
+        B, T = ids.shape
+        N, P, dev = B * copies, positions.numel(), ids.device
         n_passes = c.n_ahead + talk_ids.size(-1)  # pass 0 + (n_ahead - 1) thought tokens + K - 1 talk tokens
         self._check_length(T, n_passes)
         mask = thought_attention_mask(T, positions, n_passes)
-        cache = [ThoughtKVCache(N, T, P, mask.size(1), dev) for _ in lm.blocks]
+        cache = [ThoughtKVCache(B, T, P, mask.size(1), dev) for _ in lm.blocks]
 
         h0 = lm.hidden(lm.embed(ids), kv_cache=cache, input_pos=torch.arange(T, device=dev))  # causal
+        if copies > 1:
+            for layer in cache:
+                layer.repeat_rows(copies)
         x = self.meta_embedding("start", (N, P))
         talk, sampled, log_p = [], [], []
         for j in range(1, n_passes):
@@ -337,20 +357,23 @@ class QuietStar(nn.Module):
         if T <= K:
             raise ValueError(f"sequence length {T} must exceed n_ahead_talk={K}"
                              f" (thoughts need {K} true tokens after them)")
-        ids = input_ids.repeat_interleave(c.n_passes, dim=0)
-        dev = ids.device
+        dev = input_ids.device
         positions = torch.arange(0, T - K, c.stride, device=dev)
         talk_positions = positions[:, None] + torch.arange(1, K + 1, device=dev)  # (P, K): x_{t+1} .. x_{t+K}
-        targets = ids[:, talk_positions]                                          # (N, P, K)
 
-        h0, h_talk, sampled, log_p = self.think(ids, positions, targets[..., :-1], c.thought_temperature,
-                                                         generator)
-        base_logits = self.lm.lm_head(h0)
+        def per_sample(t: torch.Tensor) -> torch.Tensor:  # (B, ...) per example -> (N, ...) per thought sample
+            return t.repeat_interleave(c.n_passes, dim=0)
+
+        targets = per_sample(input_ids[:, talk_positions])                        # (N, P, K)
+
+        h0, h_talk, sampled, log_p = self.think(input_ids, positions, targets[..., :-1], c.thought_temperature,
+                                                generator, copies=c.n_passes)
+        base_logits = self.lm.lm_head(h0)                                         # once per example
         V = base_logits.size(-1)
-        token_nll = F.cross_entropy(base_logits[:, :-1].reshape(-1, V).float(), ids[:, 1:].reshape(-1),
-                                    reduction="none").view(ids.size(0), T - 1)
-        base_talk_nll = token_nll[:, talk_positions - 1]                          # (N, P, K)
-        mixed_logits, w = self.mix(h0[:, talk_positions - 1], h_talk)
+        token_nll = F.cross_entropy(base_logits[:, :-1].reshape(-1, V).float(), input_ids[:, 1:].reshape(-1),
+                                    reduction="none").view(B, T - 1)
+        base_talk_nll = per_sample(token_nll[:, talk_positions - 1])              # (N, P, K)
+        mixed_logits, w = self.mix(per_sample(h0[:, talk_positions - 1]), h_talk)
         mixed_nll = F.cross_entropy(mixed_logits.flatten(0, 2).float(), targets.reshape(-1),
                                     reduction="none").view_as(targets)
 
@@ -372,13 +395,19 @@ class QuietStar(nn.Module):
         )
 
     def next_token_logits(self, input_ids: torch.Tensor, think: bool = True,
-                          generator: torch.Generator | None = None) -> torch.Tensor:
+                          generator: torch.Generator | None = None,
+                          positions: torch.Tensor | None = None) -> torch.Tensor:
         """Inference logits (B, T, V) at every position: after a thought at that position (sampled at
-        eval_thought_temperature, greedy by default) mixed by the head, or with think=False the plain LM's."""
+        eval_thought_temperature, greedy by default) mixed by the head, or with think=False the plain LM's.
+
+        positions: (P,) only these positions (logits (B, P, V)); a thought at t reads tokens <= t only,
+        so this equals the full result at those positions and skips the other thoughts' compute.
+        """
+        if positions is None:
+            positions = torch.arange(input_ids.size(1), device=input_ids.device)
         if not think:
-            return self.lm(input_ids)
-        positions = torch.arange(input_ids.size(1), device=input_ids.device)
+            return self.lm.lm_head(self.lm.hidden(self.lm.embed(input_ids))[:, positions])
         no_talk = input_ids.new_empty(input_ids.size(0), positions.numel(), 0)
         h0, h_thought, _, _ = self.think(input_ids, positions, no_talk, self.thought_config.eval_thought_temperature,
                                          generator)
-        return self.mix(h0, h_thought[:, :, 0])[0]
+        return self.mix(h0[:, positions], h_thought[:, :, 0])[0]

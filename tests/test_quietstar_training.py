@@ -193,9 +193,14 @@ def test_cost_benchmark_runs_and_prints_its_table(monkeypatch, capsys):
     script = REPO / "benchmarks" / "quietstar_cost.py"
     monkeypatch.syspath_prepend(str(script.parent))
     monkeypatch.setattr(sys, "argv", [str(script), "--shape", "micro", "--batch", "1", "--seq", "16", "--n-ahead", "4",
-                                      "--n-ahead-talk", "1", "2", "--steps", "1", "--rounds", "1", "--warmup", "0"])
+                                      "--n-ahead-talk", "1", "2", "--n-passes", "2", "--steps", "1", "--rounds", "1",
+                                      "--warmup", "0"])
     runpy.run_path(str(script), run_name="__main__")
     out = capsys.readouterr().out
     assert "| plain x1 |" in out and "| plain x2 |" in out and "| thought 4 / talk 2 |" in out
+    assert "| × plain x1 | × plain x2 |" in out  # n_passes 2 rows are checked against the plain step over 2 copies
     record = json.loads(out.strip().splitlines()[-1])
     assert [r["variant"] for r in record["results"]] == ["plain x1", "plain x2", "thought 4 / talk 1", "thought 4 / talk 2"]
+    plain_x2 = record["results"][1]["step_s"]
+    assert all(r["x_plain_same_copies"] == pytest.approx(r["step_s"] / plain_x2, rel=0.02, abs=0.01)
+               for r in record["results"][2:])
