@@ -33,10 +33,14 @@ class DecodingConfig:
     """Generated tokens per completion at most (lm-eval's GSM8K default)."""
     batch_size: int = 16
     """Rows per forward pass: prompts, or for CoT-decoding batch_size // cot_k prompts (at least one)
-    of cot_k branches each."""
+    of cot_k branches each; in log-likelihood scoring, packed rows."""
     prefill_chunk: int = 256
     """Prompt tokens per forward when filling the KV cache (bounds activation memory for long
-    few-shot prompts and large batches); also the chunk of log-likelihood scoring."""
+    few-shot prompts and large batches)."""
+    pack_tokens: int = 512
+    """Log-likelihood scoring: tokens per packed row (contexts each followed by all their
+    continuations, several contexts per row). Attention spans the whole row, so larger rows waste
+    attention on pairs the mask rules out; smaller ones give smaller matrix products."""
     cot_k: int = 10
     """CoT-decoding: branches, one per top-k first token (the paper's default is 10)."""
     cot_aggregate: bool = False
@@ -46,7 +50,7 @@ class DecodingConfig:
     def __post_init__(self) -> None:
         if self.variant not in ("greedy", "cot", "thoughts"):
             raise ValueError(f"decoding variant {self.variant!r} is not one of 'greedy', 'cot', 'thoughts'")
-        for name in ("max_new_tokens", "batch_size", "prefill_chunk", "cot_k"):
+        for name in ("max_new_tokens", "batch_size", "prefill_chunk", "pack_tokens", "cot_k"):
             if getattr(self, name) < 1:
                 raise ValueError(f"decoding {name}={getattr(self, name)} must be >= 1")
 
