@@ -7,7 +7,8 @@ context's length, so each one computes what it would alone, while the context ru
 of them (CommonsenseQA's five letters cost one context). Several groups share a packed row up to
 `pack_tokens` (a block-diagonal mask keeps them apart), rows of similar length share a forward,
 and the output head runs only at the positions whose next token is scored. One forward per batch
-of rows, no KV cache.
+of rows, no KV cache. Mixture-of-Depths models score exactly too: at inference a routed block
+decides token by token, and its routing mask is intersected with the tree mask.
 """
 
 from __future__ import annotations
