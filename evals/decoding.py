@@ -33,7 +33,8 @@ class DecodingConfig:
     """Generated tokens per completion at most (lm-eval's GSM8K default)."""
     batch_size: int = 16
     """Rows per forward pass: prompts, or for CoT-decoding batch_size // cot_k prompts (at least one)
-    of cot_k branches each; in log-likelihood scoring, packed rows."""
+    of cot_k branches each; in log-likelihood scoring, packed rows (on a 2-core CPU one row per
+    forward was fastest, see evals/RESULTS.md)."""
     prefill_chunk: int = 256
     """Prompt tokens per forward when filling the KV cache (prompts are prefilled one at a time;
     bounds the activation memory of long few-shot prompts)."""
