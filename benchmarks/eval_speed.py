@@ -41,7 +41,7 @@ def parse_limits(text: str) -> dict[str, int]:
     return limits
 
 
-def load_models(source: str, batch_size: int, hf_batch_size: int):
+def load_models(source: str, batch_size: int, hf_batch_size: int, pack_tokens: int):
     """(lm-eval HFLM, quietdepth LM, load seconds of each) on the same weights, CPU or the first GPU."""
     from lm_eval.models.huggingface import HFLM
 
@@ -54,7 +54,7 @@ def load_models(source: str, batch_size: int, hf_batch_size: int):
     hf = HFLM(pretrained=path, device=device, batch_size=hf_batch_size, dtype="float32", **kwargs)
     hf_load = time.perf_counter() - start
     start = time.perf_counter()
-    ours = QuietdepthLM(source, device=device, batch_size=batch_size)
+    ours = QuietdepthLM(source, device=device, batch_size=batch_size, pack_tokens=pack_tokens)
     return time_requests(hf), time_requests(ours), hf_load, time.perf_counter() - start
 
 
@@ -111,7 +111,8 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2-135m-instruct", help="a .gguf, an HF directory or smollm2-135m-instruct")
     parser.add_argument("--tasks", default=DEFAULT_TASKS, help="comma-separated task names from evals/lm_eval_tasks")
     parser.add_argument("--limit", default="", help="documents per task, e.g. gsm8k_local=20 (default: all)")
-    parser.add_argument("--batch-size", type=int, default=32, help="quietdepth: contexts/prompts per forward pass")
+    parser.add_argument("--batch-size", type=int, default=32, help="quietdepth: prompts (generation) or packed rows (scoring) per forward")
+    parser.add_argument("--pack-tokens", type=int, default=512, help="quietdepth: tokens per packed scoring row")
     parser.add_argument("--hf-batch-size", type=int, default=32, help="lm-eval hf backend batch size")
     parser.add_argument("--json", help="also write the record to this file")
     args = parser.parse_args()
@@ -121,12 +122,12 @@ def main() -> None:
     limits = parse_limits(args.limit)
     tasks = args.tasks.split(",")
     task_manager = TaskManager(include_path=str(TASKS_DIR), include_defaults=False)
-    hf, ours, hf_load, ours_load = load_models(args.model, args.batch_size, args.hf_batch_size)
+    hf, ours, hf_load, ours_load = load_models(args.model, args.batch_size, args.hf_batch_size, args.pack_tokens)
     tokenizer = ours.model.tokenizer
     record: dict[str, Any] = {
         "benchmark": "eval_speed", "model": args.model, "device": device_name(ours.model.device),
         "threads": torch.get_num_threads(), "torch": torch.__version__, "batch_size": args.batch_size,
-        "hf_batch_size": args.hf_batch_size, "load_seconds": {"lm-eval hf": hf_load, "quietdepth": ours_load},
+        "hf_batch_size": args.hf_batch_size, "pack_tokens": args.pack_tokens, "load_seconds": {"lm-eval hf": hf_load, "quietdepth": ours_load},
         "tasks": {}}
     rows = []
     for task in tasks:

@@ -47,8 +47,10 @@ def run_parser() -> argparse.ArgumentParser:
     p.add_argument("--cot-k", nargs="+", type=int, default=[10], help="CoT-decoding branch counts (one variant each)")
     p.add_argument("--cot-aggregate", action="store_true", help="CoT-decoding: sum confidence per answer (paper's agg)")
     p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--batch-size", type=int, default=16, help="prompts (generation) or contexts (scoring) per forward")
-    p.add_argument("--prefill-chunk", type=int, default=256, help="tokens per forward when reading prompts/contexts")
+    p.add_argument("--batch-size", type=int, default=16, help="prompts (generation) or packed rows (scoring) per forward")
+    p.add_argument("--prefill-chunk", type=int, default=256, help="tokens per forward when reading prompts")
+    p.add_argument("--pack-tokens", type=int, default=512,
+                   help="log-likelihood scoring: tokens per packed row of contexts and their continuations")
     p.add_argument("--limit", type=int, default=None, help="evaluate the first N items of each task only")
     p.add_argument("--seed", type=int, default=1234, help="few-shot draw seed (lm-eval's default)")
     p.add_argument("--gsm8k-path", default=gsm8k.HUB_ID, help="hub id or local test jsonl")
@@ -80,7 +82,7 @@ def decodings(args: argparse.Namespace) -> list[DecodingConfig]:
     for variant in args.decoding:
         for k in args.cot_k if variant == "cot" else [args.cot_k[0]]:
             configs.append(DecodingConfig(variant=variant, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
-                                          prefill_chunk=args.prefill_chunk, cot_k=k, cot_aggregate=args.cot_aggregate))
+                                          prefill_chunk=args.prefill_chunk, pack_tokens=args.pack_tokens, cot_k=k, cot_aggregate=args.cot_aggregate))
     return configs
 
 

@@ -100,7 +100,7 @@ def _choice_scores(model: EvalModel, contexts: list[str], options: list[list[str
     and the number of tokens the model read. Under the `thoughts` variant, thought-mixed logits score."""
     requests = [encode_pair(model, context, " " + option) for context, opts in zip(contexts, options) for option in opts]
     scores = loglikelihood(model, requests, batch_size=decoding.batch_size, progress=progress,
-                           think=decoding.variant == "thoughts", chunk=decoding.prefill_chunk)
+                           think=decoding.variant == "thoughts", pack_tokens=decoding.pack_tokens)
     flat = iter(score for score, _ in scores)
     tokens = sum(len(c) + len(k) for c, k in {(tuple(c), tuple(k)) for c, k in requests})
     return [[next(flat) for _ in opts] for opts in options], tokens

@@ -1,10 +1,10 @@
 """Decoding for evaluation: batched greedy generation, CoT-decoding, and generation with thoughts.
 
 All three stop at the tokenizer's EOS and at stop strings, and cut the returned text at the first
-stop string (lm-eval's `generate_until`). Greedy runs left-padded batches (longest prompts first)
-through one KV cache; finished rows leave the batch, so a batch costs what its unfinished rows
-cost. Stop strings are checked once per step on the tokens just produced: that check is the only
-host synchronisation per token.
+stop string (lm-eval's `generate_until`). Greedy runs batches of prompts (longest first) through one
+KV cache, each prompt prefilled without padding; finished rows leave the batch once they are half
+of it, so a batch costs about what its unfinished rows cost. Stop strings are checked once per step
+on the tokens just produced: that check is the only host synchronisation per token.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Literal
 import torch
 from tqdm.auto import tqdm
 
-from evals.batching import left_pad, prefill, select_cache_rows
+from evals.batching import prefill, select_cache_rows, valid_slots
 from evals.model import EvalModel
 
 Variant = Literal["greedy", "cot", "thoughts"]
@@ -33,10 +33,15 @@ class DecodingConfig:
     """Generated tokens per completion at most (lm-eval's GSM8K default)."""
     batch_size: int = 16
     """Rows per forward pass: prompts, or for CoT-decoding batch_size // cot_k prompts (at least one)
-    of cot_k branches each."""
+    of cot_k branches each; in log-likelihood scoring, packed rows (on a 2-core CPU one row per
+    forward was fastest, see evals/RESULTS.md)."""
     prefill_chunk: int = 256
-    """Prompt tokens per forward when filling the KV cache (bounds activation memory for long
-    few-shot prompts and large batches); also the chunk of log-likelihood scoring."""
+    """Prompt tokens per forward when filling the KV cache (prompts are prefilled one at a time;
+    bounds the activation memory of long few-shot prompts)."""
+    pack_tokens: int = 512
+    """Log-likelihood scoring: tokens per packed row (contexts each followed by all their
+    continuations, several contexts per row). Attention spans the whole row, so larger rows waste
+    attention on pairs the mask rules out; smaller ones give smaller matrix products."""
     cot_k: int = 10
     """CoT-decoding: branches, one per top-k first token (the paper's default is 10)."""
     cot_aggregate: bool = False
@@ -46,7 +51,7 @@ class DecodingConfig:
     def __post_init__(self) -> None:
         if self.variant not in ("greedy", "cot", "thoughts"):
             raise ValueError(f"decoding variant {self.variant!r} is not one of 'greedy', 'cot', 'thoughts'")
-        for name in ("max_new_tokens", "batch_size", "prefill_chunk", "cot_k"):
+        for name in ("max_new_tokens", "batch_size", "prefill_chunk", "pack_tokens", "cot_k"):
             if getattr(self, name) < 1:
                 raise ValueError(f"decoding {name}={getattr(self, name)} must be >= 1")
 
@@ -96,11 +101,11 @@ def _decode_rows(model: EvalModel, prompts: list[list[int]], max_new_tokens: int
     first token (CoT-decoding); rows come out prompt-major.
     """
     lm, device = model.lm, model.device
-    ids, valid = left_pad(prompts, device)
-    B, T = ids.shape
+    valid = valid_slots(prompts, device)
+    B, T = valid.shape
     n = max_new_tokens
     cache = lm.make_kv_cache(B, T + n)
-    logits = prefill(lm, ids, valid, cache, chunk)
+    logits = prefill(lm, prompts, cache, chunk)
     next_pos = valid.sum(-1)
     key_valid = torch.cat([valid, torch.ones(B, n, dtype=torch.bool, device=device)], 1)
     forced = None
@@ -112,7 +117,7 @@ def _decode_rows(model: EvalModel, prompts: list[list[int]], max_new_tokens: int
     rows_total = logits.size(0)
     tokens: list[list[int]] = [[] for _ in range(rows_total)]
     margins: list[list[float]] = [[] for _ in range(rows_total)]
-    active = list(range(rows_total))
+    owner: list[int | None] = list(range(rows_total))  # per batch row: its output row, None once finished
     stops = _StopChecker(model, stop)
     eos = model.eos_id
     for step in range(n):
@@ -122,22 +127,26 @@ def _decode_rows(model: EvalModel, prompts: list[list[int]], max_new_tokens: int
             both = torch.stack([token.to(top2.dtype), top2[:, 0] - top2[:, 1]]).tolist()
             produced, margin = [int(t) for t in both[0]], both[1]
         else:
-            produced, margin = token.tolist(), [0.0] * len(active)
-        keep = []
-        for j, (row, t, m) in enumerate(zip(active, produced, margin)):
-            if t == eos:
+            produced, margin = token.tolist(), [0.0] * len(owner)
+        for j, (row, t, m) in enumerate(zip(owner, produced, margin)):
+            if row is None:
                 continue
-            tokens[row].append(t)
-            margins[row].append(m)
-            if not stops(tokens[row]):
-                keep.append(j)
-        if not keep or step == n - 1:
+            if t != eos:
+                tokens[row].append(t)
+                margins[row].append(m)
+            if t == eos or stops(tokens[row]):
+                owner[j] = None
+        alive = [j for j, row in enumerate(owner) if row is not None]
+        if not alive or step == n - 1:
             break
-        if len(keep) < len(active):  # finished rows leave the batch
-            index = torch.tensor(keep, device=device)
+        # Finished rows leave the batch once they are half of it: dropping them copies the whole KV
+        # cache, so halving keeps the copies to less than one cache in all and the rows decoded for
+        # nothing to at most half.
+        if 2 * len(alive) <= len(owner):
+            index = torch.tensor(alive, device=device)
             select_cache_rows(cache, index)
             token, next_pos, key_valid = token[index], next_pos[index], key_valid[index]
-            active = [active[j] for j in keep]
+            owner = [owner[j] for j in alive]
         slot = T + step
         logits = lm(token[:, None], position_ids=next_pos[:, None], mask=key_valid[:, None, None, :slot + 1],
                     kv_cache=cache, input_pos=torch.tensor([slot], device=device))[:, -1]

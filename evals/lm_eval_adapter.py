@@ -37,13 +37,14 @@ class QuietdepthLM(LM):
     Model args (`--model_args k=v,...`): `pretrained` (a .ckpt, HF directory or hub id, .gguf, or
     `smollm2-135m-instruct`; in Python also an already loaded `EvalModel`), `tokenizer` (defaults as in `evals.model.load_eval_model`), `dtype`
     (float32, bfloat16, float16), `decoding` (greedy; thoughts for Quiet-STaR models), `max_gen_toks`
-    (the default when a task sets none). `--batch_size` is the number of distinct contexts per forward
-    pass; `--device` is honoured.
+    (the default when a task sets none), `pack_tokens` (log-likelihood scoring: tokens per packed row,
+    see `evals.scoring.loglikelihood`). `--batch_size` is the number of prompts (generation) or packed
+    rows (scoring) per forward pass; `--device` is honoured.
     """
 
     def __init__(self, pretrained: str | EvalModel = "smollm2-135m-instruct", tokenizer: str | None = None,
                  device: str | None = None, dtype: str = "float32", batch_size: int | str = 16,
-                 decoding: str = "greedy", max_gen_toks: int = 256, **unused: Any) -> None:
+                 decoding: str = "greedy", max_gen_toks: int = 256, pack_tokens: int = 512, **unused: Any) -> None:
         super().__init__()
         if dtype not in _DTYPES:
             raise ValueError(f"dtype={dtype!r}: use one of {sorted(_DTYPES)}")
@@ -63,6 +64,7 @@ class QuietdepthLM(LM):
         self.batch_size = int(batch_size)
         self.decoding = decoding
         self.max_gen_toks = int(max_gen_toks)
+        self.pack_tokens = int(pack_tokens)
 
     @property
     def tokenizer_name(self) -> str:
@@ -76,12 +78,14 @@ class QuietdepthLM(LM):
     def loglikelihood(self, requests: list[Any], disable_tqdm: bool = False) -> list[tuple[float, bool]]:
         pairs = [scoring.encode_pair(self.model, *request.args) for request in requests]
         return self._cached(requests, "loglikelihood",
-                            scoring.loglikelihood(self.model, pairs, self.batch_size, progress=not disable_tqdm))
+                            scoring.loglikelihood(self.model, pairs, self.batch_size, progress=not disable_tqdm,
+                                                  pack_tokens=self.pack_tokens))
 
     def loglikelihood_rolling(self, requests: list[Any], disable_tqdm: bool = False) -> list[float]:
         tokens = [self.model.encode(request.args[0]) for request in requests]
         return self._cached(requests, "loglikelihood_rolling",
-                            scoring.loglikelihood_rolling(self.model, tokens, self.batch_size, progress=not disable_tqdm))
+                            scoring.loglikelihood_rolling(self.model, tokens, self.batch_size, progress=not disable_tqdm,
+                                                          pack_tokens=self.pack_tokens))
 
     def generate_until(self, requests: list[Any], disable_tqdm: bool = False) -> list[str]:
         # One decoding call per distinct (stop strings, length); a task's requests share them.

@@ -1,9 +1,14 @@
-"""Log-likelihood scoring with lm-evaluation-harness's contract, batched and prefix-shared.
+"""Log-likelihood scoring with lm-evaluation-harness's contract, packed without padding.
 
-`loglikelihood` groups requests by context: each distinct context runs once (left-padded in a
-batch of contexts, longest first), its last logits give every continuation's first token, and the
-KV cache is copied per continuation for the remaining continuation tokens. For CommonsenseQA's
-five one-token letters, one context forward scores all five.
+`loglikelihood` groups requests by context and lays each group out as a tree in one row: the
+context, then every continuation (less its last token) after it. A continuation's tokens attend
+to the context and to their own earlier tokens only, and their rotary positions continue from the
+context's length, so each one computes what it would alone, while the context runs once for all
+of them (CommonsenseQA's five letters cost one context). Several groups share a packed row up to
+`pack_tokens` (a block-diagonal mask keeps them apart), rows of similar length share a forward,
+and the output head runs only at the positions whose next token is scored. One forward per batch
+of rows, no KV cache. Mixture-of-Depths models score exactly too: at inference a routed block
+decides token by token, and its routing mask is intersected with the tree mask.
 """
 
 from __future__ import annotations
@@ -13,8 +18,10 @@ from collections.abc import Sequence
 import torch
 from tqdm.auto import tqdm
 
-from evals.batching import forward_chunk, left_pad, prefill, select_cache_rows
 from evals.model import EvalModel
+
+Group = tuple[tuple[int, ...], list[tuple[int, ...]]]
+"""A context and the distinct continuations scored after it in one row."""
 
 
 def encode_pair(model: EvalModel, context: str, continuation: str) -> tuple[list[int], list[int]]:
@@ -32,22 +39,25 @@ def encode_pair(model: EvalModel, context: str, continuation: str) -> tuple[list
 @torch.inference_mode()
 def loglikelihood(model: EvalModel, requests: Sequence[tuple[Sequence[int], Sequence[int]]],
                   batch_size: int = 16, progress: bool = False, think: bool = False,
-                  chunk: int = 256) -> list[tuple[float, bool]]:
+                  pack_tokens: int = 512) -> list[tuple[float, bool]]:
     """For each (context ids, continuation ids): the summed log-probability of the continuation given
     the context, and whether greedy decoding would produce exactly that continuation.
 
     An empty context is replaced by the prefix token (BOS, else EOS) and an over-long one keeps its
     last tokens, as in lm-eval. Results come back in request order.
 
-    batch_size: distinct contexts per forward pass (their continuations ride along; a batch's longest
-    context plus longest continuation fits block_size).
-    chunk: tokens per forward along the sequence (bounds the (rows, chunk, vocab) logits in memory).
+    batch_size: packed rows per forward pass.
+    pack_tokens: tokens per packed row (a context with more continuations than fit is split over rows,
+    each repeating the context; a single request longer than this gets a row of its own), and the
+    positions whose vocabulary logits are held at once.
     think: score with a Quiet-STaR model's thought-mixed logits (`next_token_logits(think=True)`,
-    a full forward per request: thoughts have no shared-prefix cache).
+    a full forward per request: thoughts have no shared-prefix layout).
     """
     if think and not model.has_thoughts:
         raise ValueError(f"scoring with thoughts needs a Quiet-STaR model; {model.source} is a plain "
                          f"{type(model.net).__name__}")
+    if batch_size < 1 or pack_tokens < 1:
+        raise ValueError(f"batch_size={batch_size} and pack_tokens={pack_tokens} must both be >= 1")
     L = model.block_size
     normalised = []
     for i, (context, continuation) in enumerate(requests):
@@ -60,65 +70,102 @@ def loglikelihood(model: EvalModel, requests: Sequence[tuple[Sequence[int], Sequ
     if think:
         return [_score_with_thoughts(model, c, k) for c, k in tqdm(normalised, desc="loglikelihood (thoughts)",
                                                                       disable=not progress)]
-    groups: dict[tuple[int, ...], list[int]] = {}
-    for i, (context, _) in enumerate(normalised):
-        groups.setdefault(context, []).append(i)
-    # Longest first: similar lengths share a batch (little padding) and memory peaks at the start.
-    order = sorted(groups, key=lambda c: -(len(c) + max(len(normalised[i][1]) for i in groups[c])))
-    results: list[tuple[float, bool]] = [(0.0, False)] * len(normalised)
-    extra = {c: max(len(normalised[i][1]) for i in groups[c]) - 1 for c in order}
-    batches: list[list[tuple[int, ...]]] = [[]]
-    for c in order:  # a batch's padded context plus its longest continuation must fit the cache
-        batch = batches[-1]
-        grown = (*batch, c)
-        if batch and (len(batch) == batch_size or max(map(len, grown)) + max(extra[b] for b in grown) > L):
-            batches.append(batch := [])
-        batch.append(c)
-    for contexts in tqdm(batches, desc="loglikelihood", disable=not progress):
-        members = [(row, i) for row, c in enumerate(contexts) for i in groups[c]]
-        scores = _score_batch(model, contexts, [(row, normalised[i][1]) for row, i in members], chunk)
-        for (_, i), score in zip(members, scores):
-            results[i] = score
-    return results
+    continuations: dict[tuple[int, ...], dict[tuple[int, ...], None]] = {}
+    for context, continuation in normalised:
+        continuations.setdefault(context, {})[continuation] = None
+    limit = min(pack_tokens, L)
+    rows = _pack(_split(continuations, limit), limit)
+    scores: dict[tuple[tuple[int, ...], tuple[int, ...]], tuple[float, bool]] = {}
+    for start in tqdm(range(0, len(rows), batch_size), desc="loglikelihood", disable=not progress):
+        scores.update(_score_rows(model, rows[start:start + batch_size], pack_tokens))
+    return [scores[request] for request in normalised]
 
 
-def _score_batch(model: EvalModel, contexts: list[tuple[int, ...]], continuations: list[tuple[int, tuple[int, ...]]],
-                 chunk: int) -> list[tuple[float, bool]]:
-    """Scores of continuations, each given as (row of its context in `contexts`, ids)."""
+def _length(group: Group) -> int:
+    """Tokens of a group's row segment: the context, and each continuation without its last token."""
+    return len(group[0]) + sum(len(c) - 1 for c in group[1])
+
+
+def _split(continuations: dict[tuple[int, ...], dict[tuple[int, ...], None]], limit: int) -> list[Group]:
+    """Groups of at most `limit` tokens (or one continuation's group, which fits block_size)."""
+    groups: list[Group] = []
+    for context, conts in continuations.items():
+        group: Group = (context, [])
+        for c in conts:
+            if group[1] and _length(group) + len(c) - 1 > limit:
+                groups.append(group)
+                group = (context, [])
+            group[1].append(c)
+        groups.append(group)
+    return groups
+
+
+def _pack(groups: list[Group], limit: int) -> list[list[Group]]:
+    """Rows of groups, longest rows first: first-fit decreasing, so rows fill to `limit` and a batch
+    of rows needs little padding."""
+    rows: list[list[Group]] = []
+    free: list[int] = []
+    for group in sorted(groups, key=_length, reverse=True):
+        n = _length(group)
+        row = next((r for r, space in enumerate(free) if n <= space), None)
+        if row is None:
+            rows.append([])
+            free.append(limit)
+            row = len(rows) - 1
+        rows[row].append(group)
+        free[row] -= n
+    return sorted(rows, key=lambda r: sum(map(_length, r)), reverse=True)
+
+
+def _score_rows(model: EvalModel, rows: list[list[Group]], head_chunk: int
+                ) -> dict[tuple[tuple[int, ...], tuple[int, ...]], tuple[float, bool]]:
+    """Scores of every (context, continuation) in a batch of packed rows, by one forward."""
     lm, device = model.lm, model.device
-    ids, valid = left_pad(contexts, device)
-    B, T = ids.shape
-    R = len(continuations)
-    extra = max(len(c) for _, c in continuations) - 1  # continuation tokens fed after the context
-    cache = lm.make_kv_cache(B, T + extra)
-    rows = torch.tensor([row for row, _ in continuations], device=device)
-    targets = torch.zeros(R, extra + 1, dtype=torch.long)
-    for r, (_, c) in enumerate(continuations):
-        targets[r, :len(c)] = torch.as_tensor(c)
-    targets = targets.to(device)
-    lengths = torch.tensor([len(c) for _, c in continuations], device=device)
-    real = torch.arange(extra + 1, device=device) < lengths[:, None]
-    totals = torch.zeros(R, device=device)
-    greedy = torch.ones(R, dtype=torch.bool, device=device)
-
-    def accumulate(logits: torch.Tensor, first: int) -> None:  # logits (R, c, V) predict targets[:, first:first+c]
-        nonlocal totals, greedy
-        logprobs = logits.float().log_softmax(-1)
-        target, keep = targets[:, first:first + logits.size(1)], real[:, first:first + logits.size(1)]
-        totals = totals + (logprobs.gather(-1, target.unsqueeze(-1)).squeeze(-1) * keep).sum(-1)
-        greedy = greedy & ((logprobs.argmax(-1) == target) | ~keep).all(-1)
-
-    accumulate(prefill(lm, ids, valid, cache, chunk).index_select(0, rows).unsqueeze(1), 0)
-    if extra:
-        select_cache_rows(cache, rows)
-        key_valid = torch.cat([valid.index_select(0, rows), torch.ones(R, extra, dtype=torch.bool, device=device)], 1)
-        context_lengths = valid.sum(-1).index_select(0, rows)
-        for first in range(0, extra, chunk):
-            step = torch.arange(first, min(first + chunk, extra), device=device)
-            hidden = forward_chunk(lm, targets[:, step], context_lengths[:, None] + step, key_valid, T + first, cache,
-                                   valid=step < (lengths[:, None] - 1))
-            accumulate(lm.lm_head(hidden), first + 1)
-    return list(zip(totals.tolist(), greedy.tolist()))
+    N = max(sum(map(_length, row)) for row in rows)
+    # Per slot: token, rotary position, group (padding: a group of its own) and branch (0 = context).
+    ids = torch.zeros(len(rows), N, dtype=torch.long)
+    pos = torch.zeros(len(rows), N, dtype=torch.long)
+    group_of = -1 - torch.arange(len(rows) * N).view(len(rows), N)
+    branch = torch.zeros(len(rows), N, dtype=torch.long)
+    keys, at, targets = [], [], []  # per scored token: its request, the slot predicting it, the token
+    for r, row in enumerate(rows):
+        slot = 0
+        for g, (context, conts) in enumerate(row):
+            n = len(context)
+            ids[r, slot:slot + n] = torch.tensor(context)
+            pos[r, slot:slot + n] = torch.arange(n)
+            group_of[r, slot:slot + _length((context, conts))] = g
+            last = r * N + slot + n - 1
+            slot += n
+            for b, c in enumerate(conts, 1):
+                fed = len(c) - 1
+                ids[r, slot:slot + fed] = torch.tensor(c[:-1], dtype=torch.long)
+                pos[r, slot:slot + fed] = torch.arange(n, n + fed)
+                branch[r, slot:slot + fed] = b
+                keys.append((context, c))
+                at += [last, *range(r * N + slot, r * N + slot + fed)]
+                targets += c
+                slot += fed
+    owner = torch.tensor([k for k, (_, c) in enumerate(keys) for _ in c], device=device)
+    ids, pos, group_of, branch = ids.to(device), pos.to(device), group_of.to(device), branch.to(device)
+    slots = torch.arange(N, device=device)
+    mask = ((group_of[:, :, None] == group_of[:, None, :]) & (slots[None, :] <= slots[:, None])
+            & ((branch[:, None, :] == 0) | (branch[:, None, :] == branch[:, :, None])))
+    hidden = lm.hidden(lm.embed(ids), position_ids=pos, mask=mask.unsqueeze(1), valid=group_of >= 0).flatten(0, 1)
+    at, targets = torch.tensor(at, device=device), torch.tensor(targets, device=device)
+    # The five letters of a question are predicted from one slot: the head runs once per distinct slot,
+    # and each target's logit is a dot product with its output embedding.
+    unique, inverse = at.unique(return_inverse=True)
+    lse, argmax = [], []
+    for part in unique.split(head_chunk):
+        logits = lm.lm_head(hidden[part]).float()
+        lse.append(logits.logsumexp(-1))
+        argmax.append(logits.argmax(-1))
+    lse, argmax = torch.cat(lse)[inverse], torch.cat(argmax)[inverse]
+    logprobs = (hidden[at].float() * lm.lm_head.weight[targets].float()).sum(-1) - lse
+    totals = torch.zeros(len(keys), device=device).index_add_(0, owner, logprobs)
+    misses = torch.zeros(len(keys), device=device).index_add_(0, owner, (argmax != targets).float())
+    return dict(zip(keys, zip(totals.tolist(), (misses == 0).tolist())))
 
 
 def _score_with_thoughts(model: EvalModel, context: tuple[int, ...], continuation: tuple[int, ...]) -> tuple[float, bool]:
@@ -129,7 +176,7 @@ def _score_with_thoughts(model: EvalModel, context: tuple[int, ...], continuatio
 
 
 def loglikelihood_rolling(model: EvalModel, token_lists: Sequence[Sequence[int]], batch_size: int = 16,
-                          progress: bool = False, chunk: int = 256) -> list[float]:
+                          progress: bool = False, pack_tokens: int = 512) -> list[float]:
     """Total log-probability of each token list, from the prefix token on (lm-eval's rolling
     log-likelihood, for perplexity): disjoint windows of up to block_size predicted tokens, each
     conditioned on as much preceding text as fits."""
@@ -143,6 +190,6 @@ def loglikelihood_rolling(model: EvalModel, token_lists: Sequence[Sequence[int]]
             requests.append((full[first:s + 1], full[s + 1:end + 1]))
             owner.append(i)
     totals = [0.0] * len(token_lists)
-    for i, (logprob, _) in zip(owner, loglikelihood(model, requests, batch_size, progress, chunk=chunk)):
+    for i, (logprob, _) in zip(owner, loglikelihood(model, requests, batch_size, progress, pack_tokens=pack_tokens)):
         totals[i] += logprob
     return totals

@@ -30,16 +30,30 @@ REQUESTS = [  # three contexts, continuations of 1-4 tokens, two requests repeat
 ]
 
 
-@pytest.mark.parametrize("overrides,chunk", [({}, 256), (MOD, 256), (MOD, 2)], ids=["dense", "mod", "mod-chunked"])
-def test_batched_prefix_shared_scores_equal_plain_full_forward_scores(overrides, chunk):
+@pytest.mark.parametrize("overrides,pack", [({}, 512), (MOD, 512), (MOD, 2)], ids=["dense", "mod", "mod-one-per-row"])
+def test_batched_prefix_shared_scores_equal_plain_full_forward_scores(overrides, pack):
     model = tiny_model(**overrides)
-    batched = loglikelihood(model, REQUESTS, batch_size=2, chunk=chunk)
+    batched = loglikelihood(model, REQUESTS, batch_size=2, pack_tokens=pack)
     one_by_one = [loglikelihood(model, [r], batch_size=1)[0] for r in REQUESTS]
     reference = [full_forward_score(model, c, k) for c, k in REQUESTS]
     for got, single, want in zip(batched, one_by_one, reference):
         assert got[0] == pytest.approx(want[0], abs=1e-4) and single[0] == pytest.approx(want[0], abs=1e-4)
         assert got[1] == want[1] == single[1]
     assert batched[0] == batched[-1]
+
+
+@pytest.mark.parametrize("overrides", [{}, MOD], ids=["dense", "mod"])
+@pytest.mark.parametrize("pack", [16, 40, 512], ids=["split-groups", "few-per-row", "all-in-one-row"])
+def test_packed_rows_score_each_request_as_it_would_alone(overrides, pack):
+    """Multi-token continuations sharing a context, contexts from 1 to 30 tokens, several contexts in a
+    row and a context whose continuations do not fit one row: every score equals the plain forward's."""
+    model = tiny_model(**overrides)
+    contexts = [[(i * 13 + n) % 250 + 1 for i in range(n)] for n in (30, 1, 9, 3, 17)]
+    requests = [(c, [(j * 31 + len(c)) % 250 + 1 for j in range(k)]) for c in contexts for k in (1, 2, 5, 7)]
+    packed = loglikelihood(model, requests, batch_size=3, pack_tokens=pack)
+    for (context, continuation), (score, greedy) in zip(requests, packed):
+        want, want_greedy = full_forward_score(model, context, continuation)
+        assert score == pytest.approx(want, abs=1e-4) and greedy == want_greedy
 
 
 def test_greedy_flag_is_true_for_the_models_own_greedy_continuation():
@@ -63,7 +77,7 @@ def test_empty_context_starts_from_the_prefix_token_and_rolling_covers_every_tok
 def test_rolling_windows_longer_than_the_context_add_up():
     model = tiny_model()  # block_size 128
     tokens = [(i * 7) % 250 + 1 for i in range(300)]
-    (rolling,) = loglikelihood_rolling(model, [tokens], chunk=50)
+    (rolling,) = loglikelihood_rolling(model, [tokens], pack_tokens=50)
     full = [0, *tokens]
     windows = [full_forward_score(model, full[max(0, e - 128):s + 1], full[s + 1:e + 1])[0]
                for s, e in [(0, 128), (128, 256), (256, 300)]]

@@ -68,6 +68,16 @@ def test_stop_string_cuts_the_text_and_finished_rows_leave_the_batch_without_cha
     assert stopped == [cut_at_stop(text, [stop]) for text in full]
 
 
+def test_rows_finishing_at_different_steps_leave_the_batch_without_changing_the_others():
+    model = tiny_model()
+    prompts = PROMPTS * 2  # 8 rows: finished rows are dropped once they are half the batch
+    full = generate(model, prompts, max_new_tokens=16, batch_size=8)
+    stops = [text[3 + i:5 + i] for i, text in enumerate(full[:4])]  # rows end after different steps
+    stopped = generate(model, prompts, max_new_tokens=16, stop=stops, batch_size=8)
+    assert stopped == [cut_at_stop(text, stops) for text in full]
+    assert len({len(text) for text in stopped}) > 2
+
+
 def test_prompts_longer_than_the_context_keep_their_last_tokens():
     model = tiny_model()  # block_size 128
     long_prompt = list(range(1, 200))
