@@ -16,7 +16,7 @@ from modeldefs.generate import generate as reference_generate
 class ByteTokenizer:
     """Bytes as tokens (ids 0-255) for the 256-token `micro` models; id 0 is EOS."""
 
-    eos_token_id, bos_token_id = 0, None
+    eos_token_id, bos_token_id, name_or_path = 0, None, "bytes"
 
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
         return list(text.encode())

@@ -19,23 +19,9 @@ from evals.lm_eval_adapter import QuietdepthLM  # noqa: E402
 from evals.model import EvalModel  # noqa: E402
 from modeldefs import ModelConfig, Transformer  # noqa: E402
 from tests.conftest import shared_file  # noqa: E402
+from tests.test_eval_decoding import ByteTokenizer  # noqa: E402
 
 TASKS = Path(__file__).resolve().parents[1] / "evals" / "lm_eval_tasks"
-
-
-class ByteTokenizer:
-    """Bytes as tokens (ids 0-255) for the 256-token `micro` model; id 0 is EOS."""
-
-    eos_token_id, bos_token_id, name_or_path = 0, None, "bytes"
-
-    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
-        return list(text.encode())
-
-    def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
-        return bytes(ids).decode(errors="replace")
-
-    def __len__(self) -> int:
-        return 256
 
 
 @pytest.fixture
