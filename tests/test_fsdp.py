@@ -1,5 +1,6 @@
 """FSDP2 through the CLI on CPU (2 processes over gloo): same losses as one process with the same global
-batch, sharded checkpoints resume step for step, full checkpoints load in one process; the presets parse."""
+batch (dense, Mixture-of-Depths, Quiet-STaR), sharded checkpoints resume step for step, full checkpoints
+load in one process; the presets parse."""
 
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ import pytest
 import torch
 import yaml
 
-from modeldefs.pretrained import load_checkpoint
+from modeldefs.pretrained import load_checkpoint, load_pretrained
+from modeldefs.quietstar import QuietStar
 from tests.conftest import REPO, requires_smollm2
 from training.cli import main
 
@@ -45,8 +47,8 @@ class RecordLoss(L.Callback):
 
 
 def write_config(run_dir: Path, data: Path, tokenizer: Path, steps: int, every: int,
-                 model_overrides: dict | None = None) -> Path:
-    config = yaml.safe_load((REPO / "configs" / "smoke.yaml").read_text())
+                 model_overrides: dict | None = None, base: str = "smoke.yaml") -> Path:
+    config = yaml.safe_load((REPO / "configs" / base).read_text())
     config["trainer"].update(max_steps=steps, limit_val_batches=0, log_every_n_steps=1, enable_progress_bar=False,
                              default_root_dir=str(run_dir), enable_model_summary=False)
     config["trainer"]["logger"] = [{"class_path": "lightning.pytorch.loggers.CSVLogger",
@@ -156,10 +158,35 @@ def test_full_checkpoint_from_two_processes_loads_in_one_process(runs):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-4, msg=lambda m: f"{name}: {m}")
 
 
+def test_quietstar_two_process_fsdp_matches_one_process_and_its_full_checkpoint_loads(
+        tmp_path, monkeypatch, gsm8k_train, smollm2_tokenizer_dir):
+    """Quiet-STaR's wrapper is one FSDP unit whose blocks run once per thought pass. Thoughts are greedy
+    (thought_temperature 0) so that both runs think the same tokens whatever the per-rank random state."""
+    runs = {}
+    for n in (1, 2):
+        runs[n] = write_config(tmp_path / f"qs-{n}", gsm8k_train, smollm2_tokenizer_dir, 2, 2, base="quietstar-smoke.yaml")
+        config = yaml.safe_load(runs[n].read_text())
+        config["model"]["init_args"]["thoughts"]["thought_temperature"] = 0.0
+        runs[n].write_text(yaml.safe_dump(config))
+    monkeypatch.chdir(tmp_path)
+    fit_one_process(runs[1], monkeypatch)
+    fit_two_processes(runs[2], "--trainer.strategy.init_args.save_distributed_checkpoint", "false")
+    one, two = losses(tmp_path / "qs-1", 1), losses(tmp_path / "qs-2", 2)
+    assert sorted(one) == sorted(two) == [0, 1]
+    for step in one:
+        assert two[step] == pytest.approx(one[step], abs=LOSS_TOL), f"step {step}: {two} vs {one}"
+    full = tmp_path / "qs-2" / "checkpoints" / "epoch=0-step=2.ckpt"
+    loaded, reference = load_pretrained(str(full)), load_pretrained(str(tmp_path / "qs-1" / "checkpoints" / full.name))
+    assert isinstance(loaded, QuietStar) and loaded.thought_config == reference.thought_config
+    for (name, a), b in zip(loaded.state_dict().items(), reference.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-4, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("base", ["smoke.yaml", "quietstar-smoke.yaml"])
 @pytest.mark.parametrize("preset", [FSDP, SINGLE_GPU, CPU])
-def test_trainer_presets_stack_on_a_model_config(preset, gsm8k_train, capsys):
+def test_trainer_presets_stack_on_a_model_config(preset, base, gsm8k_train, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        main(["fit", "--config", str(REPO / "configs" / "smoke.yaml"), "--config", preset,
+        main(["fit", "--config", str(REPO / "configs" / base), "--config", preset,
               "--data.init_args.path", str(gsm8k_train), "--print_config"])
     assert exit_info.value.code in (0, None)
     printed = yaml.safe_load(capsys.readouterr().out)

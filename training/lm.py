@@ -236,15 +236,20 @@ class CausalLM(L.LightningModule):
             self.log("train/grad_norm", grad_norm)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        if self.hparams.check_finite_loss:
-            local_ok = all(bool(_local(p).isfinite().all()) for p in self.model.parameters())
-            if not self.trainer.strategy.reduce_boolean_decision(local_ok, all=True):
-                raise NonFiniteLossError(
+        self._refuse_nonfinite_weights()
+        # The architecture travels with the weights so a checkpoint loads without its YAML.
+        checkpoint["model_config"] = self.model.config.to_dict()
+
+    def _refuse_nonfinite_weights(self) -> None:
+        """Raise before a checkpoint with NaN/inf weights is written (every rank's shards are checked)."""
+        if not self.hparams.check_finite_loss:
+            return
+        local_ok = all(bool(_local(p).isfinite().all()) for p in self.model.parameters())
+        if not self.trainer.strategy.reduce_boolean_decision(local_ok, all=True):
+            raise NonFiniteLossError(
                 f"weights are not finite at global step {self.global_step}: stopping without writing this "
                 "checkpoint; the checkpoints already written are intact. Lower model.init_args.lr or check the data."
             )
-        # The architecture travels with the weights so a checkpoint loads without its YAML.
-        checkpoint["model_config"] = self.model.config.to_dict()
 
     @property
     def flops_per_batch(self) -> int | None:

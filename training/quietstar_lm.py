@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from functools import partial
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch.utils.checkpoint import checkpoint as recompute
@@ -11,7 +11,8 @@ from torch.utils.checkpoint import checkpoint as recompute
 from modeldefs import ModelConfig, Transformer
 from modeldefs.pretrained import load_pretrained, load_tokenizer
 from modeldefs.quietstar import QuietStar, ThoughtConfig, ThoughtOutput
-from training.lm import CausalLM, NonFiniteLossError
+from training.lm import CausalLM
+from training.parallelize import DType, apply_fsdp, data_parallel_mesh
 from training.routing import causal_fraction
 
 
@@ -22,6 +23,12 @@ class QuietStarLM(CausalLM):
     `init_from` a pretrained source, Mixture-of-Depths overrides. The wrapped model is `self.model`
     (a `QuietStar`), so checkpoints carry `model.lm.*`, the meta tokens and the mixing head, plus
     `model_config` and `thought_config`; `modeldefs.pretrained.load_pretrained(ckpt)` returns the `QuietStar`.
+
+    Under `ModelParallelStrategy` the whole `QuietStar` is one FSDP2 unit: every block runs
+    n_ahead + n_ahead_talk - 1 times per step (pass 0 and each thought/talk pass), so sharding per block
+    would all-gather and reduce-scatter each block that many times. As one unit, the parameters are
+    all-gathered once per step and the gradients reduce-scattered once; between steps parameters,
+    gradients and AdamW state stay sharded.
     """
 
     def __init__(
@@ -32,7 +39,7 @@ class QuietStarLM(CausalLM):
         thoughts: dict[str, Any] | None = None,
         thought_init_text: str = "---",
         thought_init_tokenizer: str | None = None,
-        activation_checkpointing: bool = False,
+        activation_checkpointing: Literal["none", "mlp"] = "none",
         val_seed: int = 0,
         lr: float = 1e-6,
         min_lr_ratio: float = 1.0,
@@ -42,6 +49,10 @@ class QuietStarLM(CausalLM):
         eps: float = 1e-8,
         compile: bool = False,
         check_finite_loss: bool = True,
+        finite_check_interval: int = 1,
+        fsdp_param_dtype: DType = "bfloat16",
+        fsdp_reduce_dtype: DType = "float32",
+        fsdp_cpu_offload: bool = False,
     ) -> None:
         """
         Args:
@@ -55,9 +66,10 @@ class QuietStarLM(CausalLM):
                 token ("---", as the official code; the paper describes an em dash).
             thought_init_tokenizer: tokenizer source that encodes `thought_init_text`; None uses the datamodule's
                 (which must match the model's vocabulary anyway), else the `init_from` source's.
-            activation_checkpointing: recompute each block's MLP in the backward pass instead of keeping its
-                activations (`recompute_mlps`): the thought passes multiply activation memory by about
-                n_ahead + n_ahead_talk - 1 (at stride 1).
+            activation_checkpointing: "mlp": recompute each block's MLP in the backward pass instead of keeping
+                its activations (`recompute_mlps`): the thought passes multiply activation memory by about
+                n_ahead + n_ahead_talk - 1 (at stride 1). Whole blocks cannot be recomputed: their attention
+                appends to the thoughts' KV cache.
             val_seed: seed of the thought sampling in validation, so every validation sees the same draws.
             lr: peak AdamW learning rate (official run: 1e-6).
             min_lr_ratio: the cosine decays to lr * min_lr_ratio (1.0: constant after warm-up, as the official run).
@@ -67,10 +79,14 @@ class QuietStarLM(CausalLM):
             eps: AdamW epsilon.
             compile: torch.compile each decoder block.
             check_finite_loss: stop on a NaN/inf loss before the optimizer step; never write non-finite weights.
+            finite_check_interval: read the non-finite-loss flag on the host every this many steps (see `CausalLM`).
+            fsdp_param_dtype, fsdp_reduce_dtype, fsdp_cpu_offload: under FSDP2, as in `CausalLM`.
         """
         super().__init__(model=model, model_overrides=model_overrides, init_from=init_from, lr=lr,
                          min_lr_ratio=min_lr_ratio, warmup_steps=warmup_steps, weight_decay=weight_decay, betas=betas,
-                         eps=eps, compile=compile, check_finite_loss=check_finite_loss)
+                         eps=eps, compile=compile, check_finite_loss=check_finite_loss,
+                         finite_check_interval=finite_check_interval, fsdp_param_dtype=fsdp_param_dtype,
+                         fsdp_reduce_dtype=fsdp_reduce_dtype, fsdp_cpu_offload=fsdp_cpu_offload)
         self.thought_config = ThoughtConfig.from_dict(thoughts or {})  # fails here, naming unknown keys
         self.model: QuietStar | None = None
 
@@ -95,11 +111,14 @@ class QuietStarLM(CausalLM):
             thought_state = {k: v for k, v in previous.state_dict().items() if not k.startswith("lm.")}
             self.model.load_state_dict(thought_state, strict=False)
         self._check_seq_len()
-        if hp.activation_checkpointing:
+        if hp.activation_checkpointing == "mlp":
             recompute_mlps(lm)
         if hp.compile:
             for block in lm.blocks:
                 block.compile()
+        if self.device_mesh is not None:  # ModelParallelStrategy: the LightningModule is the one FSDP unit
+            apply_fsdp([], self, data_parallel_mesh(self.device_mesh), hp.fsdp_param_dtype, hp.fsdp_reduce_dtype,
+                       cpu_offload=hp.fsdp_cpu_offload)
 
     def _init_token_id(self) -> int:
         datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
@@ -138,14 +157,10 @@ class QuietStarLM(CausalLM):
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, Any]:
         # A Mixture-of-Depths model routes by its causal rule in every pass here (see modeldefs.quietstar): there
         # are no top-k targets, so no routing auxiliary losses; routers learn through their update scale.
-        out = self.model(batch["input_ids"])
+        out = self(batch["input_ids"])
         loss = out.loss
-        if self.hparams.check_finite_loss and not torch.isfinite(loss):
-            raise NonFiniteLossError(
-                f"training loss is {loss.item()} at global step {self.global_step}: stopping before the weights are "
-                "touched; checkpoints already written are intact. Lower model.init_args.lr, "
-                "thoughts.policy_loss_weight or check the data."
-            )
+        if self.hparams.check_finite_loss:
+            self._check_finite(loss.detach())
         self.log("train/loss", loss, prog_bar=True)
         self.log_dict({f"train/{k}": v for k, v in thought_stats(out).items()})
         # For training.thought_monitor.ThoughtMonitor; the logits are left out so they are freed after backward.
@@ -154,7 +169,7 @@ class QuietStarLM(CausalLM):
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         generator = torch.Generator(batch["input_ids"].device).manual_seed(self.hparams.val_seed + batch_idx)
-        out = self.model(batch["input_ids"], generator=generator)
+        out = self(batch["input_ids"], generator=generator)
         self.log("val/loss", out.loss, sync_dist=True)
         self.log("val/lm_nll", out.lm_nll, sync_dist=True)
         self.log("val/base_nll", out.base_nll, sync_dist=True, prog_bar=True)
@@ -164,16 +179,12 @@ class QuietStarLM(CausalLM):
 
     def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         generator = torch.Generator(batch["input_ids"].device).manual_seed(self.hparams.val_seed + batch_idx)
-        out = self.model(batch["input_ids"], generator=generator)
+        out = self(batch["input_ids"], generator=generator)
         self.log("test/base_nll", out.base_nll, sync_dist=True)
         self.log("test/mixed_nll", out.mixed_nll, sync_dist=True)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        if self.hparams.check_finite_loss and not all(p.isfinite().all() for p in self.model.parameters()):
-            raise NonFiniteLossError(
-                f"weights are not finite at global step {self.global_step}: stopping without writing this "
-                "checkpoint; the checkpoints already written are intact. Lower model.init_args.lr or check the data."
-            )
+        self._refuse_nonfinite_weights()
         checkpoint["model_config"] = self.model.lm.config.to_dict()
         checkpoint["thought_config"] = self.model.thought_config.to_dict()
 
