@@ -50,8 +50,9 @@ def loglikelihood(model: EvalModel, requests: Sequence[tuple[Sequence[int], Sequ
     pack_tokens: tokens per packed row (a context with more continuations than fit is split over rows,
     each repeating the context; a single request longer than this gets a row of its own), and the
     positions whose vocabulary logits are held at once.
-    think: score with a Quiet-STaR model's thought-mixed logits (`next_token_logits(think=True)`,
-    a full forward per request: thoughts have no shared-prefix layout).
+    think: score with a Quiet-STaR model's thought-mixed logits (`next_token_logits(think=True)`),
+    thoughts only at the scored positions, one forward per distinct context + continuation[:-1] (the
+    five one-letter answers of a CommonsenseQA question share one).
     """
     if think and not model.has_thoughts:
         raise ValueError(f"scoring with thoughts needs a Quiet-STaR model; {model.source} is a plain "
@@ -68,8 +69,7 @@ def loglikelihood(model: EvalModel, requests: Sequence[tuple[Sequence[int], Sequ
         context = list(context) or [model.prefix_token_id]
         normalised.append((tuple(context[-(L - len(continuation) + 1):]), tuple(continuation)))
     if think:
-        return [_score_with_thoughts(model, c, k) for c, k in tqdm(normalised, desc="loglikelihood (thoughts)",
-                                                                      disable=not progress)]
+        return _score_with_thoughts(model, normalised, progress)
     continuations: dict[tuple[int, ...], dict[tuple[int, ...], None]] = {}
     for context, continuation in normalised:
         continuations.setdefault(context, {})[continuation] = None
@@ -168,11 +168,21 @@ def _score_rows(model: EvalModel, rows: list[list[Group]], head_chunk: int
     return dict(zip(keys, zip(totals.tolist(), (misses == 0).tolist())))
 
 
-def _score_with_thoughts(model: EvalModel, context: tuple[int, ...], continuation: tuple[int, ...]) -> tuple[float, bool]:
-    ids = torch.tensor([[*context, *continuation[:-1]]], device=model.device)
-    logprobs = model.net.next_token_logits(ids, think=True)[0, len(context) - 1:].float().log_softmax(-1)
-    target = torch.tensor(continuation, device=model.device)
-    return logprobs.gather(-1, target[:, None]).sum().item(), bool((logprobs.argmax(-1) == target).all())
+def _score_with_thoughts(model: EvalModel, requests: list[tuple[tuple[int, ...], tuple[int, ...]]],
+                         progress: bool) -> list[tuple[float, bool]]:
+    by_input: dict[tuple[tuple[int, ...], tuple[int, ...]], list[int]] = {}
+    for i, (context, continuation) in enumerate(requests):
+        by_input.setdefault((context, continuation[:-1]), []).append(i)
+    results: list[tuple[float, bool]] = [(0.0, False)] * len(requests)
+    for (context, fed), members in tqdm(by_input.items(), desc="loglikelihood (thoughts)", disable=not progress):
+        ids = torch.tensor([[*context, *fed]], device=model.device)
+        scored = torch.arange(len(context) - 1, ids.size(1), device=model.device)
+        logprobs = model.net.next_token_logits(ids, think=True, positions=scored)[0].float().log_softmax(-1)
+        for i in members:
+            target = torch.tensor(requests[i][1], device=model.device)
+            results[i] = (logprobs.gather(-1, target[:, None]).sum().item(),
+                          bool((logprobs.argmax(-1) == target).all()))
+    return results
 
 
 def loglikelihood_rolling(model: EvalModel, token_lists: Sequence[Sequence[int]], batch_size: int = 16,

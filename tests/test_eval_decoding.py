@@ -153,6 +153,13 @@ def test_thought_scoring_uses_the_thought_mixed_logits():
         logprobs = model.net.next_token_logits(torch.tensor([context + continuation[:-1]]))[0, 3:].log_softmax(-1)
     assert score == pytest.approx(logprobs.gather(-1, torch.tensor(continuation)[:, None]).sum().item(), abs=1e-5)
     assert score != pytest.approx(loglikelihood(model, [(context, continuation)])[0][0], abs=1e-3)
+    letters = [(context, [c]) for c in (65, 66, 67)]  # one forward for the three, as for CSQA's letters
+    with torch.no_grad():
+        last = model.net.next_token_logits(torch.tensor([context]))[0, -1].log_softmax(-1)
+    grouped = loglikelihood(model, [*letters, (context, continuation)], think=True)
+    assert [s for s, _ in grouped[:3]] == pytest.approx([last[c].item() for c in (65, 66, 67)], abs=1e-5)
+    assert [g for _, g in grouped[:3]] == [last.argmax().item() == c for c in (65, 66, 67)]
+    assert grouped[3][0] == pytest.approx(score, abs=1e-6)
     with pytest.raises(ValueError, match="needs a Quiet-STaR model"):
         loglikelihood(tiny_model(), [(context, continuation)], think=True)
 
