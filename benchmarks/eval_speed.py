@@ -112,7 +112,7 @@ def main() -> None:
     parser.add_argument("--tasks", default=DEFAULT_TASKS, help="comma-separated task names from evals/lm_eval_tasks")
     parser.add_argument("--limit", default="", help="documents per task, e.g. gsm8k_local=20 (default: all)")
     parser.add_argument("--batch-size", type=int, default=32, help="quietdepth: prompts (generation) or packed rows (scoring) per forward")
-    parser.add_argument("--pack-tokens", type=int, default=512, help="quietdepth: tokens per packed scoring row")
+    parser.add_argument("--pack-tokens", type=int, default=512, help="quietdepth: most tokens per packed scoring row")
     parser.add_argument("--hf-batch-size", type=int, default=32, help="lm-eval hf backend batch size")
     parser.add_argument("--json", help="also write the record to this file")
     args = parser.parse_args()

@@ -50,7 +50,7 @@ def run_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=16, help="prompts (generation) or packed rows (scoring) per forward")
     p.add_argument("--prefill-chunk", type=int, default=256, help="tokens per forward when reading prompts")
     p.add_argument("--pack-tokens", type=int, default=512,
-                   help="log-likelihood scoring: tokens per packed row of contexts and their continuations")
+                   help="log-likelihood scoring: most tokens per packed row (rows are as long as the longest context group)")
     p.add_argument("--limit", type=int, default=None, help="evaluate the first N items of each task only")
     p.add_argument("--seed", type=int, default=1234, help="few-shot draw seed (lm-eval's default)")
     p.add_argument("--gsm8k-path", default=gsm8k.HUB_ID, help="hub id or local test jsonl")

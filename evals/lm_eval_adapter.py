@@ -37,7 +37,7 @@ class QuietdepthLM(LM):
     Model args (`--model_args k=v,...`): `pretrained` (a .ckpt, HF directory or hub id, .gguf, or
     `smollm2-135m-instruct`; in Python also an already loaded `EvalModel`), `tokenizer` (defaults as in `evals.model.load_eval_model`), `dtype`
     (float32, bfloat16, float16), `decoding` (greedy; thoughts for Quiet-STaR models), `max_gen_toks`
-    (the default when a task sets none), `pack_tokens` (log-likelihood scoring: tokens per packed row,
+    (the default when a task sets none), `pack_tokens` (log-likelihood scoring: most tokens per packed row,
     see `evals.scoring.loglikelihood`). `--batch_size` is the number of prompts (generation) or packed
     rows (scoring) per forward pass; `--device` is honoured.
     """

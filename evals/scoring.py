@@ -4,9 +4,10 @@
 context, then every continuation (less its last token) after it. A continuation's tokens attend
 to the context and to their own earlier tokens only, and their rotary positions continue from the
 context's length, so each one computes what it would alone, while the context runs once for all
-of them (CommonsenseQA's five letters cost one context). Several groups share a packed row up to
-`pack_tokens` (a block-diagonal mask keeps them apart), rows of similar length share a forward,
-and the output head runs only at the positions whose next token is scored. One forward per batch
+of them (CommonsenseQA's five letters cost one context). Short groups share a packed row as long as
+the longest group (at most `pack_tokens`; a block-diagonal mask keeps them apart, and attention
+spans the row, so rows stay short), rows of similar length share a forward, and the output head
+runs only at the positions whose next token is scored. One forward per batch
 of rows, no KV cache. Mixture-of-Depths models score exactly too: at inference a routed block
 decides token by token, and its routing mask is intersected with the tree mask.
 """
@@ -22,6 +23,8 @@ from evals.model import EvalModel
 
 Group = tuple[tuple[int, ...], list[tuple[int, ...]]]
 """A context and the distinct continuations scored after it in one row."""
+HEAD_CHUNK = 512
+"""Positions whose vocabulary logits are held at once (512 x 49,152 fp32 logits: 100 MB)."""
 
 
 def encode_pair(model: EvalModel, context: str, continuation: str) -> tuple[list[int], list[int]]:
@@ -47,9 +50,9 @@ def loglikelihood(model: EvalModel, requests: Sequence[tuple[Sequence[int], Sequ
     last tokens, as in lm-eval. Results come back in request order.
 
     batch_size: packed rows per forward pass.
-    pack_tokens: tokens per packed row (a context with more continuations than fit is split over rows,
-    each repeating the context; a single request longer than this gets a row of its own), and the
-    positions whose vocabulary logits are held at once.
+    pack_tokens: most tokens per packed row (a context with more continuations than fit is split over
+    rows, each repeating the context; a single request longer than this gets a row of its own). Rows
+    are as long as the longest context group, up to this.
     think: score with a Quiet-STaR model's thought-mixed logits (`next_token_logits(think=True)`),
     thoughts only at the scored positions, one forward per distinct context + continuation[:-1] (the
     five one-letter answers of a CommonsenseQA question share one).
@@ -73,11 +76,11 @@ def loglikelihood(model: EvalModel, requests: Sequence[tuple[Sequence[int], Sequ
     continuations: dict[tuple[int, ...], dict[tuple[int, ...], None]] = {}
     for context, continuation in normalised:
         continuations.setdefault(context, {})[continuation] = None
-    limit = min(pack_tokens, L)
-    rows = _pack(_split(continuations, limit), limit)
+    groups = _split(continuations, min(pack_tokens, L))
+    rows = _pack(groups, max(map(_length, groups)))
     scores: dict[tuple[tuple[int, ...], tuple[int, ...]], tuple[float, bool]] = {}
     for start in tqdm(range(0, len(rows), batch_size), desc="loglikelihood", disable=not progress):
-        scores.update(_score_rows(model, rows[start:start + batch_size], pack_tokens))
+        scores.update(_score_rows(model, rows[start:start + batch_size]))
     return [scores[request] for request in normalised]
 
 
@@ -117,8 +120,7 @@ def _pack(groups: list[Group], limit: int) -> list[list[Group]]:
     return sorted(rows, key=lambda r: sum(map(_length, r)), reverse=True)
 
 
-def _score_rows(model: EvalModel, rows: list[list[Group]], head_chunk: int
-                ) -> dict[tuple[tuple[int, ...], tuple[int, ...]], tuple[float, bool]]:
+def _score_rows(model: EvalModel, rows: list[list[Group]]) -> dict[tuple[tuple[int, ...], tuple[int, ...]], tuple[float, bool]]:
     """Scores of every (context, continuation) in a batch of packed rows, by one forward."""
     lm, device = model.lm, model.device
     N = max(sum(map(_length, row)) for row in rows)
@@ -157,7 +159,7 @@ def _score_rows(model: EvalModel, rows: list[list[Group]], head_chunk: int
     # and each target's logit is a dot product with its output embedding.
     unique, inverse = at.unique(return_inverse=True)
     lse, argmax = [], []
-    for part in unique.split(head_chunk):
+    for part in unique.split(HEAD_CHUNK):
         logits = lm.lm_head(hidden[part]).float()
         lse.append(logits.logsumexp(-1))
         argmax.append(logits.argmax(-1))

@@ -43,7 +43,7 @@ def test_batched_prefix_shared_scores_equal_plain_full_forward_scores(overrides,
 
 
 @pytest.mark.parametrize("overrides", [{}, MOD], ids=["dense", "mod"])
-@pytest.mark.parametrize("pack", [16, 40, 512], ids=["split-groups", "few-per-row", "all-in-one-row"])
+@pytest.mark.parametrize("pack", [16, 40, 512], ids=["split-groups", "few-per-row", "rows-as-wide-as-the-longest-group"])
 def test_packed_rows_score_each_request_as_it_would_alone(overrides, pack):
     """Multi-token continuations sharing a context, contexts from 1 to 30 tokens, several contexts in a
     row and a context whose continuations do not fit one row: every score equals the plain forward's."""
