@@ -54,8 +54,8 @@ def loglikelihood(model: EvalModel, requests: Sequence[tuple[Sequence[int], Sequ
     rows, each repeating the context; a single request longer than this gets a row of its own). Rows
     are as long as the longest context group, up to this.
     think: score with a Quiet-STaR model's thought-mixed logits (`next_token_logits(think=True)`),
-    thoughts only at the scored positions, one forward per distinct context + continuation[:-1] (the
-    five one-letter answers of a CommonsenseQA question share one).
+    thoughts only at the scored positions, once per distinct context + continuation[:-1] (the five
+    one-letter answers of a CommonsenseQA question share one); inputs of equal shape are batched.
     """
     if think and not model.has_thoughts:
         raise ValueError(f"scoring with thoughts needs a Quiet-STaR model; {model.source} is a plain "
@@ -72,7 +72,7 @@ def loglikelihood(model: EvalModel, requests: Sequence[tuple[Sequence[int], Sequ
         context = list(context) or [model.prefix_token_id]
         normalised.append((tuple(context[-(L - len(continuation) + 1):]), tuple(continuation)))
     if think:
-        return _score_with_thoughts(model, normalised, progress)
+        return _score_with_thoughts(model, normalised, batch_size, progress)
     continuations: dict[tuple[int, ...], dict[tuple[int, ...], None]] = {}
     for context, continuation in normalised:
         continuations.setdefault(context, {})[continuation] = None
@@ -171,19 +171,26 @@ def _score_rows(model: EvalModel, rows: list[list[Group]]) -> dict[tuple[tuple[i
 
 
 def _score_with_thoughts(model: EvalModel, requests: list[tuple[tuple[int, ...], tuple[int, ...]]],
-                         progress: bool) -> list[tuple[float, bool]]:
-    by_input: dict[tuple[tuple[int, ...], tuple[int, ...]], list[int]] = {}
+                         batch_size: int, progress: bool) -> list[tuple[float, bool]]:
+    """Thought-mixed scores: one input per distinct (context, continuation[:-1]); inputs of the same
+    shape (context and continuation lengths) share a forward, with thoughts at the same positions."""
+    requests_of: dict[tuple[tuple[int, ...], tuple[int, ...]], list[int]] = {}
     for i, (context, continuation) in enumerate(requests):
-        by_input.setdefault((context, continuation[:-1]), []).append(i)
+        requests_of.setdefault((context, continuation[:-1]), []).append(i)
+    by_shape: dict[tuple[int, int], list[tuple[tuple[int, ...], tuple[int, ...]]]] = {}
+    for context, fed in requests_of:
+        by_shape.setdefault((len(context), len(fed)), []).append((context, fed))
+    batches = [(n, inputs[s:s + batch_size]) for (n, _), inputs in by_shape.items()
+               for s in range(0, len(inputs), batch_size)]
     results: list[tuple[float, bool]] = [(0.0, False)] * len(requests)
-    for (context, fed), members in tqdm(by_input.items(), desc="loglikelihood (thoughts)", disable=not progress):
-        ids = torch.tensor([[*context, *fed]], device=model.device)
-        scored = torch.arange(len(context) - 1, ids.size(1), device=model.device)
-        logprobs = model.net.next_token_logits(ids, think=True, positions=scored)[0].float().log_softmax(-1)
-        for i in members:
-            target = torch.tensor(requests[i][1], device=model.device)
-            results[i] = (logprobs.gather(-1, target[:, None]).sum().item(),
-                          bool((logprobs.argmax(-1) == target).all()))
+    for n, inputs in tqdm(batches, desc="loglikelihood (thoughts)", disable=not progress):
+        ids = torch.tensor([[*context, *fed] for context, fed in inputs], device=model.device)
+        scored = torch.arange(n - 1, ids.size(1), device=model.device)
+        logprobs = model.net.next_token_logits(ids, think=True, positions=scored).float().log_softmax(-1)
+        for row, key in zip(logprobs, inputs):
+            for i in requests_of[key]:
+                target = torch.tensor(requests[i][1], device=model.device)
+                results[i] = (row.gather(-1, target[:, None]).sum().item(), bool((row.argmax(-1) == target).all()))
     return results
 
 

@@ -153,13 +153,17 @@ def test_thought_scoring_uses_the_thought_mixed_logits():
         logprobs = model.net.next_token_logits(torch.tensor([context + continuation[:-1]]))[0, 3:].log_softmax(-1)
     assert score == pytest.approx(logprobs.gather(-1, torch.tensor(continuation)[:, None]).sum().item(), abs=1e-5)
     assert score != pytest.approx(loglikelihood(model, [(context, continuation)])[0][0], abs=1e-3)
-    letters = [(context, [c]) for c in (65, 66, 67)]  # one forward for the three, as for CSQA's letters
-    with torch.no_grad():
-        last = model.net.next_token_logits(torch.tensor([context]))[0, -1].log_softmax(-1)
-    grouped = loglikelihood(model, [*letters, (context, continuation)], think=True)
-    assert [s for s, _ in grouped[:3]] == pytest.approx([last[c].item() for c in (65, 66, 67)], abs=1e-5)
-    assert [g for _, g in grouped[:3]] == [last.argmax().item() == c for c in (65, 66, 67)]
-    assert grouped[3][0] == pytest.approx(score, abs=1e-6)
+    # Three letters share one input (as CSQA's five do); another context of the same length and a
+    # continuation of the same length batch with them; every score equals the request's own forward.
+    other = [9, 8, 7, 6]
+    requests = [*[(context, [c]) for c in (65, 66, 67)], (other, [70]), (context, continuation), (other, [71, 72, 73])]
+    grouped = loglikelihood(model, requests, think=True, batch_size=2)
+    for (c, k), (got, greedy) in zip(requests, grouped):
+        with torch.no_grad():
+            alone = model.net.next_token_logits(torch.tensor([c + k[:-1]]))[0, len(c) - 1:].log_softmax(-1)
+        want = alone.gather(-1, torch.tensor(k)[:, None])
+        assert got == pytest.approx(want.sum().item(), abs=1e-5)
+        assert greedy == bool((alone.argmax(-1) == torch.tensor(k)).all())
     with pytest.raises(ValueError, match="needs a Quiet-STaR model"):
         loglikelihood(tiny_model(), [(context, continuation)], think=True)
 
