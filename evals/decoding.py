@@ -33,15 +33,14 @@ class DecodingConfig:
     """Generated tokens per completion at most (lm-eval's GSM8K default)."""
     batch_size: int = 16
     """Rows per forward pass: prompts, or for CoT-decoding batch_size // cot_k prompts (at least one)
-    of cot_k branches each; in log-likelihood scoring, packed rows (on a 2-core CPU one row per
-    forward was fastest, see evals/RESULTS.md)."""
+    of cot_k branches each; in log-likelihood scoring, packed rows."""
     prefill_chunk: int = 256
     """Prompt tokens per forward when filling the KV cache (prompts are prefilled one at a time;
     bounds the activation memory of long few-shot prompts)."""
     pack_tokens: int = 512
-    """Log-likelihood scoring: tokens per packed row (contexts each followed by all their
-    continuations, several contexts per row). Attention spans the whole row, so larger rows waste
-    attention on pairs the mask rules out; smaller ones give smaller matrix products."""
+    """Log-likelihood scoring: most tokens per packed row (contexts each followed by all their
+    continuations); rows are only as long as the longest context group, since attention spans the
+    whole row."""
     cot_k: int = 10
     """CoT-decoding: branches, one per top-k first token (the paper's default is 10)."""
     cot_aggregate: bool = False

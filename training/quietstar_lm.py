@@ -12,7 +12,7 @@ from modeldefs import ModelConfig, Transformer
 from modeldefs.pretrained import load_pretrained, load_tokenizer
 from modeldefs.quietstar import QuietStar, ThoughtConfig, ThoughtOutput
 from training.lm import CausalLM
-from training.parallelize import DType, apply_fsdp, data_parallel_mesh
+from training.parallelize import DType, apply_compile, apply_fsdp, data_parallel_mesh
 from training.routing import causal_fraction
 
 
@@ -114,8 +114,7 @@ class QuietStarLM(CausalLM):
         if hp.activation_checkpointing == "mlp":
             recompute_mlps(lm)
         if hp.compile:
-            for block in lm.blocks:
-                block.compile()
+            apply_compile(lm)
         if self.device_mesh is not None:  # ModelParallelStrategy: the LightningModule is the one FSDP unit
             apply_fsdp([], self, data_parallel_mesh(self.device_mesh), hp.fsdp_param_dtype, hp.fsdp_reduce_dtype,
                        cpu_offload=hp.fsdp_cpu_offload)
