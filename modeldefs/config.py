@@ -67,6 +67,8 @@ class ModelConfig:
             raise ValueError(f"mod_capacity={self.mod_capacity} must be in (0, 1], or None for a dense model")
         if self.mod_route_every < 1:
             raise ValueError(f"mod_route_every={self.mod_route_every} must be >= 1")
+        if self.mod_causal_rule not in ("router", "predictor"):
+            raise ValueError(f"mod_causal_rule={self.mod_causal_rule!r} must be 'router' or 'predictor'")
         if self.mod_causal_rule == "predictor" and not self.mod_predictor:
             raise ValueError("mod_causal_rule='predictor' needs mod_predictor=True")
 

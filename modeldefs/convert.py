@@ -29,6 +29,8 @@ def config_from_hf(hf: Any, name: str = "custom") -> ModelConfig:
             raise ValueError("sliding-window attention is not supported; set sliding_window=None to import")
     if getattr(hf, "attention_bias", False) or getattr(hf, "mlp_bias", False):
         raise ValueError("Llama attention_bias/mlp_bias (a bias on every projection) is not supported")
+    if getattr(hf, "hidden_act", "silu") != "silu":
+        raise ValueError(f"hidden_act={hf.hidden_act!r} is not supported (the MLP is SwiGLU: hidden_act='silu')")
     return ModelConfig(
         name=name,
         vocab_size=hf.vocab_size,

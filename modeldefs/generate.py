@@ -12,6 +12,8 @@ def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_k: int | Non
     """Pick the next token (B,) from logits (B, V): argmax when temperature is 0."""
     if temperature <= 0:
         return logits.argmax(dim=-1)
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k={top_k} must be >= 1 (or None for no top-k filter)")
     logits = logits.float() / temperature
     if top_k is not None:
         kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]

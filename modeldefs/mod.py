@@ -17,6 +17,7 @@ sequence runs the block on every token under that mask and discards the skipped 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -80,7 +81,7 @@ class RoutedBlock(Block):
 
     def capacity_k(self, seq_len: int) -> int:
         """Tokens per sequence that go through the block in training."""
-        return max(1, int(self.capacity * seq_len))
+        return max(1, math.floor(self.capacity * seq_len + 1e-9))  # 0.7 * 90 is 62.999...
 
     def router_scale(self, logits: torch.Tensor) -> torch.Tensor:
         """The factor on a routed token's update: 2 * sigmoid(logit), or 1 with scaling switched off."""

@@ -162,10 +162,3 @@ def export_hf(model: Transformer | QuietStar, out_dir: str | os.PathLike, tokeni
         (out / THOUGHT_CONFIG).write_text(json.dumps(model.thought_config.to_dict(), indent=2) + "\n")
     return out
 
-
-def config_for(source: str) -> ModelConfig:
-    """The ModelConfig of a source without loading its weights where transformers allows it."""
-    from transformers import AutoConfig
-
-    path, kwargs = _from_pretrained_args(source)
-    return config_from_hf(AutoConfig.from_pretrained(path, **kwargs))

@@ -166,7 +166,8 @@ class ThoughtKVCache:
     def repeat_rows(self, copies: int) -> None:
         """After pass 0 over one row per example, give each of its `copies` thought samples its rows
         (adjacent), so pass 0 is computed once per example, not once per sample."""
-        self.prefix = tuple(t.repeat_interleave(copies, dim=0) for t in self.prefix)
+        if self.prefix is not None:
+            self.prefix = tuple(t.repeat_interleave(copies, dim=0) for t in self.prefix)
         self.routed = self.routed.repeat_interleave(copies, dim=0)
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, input_pos: torch.Tensor,
@@ -176,6 +177,8 @@ class ThoughtKVCache:
         if start == 0:  # pass 0
             self.prefix = (k, v)
             return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=k.size(1) != q.size(1))
+        if self.prefix is None:  # a routed layer skipped pass 0 (one token, not routed): those keys are
+            self.prefix = (k.new_zeros(k.size(0), k.size(1), T, k.size(3)),) * 2  # masked out, any value does
         while start > T + len(self.chain_k) * P:  # a routed layer skipped a pass (no row routed): its
             self.chain_k.append(torch.zeros_like(k))  # keys are masked out as unrouted, any value does
             self.chain_v.append(torch.zeros_like(v))

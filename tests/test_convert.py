@@ -75,6 +75,11 @@ def test_unsupported_rope_scaling_is_refused():
         config_from_hf(hf_config)
 
 
+def test_an_mlp_activation_other_than_silu_is_refused():
+    with pytest.raises(ValueError, match="hidden_act='gelu'"):
+        config_from_hf(AutoConfig.for_model("llama", **TINY_HF, hidden_act="gelu"))
+
+
 def test_missing_sources_name_the_path(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.gguf"):
         load_pretrained(str(tmp_path / "nope.gguf"))

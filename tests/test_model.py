@@ -84,6 +84,8 @@ def test_top_p_keeps_only_the_nucleus():
     logits = torch.log(torch.tensor([[0.6, 0.3, 0.05, 0.05]]))
     draws = {int(sample_next(logits, 1.0, top_p=0.8, generator=torch.Generator().manual_seed(s))) for s in range(50)}
     assert draws == {0, 1}
+    with pytest.raises(ValueError, match="top_k=0"):
+        sample_next(logits, 1.0, top_k=0)
 
 
 def test_sequence_longer_than_context_is_refused_with_the_fix():
@@ -101,6 +103,8 @@ def test_config_round_trips_and_names_unknown_fields():
         ModelConfig.from_dict({"n_layers": 3})
     with pytest.raises(ValueError, match="unknown model config"):
         ModelConfig.from_name("gpt-5")
+    with pytest.raises(ValueError, match="mod_causal_rule='predicter'"):
+        ModelConfig.from_name("micro", mod_capacity=0.5, mod_causal_rule="predicter")
 
 
 def test_bf16_forward_is_close_to_fp32():

@@ -20,7 +20,8 @@ CONFIG = ThoughtConfig(n_ahead=5, n_ahead_talk=3, n_passes=2)
 def make_model(mod_capacity: float | None = None, **overrides) -> QuietStar:
     torch.manual_seed(0)
     # init_std well above the default: attention sharp enough that positions and masks matter visibly
-    lm = Transformer(ModelConfig.from_name("micro", mod_capacity=mod_capacity, init_std=0.3))
+    lm = Transformer(ModelConfig.from_name("micro", mod_capacity=mod_capacity, mod_exempt_last=False, init_std=0.3))
+    assert mod_capacity is None or lm.routed_blocks  # micro has 2 layers: the last one is the routed one
     model = QuietStar(lm, dataclasses.replace(CONFIG, **overrides), init_token_id=7)
     # A head that actually mixes, so thoughts change predictions (the zero init would hide them).
     torch.nn.init.normal_(model.mixing_head.net[-1].weight, std=0.3)

@@ -14,7 +14,9 @@ from modeldefs.thought_generate import generate_with_thoughts, thought_hidden
 
 def make_model(mod_capacity: float | None = None) -> QuietStar:
     torch.manual_seed(0)
-    lm = Transformer(ModelConfig.from_name("micro", mod_capacity=mod_capacity, init_std=0.3)).eval()
+    lm = Transformer(ModelConfig.from_name("micro", mod_capacity=mod_capacity, mod_exempt_last=False, init_std=0.3))
+    lm.eval()
+    assert mod_capacity is None or lm.routed_blocks  # micro has 2 layers: the last one is the routed one
     model = QuietStar(lm, ThoughtConfig(n_ahead=5, n_ahead_talk=2, n_passes=1, mixing_bound="none"), init_token_id=7)
     torch.nn.init.normal_(model.mixing_head.net[-1].weight, std=0.3)  # thoughts must change the output
     return model
@@ -80,3 +82,20 @@ def test_the_thought_must_fit_in_the_context():
     with pytest.raises(ValueError, match="block_size"):
         generate_with_thoughts(model, prompt(T=limit - 10), 9)
     generate_with_thoughts(model, prompt(T=limit - 10), 9, think=False)
+
+
+def test_one_token_contexts_match_the_parallel_forward_when_routing_skips_the_prefix():
+    """A one-token pass 0 that a routed layer rejects skips the block there; later thought passes that
+    do route must still run (and agree with the cached path)."""
+    model = make_model(mod_capacity=0.5)
+    block = next(iter(model.lm.routed_blocks.values()))
+    skipped = 0
+    with torch.no_grad():
+        for token in range(64):
+            x = torch.tensor([[token]])
+            cache = model.lm.make_kv_cache(1, 8)
+            h = model.lm.hidden(model.lm.embed(x), kv_cache=cache, input_pos=torch.tensor([0]))[:, -1]
+            skipped += not bool(block.routing.selected.any())
+            cached = model.mix(h, thought_hidden(model, cache, 1))[0]
+            torch.testing.assert_close(cached, model.next_token_logits(x)[:, -1], atol=1e-5, rtol=1e-5)
+    assert skipped > 0  # the case in question happened
