@@ -32,6 +32,20 @@ GENERATIVE = ("gsm8k", "gsm8k_chat", "csqa_gen")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not a positive integer")
+    return value
+
+
+def _non_negative(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} is negative")
+    return value
+
+
 def run_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="quietdepth-eval", description="Evaluate models on GSM8K and CommonsenseQA.")
     p.add_argument("--model", nargs="+", default=["smollm2-135m-instruct"],
@@ -41,18 +55,18 @@ def run_parser() -> argparse.ArgumentParser:
     p.add_argument("--tasks", nargs="+", default=["gsm8k", "csqa"], choices=TASKS, metavar="TASK",
                    help=f"any of {', '.join(TASKS)} (csqa = lm-eval's commonsense_qa; *_answer_prob = "
                         f"{answer_prob.LABEL}, 0-shot)")
-    p.add_argument("--shots", nargs="+", type=int, default=[5], help="GSM8K few-shot counts (CommonsenseQA is 0-shot)")
+    p.add_argument("--shots", nargs="+", type=_non_negative, default=[5], help="GSM8K few-shot counts (CommonsenseQA is 0-shot)")
     p.add_argument("--decoding", nargs="+", default=["greedy"], choices=("greedy", "cot", "thoughts"),
                    help="decoding variants; log-likelihood tasks run under greedy (plain model) and thoughts only")
-    p.add_argument("--cot-k", nargs="+", type=int, default=[10], help="CoT-decoding branch counts (one variant each)")
+    p.add_argument("--cot-k", nargs="+", type=_positive, default=[10], help="CoT-decoding branch counts (one variant each)")
     p.add_argument("--cot-aggregate", action="store_true", help="CoT-decoding: sum confidence per answer (paper's agg)")
-    p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--batch-size", type=int, default=16, help="prompts (generation) or packed rows (scoring) per forward")
-    p.add_argument("--prefill-chunk", type=int, default=256, help="tokens per forward when reading prompts")
-    p.add_argument("--pack-tokens", type=int, default=512,
+    p.add_argument("--max-new-tokens", type=_positive, default=256)
+    p.add_argument("--batch-size", type=_positive, default=16, help="prompts (generation) or packed rows (scoring) per forward")
+    p.add_argument("--prefill-chunk", type=_positive, default=256, help="tokens per forward when reading prompts")
+    p.add_argument("--pack-tokens", type=_positive, default=512,
                    help="log-likelihood scoring: most tokens per packed row (rows are as long as the longest context group)")
-    p.add_argument("--limit", type=int, default=None, help="evaluate the first N items of each task only")
-    p.add_argument("--seed", type=int, default=1234, help="few-shot draw seed (lm-eval's default)")
+    p.add_argument("--limit", type=_positive, default=None, help="evaluate the first N items of each task only")
+    p.add_argument("--seed", type=int, default=1234, help="few-shot draw seed (a fixed draw per test item; lm-eval's sampler draws other examples)")
     p.add_argument("--gsm8k-path", default=gsm8k.HUB_ID, help="hub id or local test jsonl")
     p.add_argument("--gsm8k-train-path", default=None, help="few-shot pool: hub id or local train jsonl "
                    "(default: the train split of --gsm8k-path when it is a hub id)")
@@ -180,7 +194,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if args.log_samples:
             output.mkdir(parents=True, exist_ok=True)
             for r in results:
-                name = f"samples_{Path(source).name}_{r.task}_{r.n_shot}shot_{r.decoding}.jsonl"
+                name = f"samples_{len(report['models'])}_{Path(source).name}_{r.task}_{r.n_shot}shot_{r.decoding}.jsonl"
                 with (output / name).open("w") as f:
                     f.writelines(json.dumps(s) + "\n" for s in r.samples)
         del model
@@ -231,6 +245,9 @@ def main(argv: list[str] | None = None) -> None:
         plot(args) if is_plot else run(args)
     except (ModelLoadError, FileNotFoundError) as error:
         parser.exit(2, f"{parser.prog}: error: {error}\n")
+    except ConnectionError as error:  # a hub dataset id with no hub in reach
+        parser.exit(2, f"{parser.prog}: error: {error}; offline, give local files: --gsm8k-path, "
+                       "--gsm8k-train-path, --csqa-path (e.g. ../shared/data/gsm8k/test.jsonl)\n")
     except ValueError as error:  # bad settings found past argument parsing (a data file's schema, a decoding field)
         parser.exit(2, f"{parser.prog}: error: {error}\n")
 

@@ -10,13 +10,13 @@
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from evals import jsonl
 from evals.decoding import DecodingConfig, decode_completions
 from evals.metrics import mean_and_stderr
 from evals.model import EvalModel
@@ -65,8 +65,7 @@ def load(path: str = HUB_ID, split: str = "validation") -> list[Question]:
         if not os.path.isfile(path):
             raise FileNotFoundError(f"CommonsenseQA file not found: {path}; give a local jsonl (e.g. "
                                     "../shared/data/commonsense_qa/dev_rand_split.jsonl) or the hub id tau/commonsense_qa")
-        with open(path) as f:
-            return [_question(json.loads(line), f"{path}:{n}") for n, line in enumerate(f, 1) if line.strip()]
+        return [_question(record, where) for where, record in jsonl.records(path)]
     import datasets
 
     return [_question(r, f"{path}[{i}]") for i, r in enumerate(datasets.load_dataset(path, split=split))]

@@ -9,6 +9,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+from evals import jsonl
 from evals.decoding import DecodingConfig, decode_completions
 from evals.metrics import mean_and_stderr
 from evals.model import EvalModel
@@ -26,20 +27,25 @@ _IGNORE = [re.compile(p) for p in (",", r"\$", r"(?s).*#### ", r"\.$")]
 
 def load(path: str = HUB_ID, split: str = "test") -> list[dict[str, str]]:
     """GSM8K problems ({"question", "answer"}) from the hub (config `main`) or a local jsonl file."""
-    import datasets
-
     local = os.path.exists(path) or Path(path).suffix in (".jsonl", ".json") or path.startswith((".", "/"))
     if local:
         if not os.path.isfile(path):
             raise FileNotFoundError(f"GSM8K file not found: {path}; give a local jsonl "
                                     "(e.g. ../shared/data/gsm8k/test.jsonl) or the hub id openai/gsm8k")
-        rows = datasets.load_dataset("json", data_files=path, split="train")
+        rows = jsonl.records(path)
     else:
-        rows = datasets.load_dataset(path, "main", split=split)
-    missing = {"question", "answer"} - set(rows.column_names)
-    if missing:
-        raise ValueError(f"{path}: GSM8K rows need the fields {sorted(missing)}")
-    return [{"question": r["question"], "answer": r["answer"]} for r in rows]
+        import datasets
+
+        rows = ((f"{path}[{i}]", r) for i, r in enumerate(datasets.load_dataset(path, "main", split=split)))
+    return [_problem(record, where) for where, record in rows]
+
+
+def _problem(record: Any, where: str) -> dict[str, str]:
+    """A {"question", "answer"} row, or a ValueError naming the row and the field."""
+    for field in ("question", "answer"):
+        if not isinstance(record, dict) or not isinstance(record.get(field), str) or not record[field].strip():
+            raise ValueError(f"{where}: a GSM8K row needs a non-empty string field {field!r}")
+    return {"question": record["question"], "answer": record["answer"]}
 
 
 def fewshot_examples(train: list[dict[str, str]], k: int, seed: int, item: int, exclude: str) -> list[dict[str, str]]:

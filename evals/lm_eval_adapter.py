@@ -17,6 +17,7 @@ import sys
 from typing import Any
 
 try:
+    import lm_eval.models  # noqa: F401  (lm-eval's own model types: its registry loads them only while empty)
     from lm_eval.api.model import LM
     from lm_eval.api.registry import register_model
 except ImportError as error:  # lm-eval is an optional extra
@@ -35,10 +36,11 @@ class QuietdepthLM(LM):
     """lm-eval `LM` over a quietdepth model (dense, Mixture-of-Depths or Quiet-STaR).
 
     Model args (`--model_args k=v,...`): `pretrained` (a .ckpt, HF directory or hub id, .gguf, or
-    `smollm2-135m-instruct`; in Python also an already loaded `EvalModel`), `tokenizer` (defaults as in `evals.model.load_eval_model`), `dtype`
-    (float32, bfloat16, float16), `decoding` (greedy; thoughts for Quiet-STaR models), `max_gen_toks`
-    (the default when a task sets none), `pack_tokens` (log-likelihood scoring: most tokens per packed row,
-    see `evals.scoring.loglikelihood`). `--batch_size` is the number of prompts (generation) or packed
+    `smollm2-135m-instruct`; in Python also an already loaded `EvalModel`), `tokenizer` (defaults as in
+    `evals.model.load_eval_model`), `dtype` (float32, bfloat16, float16), `decoding` (greedy; thoughts:
+    a Quiet-STaR model thinks when it generates and when it scores), `max_gen_toks` (the default when a
+    task sets none), `pack_tokens` (log-likelihood scoring: most tokens per packed row, see
+    `evals.scoring.loglikelihood`). `--batch_size` is the number of prompts (generation) or packed
     rows (scoring) per forward pass; `--device` is honoured.
     """
 
@@ -79,9 +81,12 @@ class QuietdepthLM(LM):
         pairs = [scoring.encode_pair(self.model, *request.args) for request in requests]
         return self._cached(requests, "loglikelihood",
                             scoring.loglikelihood(self.model, pairs, self.batch_size, progress=not disable_tqdm,
-                                                  pack_tokens=self.pack_tokens))
+                                                  think=self.decoding == "thoughts", pack_tokens=self.pack_tokens))
 
     def loglikelihood_rolling(self, requests: list[Any], disable_tqdm: bool = False) -> list[float]:
+        if self.decoding == "thoughts":
+            raise ValueError("decoding=thoughts scores continuations and generates with thoughts; rolling "
+                             "log-likelihood (perplexity tasks) has no thought path: use decoding=greedy")
         tokens = [self.model.encode(request.args[0]) for request in requests]
         return self._cached(requests, "loglikelihood_rolling",
                             scoring.loglikelihood_rolling(self.model, tokens, self.batch_size, progress=not disable_tqdm,
@@ -109,8 +114,11 @@ class QuietdepthLM(LM):
             raise ValueError(f"the quietdepth model type decodes greedily; this task asks for sampling ({kwargs}): "
                              "override with --gen_kwargs do_sample=False,temperature=0")
         until = kwargs.get("until") or []
-        until = [until] if isinstance(until, str) else list(until)
-        return tuple(until), int(kwargs.get("max_gen_toks", self.max_gen_toks))
+        until = [until] if isinstance(until, str) else [s for s in until if s]
+        # lm-eval's hf backend reads max_gen_toks, and also the max_new_tokens / max_tokens aliases
+        length = next((kwargs[k] for k in ("max_gen_toks", "max_new_tokens", "max_tokens") if k in kwargs),
+                      self.max_gen_toks)
+        return tuple(until), int(length)
 
     def _cached(self, requests: list[Any], kind: str, results: list[Any]) -> list[Any]:
         """Hand results to lm-eval's request cache (`--use_cache`), then return them."""

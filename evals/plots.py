@@ -20,27 +20,46 @@ def x_value(row: dict[str, str], x: XAxis) -> float | None:
     return float(row[x]) if row[x] else None
 
 
-def plot_accuracy(rows: Sequence[dict[str, str]], x: XAxis, task: str, metric: str, filter: str, out: str | Path) -> Path:
-    """Write a PNG of `metric` (under `filter`) on `task` against `x`: one line per model for k, per
-    decoding otherwise; the latest row wins where a point repeats."""
-    import matplotlib
+Lines = dict[str, dict[float, tuple[float, float]]]
 
-    matplotlib.use("Agg")  # files only: no display on servers
-    import matplotlib.pyplot as plt
 
-    lines: dict[str, dict[float, tuple[float, float]]] = {}
+def accuracy_lines(rows: Sequence[dict[str, str]], x: XAxis, task: str, metric: str, filter: str) -> Lines:
+    """{line label: {x: (value, stderr)}} for `metric` (under `filter`) on `task`. A line holds one
+    setting: for k one model at one shot count (aggregated CoT-decoding a line of its own, greedy its
+    k = 1 point on each), otherwise one decoding at one shot count. The latest row wins where a point repeats."""
+    lines: Lines = {}
+    greedy: dict[str, tuple[float, float]] = {}
     for row in rows:
         if (row["task"], row["metric"], row["filter"]) != (task, metric, filter):
             continue
         value = x_value(row, x)
         if value is None:
             continue
-        group = row["model"] if x == "k" else row["decoding"]
-        stderr = float(row["stderr"]) if row["stderr"] not in ("", "nan") else 0.0
-        lines.setdefault(group, {})[value] = (float(row["value"]), stderr)
+        point = (float(row["value"]), float(row["stderr"]) if row["stderr"] not in ("", "nan") else 0.0)
+        setting = f"{row['model']}, {row['n_shot']}-shot" if x == "k" else f"{row['decoding']}, {row['n_shot']}-shot"
+        if x == "k" and row["decoding"] == "greedy":
+            greedy[setting] = point
+            continue
+        if x == "k" and row["decoding"].endswith("-agg"):
+            setting += ", aggregated"
+        lines.setdefault(setting, {})[value] = point
+    for setting, point in greedy.items():  # greedy is k = 1 of every CoT line of its setting
+        for label in [label for label in (setting, f"{setting}, aggregated") if label in lines] or [setting]:
+            lines.setdefault(label, {})[1.0] = point
     if not lines:
         raise ValueError(f"no leaderboard rows with task={task!r}, metric={metric!r}, filter={filter!r} that vary {x!r}; "
                          "check the names against leaderboard.csv")
+    return lines
+
+
+def plot_accuracy(rows: Sequence[dict[str, str]], x: XAxis, task: str, metric: str, filter: str, out: str | Path) -> Path:
+    """Write a PNG of `accuracy_lines` with standard-error bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display on servers
+    import matplotlib.pyplot as plt
+
+    lines = accuracy_lines(rows, x, task, metric, filter)
     fig, ax = plt.subplots(figsize=(6, 4))
     for group, points in sorted(lines.items()):
         xs = sorted(points)

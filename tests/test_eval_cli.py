@@ -11,6 +11,7 @@ import torch
 
 from evals import leaderboard
 from evals.cli import main
+from evals.plots import accuracy_lines
 from modeldefs import ModelConfig, Transformer
 from tests.conftest import shared_file
 
@@ -79,7 +80,15 @@ def test_plot_writes_a_png_of_accuracy_against_cot_k(tmp_path):
     base = dict(model="m", task="gsm8k", version="3.0", filter="flexible-extract", n_shot=0, metric="exact_match",
                 n=10, tokens_per_s=1.0, capacity=None, thought_length=None, prompts_hash="h", commit="c", date="d")
     rows = [{**base, "decoding": d, "value": v, "stderr": 0.1} for d, v in [("greedy", 0.1), ("cot-k3", 0.2), ("cot-k5", 0.3)]]
-    leaderboard.append_rows(tmp_path, rows)
+    rows += [{**base, "decoding": "cot-k5-agg", "value": 0.25, "stderr": 0.1},
+             {**base, "decoding": "greedy", "n_shot": 5, "value": 0.4, "stderr": 0.1}]
+    stored, _ = leaderboard.append_rows(tmp_path, rows)
+    assert {label: {k: v for k, (v, _) in points.items()} for label, points in
+            accuracy_lines(stored, "k", "gsm8k", "exact_match", "flexible-extract").items()} == {
+        "m, 0-shot": {1.0: 0.1, 3.0: 0.2, 5.0: 0.3},  # 5-shot greedy and aggregated CoT stay off this line
+        "m, 0-shot, aggregated": {1.0: 0.1, 5.0: 0.25},
+        "m, 5-shot": {1.0: 0.4},
+    }
     main(["plot", "--leaderboard", str(tmp_path), "--x", "k"])
     png = tmp_path / "gsm8k_vs_k.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

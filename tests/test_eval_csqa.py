@@ -126,6 +126,9 @@ def test_missing_file_and_unlabelled_records_are_clear_errors(tmp_path):
         csqa.load(str(tmp_path / "nope.jsonl"))
     with pytest.raises(ValueError, match="answerKey"):
         csqa.load(write_jsonl(tmp_path / "test.jsonl", [{**HUB, "answerKey": ""}]))
+    (tmp_path / "broken.jsonl").write_text('{"question": ')
+    with pytest.raises(ValueError, match="broken.jsonl:1: malformed JSON"):
+        csqa.load(str(tmp_path / "broken.jsonl"))
 
 
 @pytest.mark.parametrize("completion,letter", [(" B", "B"), (" The answer is C.", "C"), (" (E) sky", "E"),

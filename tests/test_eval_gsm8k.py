@@ -63,9 +63,16 @@ def test_local_test_file_loads_with_its_answers():
     assert all(gsm8k.exact_match(gsm8k.extract_strict(r["answer"]), r["answer"]) for r in rows)
 
 
-def test_missing_file_is_a_clear_error(tmp_path):
+def test_missing_file_and_bad_rows_are_clear_errors_naming_the_line(tmp_path):
     with pytest.raises(FileNotFoundError, match="GSM8K file not found: .*nope.jsonl"):
         gsm8k.load(str(tmp_path / "nope.jsonl"))
+    good = '{"question": "1+1?", "answer": "#### 2"}'
+    for bad, message in [('{"question": "2+2?"}', "field 'answer'"), ('{"answer": "#### 4"}', "field 'question'"),
+                         ('{"question": "2+2?", "answer": ', "malformed JSON")]:
+        path = tmp_path / "rows.jsonl"
+        path.write_text(f"{good}\n\n{bad}\n")
+        with pytest.raises(ValueError, match=f"rows.jsonl:3: .*{message}"):
+            gsm8k.load(str(path))
 
 
 def test_mean_and_stderr():

@@ -47,8 +47,21 @@ def full_forward_loglikelihood(model: EvalModel, context: list[int], continuatio
     return logprobs.gather(-1, target[:, None]).sum().item(), bool((logprobs.argmax(-1) == target).all())
 
 
-def test_quietdepth_is_a_registered_lm_eval_model_type():
+def test_quietdepth_is_a_registered_lm_eval_model_type_beside_lm_eval_own():
     assert get_model("quietdepth") is QuietdepthLM
+    assert get_model("hf").__name__ == "HFLM"  # registering ours must not hide lm-eval's built-in types
+
+
+def test_a_quietstar_model_scores_with_its_thoughts_when_decoding_thoughts():
+    from tests.test_eval_decoding import quietstar_model
+
+    qs = quietstar_model()
+    pairs = [scoring.encode_pair(qs, c, x) for c, x in PAIRS[:3]]
+    thinking = QuietdepthLM(qs, decoding="thoughts").loglikelihood(requests("loglikelihood", PAIRS[:3]), disable_tqdm=True)
+    assert thinking == scoring.loglikelihood(qs, pairs, think=True)
+    assert thinking != scoring.loglikelihood(qs, pairs)
+    with pytest.raises(ValueError, match="decoding=greedy"):
+        QuietdepthLM(qs, decoding="thoughts").loglikelihood_rolling(requests("loglikelihood_rolling", [("hi",)]))
 
 
 def test_loglikelihood_equals_our_scorer_and_a_plain_full_forward(model):
@@ -86,10 +99,11 @@ def test_generate_until_stops_at_until_and_honours_max_gen_toks(model):
     stop = free[4:6]
     args = [(p, {"until": [stop], "max_gen_toks": 30, "do_sample": False}) for p in prompts]
     args.append((prompts[0], {"until": "never-produced", "max_gen_toks": 7}))
+    args.append((prompts[0], {"until": ["", "never-produced"], "max_new_tokens": 7}))  # lm-eval's alias; "" ignored
     out = lm.generate_until(requests("generate_until", args), disable_tqdm=True)
     assert out[0] == free[:free.index(stop)]
     assert stop not in out[1]
-    assert out[2] == model.decode(first7) and len(first7) == 7
+    assert out[2] == out[3] == model.decode(first7) and len(first7) == 7
 
 
 def test_sampling_requests_are_refused_with_the_override(model):
