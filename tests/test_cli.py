@@ -144,9 +144,12 @@ def assert_last_checkpoint_is_good(in_tmp: Path, step: int) -> None:
     assert all(torch.isfinite(t).all() for t in state["state_dict"].values())
 
 
-def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(in_tmp, gsm8k_train):
-    with pytest.raises(NonFiniteLossError, match="training loss is nan at global step 3"):
-        main(poisoned_run(in_tmp, gsm8k_train, "batch_start"))
+@pytest.mark.parametrize("interval, message", [(1, "training loss is nan at global step 3"),
+                                               (4, "not finite at one of global steps 0-3")])
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(in_tmp, gsm8k_train, interval, message):
+    args = poisoned_run(in_tmp, gsm8k_train, "batch_start")
+    with pytest.raises(NonFiniteLossError, match=message):
+        main([*args, "--model.init_args.finite_check_interval", str(interval)])
     assert_last_checkpoint_is_good(in_tmp, 3)
 
 

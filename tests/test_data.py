@@ -133,11 +133,30 @@ def test_resume_skips_the_consumed_batches_of_that_epoch_only():
     full.set_epoch(2)
     order = list(full)
     resumed = ResumableSampler(40, 4, True, 7)
-    resumed.resume_from(epoch=2, batches_consumed=3)
+    resumed.resume_from(epoch=2, consumed=12)
     resumed.set_epoch(2)
     assert list(resumed) == order[12:]
     assert len(resumed) == 40
     assert list(resumed) == order  # the skip applies once; the next pass is whole
+
+
+@pytest.mark.parametrize("before, after", [(4, 2), (2, 4), (3, 3)])
+def test_resume_on_another_number_of_ranks_repeats_nothing(before, after):
+    """3 steps of batch 2 on `before` ranks, then the rest of the epoch on `after` ranks."""
+    def shares(world, consumed=None):
+        samplers = [ResumableSampler(51, 2, True, 7, rank, world) for rank in range(world)]
+        for s in samplers:
+            if consumed is not None:
+                s.resume_from(0, consumed)
+            s.set_epoch(0)
+        return [list(s) for s in samplers]
+
+    trained = [i for share in shares(before) for i in share[:6]]
+    rest = [i for share in shares(after, consumed=6 * before) for i in share]
+    assert not set(trained) & set(rest) and len(set(rest)) == len(rest)
+    assert len(trained) + len(rest) >= 51 - max(before, after)  # only an uneven tail is dropped
+    if before == after:  # unchanged world: exactly the uninterrupted epoch
+        assert shares(after, consumed=6 * before) == [share[6:] for share in shares(before)]
 
 
 # -- caching -------------------------------------------------------------------------------------
@@ -207,6 +226,11 @@ def test_row_missing_a_field_names_the_field_and_line(make, tmp_path):
     path = write_jsonl(tmp_path / "q.jsonl", [{"question": "q", "answer": "a"}, {"question": "q2"}])
     with pytest.raises(ValueError, match=r"q\.jsonl:2: missing field 'answer'"):
         make(path, format="gsm8k").documents("train")
+
+
+def test_a_validation_split_of_a_single_file_is_refused(make, text_file):
+    with pytest.raises(ValueError, match="data.val_split='test' .* single file .*val_fraction"):
+        make(text_file, val_split="test")
 
 
 def test_missing_file_names_data_path(make, tmp_path):

@@ -41,6 +41,32 @@ def test_cli_fit_on_cuda_runs_bf16_and_logs_tokens_per_second_and_mfu(tmp_path, 
     assert all(math.isfinite(x) for x in losses) and losses[-1] < losses[0]
 
 
+def test_fsdp2_preset_on_one_gpu_reports_mfu_against_the_bf16_peak(tmp_path, monkeypatch, gsm8k_train,
+                                                                   tokenizer_source):
+    """configs/trainer/fsdp.yaml runs 32-true with bf16 compute from FSDP's policy: MFU's peak is bf16's."""
+    from lightning.fabric.utilities.throughput import get_available_flops
+
+    peak = get_available_flops(torch.device("cuda"), torch.bfloat16)
+    if peak is None:
+        pytest.skip(f"Lightning knows no bf16 peak for {torch.cuda.get_device_name()}")
+    monkeypatch.chdir(tmp_path)
+    config = yaml.safe_load((REPO / "configs" / "smoke.yaml").read_text())
+    config["trainer"]["logger"] = [{"class_path": "lightning.pytorch.loggers.CSVLogger",
+                                    "init_args": {"save_dir": "runs/smoke", "name": "csv"}}]
+    config["trainer"].update(max_steps=20, log_every_n_steps=5, val_check_interval=20, enable_progress_bar=False)
+    config["trainer"]["callbacks"][2]["init_args"]["window_size"] = 5
+    config["data"]["init_args"].update(path=str(gsm8k_train), tokenizer=tokenizer_source, max_documents=2000)
+    (tmp_path / "gpu.yaml").write_text(yaml.safe_dump(config))
+    run(["fit", "--config", str(tmp_path / "gpu.yaml"), "--config", str(REPO / "configs" / "trainer" / "fsdp.yaml"),
+         "--trainer.devices", "1", "--trainer.strategy.init_args.data_parallel_size", "1",
+         "--trainer.strategy.init_args.save_distributed_checkpoint", "false"])
+    (metrics,) = Path("runs/smoke/csv").glob("version_*/metrics.csv")
+    rows = [r for r in csv.DictReader(metrics.open()) if r.get("train/device/mfu")]
+    assert rows
+    for r in rows:
+        assert float(r["train/device/mfu"]) == pytest.approx(float(r["train/device/flops_per_sec"]) / peak, rel=1e-4)
+
+
 def test_bf16_autocast_logits_follow_fp32():
     torch.manual_seed(0)
     model = Transformer(ModelConfig.from_name("micro")).cuda().eval()

@@ -39,7 +39,7 @@ def metrics(run: Path) -> list[dict[str, str]]:
 
 def test_mod_smoke_fit_logs_routing_and_draws_heatmaps(tmp_path, monkeypatch, gsm8k_train):
     monkeypatch.chdir(tmp_path)
-    config = write_config(tmp_path, "mod-smoke.yaml", max_steps=4, val_check_interval=4)
+    config = write_config(tmp_path, "mod-smoke.yaml", max_steps=4, val_check_interval=4, accumulate_grad_batches=2)
     main(["fit", "--config", str(config), "--data.init_args.path", str(gsm8k_train),
           "--data.init_args.max_documents", "200"])
     run = tmp_path / "runs" / "mod-smoke"
@@ -47,7 +47,9 @@ def test_mod_smoke_fit_logs_routing_and_draws_heatmaps(tmp_path, monkeypatch, gs
     for key in ("mod/layer01/predictor_acc", "mod/layer03/causal_fraction", "mod/layer01/scale_std", "train/aux_loss",
                 "val/loss_topk", "val/causal_fraction"):
         assert any(r.get(key) for r in rows), key
-    assert sorted(p.name for p in (run / "routing").glob("*.png")) == ["step_000002.png", "step_000004.png"]
+    # once per optimizer step, though 2 micro-batches make each step
+    assert [r["step"] for r in rows if r.get("mod/layer01/predictor_acc")] == ["0", "1", "2", "3", "4"]
+    assert sorted(p.name for p in (run / "routing").glob("*.png")) == [f"step_{s:06d}.png" for s in (0, 2, 4)]
     (offline,) = (run / "wandb").glob("offline-run-*")
     assert list(offline.rglob("media/images/mod/routing_heatmap*.png"))
 

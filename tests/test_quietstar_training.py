@@ -204,3 +204,14 @@ def test_cost_benchmark_runs_and_prints_its_table(monkeypatch, capsys):
     plain_x2 = record["results"][1]["step_s"]
     assert all(r["x_plain_same_copies"] == pytest.approx(r["step_s"] / plain_x2, rel=0.02, abs=0.01)
                for r in record["results"][2:])
+
+
+@pytest.mark.parametrize("thoughts", [{"n_ahead": 4, "n_ahead_talk": 2, "n_passes": 2},
+                                      {"n_ahead": 5, "n_ahead_talk": 3, "n_passes": 3, "stride": 3}])
+def test_flops_count_every_token_that_goes_through_the_decoder(thoughts, smollm2_tokenizer_dir):
+    module = QuietStarLM(model="tiny", thoughts=thoughts, thought_init_tokenizer=str(smollm2_tokenizer_dir))
+    module.configure_model()
+    T, seen = 24, []
+    module.model.lm.blocks[0].register_forward_hook(lambda block, args, out: seen.append(out.shape[0] * out.shape[1]))
+    module.model(torch.randint(0, 1000, (1, T)))
+    assert module.flops_per_token(T) * T == pytest.approx(module.model.lm.flops_per_token(T) * sum(seen), rel=1e-6)

@@ -10,9 +10,11 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
+from lightning.fabric.utilities.throughput import get_available_flops
 from lightning.pytorch.callbacks import ModelCheckpoint, ThroughputMonitor
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
-from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.strategies import ModelParallelStrategy
+from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 
 
 class TokenThroughput(ThroughputMonitor):
@@ -33,6 +35,16 @@ class TokenThroughput(ThroughputMonitor):
             window_size=window_size,
         )
 
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        # Under FSDP2 the precision plugin says 32-true and the mixed-precision policy computes in
+        # fsdp_param_dtype: the device peak is that dtype's (bf16 on an H100: 15x the fp32 peak).
+        param_dtype = getattr(pl_module.hparams, "fsdp_param_dtype", None)
+        if isinstance(trainer.strategy, ModelParallelStrategy) and param_dtype is not None:
+            self.available_flops = get_available_flops(trainer.strategy.root_device, getattr(torch, param_dtype))
+            for throughput in self._throughputs.values():
+                throughput.available_flops = self.available_flops
+
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
         if getattr(pl_module, "_flops_per_batch", None) is None:
             tokens = batch["input_ids"].numel()
@@ -42,36 +54,47 @@ class TokenThroughput(ThroughputMonitor):
 
 
 class RNGState(L.Callback):
-    """Saves the Python/NumPy/torch RNG states in checkpoints and restores them when training resumes."""
+    """Saves every rank's Python/NumPy/torch/CUDA RNG states in checkpoints and restores each rank's
+    own when training resumes on the same number of ranks (on another number: a warning, no restore)."""
 
     def __init__(self) -> None:
-        self._to_restore: dict[str, Any] | None = None
+        self._to_restore: list[dict[str, Any]] | None = None
 
     def state_dict(self) -> dict[str, Any]:
+        # Lightning builds the checkpoint on every rank, then rank 0 writes it: gather all ranks' states.
         kind, keys, pos, has_gauss, cached = np.random.get_state()
-        return {
+        state = {
             "python": random.getstate(),
             "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": pos,
                       "has_gauss": has_gauss, "cached": cached},
             "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,  # this rank's device
         }
+        ranks = [state]
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            ranks = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(ranks, state)
+        return {"ranks": ranks}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._to_restore = state_dict
+        self._to_restore = state_dict["ranks"]
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # Restored here, not at load time, so nothing between loading and the first step consumes it.
         if self._to_restore is None:
             return
-        state = self._to_restore
+        ranks, self._to_restore = self._to_restore, None
+        if len(ranks) != trainer.world_size:
+            rank_zero_warn(f"the checkpoint holds the RNG states of {len(ranks)} rank(s), this run has "
+                           f"{trainer.world_size}: random draws continue from the seed, not from the checkpoint")
+            return
+        state = ranks[trainer.global_rank]
         random.setstate(state["python"])
         n = state["numpy"]
         np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
         torch.set_rng_state(state["torch"])
-        if state["cuda"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["cuda"])
-        self._to_restore = None
+        if state["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state(state["cuda"])
 
 
 class RunSummary(L.Callback):

@@ -109,8 +109,9 @@ class TextDataModule(L.LightningDataModule):
             path: hub dataset id (``openai/gsm8k``) or a local jsonl/json/txt/parquet/csv file or directory.
             tokenizer: tokenizer source: ``smollm2-135m-instruct`` (offline), a .gguf, an HF directory or hub id.
             name: hub dataset configuration (``main`` for openai/gsm8k).
-            split: hub split to train on (local files are a single split).
-            val_split: hub split to validate on; None holds out ``val_fraction`` of the documents instead.
+            split: hub split to train on (a local file is a single split).
+            val_split: hub (or directory) split to validate on; None holds out ``val_fraction`` of the
+                documents instead. Refused for a single local file.
             val_fraction: share of documents held out for validation when ``val_split`` is None (0: none).
             format: ``text`` (the ``text_field`` as it is), ``gsm8k`` (question + worked answer) or
                 ``csqa`` (question, lettered choices, answer letter).
@@ -128,6 +129,10 @@ class TextDataModule(L.LightningDataModule):
             raise ValueError("data.seq_len and data.batch_size must be positive")
         if not 0 <= val_fraction < 1:
             raise ValueError(f"data.val_fraction={val_fraction} must be in [0, 1)")
+        if val_split is not None and _is_local(path) and not os.path.isdir(os.path.expanduser(path)):
+            raise ValueError(f"data.val_split={val_split!r} names a split of a hub dataset or a directory, but {path} "
+                             "is a single file with one split (validating on it would validate on the training "
+                             "data): drop val_split and hold out data.init_args.val_fraction instead")
         self.save_hyperparameters()
         self.seq_len = seq_len
         self._tokenizer: Any | None = None
@@ -287,8 +292,9 @@ class TextDataModule(L.LightningDataModule):
             return {}
         # `processed` counts batches whose step has run; checkpoints are written after that increment.
         processed = self.trainer.fit_loop.epoch_loop.batch_progress.current.processed
-        return {"epoch": self.trainer.current_epoch, "batches_consumed": processed}
+        consumed = processed * self.hparams.batch_size * self.trainer.world_size  # all ranks together
+        return {"epoch": self.trainer.current_epoch, "sequences_consumed": consumed}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if state_dict:
-            self._resume = (state_dict["epoch"], state_dict["batches_consumed"])
+            self._resume = (state_dict["epoch"], state_dict["sequences_consumed"])

@@ -180,12 +180,14 @@ class CausalLM(L.LightningModule):
             return
         flag, self._nonfinite = self._nonfinite, None
         if bool(self.trainer.strategy.reduce_boolean_decision(bool(flag), all=False)):
-            late = "" if self.hparams.finite_check_interval == 1 else \
-                f" (or up to {self.hparams.finite_check_interval - 1} steps earlier: finite_check_interval)"
+            interval = self.hparams.finite_check_interval
+            when = (f"training loss is {loss.item()} at global step {self.global_step}: stopping before the weights are "
+                    "touched" if interval == 1 else
+                    f"a training loss was not finite at one of global steps {max(0, self.global_step - interval + 1)}"
+                    f"-{self.global_step} (finite_check_interval={interval}; loss now {loss.item()}): stopping")
             raise NonFiniteLossError(
-                f"training loss is {loss.item()} at global step {self.global_step}{late}: stopping before the "
-                "weights are touched; checkpoints already written are intact. Lower model.init_args.lr, raise "
-                "warmup_steps, or check the data."
+                f"{when}; checkpoints already written are intact. Lower model.init_args.lr, raise warmup_steps, "
+                "or check the data."
             )
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
@@ -253,5 +255,14 @@ class CausalLM(L.LightningModule):
 
     @property
     def flops_per_batch(self) -> int | None:
-        """Training FLOPs of one batch, read by Lightning's ThroughputMonitor (set by `TokenThroughput`)."""
-        return getattr(self, "_flops_per_batch", None)
+        """FLOPs of one batch, read by Lightning's ThroughputMonitor: forward + backward while training
+        (set by `TokenThroughput`), a third of that per forward pass in validation and test."""
+        flops = getattr(self, "_flops_per_batch", None)
+        if flops is None or self.training:
+            return flops
+        return flops * self.eval_forward_passes() // 3
+
+    def eval_forward_passes(self) -> int:
+        """Forward passes of a validation or test step: a Mixture-of-Depths model validates under both
+        routings (causal and top-k)."""
+        return 2 if self.trainer.validating and self.model.routed_blocks else 1

@@ -150,7 +150,12 @@ class QuietStarLM(CausalLM):
                 "model.init_args.model_overrides.block_size"
             )
 
-    def forward(self, input_ids: torch.Tensor, generator: torch.Generator | None = None) -> ThoughtOutput:
+    def forward(self, input_ids: torch.Tensor, generator: torch.Generator | None = None,
+                think: bool = True) -> ThoughtOutput | torch.Tensor:
+        """The Quiet-STaR forward (loss and all its terms), or with think=False the plain decoder's hidden
+        states. Steps call this, not `self.model`, so FSDP2's hooks on this module gather the parameters."""
+        if not think:
+            return self.model.lm.hidden(self.model.lm.embed(input_ids))
         return self.model(input_ids, generator=generator)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, Any]:
@@ -173,7 +178,8 @@ class QuietStarLM(CausalLM):
         self.log("val/lm_nll", out.lm_nll, sync_dist=True)
         self.log("val/base_nll", out.base_nll, sync_dist=True, prog_bar=True)
         self.log("val/mixed_nll", out.mixed_nll, sync_dist=True, prog_bar=True)
-        if self.model.lm.routed_blocks:
+        if self.model.lm.routed_blocks:  # routing is kept for the last pass only (talk tokens): one plain pass
+            self(batch["input_ids"], think=False)
             self.log("val/causal_fraction", causal_fraction(self.model.lm), sync_dist=True)
 
     def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
@@ -190,14 +196,18 @@ class QuietStarLM(CausalLM):
     def flops_per_token(self, seq_len: int) -> int:
         """Training FLOPs per input token: the plain decoder's, times the tokens Quiet-STaR runs through it.
 
-        Each of the `n_passes` copies of a sequence of T tokens runs T + (n_ahead + n_ahead_talk - 2) * P tokens,
-        P = the thought positions (every `stride`-th with n_ahead_talk tokens after it). The mixing head and
-        attention to the thought keys are not counted (small next to the decoder's matmuls): a lower bound.
+        A sequence of T tokens runs through the decoder once (pass 0), then each of its `n_passes` thought
+        samples runs (n_ahead + n_ahead_talk - 2) passes of P tokens, P = the thought positions (every
+        `stride`-th with n_ahead_talk tokens after it). The mixing head is not counted, and thought tokens
+        are charged the attention of a T-token sequence.
         """
         c = self.model.thought_config
         positions = -(-(seq_len - c.n_ahead_talk) // c.stride)
-        tokens = c.n_passes * (seq_len + (c.n_ahead + c.n_ahead_talk - 2) * positions)
+        tokens = seq_len + c.n_passes * (c.n_ahead + c.n_ahead_talk - 2) * positions
         return int(self.model.lm.flops_per_token(seq_len) * tokens / seq_len)
+
+    def eval_forward_passes(self) -> int:
+        return 1
 
 
 def recompute_mlps(lm: Transformer) -> None:

@@ -34,17 +34,21 @@ class RoutingMonitor(L.Callback):
         self.stats_every_n_steps = stats_every_n_steps
         self.heatmap_every_n_steps = heatmap_every_n_steps
         self.max_tokens = max_tokens
+        self._last_step = -1  # with gradient accumulation several micro-batches see one global step
 
     @rank_zero_only
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         blocks = pl_module.model.routed_blocks
         step = trainer.global_step
-        if blocks and step % self.stats_every_n_steps == 0:
+        if not blocks or step == self._last_step:
+            return
+        self._last_step = step
+        if step % self.stats_every_n_steps == 0:
             stats = routing_stats(pl_module.model)
             for logger in trainer.loggers:
                 logger.log_metrics(stats, step=step)
-        if not blocks or step % self.heatmap_every_n_steps != 0:
+        if step % self.heatmap_every_n_steps != 0:
             return
         n = min(self.max_tokens, batch["input_ids"].size(1))
         top_k, causal = [], []

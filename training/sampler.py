@@ -12,9 +12,11 @@ class ResumableSampler(Sampler[int]):
     """Indices of one rank's share of the data, reshuffled each epoch from ``seed + epoch``.
 
     Every rank gets the same number of indices (the tail that does not divide evenly is dropped),
-    so ranks step together. After `resume_from(epoch, batches)` the next pass over `epoch` skips
-    the batches already trained on; `len()` stays the full epoch length so that Lightning's batch
-    counter, which resumes from the checkpoint, ends the epoch at the same place.
+    so ranks step together. After `resume_from(epoch, consumed)` the next pass over `epoch` skips
+    the first `consumed` items of the epoch's order, whichever ranks trained on them, and shards the
+    rest: a run resumed on another number of ranks repeats nothing. `len()` stays the full epoch
+    length so that Lightning's batch counter, which resumes from the checkpoint, ends the epoch at the
+    same place when the number of ranks is unchanged.
     """
 
     def __init__(
@@ -35,9 +37,10 @@ class ResumableSampler(Sampler[int]):
         """Called by Lightning at the start of every epoch."""
         self.epoch = epoch
 
-    def resume_from(self, epoch: int, batches_consumed: int) -> None:
-        """Skip the first `batches_consumed` batches the next time `epoch` is iterated."""
-        self._skip = (epoch, batches_consumed)
+    def resume_from(self, epoch: int, consumed: int) -> None:
+        """Skip the first `consumed` items of the epoch's order (all ranks together) the next time
+        `epoch` is iterated."""
+        self._skip = (epoch, consumed)
 
     def __len__(self) -> int:
         return self.num_items // self.world_size
@@ -48,9 +51,8 @@ class ResumableSampler(Sampler[int]):
             order = torch.randperm(self.num_items, generator=generator)
         else:
             order = torch.arange(self.num_items)
-        mine = order[self.rank : len(self) * self.world_size : self.world_size]
-        start = 0
+        order = order[: len(self) * self.world_size]  # the tail that does not divide evenly is dropped
         if self._skip is not None and self._skip[0] == self.epoch:
-            start = self._skip[1] * self.batch_size
+            order = order[self._skip[1]:]
             self._skip = None
-        return iter(mine[start:].tolist())
+        return iter(order[self.rank : len(order) - len(order) % self.world_size : self.world_size].tolist())
