@@ -158,3 +158,12 @@ def test_non_finite_weights_are_never_written_to_a_checkpoint(in_tmp, gsm8k_trai
     with pytest.raises(NonFiniteLossError, match="weights are not finite at global step 3"):
         main(poisoned_run(in_tmp, gsm8k_train, "batch_end"))
     assert_last_checkpoint_is_good(in_tmp, 2)
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in (REPO / "configs").glob("*.yaml")))
+def test_every_shipped_config_parses(name, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(REPO / "configs" / name), "--print_config"])
+    assert exit_info.value.code in (0, None)
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["model"]["class_path"].startswith("training.") and printed["trainer"]["max_steps"] > 0
