@@ -6,7 +6,9 @@
 Each variant (dense, then MoD at each capacity, every other block routed from layer 1, the last
 layer included) is built with the same seed, warmed up, then timed on full training steps: forward,
 cross-entropy plus the MoD auxiliary losses, backward, AdamW. One variant is resident at a time, so
-the peak memory is its own. Forward FLOPs per token are counted by torch's FlopCounterMode on a
+the peak memory is its own. `--rounds` repeats the whole sweep, every other round in reverse order,
+so neither one-off costs of the process nor drift of the machine favour the variants timed first;
+tokens/s is the fastest round's. Forward FLOPs per token are counted by torch's FlopCounterMode on a
 real forward pass (top-k routing). Prints a Markdown table and a JSON line.
 """
 
@@ -93,6 +95,7 @@ def main() -> None:
     parser.add_argument("--capacities", type=float, nargs="+", default=[1.0, 0.5, 0.25, 0.125])
     parser.add_argument("--steps", type=int, default=3, help="timed steps per variant")
     parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--rounds", type=int, default=2, help="sweeps over the variants, alternating their order")
     parser.add_argument("--compile", action="store_true", help="torch.compile each block")
     parser.add_argument("--profile", type=int, default=0, metavar="ROWS",
                         help="after timing, profile two steps of each variant and print the top ROWS operators")
@@ -105,17 +108,23 @@ def main() -> None:
     variants = {"dense": ModelConfig(**base)}
     for capacity in args.capacities:
         variants[f"MoD {capacity:g}"] = ModelConfig(**{**base, "mod_capacity": capacity, "mod_exempt_last": False})
+    runs: dict[str, list[dict]] = {name: [] for name in variants}
+    for r in range(args.rounds):
+        for name in (list(variants) if r % 2 == 0 else list(reversed(variants))):
+            runs[name].append(measure(variants[name], args, device, dtype))
+            print(f"round {r + 1}, {name}: {runs[name][-1]['tokens_per_s']:,.0f} tokens/s", flush=True)
     results = []
-    for name, config in variants.items():
-        results.append({"variant": name, "capacity": config.mod_capacity, **measure(config, args, device, dtype)})
-        print(f"{name}: {results[-1]['tokens_per_s']:,.0f} tokens/s", flush=True)
+    for name, measured in runs.items():
+        rates = [m["tokens_per_s"] for m in measured]
+        results.append({"variant": name, "capacity": variants[name].mod_capacity, **measured[-1],
+                        "tokens_per_s": max(rates), "tokens_per_s_rounds": rates})
     dense = results[0]
     for r in results:
         r["speedup_vs_dense"] = round(r["tokens_per_s"] / dense["tokens_per_s"], 3)
         r["flop_ratio_dense_over_this"] = round(dense["forward_gflops_per_token"] / r["forward_gflops_per_token"], 3)
     meta = dict(shape=args.shape, n_layer=base["n_layer"], n_embd=base["n_embd"], vocab=base["vocab_size"],
                 routed_layers=list(Transformer(variants[list(variants)[-1]]).routed_blocks) if args.capacities else [],
-                batch=args.batch, seq=args.seq, dtype=args.dtype, compile=args.compile,
+                batch=args.batch, seq=args.seq, dtype=args.dtype, compile=args.compile, rounds=args.rounds,
                 device=device_name(device),
                 threads=torch.get_num_threads(), torch=torch.__version__)
     print(f"\n{args.shape}: {meta['n_layer']} layers, d={meta['n_embd']}, vocab {meta['vocab']}, routed layers "

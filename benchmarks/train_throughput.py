@@ -279,6 +279,9 @@ def main() -> None:
     parser.add_argument("--profile", type=int, default=0, help="print this many top ops of one step per variant")
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args()
+    if args.compile and not args.max_batch:
+        parser.error("--compile only applies to --max-batch; compile throughput variants with +compile, e.g. "
+                     "--variants hf+compile qd+compile")
 
     if args.threads:
         torch.set_num_threads(args.threads)
