@@ -1,0 +1,33 @@
+"""The MoD throughput and Quiet-STaR thought-attention benchmarks run on CPU in a tiny shape and print
+their results (benchmarks, not timed tests: nothing here asserts a speed)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from tests.conftest import REPO
+
+
+def run_benchmark(name: str, *args: str) -> str:
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / name), *args], cwd=REPO, capture_output=True,
+                          text=True, timeout=300, env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
+def test_mod_throughput_sweeps_every_variant_in_each_round(tmp_path):
+    out = run_benchmark("mod_throughput.py", "--shape", "micro", "--seq", "32", "--steps", "1", "--rounds", "2",
+                        "--capacities", "0.5", "--json", str(tmp_path / "mod.json"))
+    assert "| dense |" in out and "| MoD 0.5 |" in out
+    record = json.loads((tmp_path / "mod.json").read_text())
+    assert [len(r["tokens_per_s_rounds"]) for r in record["results"]] == [2, 2]
+
+
+def test_thought_attention_paths_agree_and_are_timed(tmp_path):
+    out = run_benchmark("thought_attention.py", "--shape", "micro", "--seq", "24", "--n-ahead", "5",
+                        "--n-ahead-talk", "2", "--steps", "1", "--json", str(tmp_path / "attn.json"))
+    record = json.loads((tmp_path / "attn.json").read_text())
+    assert record["compact_loss"] == record["dense_loss"]  # the script also refuses to time otherwise
+    assert set(record["seconds_per_step"]) == {"plain", "compact", "dense_mask"} and "faster than" in out
