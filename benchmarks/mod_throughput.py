@@ -92,6 +92,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=512)
     parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="bf16 = autocast over fp32 weights")
+    parser.add_argument("--vocab", type=int, help="override the shape's vocabulary size (the output head is dense)")
     parser.add_argument("--capacities", type=float, nargs="+", default=[1.0, 0.5, 0.25, 0.125])
     parser.add_argument("--steps", type=int, default=3, help="timed steps per variant")
     parser.add_argument("--warmup", type=int, default=1)
@@ -105,6 +106,8 @@ def main() -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     base = {**SHAPES[args.shape], "block_size": max(args.seq, SHAPES[args.shape]["block_size"])}
+    if args.vocab:
+        base["vocab_size"] = args.vocab
     variants = {"dense": ModelConfig(**base)}
     for capacity in args.capacities:
         variants[f"MoD {capacity:g}"] = ModelConfig(**{**base, "mod_capacity": capacity, "mod_exempt_last": False})

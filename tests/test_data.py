@@ -122,17 +122,17 @@ def test_shuffle_is_deterministic_per_seed_and_changes_each_epoch(make, text_fil
 
 
 def test_ranks_get_disjoint_equal_shares():
-    shares = [list(ResumableSampler(103, 4, True, 0, rank, 3)) for rank in range(3)]
+    shares = [list(ResumableSampler(103, True, 0, rank, 3)) for rank in range(3)]
     assert {len(s) for s in shares} == {34}
     flat = [i for s in shares for i in s]
     assert len(set(flat)) == len(flat) and set(flat) <= set(range(103))
 
 
 def test_resume_skips_the_consumed_batches_of_that_epoch_only():
-    full = ResumableSampler(40, 4, True, 7)
+    full = ResumableSampler(40, True, 7)
     full.set_epoch(2)
     order = list(full)
-    resumed = ResumableSampler(40, 4, True, 7)
+    resumed = ResumableSampler(40, True, 7)
     resumed.resume_from(epoch=2, consumed=12)
     resumed.set_epoch(2)
     assert list(resumed) == order[12:]
@@ -144,7 +144,7 @@ def test_resume_skips_the_consumed_batches_of_that_epoch_only():
 def test_resume_on_another_number_of_ranks_repeats_nothing(before, after):
     """3 steps of batch 2 on `before` ranks, then the rest of the epoch on `after` ranks."""
     def shares(world, consumed=None):
-        samplers = [ResumableSampler(51, 2, True, 7, rank, world) for rank in range(world)]
+        samplers = [ResumableSampler(51, True, 7, rank, world) for rank in range(world)]
         for s in samplers:
             if consumed is not None:
                 s.resume_from(0, consumed)

@@ -268,7 +268,7 @@ class TextDataModule(L.LightningDataModule):
                 f"data: {len(data)} training sequences make no full batch of data.batch_size={self.hparams.batch_size}"
                 f" on each of {world} device(s); lower data.init_args.batch_size or seq_len, or use more data"
             )
-        self._train_sampler = ResumableSampler(len(data), self.hparams.batch_size, True, self.hparams.seed, rank, world)
+        self._train_sampler = ResumableSampler(len(data), True, self.hparams.seed, rank, world)
         if self._resume is not None:
             self._train_sampler.resume_from(*self._resume)
             self._resume = None
@@ -280,7 +280,7 @@ class TextDataModule(L.LightningDataModule):
             return []
         rank, world = self._rank()
         data = self._splits["val"]
-        return self._loader(data, ResumableSampler(len(data), self.hparams.batch_size, False, 0, rank, world), False)
+        return self._loader(data, ResumableSampler(len(data), False, 0, rank, world), False)
 
     def test_dataloader(self) -> DataLoader | list:
         """The held-out split (the same data as validation)."""

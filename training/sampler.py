@@ -20,12 +20,11 @@ class ResumableSampler(Sampler[int]):
     """
 
     def __init__(
-        self, num_items: int, batch_size: int, shuffle: bool, seed: int, rank: int = 0, world_size: int = 1
+        self, num_items: int, shuffle: bool, seed: int, rank: int = 0, world_size: int = 1
     ) -> None:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world_size {world_size}")
         self.num_items = num_items
-        self.batch_size = batch_size
         self.shuffle = shuffle
         self.seed = seed
         self.rank = rank
