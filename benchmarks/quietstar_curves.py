@@ -68,7 +68,7 @@ def main() -> None:
     train = {key: dict(windows(series(rows, f"train/{key}"), args.every)) for key, _ in CURVES}
     gain = dict(windows(series(rows, "train/nll_gain"), args.every))
     weight = dict(windows(series(rows, "train/mixing_weight_mean"), args.every))
-    print(f"| steps up to | train base NLL | train mixed NLL | gain (base - mixed) | mixing weight |\n|---|---|---|---|---|")
+    print("| steps up to | train base NLL | train mixed NLL | gain (base - mixed) | mixing weight |\n|---|---|---|---|---|")
     for step in train["base_nll"]:
         print(f"| {step} | {train['base_nll'][step]:.4f} | {train['mixed_nll'].get(step, float('nan')):.4f} | "
               f"{gain.get(step, float('nan')):+.4f} | {weight.get(step, float('nan')):.4f} |")
