@@ -120,7 +120,8 @@ def _pack(groups: list[Group], limit: int) -> list[list[Group]]:
     return sorted(rows, key=lambda r: sum(map(_length, r)), reverse=True)
 
 
-def _score_rows(model: EvalModel, rows: list[list[Group]]) -> dict[tuple[tuple[int, ...], tuple[int, ...]], tuple[float, bool]]:
+def _score_rows(model: EvalModel, rows: list[list[Group]]
+                ) -> dict[tuple[tuple[int, ...], tuple[int, ...]], tuple[float, bool]]:
     """Scores of every (context, continuation) in a batch of packed rows, by one forward."""
     lm, device = model.lm, model.device
     N = max(sum(map(_length, row)) for row in rows)

@@ -18,18 +18,23 @@ from training.cli import run
 pytestmark = pytest.mark.gpu
 
 
-def test_cli_fit_on_cuda_runs_bf16_and_logs_tokens_per_second_and_mfu(tmp_path, monkeypatch, gsm8k_train,
-                                                                       tokenizer_source):
-    monkeypatch.chdir(tmp_path)
+def smoke_config(tmp_path: Path, gsm8k_train: Path, tokenizer_source: str, max_steps: int, compile: bool) -> str:
+    """configs/smoke.yaml logging every 5 steps to CSV only (runs/smoke/csv), written to tmp_path."""
     config = yaml.safe_load((REPO / "configs" / "smoke.yaml").read_text())
     config["trainer"]["logger"] = [{"class_path": "lightning.pytorch.loggers.CSVLogger",
                                     "init_args": {"save_dir": "runs/smoke", "name": "csv"}}]
-    config["trainer"].update(max_steps=40, log_every_n_steps=5, val_check_interval=20, enable_progress_bar=False)
+    config["trainer"].update(max_steps=max_steps, log_every_n_steps=5, val_check_interval=20, enable_progress_bar=False)
     config["trainer"]["callbacks"][2]["init_args"]["window_size"] = 5
-    config["model"]["init_args"]["compile"] = True
+    config["model"]["init_args"]["compile"] = compile
     config["data"]["init_args"].update(path=str(gsm8k_train), tokenizer=tokenizer_source, max_documents=2000)
     (tmp_path / "gpu.yaml").write_text(yaml.safe_dump(config))
-    cli = run(["fit", "--config", str(tmp_path / "gpu.yaml")])
+    return str(tmp_path / "gpu.yaml")
+
+
+def test_cli_fit_on_cuda_runs_bf16_and_logs_tokens_per_second_and_mfu(tmp_path, monkeypatch, gsm8k_train,
+                                                                       tokenizer_source):
+    monkeypatch.chdir(tmp_path)
+    cli = run(["fit", "--config", smoke_config(tmp_path, gsm8k_train, tokenizer_source, max_steps=40, compile=True)])
     assert cli.trainer.precision == "bf16-mixed"
     (metrics,) = Path("runs/smoke/csv").glob("version_*/metrics.csv")
     rows = list(csv.DictReader(metrics.open()))
@@ -50,14 +55,8 @@ def test_fsdp2_preset_on_one_gpu_reports_mfu_against_the_bf16_peak(tmp_path, mon
     if peak is None:
         pytest.skip(f"Lightning knows no bf16 peak for {torch.cuda.get_device_name()}")
     monkeypatch.chdir(tmp_path)
-    config = yaml.safe_load((REPO / "configs" / "smoke.yaml").read_text())
-    config["trainer"]["logger"] = [{"class_path": "lightning.pytorch.loggers.CSVLogger",
-                                    "init_args": {"save_dir": "runs/smoke", "name": "csv"}}]
-    config["trainer"].update(max_steps=20, log_every_n_steps=5, val_check_interval=20, enable_progress_bar=False)
-    config["trainer"]["callbacks"][2]["init_args"]["window_size"] = 5
-    config["data"]["init_args"].update(path=str(gsm8k_train), tokenizer=tokenizer_source, max_documents=2000)
-    (tmp_path / "gpu.yaml").write_text(yaml.safe_dump(config))
-    run(["fit", "--config", str(tmp_path / "gpu.yaml"), "--config", str(REPO / "configs" / "trainer" / "fsdp.yaml"),
+    config = smoke_config(tmp_path, gsm8k_train, tokenizer_source, max_steps=20, compile=False)
+    run(["fit", "--config", config, "--config", str(REPO / "configs" / "trainer" / "fsdp.yaml"),
          "--trainer.devices", "1", "--trainer.strategy.init_args.data_parallel_size", "1",
          "--trainer.strategy.init_args.save_distributed_checkpoint", "false"])
     (metrics,) = Path("runs/smoke/csv").glob("version_*/metrics.csv")

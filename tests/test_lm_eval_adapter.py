@@ -57,11 +57,12 @@ def test_a_quietstar_model_scores_with_its_thoughts_when_decoding_thoughts():
 
     qs = quietstar_model()
     pairs = [scoring.encode_pair(qs, c, x) for c, x in PAIRS[:3]]
-    thinking = QuietdepthLM(qs, decoding="thoughts").loglikelihood(requests("loglikelihood", PAIRS[:3]), disable_tqdm=True)
+    lm = QuietdepthLM(qs, decoding="thoughts")
+    thinking = lm.loglikelihood(requests("loglikelihood", PAIRS[:3]), disable_tqdm=True)
     assert thinking == scoring.loglikelihood(qs, pairs, think=True)
     assert thinking != scoring.loglikelihood(qs, pairs)
     with pytest.raises(ValueError, match="decoding=greedy"):
-        QuietdepthLM(qs, decoding="thoughts").loglikelihood_rolling(requests("loglikelihood_rolling", [("hi",)]))
+        lm.loglikelihood_rolling(requests("loglikelihood_rolling", [("hi",)]))
 
 
 def test_loglikelihood_equals_our_scorer_and_a_plain_full_forward(model):

@@ -24,7 +24,8 @@ def block_inputs(config: ModelConfig, B: int = 3, T: int = 16):
     return x, cos[:T][None], sin[:T][None]
 
 
-@pytest.mark.parametrize("capacity,T,k", [(0.125, 2048, 256), (0.125, 7, 1), (0.5, 9, 4), (1.0, 5, 5), (0.3, 10, 3), (0.7, 90, 63)])
+@pytest.mark.parametrize("capacity,T,k", [(0.125, 2048, 256), (0.125, 7, 1), (0.5, 9, 4), (1.0, 5, 5), (0.3, 10, 3),
+                                         (0.7, 90, 63)])
 def test_capacity_gives_k_tokens_per_sequence(capacity, T, k):
     block = RoutedBlock(mod_config(mod_capacity=capacity))
     assert block.capacity_k(T) == k

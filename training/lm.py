@@ -181,10 +181,11 @@ class CausalLM(L.LightningModule):
         flag, self._nonfinite = self._nonfinite, None
         if bool(self.trainer.strategy.reduce_boolean_decision(bool(flag), all=False)):
             interval = self.hparams.finite_check_interval
-            when = (f"training loss is {loss.item()} at global step {self.global_step}: stopping before the weights are "
-                    "touched" if interval == 1 else
-                    f"a training loss was not finite at one of global steps {max(0, self.global_step - interval + 1)}"
-                    f"-{self.global_step} (finite_check_interval={interval}; loss now {loss.item()}): stopping")
+            step, first = self.global_step, max(0, self.global_step - interval + 1)
+            when = (f"training loss is {loss.item()} at global step {step}: stopping before the weights are touched"
+                    if interval == 1 else
+                    f"a training loss was not finite at one of global steps {first}-{step} "
+                    f"(finite_check_interval={interval}; loss now {loss.item()}): stopping")
             raise NonFiniteLossError(
                 f"{when}; checkpoints already written are intact. Lower model.init_args.lr, raise warmup_steps, "
                 "or check the data."

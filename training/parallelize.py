@@ -81,8 +81,9 @@ def apply_fsdp(blocks: Iterable[nn.Module], root: nn.Module, mesh: DeviceMesh, p
     A block's parameters are all-gathered in `param_dtype` just before it runs and freed after;
     gradients are reduce-scattered in `reduce_dtype`; the optimizer updates fp32 shards.
     `root_methods` are methods of `root` other than `forward` that run the model (they get the
-    root's all-gather and reduce-scatter hooks). With no `blocks`, `root` is one unit. `cpu_offload` keeps the parameter shards, their
-    gradients and the optimizer step in host memory (copied to the device for each all-gather):
+    root's all-gather and reduce-scatter hooks). With no `blocks`, `root` is one unit. `cpu_offload`
+    keeps the parameter shards, their gradients and the optimizer step in host memory (copied to the
+    device for each all-gather):
     for models whose sharded state does not fit the accelerators, at the cost of host-device copies.
     """
     policy = MixedPrecisionPolicy(param_dtype=getattr(torch, param_dtype), reduce_dtype=getattr(torch, reduce_dtype))
