@@ -1,28 +1,37 @@
 """Dense vs Mixture-of-Depths training throughput on one shape, in one process.
 
-    python benchmarks/mod_throughput.py --shape mid                          # CPU: d=512, 8 layers, seq 512, fp32
+    python benchmarks/mod_throughput.py --shape mid --interleave --steps 12  # CPU: d=512, 8 layers, seq 512, fp32
     python benchmarks/mod_throughput.py --shape smollm2-135m --dtype bf16 --batch 16 --seq 2048 --compile
 
 Each variant (dense, then MoD at each capacity, every other block routed from layer 1, the last
 layer included) is built with the same seed, warmed up, then timed on full training steps: forward,
-cross-entropy plus the MoD auxiliary losses, backward, AdamW. One variant is resident at a time, so
-the peak memory is its own. `--rounds` repeats the whole sweep, every other round in reverse order,
-so neither one-off costs of the process nor drift of the machine favour the variants timed first;
-tokens/s is the fastest round's. Forward FLOPs per token are counted by torch's FlopCounterMode on a
-real forward pass (top-k routing). Prints a Markdown table and a JSON line.
+cross-entropy plus the MoD auxiliary losses, backward, AdamW. Two ways to time them:
+- by default one variant is resident at a time (what a GPU at the large shapes can hold) and
+  `--rounds` repeats the whole sweep, every other round in reverse order, so one-off costs of the
+  process do not favour the variants timed first; a variant's figures are its fastest round's;
+- `--interleave` keeps every variant resident and runs one step of each in turn. On a machine whose
+  speed drifts by tens of percent within a minute (a shared 2-core CPU), this is what makes the
+  ratios mean something: every variant is timed in the same stretches of time.
+tokens/s is steps x tokens over the summed step times; the median step's speed-up is printed beside
+it. Peak memory (GPU) is each variant's own, above what was resident before it was built. Forward
+FLOPs per token are counted by torch's FlopCounterMode on a real forward pass (top-k routing).
+On a CPU, freed memory stays in the process (`report.keep_freed_memory`), so page faults do not
+depend on which variant ran before. Prints a Markdown table and a JSON line.
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import statistics
 import time
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from report import device_name, emit, sync
+from report import device_name, emit, keep_freed_memory, sync
 from modeldefs import ModelConfig, Transformer
 from training.routing import routing_losses
 
@@ -35,7 +44,13 @@ SHAPES = {
 }
 
 
-def measure(config: ModelConfig, args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> dict:
+def prepare(config: ModelConfig, args: argparse.Namespace, device: torch.device,
+            dtype: torch.dtype) -> tuple[Callable[[], None], dict]:
+    """Build the model, count its forward FLOPs and warm it up. Returns its training step (forward,
+    cross-entropy plus the MoD auxiliary losses, backward, AdamW) and the FLOPs and peak memory."""
+    resident = torch.cuda.memory_allocated() if device.type == "cuda" else 0  # variants built before
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
     torch.manual_seed(0)
     model = Transformer(config).to(device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
@@ -58,32 +73,79 @@ def measure(config: ModelConfig, args: argparse.Namespace, device: torch.device,
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
     for _ in range(args.warmup):
         step()
     sync(device)
+    peak = (torch.cuda.max_memory_allocated() - resident) / 2**30 if device.type == "cuda" else None
+    return step, dict(forward_gflops_per_token=forward_flops / 1e9, peak_mem_gib=peak)
+
+
+def timed(step: Callable[[], None], device: torch.device) -> float:
+    """Seconds one training step takes, queued GPU work included."""
     t0 = time.perf_counter()
-    for _ in range(args.steps):
-        step()
+    step()
     sync(device)
-    seconds = time.perf_counter() - t0
-    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
-    if args.profile:
-        activities = [torch.profiler.ProfilerActivity.CPU] + (
-            [torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else [])
-        with torch.profiler.profile(activities=activities) as prof:
-            for _ in range(2):
-                step()
-            sync(device)
-        sort_by = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
-        print(prof.key_averages().table(sort_by=sort_by, row_limit=args.profile, max_name_column_width=48))
-    del model, optimizer
+    return time.perf_counter() - t0
+
+
+def profile(name: str, step: Callable[[], None], device: torch.device, rows: int) -> None:
+    """Print the top operators of two training steps."""
+    activities = [torch.profiler.ProfilerActivity.CPU] + (
+        [torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with torch.profiler.profile(activities=activities) as prof:
+        for _ in range(2):
+            step()
+        sync(device)
+    sort_by = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+    print(f"\n{name}:\n" + prof.key_averages().table(sort_by=sort_by, row_limit=rows, max_name_column_width=48))
+
+
+def release(device: torch.device) -> None:
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    return dict(tokens_per_s=args.steps * x.numel() / seconds, forward_gflops_per_token=forward_flops / 1e9,
-                peak_mem_gib=peak)
+
+
+def sweep_in_rounds(variants: dict[str, ModelConfig], args: argparse.Namespace, device: torch.device,
+                    dtype: torch.dtype) -> dict[str, dict]:
+    """One variant resident at a time (its peak memory alone); `--rounds` sweeps, every other one in
+    reverse order. A variant's step times are those of its fastest round."""
+    runs: dict[str, dict] = {}
+    for r in range(args.rounds):
+        for name in (list(variants) if r % 2 == 0 else list(reversed(variants))):
+            step, info = prepare(variants[name], args, device, dtype)
+            seconds = [timed(step, device) for _ in range(args.steps)]
+            rate = args.steps * args.batch * args.seq / sum(seconds)
+            print(f"round {r + 1}, {name}: {rate:,.0f} tokens/s", flush=True)
+            best = runs.get(name)
+            rates = (best["tokens_per_s_rounds"] if best else []) + [rate]
+            if best is None or rate > max(best["tokens_per_s_rounds"]):
+                runs[name] = {**info, "step_seconds": seconds}
+            runs[name]["tokens_per_s_rounds"] = rates
+            if args.profile and r == args.rounds - 1:
+                profile(name, step, device, args.profile)
+            del step
+            release(device)
+    return runs
+
+
+def interleaved(variants: dict[str, ModelConfig], args: argparse.Namespace, device: torch.device,
+                dtype: torch.dtype) -> dict[str, dict]:
+    """Every variant resident; each timed step runs every variant once, in reverse order every other
+    step, so a machine whose speed drifts slows all of them alike."""
+    steps, runs = {}, {}
+    for name, config in variants.items():
+        steps[name], runs[name] = prepare(config, args, device, dtype)
+        runs[name]["step_seconds"] = []
+    for s in range(args.steps):
+        for name in (list(variants) if s % 2 == 0 else list(reversed(variants))):
+            runs[name]["step_seconds"].append(timed(steps[name], device))
+        print(f"step {s + 1}/{args.steps}: " + ", ".join(
+            f"{name} {runs[name]['step_seconds'][-1]:.2f} s" for name in variants), flush=True)
+    if args.profile:
+        for name, step in steps.items():
+            profile(name, step, device, args.profile)
+    return runs
 
 
 def main() -> None:
@@ -96,49 +158,57 @@ def main() -> None:
     parser.add_argument("--capacities", type=float, nargs="+", default=[1.0, 0.5, 0.25, 0.125])
     parser.add_argument("--steps", type=int, default=3, help="timed steps per variant")
     parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--rounds", type=int, default=2, help="sweeps over the variants, alternating their order")
+    parser.add_argument("--rounds", type=int, help="sweeps over the variants, alternating their order "
+                        "(default 2; one variant resident at a time)")
+    parser.add_argument("--interleave", action="store_true",
+                        help="keep every variant resident and run them in turn, step by step (for a machine whose "
+                        "speed drifts, like a shared CPU; needs the memory of all of them)")
     parser.add_argument("--compile", action="store_true", help="torch.compile each block")
     parser.add_argument("--profile", type=int, default=0, metavar="ROWS",
                         help="after timing, profile two steps of each variant and print the top ROWS operators")
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args()
+    if args.interleave and args.rounds:
+        parser.error("--rounds sweeps one variant at a time; with --interleave, set --steps instead")
+    args.rounds = args.rounds or 2
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    steady_heap = device.type == "cpu" and keep_freed_memory()
     base = {**SHAPES[args.shape], "block_size": max(args.seq, SHAPES[args.shape]["block_size"])}
     if args.vocab:
         base["vocab_size"] = args.vocab
     variants = {"dense": ModelConfig(**base)}
     for capacity in args.capacities:
         variants[f"MoD {capacity:g}"] = ModelConfig(**{**base, "mod_capacity": capacity, "mod_exempt_last": False})
-    runs: dict[str, list[dict]] = {name: [] for name in variants}
-    for r in range(args.rounds):
-        for name in (list(variants) if r % 2 == 0 else list(reversed(variants))):
-            runs[name].append(measure(variants[name], args, device, dtype))
-            print(f"round {r + 1}, {name}: {runs[name][-1]['tokens_per_s']:,.0f} tokens/s", flush=True)
+    runs = (interleaved if args.interleave else sweep_in_rounds)(variants, args, device, dtype)
+    tokens = args.batch * args.seq
     results = []
-    for name, measured in runs.items():
-        rates = [m["tokens_per_s"] for m in measured]
-        results.append({"variant": name, "capacity": variants[name].mod_capacity, **measured[-1],
-                        "tokens_per_s": max(rates), "tokens_per_s_rounds": rates})
+    for name, run in runs.items():
+        results.append({"variant": name, "capacity": variants[name].mod_capacity, **run,
+                        "tokens_per_s": len(run["step_seconds"]) * tokens / sum(run["step_seconds"]),
+                        "median_step_s": statistics.median(run["step_seconds"])})
     dense = results[0]
     for r in results:
         r["speedup_vs_dense"] = round(r["tokens_per_s"] / dense["tokens_per_s"], 3)
+        r["speedup_median_step"] = round(dense["median_step_s"] / r["median_step_s"], 3)
         r["flop_ratio_dense_over_this"] = round(dense["forward_gflops_per_token"] / r["forward_gflops_per_token"], 3)
     meta = dict(shape=args.shape, n_layer=base["n_layer"], n_embd=base["n_embd"], vocab=base["vocab_size"],
                 routed_layers=list(Transformer(variants[list(variants)[-1]]).routed_blocks) if args.capacities else [],
-                batch=args.batch, seq=args.seq, dtype=args.dtype, compile=args.compile, rounds=args.rounds,
-                device=device_name(device),
+                batch=args.batch, seq=args.seq, dtype=args.dtype, compile=args.compile,
+                timing="interleaved" if args.interleave else f"{args.rounds} rounds", steps=args.steps,
+                device=device_name(device), cpu_heap_kept=steady_heap,
                 threads=torch.get_num_threads(), torch=torch.__version__)
     print(f"\n{args.shape}: {meta['n_layer']} layers, d={meta['n_embd']}, vocab {meta['vocab']}, routed layers "
           f"{meta['routed_layers']}; batch {args.batch} x seq {args.seq}, {args.dtype}"
           f"{', compiled' if args.compile else ''}, {meta['device']}, torch {torch.__version__}\n")
-    print("| variant | forward GFLOPs/token | dense/this FLOPs | tokens/s | speed-up vs dense | peak memory (GiB) |")
-    print("|---|---|---|---|---|---|")
+    print("| variant | forward GFLOPs/token | dense/this FLOPs | tokens/s | speed-up vs dense "
+          "| speed-up, median step | peak memory (GiB) |")
+    print("|---|---|---|---|---|---|---|")
     for r in results:
         mem = "n/a" if r["peak_mem_gib"] is None else f"{r['peak_mem_gib']:.2f}"
         print(f"| {r['variant']} | {r['forward_gflops_per_token']:.3f} | {r['flop_ratio_dense_over_this']:.2f}x | "
-              f"{r['tokens_per_s']:,.0f} | {r['speedup_vs_dense']:.2f}x | {mem} |")
+              f"{r['tokens_per_s']:,.0f} | {r['speedup_vs_dense']:.2f}x | {r['speedup_median_step']:.2f}x | {mem} |")
     record = {**meta, "results": results}
     emit(record, args.json)
 

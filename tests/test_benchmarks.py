@@ -31,3 +31,21 @@ def test_thought_attention_paths_agree_and_are_timed(tmp_path):
     record = json.loads((tmp_path / "attn.json").read_text())
     assert record["compact_loss"] == record["dense_loss"]  # the script also refuses to time otherwise
     assert set(record["seconds_per_step"]) == {"plain", "compact", "dense_mask"} and "faster than" in out
+
+
+def test_mod_throughput_interleaved_times_every_variant_at_each_step(tmp_path):
+    out = run_benchmark("mod_throughput.py", "--shape", "micro", "--seq", "32", "--steps", "3", "--interleave",
+                        "--capacities", "0.5", "0.25", "--json", str(tmp_path / "mod.json"))
+    assert "step 3/3: dense" in out and "| MoD 0.25 |" in out
+    record = json.loads((tmp_path / "mod.json").read_text())
+    assert record["timing"] == "interleaved"
+    for r in record["results"]:
+        assert len(r["step_seconds"]) == 3
+        assert abs(r["tokens_per_s"] - 3 * 4 * 32 / sum(r["step_seconds"])) < 1e-6 * r["tokens_per_s"]
+
+
+def test_mod_throughput_refuses_rounds_with_interleave():
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "mod_throughput.py"), "--interleave",
+                           "--rounds", "3"], cwd=REPO, capture_output=True, text=True, timeout=120,
+                          env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
+    assert proc.returncode == 2 and "--rounds sweeps one variant at a time" in proc.stderr
