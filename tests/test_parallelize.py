@@ -1,5 +1,6 @@
 """The single-process pieces of the fast path: fused linear + cross-entropy, activation checkpointing,
-the finite-loss check interval, and the throughput benchmark on a tiny shape."""
+blocks that compile to one graph, the finite-loss check interval, and the throughput benchmark on a
+tiny shape."""
 
 from __future__ import annotations
 
@@ -76,6 +77,22 @@ def test_activation_checkpointing_keeps_names_types_and_gradients(policy, mod):
     assert types == [type(b) for b in Transformer(config).blocks]
     for k, g in grads["none"].items():
         torch.testing.assert_close(grads[policy][k], g, msg=lambda m: f"{k}: {m}")
+
+
+@pytest.mark.parametrize("kind", ["dense", "routed-topk", "routed-causal"])
+def test_every_kind_of_block_compiles_to_one_graph_without_breaks(kind):
+    """`apply_compile` compiles each block; a graph break would split it and add host round trips.
+    fullgraph=True raises on any break (the eager backend traces without building kernels)."""
+    config = ModelConfig.from_name("micro", mod_capacity=None if kind == "dense" else 0.5, mod_exempt_last=False)
+    model = Transformer(config).train(kind != "routed-causal")
+    block = model.blocks[1]
+    x = torch.randn(2, 16, config.n_embd, requires_grad=True)
+    cos, sin = model.rope_cos[:16][None], model.rope_sin[:16][None]
+    torch._dynamo.reset()
+    compiled = torch.compile(block, backend="eager", fullgraph=True)
+    got = compiled(x, cos, sin)
+    got.sum().backward()
+    torch.testing.assert_close(got, block(x, cos, sin))
 
 
 def test_unknown_activation_checkpointing_policy_is_named():
