@@ -110,23 +110,21 @@ def sweep_in_rounds(variants: dict[str, ModelConfig], args: argparse.Namespace, 
                     dtype: torch.dtype) -> dict[str, dict]:
     """One variant resident at a time (its peak memory alone); `--rounds` sweeps, every other one in
     reverse order. A variant's step times are those of its fastest round."""
-    runs: dict[str, dict] = {}
+    measured: dict[str, list[dict]] = {name: [] for name in variants}
+    tokens = args.steps * args.batch * args.seq
     for r in range(args.rounds):
         for name in (list(variants) if r % 2 == 0 else list(reversed(variants))):
             step, info = prepare(variants[name], args, device, dtype)
             seconds = [timed(step, device) for _ in range(args.steps)]
-            rate = args.steps * args.batch * args.seq / sum(seconds)
-            print(f"round {r + 1}, {name}: {rate:,.0f} tokens/s", flush=True)
-            best = runs.get(name)
-            rates = (best["tokens_per_s_rounds"] if best else []) + [rate]
-            if best is None or rate > max(best["tokens_per_s_rounds"]):
-                runs[name] = {**info, "step_seconds": seconds}
-            runs[name]["tokens_per_s_rounds"] = rates
+            measured[name].append({**info, "step_seconds": seconds})
+            print(f"round {r + 1}, {name}: {tokens / sum(seconds):,.0f} tokens/s", flush=True)
             if args.profile and r == args.rounds - 1:
                 profile(name, step, device, args.profile)
             del step
             release(device)
-    return runs
+    return {name: {**min(ms, key=lambda m: sum(m["step_seconds"])),  # the fastest round
+                   "tokens_per_s_rounds": [tokens / sum(m["step_seconds"]) for m in ms]}
+            for name, ms in measured.items()}
 
 
 def interleaved(variants: dict[str, ModelConfig], args: argparse.Namespace, device: torch.device,
