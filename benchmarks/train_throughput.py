@@ -16,7 +16,10 @@ A variant is a base and modifiers:
   mod   qd with Mixture-of-Depths (capacity 0.125, every other block routed) and its auxiliary losses.
 Every variant steps fused AdamW unless `-fusedadamw`. The variants run in alternating rounds so drift
 in the machine's speed hits all alike (`--sequential`: one at a time, each freed before the next, for
-shapes where not all fit in memory). Prints a Markdown table and a JSON line.
+shapes where not all fit in memory). On a CPU, freed memory stays in the process
+(`report.keep_freed_memory`), so no variant pays page faults for memory another one freed;
+`--default-heap` keeps glibc's default instead, where paths that allocate large tensors (full logits)
+pay to map them afresh every step. Prints a Markdown table and a JSON line.
 
 `--max-batch` instead finds, for each activation-checkpointing policy (none / selective / block),
 the largest batch of `qd` that fits: on a GPU by running steps until out-of-memory; on a CPU
@@ -36,7 +39,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from report import device_name, emit, sync
+from report import device_name, emit, keep_freed_memory, sync
 from modeldefs import ModelConfig, Transformer
 from modeldefs.pretrained import to_hf_model
 from training.loss import linear_cross_entropy
@@ -271,6 +274,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--sequential", action="store_true", help="one variant resident at a time")
+    parser.add_argument("--default-heap", action="store_true",
+                        help="CPU: leave glibc's malloc as it is, so large tensors are mapped afresh each step and "
+                        "their page faults count, as in a training process with default settings")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--max-batch", action="store_true", help="largest batch per activation-checkpointing policy")
     parser.add_argument("--compile", action="store_true", help="with --max-batch: compile the blocks")
@@ -287,9 +293,11 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    steady_heap = device.type == "cpu" and not args.default_heap and keep_freed_memory()
     config = ModelConfig(**{**SHAPES[args.shape], "block_size": max(args.seq, SHAPES[args.shape]["block_size"])})
     meta = dict(shape=args.shape, params=Transformer(config).num_params(), batch=args.batch, seq=args.seq,
-                dtype=args.dtype, device=device_name(device), threads=torch.get_num_threads(), torch=torch.__version__)
+                dtype=args.dtype, device=device_name(device), cpu_heap_kept=steady_heap, threads=torch.get_num_threads(),
+                torch=torch.__version__)
     print(f"\n{args.shape} ({meta['params'] / 1e6:.1f}M params), batch {args.batch} x seq {args.seq}, {args.dtype}, "
           f"{meta['device']}, {meta['threads']} threads, torch {torch.__version__}\n")
     record = max_batch(args, config, device, dtype) if args.max_batch else throughput(args, config, device, dtype)

@@ -4,6 +4,7 @@ tiny shape."""
 
 from __future__ import annotations
 
+import platform
 import subprocess
 import sys
 
@@ -109,7 +110,7 @@ def test_throughput_benchmark_prints_its_tables_on_cpu():
     script = REPO / "benchmarks" / "train_throughput.py"
     common = ["--shape", "tiny", "--seq", "32", "--batch", "2", "--threads", "1"]
     runs = [[*common, "--steps", "1", "--rounds", "1", "--warmup", "1", "--variants", "hf", "qd", "mod"],
-            [*common, "--max-batch", "--memory-budget-gib", "0.002", "--batch-limit", "2"]]
+            [*common, "--max-batch", "--memory-budget-gib", "0.002", "--batch-limit", "2", "--default-heap"]]
     outputs = []
     for extra in runs:
         proc = subprocess.run([sys.executable, str(script), *extra], cwd=REPO, capture_output=True, text=True,
@@ -120,3 +121,5 @@ def test_throughput_benchmark_prints_its_tables_on_cpu():
         assert f"| {variant} |" in outputs[0]
     for policy in ("none", "selective", "block"):
         assert f"| {policy} |" in outputs[1]
+    if platform.libc_ver()[0] == "glibc":  # the steady heap is the default; --default-heap leaves malloc alone
+        assert '"cpu_heap_kept": true' in outputs[0] and '"cpu_heap_kept": false' in outputs[1]
