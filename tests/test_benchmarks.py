@@ -1,5 +1,6 @@
 """The MoD throughput and Quiet-STaR thought-attention benchmarks run on CPU in a tiny shape and print
-their results (benchmarks, not timed tests: nothing here asserts a speed)."""
+their results (benchmarks, not timed tests: nothing here asserts a speed); the CPU heap setting they
+share really stops page faults on reallocation."""
 
 from __future__ import annotations
 
@@ -77,6 +78,7 @@ print(applied, before, min(faults() for _ in range(4)))  # the heap settles with
 def test_keep_freed_memory_stops_page_faults_on_reallocation():
     proc = subprocess.run([sys.executable, "-c", FAULTS_ON_REALLOCATION], cwd=REPO, capture_output=True, text=True,
                           timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
     applied, before, after = proc.stdout.split()
     assert applied == "True"
     assert int(before) > 5 * 10_000  # each 64 MB allocation is mapped afresh: ~16k faults
