@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from report import device_name, emit, keep_freed_memory, sync
+from report import device_name, emit, keep_freed_memory, print_profile, sync
 from modeldefs import ModelConfig, Transformer
 from training.routing import routing_losses
 
@@ -88,18 +88,6 @@ def timed(step: Callable[[], None], device: torch.device) -> float:
     return time.perf_counter() - t0
 
 
-def profile(name: str, step: Callable[[], None], device: torch.device, rows: int) -> None:
-    """Print the top operators of two training steps."""
-    activities = [torch.profiler.ProfilerActivity.CPU] + (
-        [torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    with torch.profiler.profile(activities=activities) as prof:
-        for _ in range(2):
-            step()
-        sync(device)
-    sort_by = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
-    print(f"\n{name}:\n" + prof.key_averages().table(sort_by=sort_by, row_limit=rows, max_name_column_width=48))
-
-
 def release(device: torch.device) -> None:
     gc.collect()
     if device.type == "cuda":
@@ -119,7 +107,7 @@ def sweep_in_rounds(variants: dict[str, ModelConfig], args: argparse.Namespace, 
             measured[name].append({**info, "step_seconds": seconds})
             print(f"round {r + 1}, {name}: {tokens / sum(seconds):,.0f} tokens/s", flush=True)
             if args.profile and r == args.rounds - 1:
-                profile(name, step, device, args.profile)
+                print_profile(f"{name}:", step, device, args.profile, steps=2, self_time=False)
             del step
             release(device)
     return {name: {**min(ms, key=lambda m: sum(m["step_seconds"])),  # the fastest round
@@ -142,7 +130,7 @@ def interleaved(variants: dict[str, ModelConfig], args: argparse.Namespace, devi
             f"{name} {runs[name]['step_seconds'][-1]:.2f} s" for name in variants), flush=True)
     if args.profile:
         for name, step in steps.items():
-            profile(name, step, device, args.profile)
+            print_profile(f"{name}:", step, device, args.profile, steps=2, self_time=False)
     return runs
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import json
 import platform
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -27,6 +28,21 @@ def keep_freed_memory() -> bool:
     m_trim_threshold, m_top_pad, m_mmap_max = -1, -2, -4
     options = ((m_mmap_max, 0), (m_trim_threshold, 2**31 - 1), (m_top_pad, 256 * 2**20))
     return all(libc.mallopt(option, value) == 1 for option, value in options)
+
+
+def print_profile(title: str, run: Callable[[], None], device: torch.device, rows: int, steps: int = 1,
+                  self_time: bool = True) -> None:
+    """Profile `steps` calls of `run` and print the `rows` operators that take the most (self or
+    total) time."""
+    activities = [torch.profiler.ProfilerActivity.CPU] + (
+        [torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with torch.profiler.profile(activities=activities) as prof:
+        for _ in range(steps):
+            run()
+        sync(device)
+    sort_by = ("self_" if self_time else "") + ("cuda_time_total" if device.type == "cuda" else "cpu_time_total")
+    print(f"\n{title}")
+    print(prof.key_averages().table(sort_by=sort_by, row_limit=rows, max_name_column_width=56))
 
 
 def sync(device: torch.device) -> None:

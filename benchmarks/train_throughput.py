@@ -39,7 +39,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from report import device_name, emit, keep_freed_memory, sync
+from report import device_name, emit, keep_freed_memory, print_profile, sync
 from modeldefs import ModelConfig, Transformer
 from modeldefs.pretrained import to_hf_model
 from training.loss import linear_cross_entropy
@@ -172,7 +172,8 @@ def throughput(args: argparse.Namespace, config: ModelConfig, device: torch.devi
     if args.profile:
         for v in variants:
             if v.name in built:
-                profile(v.name, built[v.name][1], x, y, device, args.profile)
+                step = built[v.name][1]
+                print_profile(f"profile of one step: {v.name}", lambda: step(x, y), device, args.profile)
     tokens = args.batch * args.seq * args.steps * args.rounds
     peak = peak_flops(device, dtype)
     results = []
@@ -188,19 +189,6 @@ def throughput(args: argparse.Namespace, config: ModelConfig, device: torch.devi
         mem = "n/a" if r["peak_mem_gib"] is None else r["peak_mem_gib"]
         print(f"| {r['variant']} | {r['tokens_per_s']:,.0f} | {r['tokens_per_s'] / base:.2f}x | {mfu} | {mem} |")
     return {"results": results}
-
-
-def profile(name: str, step: Callable[[torch.Tensor, torch.Tensor], None], x: torch.Tensor, y: torch.Tensor,
-            device: torch.device, rows: int) -> None:
-    """Print the `rows` ops that take the most time over one training step."""
-    activities = [torch.profiler.ProfilerActivity.CPU] + (
-        [torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    with torch.profiler.profile(activities=activities) as prof:
-        step(x, y)
-        sync(device)
-    sort_by = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    print(f"\nprofile of one step: {name}")
-    print(prof.key_averages().table(sort_by=sort_by, row_limit=rows, max_name_column_width=56))
 
 
 def step_memory(args: argparse.Namespace, config: ModelConfig, device: torch.device, dtype: torch.dtype,
@@ -296,8 +284,8 @@ def main() -> None:
     steady_heap = device.type == "cpu" and not args.default_heap and keep_freed_memory()
     config = ModelConfig(**{**SHAPES[args.shape], "block_size": max(args.seq, SHAPES[args.shape]["block_size"])})
     meta = dict(shape=args.shape, params=Transformer(config).num_params(), batch=args.batch, seq=args.seq,
-                dtype=args.dtype, device=device_name(device), cpu_heap_kept=steady_heap, threads=torch.get_num_threads(),
-                torch=torch.__version__)
+                dtype=args.dtype, device=device_name(device), cpu_heap_kept=steady_heap,
+                threads=torch.get_num_threads(), torch=torch.__version__)
     print(f"\n{args.shape} ({meta['params'] / 1e6:.1f}M params), batch {args.batch} x seq {args.seq}, {args.dtype}, "
           f"{meta['device']}, {meta['threads']} threads, torch {torch.__version__}\n")
     record = max_batch(args, config, device, dtype) if args.max_batch else throughput(args, config, device, dtype)
