@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import time
 from pathlib import Path
 
 import lightning as L
@@ -13,7 +14,7 @@ from transformers import AutoModelForCausalLM
 
 from modeldefs.pretrained import load_pretrained
 from tests.conftest import REPO, requires_smollm2
-from training.cli import main
+from training.cli import main, run
 from training.export import main as export_main
 from training.lm import NonFiniteLossError
 
@@ -40,7 +41,7 @@ def in_tmp(tmp_path, monkeypatch) -> Path:
 
 
 def test_fit_smoke_writes_checkpoints_metrics_wandb_run_and_summary(in_tmp, gsm8k_train, capsys):
-    main(["fit", *smoke_args(gsm8k_train, steps=12)])  # > the smoke config's throughput window of 10
+    main(["fit", *smoke_args(gsm8k_train, steps=12)])
     run = in_tmp / "runs" / "smoke"
     assert (run / "checkpoints" / "last.ckpt").is_file()
     rows = read_metrics(run)
@@ -109,6 +110,44 @@ def test_sequence_longer_than_context_stops_before_training(in_tmp, gsm8k_train)
 def test_missing_data_file_names_the_field(in_tmp, gsm8k_train):
     with pytest.raises(FileNotFoundError, match="data.path"):
         main(["fit", *smoke_args(in_tmp / "missing.jsonl")])
+
+
+class SlowValidationRecorder(L.Callback):
+    """Records the progress bar's loss after every training batch; each validation batch sleeps `sleep` s."""
+
+    def __init__(self, sleep: float) -> None:
+        self.sleep, self.shown = sleep, []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.shown.append(trainer.progress_bar_metrics.get("loss"))
+
+    def on_validation_batch_end(self, *args) -> None:
+        time.sleep(self.sleep)
+
+
+def test_throughput_and_bar_loss_are_read_on_logging_steps_without_validation_time(in_tmp, gsm8k_train):
+    config = yaml.safe_load(Path(SMOKE).read_text())
+    config["trainer"]["callbacks"].append(
+        {"class_path": "tests.test_cli.SlowValidationRecorder", "init_args": {"sleep": 3.0}})
+    (in_tmp / "slow.yaml").write_text(yaml.safe_dump(config))
+    cli = run(["fit", *smoke_args(gsm8k_train, "--trainer.log_every_n_steps", "3", "--trainer.val_check_interval",
+                                  "4", steps=9, config=str(in_tmp / "slow.yaml"))])
+    rows = read_metrics(in_tmp / "runs" / "smoke")
+    speed = [r for r in rows if r.get("train/device/items_per_sec")]
+    assert [int(r["step"]) for r in speed] == [2, 5, 8]  # the 3rd, 6th and 9th steps, on Lightning's rows
+    tokens = [int(r["train/lengths"]) for r in speed]
+    assert tokens == [3 * 4 * 128, 6 * 4 * 128, 9 * 4 * 128]  # 3 steps of batch 4 x seq 128 per interval
+    seconds = [float(r["train/time"]) for r in speed]
+    for i, r in enumerate(speed):
+        interval = seconds[i] - (seconds[i - 1] if i else 0.0)
+        assert float(r["train/device/items_per_sec"]) == pytest.approx(3 * 4 * 128 / interval, rel=1e-6)
+        assert interval < 2 * 3.0  # validations after steps 4 and 8 slept 2 x 3 s each, not counted
+    (recorder,) = [c for c in cli.trainer.callbacks if isinstance(c, SlowValidationRecorder)]
+    losses = {int(r["step"]): float(r["train/loss"]) for r in rows if r.get("train/loss")}
+    for i, shown in enumerate(recorder.shown):  # refreshed on steps 1, 3, 6 and 9 only; then as logged
+        refreshed = max(s for s in (0, 2, 5, 8) if s <= i)
+        assert refreshed == i or shown == recorder.shown[i - 1]
+        assert refreshed == 0 or float(shown) == pytest.approx(losses[refreshed], rel=1e-6)
 
 
 class PoisonWeights(L.Callback):

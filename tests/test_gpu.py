@@ -6,6 +6,7 @@ import csv
 import math
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 import yaml
@@ -18,13 +19,13 @@ from training.cli import run
 pytestmark = pytest.mark.gpu
 
 
-def smoke_config(tmp_path: Path, gsm8k_train: Path, tokenizer_source: str, max_steps: int, compile: bool) -> str:
-    """configs/smoke.yaml logging every 5 steps to CSV only (runs/smoke/csv), written to tmp_path."""
-    config = yaml.safe_load((REPO / "configs" / "smoke.yaml").read_text())
+def smoke_config(tmp_path: Path, gsm8k_train: Path, tokenizer_source: str, max_steps: int, compile: bool,
+                 name: str = "smoke.yaml") -> str:
+    """configs/`name` logging every 5 steps to CSV only (runs/smoke/csv), written to tmp_path."""
+    config = yaml.safe_load((REPO / "configs" / name).read_text())
     config["trainer"]["logger"] = [{"class_path": "lightning.pytorch.loggers.CSVLogger",
                                     "init_args": {"save_dir": "runs/smoke", "name": "csv"}}]
     config["trainer"].update(max_steps=max_steps, log_every_n_steps=5, val_check_interval=20, enable_progress_bar=False)
-    config["trainer"]["callbacks"][2]["init_args"]["window_size"] = 5
     config["model"]["init_args"]["compile"] = compile
     config["data"]["init_args"].update(path=str(gsm8k_train), tokenizer=tokenizer_source, max_documents=2000)
     (tmp_path / "gpu.yaml").write_text(yaml.safe_dump(config))
@@ -64,6 +65,35 @@ def test_fsdp2_preset_on_one_gpu_reports_mfu_against_the_bf16_peak(tmp_path, mon
     assert rows
     for r in rows:
         assert float(r["train/device/mfu"]) == pytest.approx(float(r["train/device/flops_per_sec"]) / peak, rel=1e-4)
+
+
+class FailOnSyncBetweenLoggingSteps(L.Callback):
+    """CUDA raises on any host-device sync during a step that neither logs nor checks the loss (and during the
+    next batch's transfer): such steps must queue work without waiting for the GPU."""
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        step = trainer.global_step + 1
+        reads = step == 1 or not step % trainer.log_every_n_steps or not step % pl_module.hparams.finite_check_interval
+        torch.cuda.set_sync_debug_mode("default" if reads else "error")
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.parametrize("config_name", ["smoke.yaml", "mod-smoke.yaml"])
+def test_steps_between_logging_steps_never_sync_with_the_host(tmp_path, monkeypatch, gsm8k_train, tokenizer_source,
+                                                              config_name):
+    monkeypatch.chdir(tmp_path)
+    config = yaml.safe_load(Path(smoke_config(tmp_path, gsm8k_train, tokenizer_source, max_steps=20, compile=True,
+                                              name=config_name)).read_text())
+    config["trainer"]["callbacks"].append({"class_path": "tests.test_gpu.FailOnSyncBetweenLoggingSteps"})
+    config["trainer"].update(enable_progress_bar=True, val_check_interval=100)
+    config["model"]["init_args"]["finite_check_interval"] = 10
+    (tmp_path / "sync.yaml").write_text(yaml.safe_dump(config))
+    try:
+        run(["fit", "--config", str(tmp_path / "sync.yaml")])
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
 
 
 def test_bf16_autocast_logits_follow_fp32():

@@ -36,8 +36,6 @@ def write_config(tmp: Path, name: str, wandb: bool = False, **trainer) -> Path:
         kind = callback["class_path"].rsplit(".", 1)[-1]
         if kind == "ModelCheckpoint":
             callback["init_args"]["every_n_train_steps"] = 2
-        if kind == "TokenThroughput":
-            callback["init_args"]["window_size"] = 2
         if kind == "ThoughtMonitor":
             callback["init_args"]["every_n_steps"] = 2
         if kind == "RoutingMonitor":

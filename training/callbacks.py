@@ -10,47 +10,84 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
-from lightning.fabric.utilities.throughput import get_available_flops
-from lightning.pytorch.callbacks import ModelCheckpoint, ThroughputMonitor
+from lightning.fabric.utilities.throughput import Throughput, get_available_flops
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from lightning.pytorch.strategies import ModelParallelStrategy
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 
 
-class TokenThroughput(ThroughputMonitor):
-    """Lightning's ThroughputMonitor counting tokens; FLOPs per batch from the model config.
+class TokenThroughput(L.Callback):
+    """Training tokens/s, FLOP/s and MFU over each logging interval (`trainer.log_every_n_steps`).
 
-    Logs `train/device/items_per_sec` (tokens/s per device), `.../flops_per_sec` and, where Lightning knows
-    the device's peak (CUDA datacenter GPUs, not CPUs), `.../mfu`.
+    The clock is read, after a `cuda.synchronize`, only when an optimizer step lands on a logging step, so
+    the steps in between run without a host-device sync; validation time is left out. Logs
+    `train/device/items_per_sec` (tokens/s per device), `train/device/flops_per_sec` and, where Lightning
+    knows the device's peak (CUDA datacenter GPUs, not CPUs), `train/device/mfu`; on several devices also
+    the totals (`train/items_per_sec`, ...). FLOPs come from the module's `flops_per_token` (a module whose
+    step costs more than one pass of its model, Quiet-STaR, counts its own) or its model's.
     """
 
-    def __init__(self, window_size: int = 20) -> None:
-        """
-        Args:
-            window_size: batches averaged for each throughput figure.
-        """
-        super().__init__(
-            batch_size_fn=lambda batch: batch["input_ids"].size(0),
-            length_fn=lambda batch: batch["input_ids"].numel(),
-            window_size=window_size,
-        )
-
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        super().setup(trainer, pl_module, stage)
-        # Under FSDP2 the precision plugin says 32-true and the mixed-precision policy computes in
-        # fsdp_param_dtype: the device peak is that dtype's (bf16 on an H100: 15x the fp32 peak).
-        param_dtype = getattr(pl_module.hparams, "fsdp_param_dtype", None)
-        if isinstance(trainer.strategy, ModelParallelStrategy) and param_dtype is not None:
-            self.available_flops = get_available_flops(trainer.strategy.root_device, getattr(torch, param_dtype))
-            for throughput in self._throughputs.values():
-                throughput.available_flops = self.available_flops
+        self._peak = get_available_flops(trainer.strategy.root_device, compute_dtype(trainer, pl_module))
 
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
-        if getattr(pl_module, "_flops_per_batch", None) is None:
-            tokens = batch["input_ids"].numel()
-            # A module whose step costs more than one pass of its model (Quiet-STaR) counts its own FLOPs.
-            flops_per_token = getattr(pl_module, "flops_per_token", None) or pl_module.model.flops_per_token
-            pl_module._flops_per_batch = flops_per_token(batch["input_ids"].size(1)) * tokens
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # A window of two updates: each figure is the rate between two consecutive logging steps.
+        self._throughput = Throughput(available_flops=self._peak, world_size=trainer.world_size, window_size=2)
+        self._batches = self._samples = self._tokens = self._flops = 0
+        self._flops_per_token: dict[int, int] = {}
+        self._logged_step = trainer.global_step
+        self._throughput.update(time=0.0, batches=0, samples=0, lengths=0)
+        self._t0 = time.perf_counter()
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        ids = batch["input_ids"]
+        if ids.size(1) not in self._flops_per_token:  # counted once per sequence length
+            count = getattr(pl_module, "flops_per_token", None) or pl_module.model.flops_per_token
+            self._flops_per_token[ids.size(1)] = count(ids.size(1))
+        self._batches += 1
+        self._samples += ids.size(0)
+        self._tokens += ids.numel()
+        self._flops += self._flops_per_token[ids.size(1)] * ids.numel()
+        step = trainer.global_step  # optimizer steps taken; unchanged by a micro-batch that only accumulates
+        if step == self._logged_step or step % trainer.log_every_n_steps:
+            return
+        self._logged_step = step
+        _synchronize(trainer)
+        self._throughput.update(time=time.perf_counter() - self._t0, batches=self._batches, samples=self._samples,
+                                lengths=self._tokens, flops=self._flops)
+        self._flops = 0  # Throughput takes the FLOPs done since its last update
+        metrics = {f"train/{k}": v for k, v in self._throughput.compute().items()}
+        for logger in trainer.loggers:  # on the row of Lightning's own metrics for this step (0-based)
+            logger.log_metrics(metrics, step=step - 1)
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking:
+            _synchronize(trainer)
+            self._val_start = time.perf_counter()
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking:
+            _synchronize(trainer)
+            self._t0 += time.perf_counter() - self._val_start  # validation is not training time
+
+
+def compute_dtype(trainer: L.Trainer, pl_module: L.LightningModule) -> torch.dtype:
+    """The dtype the matmuls run in, whose peak MFU is measured against."""
+    # Under FSDP2 the precision plugin says 32-true and the mixed-precision policy computes in
+    # fsdp_param_dtype: the device peak is that dtype's (bf16 on an H100: 15x the fp32 peak).
+    param_dtype = getattr(pl_module.hparams, "fsdp_param_dtype", None)
+    if isinstance(trainer.strategy, ModelParallelStrategy) and param_dtype is not None:
+        return getattr(torch, param_dtype)
+    prefix = str(trainer.precision).split("-")[0]
+    return {"bf16": torch.bfloat16, "16": torch.float16, "64": torch.float64}.get(prefix, torch.float32)
+
+
+def _synchronize(trainer: L.Trainer) -> None:
+    if trainer.strategy.root_device.type == "cuda":
+        torch.cuda.synchronize(trainer.strategy.root_device)
 
 
 class RNGState(L.Callback):

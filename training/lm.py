@@ -170,8 +170,19 @@ class CausalLM(L.LightningModule):
             self.log("train/aux_loss", aux_loss)
         if self.hparams.check_finite_loss:
             self._check_finite(loss.detach())
-        self.log("train/loss", lm_loss, prog_bar=True)
+        self.log_train_loss(lm_loss)
         return loss
+
+    def log_train_loss(self, loss: torch.Tensor) -> None:
+        """`train/loss` for the loggers, and a host copy for the progress bar taken on logging steps only.
+
+        Lightning converts every progress-bar metric to a number after every batch, a host-device sync per
+        step for a device tensor; the bar's copy lives on the host, so between logging steps it costs nothing.
+        """
+        self.log("train/loss", loss)
+        step = self.global_step + 1  # the step this batch completes, as Lightning counts logging steps
+        if step == 1 or step % self.trainer.log_every_n_steps == 0:
+            self.log("loss", loss.detach().cpu(), prog_bar=True, logger=False)
 
     def _check_finite(self, loss: torch.Tensor) -> None:
         bad = ~torch.isfinite(loss)
@@ -253,17 +264,3 @@ class CausalLM(L.LightningModule):
                 f"weights are not finite at global step {self.global_step}: stopping without writing this "
                 "checkpoint; the checkpoints already written are intact. Lower model.init_args.lr or check the data."
             )
-
-    @property
-    def flops_per_batch(self) -> int | None:
-        """FLOPs of one batch, read by Lightning's ThroughputMonitor: forward + backward while training
-        (set by `TokenThroughput`), a third of that per forward pass in validation and test."""
-        flops = getattr(self, "_flops_per_batch", None)
-        if flops is None or self.training:
-            return flops
-        return flops * self.eval_forward_passes() // 3
-
-    def eval_forward_passes(self) -> int:
-        """Forward passes of a validation or test step: a Mixture-of-Depths model validates under both
-        routings (causal and top-k)."""
-        return 2 if self.trainer.validating and self.model.routed_blocks else 1

@@ -165,7 +165,7 @@ class QuietStarLM(CausalLM):
         loss = out.loss
         if self.hparams.check_finite_loss:
             self._check_finite(loss.detach())
-        self.log("train/loss", loss, prog_bar=True)
+        self.log_train_loss(loss)
         self.log_dict({f"train/{k}": v for k, v in thought_stats(out).items()})
         # For training.thought_monitor.ThoughtMonitor; the logits are left out so they are freed after backward.
         return {"loss": loss, "thought_tokens": out.thought_tokens, "positions": out.positions, "reward": out.reward,
@@ -205,9 +205,6 @@ class QuietStarLM(CausalLM):
         positions = -(-(seq_len - c.n_ahead_talk) // c.stride)
         tokens = seq_len + c.n_passes * (c.n_ahead + c.n_ahead_talk - 2) * positions
         return int(self.model.lm.flops_per_token(seq_len) * tokens / seq_len)
-
-    def eval_forward_passes(self) -> int:
-        return 1
 
 
 def recompute_mlps(lm: Transformer) -> None:
