@@ -8,6 +8,7 @@ from pathlib import Path
 import datasets
 import pytest
 import torch
+from torch.utils.data import DataLoader
 
 from training import data as data_module
 from training.data import TextDataModule
@@ -157,6 +158,24 @@ def test_resume_on_another_number_of_ranks_repeats_nothing(before, after):
     assert len(trained) + len(rest) >= 51 - max(before, after)  # only an uneven tail is dropped
     if before == after:  # unchanged world: exactly the uninterrupted epoch
         assert shares(after, consumed=6 * before) == [share[6:] for share in shares(before)]
+
+
+@pytest.mark.parametrize("before, after", [((1, 4), (2, 4)), ((2, 2), (4, 2)), ((1, 2), (1, 4)), ((4, 2), (2, 2)),
+                                           ((2, 4), (2, 4))])
+def test_a_resumed_epoch_runs_to_the_end_of_its_data(before, after):
+    """(ranks, batch size) before and after a resume 3 steps into an epoch. Lightning resumes its per-rank
+    batch counter at 3 and ends the epoch after len(loader) batches or when the data runs out: every
+    remaining full batch must still be trained, the global batch having grown or shrunk."""
+    (world, batch), (new_world, new_batch), done = before, after, 3
+    consumed = done * batch * world
+    for rank in range(new_world):
+        sampler = ResumableSampler(96, True, 7, rank, new_world)
+        sampler.resume_from(0, consumed, counted=done * new_batch)
+        loader = DataLoader(range(96), batch_size=new_batch, sampler=sampler, drop_last=True)
+        expected = (96 - consumed) // new_world // new_batch  # this rank's full batches in the rest of the epoch
+        assert len(loader) - done >= expected  # Lightning's counter lets them all run
+        assert len(list(loader)) == expected
+        assert len(loader) >= 96 // new_world // new_batch  # and later epochs are not cut short
 
 
 # -- caching -------------------------------------------------------------------------------------

@@ -10,11 +10,13 @@ import sys
 import time
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 import yaml
 
 from tests.conftest import REPO, requires_smollm2
+from training.cli import run
 
 pytestmark = [requires_smollm2, pytest.mark.slow]
 STEPS, KILL_AFTER = 24, 12
@@ -79,3 +81,30 @@ def test_resume_after_sigkill_reproduces_the_uninterrupted_losses(tmp_path, gsm8
     after = [s for s in sorted(expected) if s >= resumed_from]
     assert after, "nothing ran after the resume point"
     assert [got[s] for s in after] == [expected[s] for s in after]
+
+
+class RecordBatches(L.Callback):
+    """(epoch, batch size) of every training batch."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[int, int]] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.seen.append((trainer.current_epoch, batch["input_ids"].size(0)))
+
+
+def test_resuming_with_a_larger_batch_trains_the_rest_of_the_epoch(tmp_path, gsm8k_train, monkeypatch):
+    """Lightning resumes its batch counter from the checkpoint (4 batches of 2) and counts it against the
+    new loader's length (batches of 4): the epoch must still run until its remaining data is used up."""
+    monkeypatch.chdir(tmp_path)
+    config = write_config(tmp_path, gsm8k_train)
+    first = run(["fit", "--config", str(config), "--data.init_args.batch_size", "2", "--trainer.max_steps", "4"])
+    sequences = len(first.datamodule.train_dataloader().dataset)
+    assert sequences >= 16, "the test needs at least two more batches of 4 in epoch 0"
+    second = run(["fit", "--config", str(config), "--data.init_args.batch_size", "4", "--trainer.max_steps", "40",
+                  "--trainer.callbacks+=tests.test_resume.RecordBatches",
+                  "--ckpt_path", str(tmp_path / "checkpoints" / "epoch=0-step=4.ckpt")])
+    (recorder,) = [c for c in second.trainer.callbacks if isinstance(c, RecordBatches)]
+    epoch0 = [b for epoch, b in recorder.seen if epoch == 0]
+    assert len(epoch0) == (sequences - 4 * 2) // 4 and set(epoch0) == {4}
+    assert any(epoch == 1 for epoch, _ in recorder.seen)

@@ -138,7 +138,7 @@ class TextDataModule(L.LightningDataModule):
         self._tokenizer: Any | None = None
         self._splits: dict[str, PackedDataset] | None = None
         self._train_sampler: ResumableSampler | None = None
-        self._resume: tuple[int, int] | None = None
+        self._resume: tuple[int, int, int] | None = None  # (epoch, consumed, counted) from a checkpoint
 
     @property
     def tokenizer(self) -> Any:
@@ -293,8 +293,11 @@ class TextDataModule(L.LightningDataModule):
         # `processed` counts batches whose step has run; checkpoints are written after that increment.
         processed = self.trainer.fit_loop.epoch_loop.batch_progress.current.processed
         consumed = processed * self.hparams.batch_size * self.trainer.world_size  # all ranks together
-        return {"epoch": self.trainer.current_epoch, "sequences_consumed": consumed}
+        return {"epoch": self.trainer.current_epoch, "sequences_consumed": consumed, "batches_counted": processed}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if state_dict:
-            self._resume = (state_dict["epoch"], state_dict["sequences_consumed"])
+            # Lightning resumes its per-rank batch counter at `batches_counted`, whatever the new batch size
+            # and number of ranks: the sampler's length accounts for it (absent from older checkpoints).
+            counted = state_dict.get("batches_counted", 0) * self.hparams.batch_size
+            self._resume = (state_dict["epoch"], state_dict["sequences_consumed"], counted)

@@ -12,11 +12,12 @@ class ResumableSampler(Sampler[int]):
     """Indices of one rank's share of the data, reshuffled each epoch from ``seed + epoch``.
 
     Every rank gets the same number of indices (the tail that does not divide evenly is dropped),
-    so ranks step together. After `resume_from(epoch, consumed)` the next pass over `epoch` skips
-    the first `consumed` items of the epoch's order, whichever ranks trained on them, and shards the
-    rest: a run resumed on another number of ranks repeats nothing. `len()` stays the full epoch
-    length so that Lightning's batch counter, which resumes from the checkpoint, ends the epoch at the
-    same place when the number of ranks is unchanged.
+    so ranks step together. After `resume_from(epoch, consumed, counted)` the next pass over `epoch`
+    skips the first `consumed` items of the epoch's order, whichever ranks trained on them, and shards
+    the rest: a run resumed on another number of ranks or batch size repeats nothing. Lightning ends an
+    epoch after `len(loader)` batches counted from its checkpointed batch counter, so until that pass
+    `len()` covers the `counted` items that counter stands for plus this rank's share of the rest (at
+    least a full epoch's share): the resumed epoch runs to the end of its data.
     """
 
     def __init__(
@@ -30,19 +31,24 @@ class ResumableSampler(Sampler[int]):
         self.rank = rank
         self.world_size = world_size
         self.epoch = 0
-        self._skip: tuple[int, int] | None = None  # (epoch, batches to skip)
+        self._skip: tuple[int, int, int] | None = None  # (epoch, items to skip, items Lightning counts as done)
 
     def set_epoch(self, epoch: int) -> None:
         """Called by Lightning at the start of every epoch."""
         self.epoch = epoch
 
-    def resume_from(self, epoch: int, consumed: int) -> None:
+    def resume_from(self, epoch: int, consumed: int, counted: int = 0) -> None:
         """Skip the first `consumed` items of the epoch's order (all ranks together) the next time
-        `epoch` is iterated."""
-        self._skip = (epoch, consumed)
+        `epoch` is iterated; `counted`: the items of that epoch the loop counts as done on this rank
+        (its restored batch counter times the batch size)."""
+        self._skip = (epoch, consumed, counted)
 
     def __len__(self) -> int:
-        return self.num_items // self.world_size
+        share = self.num_items // self.world_size
+        if self._skip is None:
+            return share
+        _, consumed, counted = self._skip
+        return max(share, counted + max(0, share * self.world_size - consumed) // self.world_size)
 
     def __iter__(self) -> Iterator[int]:
         if self.shuffle:
@@ -50,7 +56,8 @@ class ResumableSampler(Sampler[int]):
             order = torch.randperm(self.num_items, generator=generator)
         else:
             order = torch.arange(self.num_items)
-        order = order[: len(self) * self.world_size]  # the tail that does not divide evenly is dropped
+        # the tail that does not divide evenly is dropped
+        order = order[: self.num_items // self.world_size * self.world_size]
         if self._skip is not None and self._skip[0] == self.epoch:
             order = order[self._skip[1]:]
             self._skip = None
