@@ -1,6 +1,6 @@
-"""The MoD throughput and Quiet-STaR thought-attention benchmarks run on CPU in a tiny shape and print
-their results (benchmarks, not timed tests: nothing here asserts a speed); the CPU heap setting they
-share really stops page faults on reallocation."""
+"""The MoD throughput, Quiet-STaR thought-attention and eval-speed benchmarks run on CPU in a tiny shape
+and print their results (benchmarks, not timed tests: nothing here asserts a speed); the CPU heap setting
+they share really stops page faults on reallocation."""
 
 from __future__ import annotations
 
@@ -10,8 +10,11 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
-from tests.conftest import REPO
+from modeldefs import ModelConfig, Transformer
+from modeldefs.pretrained import export_hf
+from tests.conftest import REPO, requires_smollm2, shared_file
 
 
 def run_benchmark(name: str, *args: str) -> str:
@@ -53,6 +56,23 @@ def test_mod_throughput_refuses_rounds_with_interleave():
                            "--rounds", "3"], cwd=REPO, capture_output=True, text=True, timeout=120,
                           env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
     assert proc.returncode == 2 and "--rounds sweeps one variant at a time" in proc.stderr
+
+
+@requires_smollm2
+def test_eval_speed_runs_both_backends_in_alternating_rounds_with_equal_accuracy(tmp_path, smollm2_tokenizer):
+    pytest.importorskip("lm_eval", reason="lm-evaluation-harness is an optional extra: pip install -e '.[lmeval]'")
+    shared_file("commonsense_qa/dev_rand_split.jsonl")
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig.from_name("micro", vocab_size=len(smollm2_tokenizer)))
+    export_hf(model, tmp_path / "tiny", tokenizer=smollm2_tokenizer)
+    out = run_benchmark("eval_speed.py", "--model", str(tmp_path / "tiny"), "--tasks", "commonsense_qa_local",
+                        "--limit", "commonsense_qa_local=3", "--rounds", "2", "--json", str(tmp_path / "speed.json"))
+    assert "| commonsense_qa_local | quietdepth | 3 |" in out and "fastest of 2 round(s)" in out
+    task = json.loads((tmp_path / "speed.json").read_text())["tasks"]["commonsense_qa_local"]
+    sides = [task["lm-eval hf"], task["quietdepth"]]
+    assert sides[0]["metrics"] == sides[1]["metrics"]  # same model, same task: the same answers
+    for side in sides:
+        assert len(side["round_request_seconds"]) == 2 and side["request_seconds"] == min(side["round_request_seconds"])
 
 
 FAULTS_ON_REALLOCATION = """
