@@ -15,8 +15,9 @@ A variant is a base and modifiers:
         `-fusedadamw` uses the default (foreach) AdamW.
   mod   qd with Mixture-of-Depths (capacity 0.125, every other block routed) and its auxiliary losses.
 Every variant steps fused AdamW unless `-fusedadamw`. The variants run in alternating rounds so drift
-in the machine's speed hits all alike (`--sequential`: one at a time, each freed before the next, for
-shapes where not all fit in memory). On a CPU, freed memory stays in the process
+in the machine's speed hits all alike (`--steps 1 --rounds N` interleaves them step by step, the
+fairest on a drifting CPU; `--sequential`: one at a time, each freed before the next, for shapes where
+not all fit in memory). On a CPU, freed memory stays in the process
 (`report.keep_freed_memory`), so no variant pays page faults for memory another one freed;
 `--default-heap` keeps glibc's default instead, where paths that allocate large tensors (full logits)
 pay to map them afresh every step. Prints a Markdown table and a JSON line.
