@@ -1,4 +1,5 @@
-"""CUDA: a bf16-mixed CLI fit with throughput/MFU logging, bf16 numerics, compiled blocks, generation."""
+"""CUDA: a bf16-mixed CLI fit with throughput/MFU logging, no host syncs between logging steps, bf16 numerics,
+compiled blocks, generation."""
 
 from __future__ import annotations
 
@@ -80,7 +81,7 @@ class FailOnSyncBetweenLoggingSteps(L.Callback):
         torch.cuda.set_sync_debug_mode("default")
 
 
-@pytest.mark.parametrize("config_name", ["smoke.yaml", "mod-smoke.yaml"])
+@pytest.mark.parametrize("config_name", ["smoke.yaml", "mod-smoke.yaml", "quietstar-smoke.yaml"])
 def test_steps_between_logging_steps_never_sync_with_the_host(tmp_path, monkeypatch, gsm8k_train, tokenizer_source,
                                                               config_name):
     monkeypatch.chdir(tmp_path)
