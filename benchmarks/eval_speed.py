@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from report import device_name, emit, keep_freed_memory
+from report import add_heap_option, device_name, emit, steady_heap
 
 TASKS_DIR = Path(__file__).resolve().parents[1] / "evals" / "lm_eval_tasks"
 DEFAULT_TASKS = "commonsense_qa_local,commonsense_qa_cloze_local,gsm8k_local"
@@ -128,13 +128,11 @@ def main() -> None:
     parser.add_argument("--hf-batch-size", type=int, default=32, help="lm-eval hf backend batch size")
     parser.add_argument("--rounds", type=int, default=2,
                         help="runs of each task per backend, in alternating order; each side's fastest counts")
-    parser.add_argument("--default-heap", action="store_true",
-                        help="CPU: leave glibc's malloc as it is (large freed tensors are unmapped, and mapped and "
-                        "page-faulted afresh by the next batch)")
+    add_heap_option(parser)
     parser.add_argument("--json", help="also write the record to this file")
     args = parser.parse_args()
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    steady_heap = not torch.cuda.is_available() and not args.default_heap and keep_freed_memory()
+    heap_kept = steady_heap(args, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     from lm_eval.tasks import TaskManager
 
     limits = parse_limits(args.limit)
@@ -146,7 +144,7 @@ def main() -> None:
         "benchmark": "eval_speed", "model": args.model, "device": device_name(ours.model.device),
         "threads": torch.get_num_threads(), "torch": torch.__version__, "batch_size": args.batch_size,
         "hf_batch_size": args.hf_batch_size, "pack_tokens": args.pack_tokens, "rounds": args.rounds,
-        "cpu_heap_kept": steady_heap, "load_seconds": {"lm-eval hf": hf_load, "quietdepth": ours_load},
+        "cpu_heap_kept": heap_kept, "load_seconds": {"lm-eval hf": hf_load, "quietdepth": ours_load},
         "tasks": {}}
     rows = []
     for task in tasks:
@@ -169,7 +167,7 @@ def main() -> None:
                         + (f"{result['speedup']:.2f}× |" if side == "quietdepth" else "|"))
     print(f"\n{args.model} on {record['device']} ({record['threads']} threads), torch {torch.__version__}; "
           f"batch size quietdepth {args.batch_size}, lm-eval hf {args.hf_batch_size}; fastest of {args.rounds} "
-          f"round(s), alternating order" + ("; CPU heap kept" if steady_heap else "") + "\n")
+          f"round(s), alternating order" + ("; CPU heap kept" if heap_kept else "") + "\n")
     print("| task | backend | n | model s | wall s | tokens/s | accuracy ± stderr | speed-up (model s) |")
     print("|---|---|---:|---:|---:|---:|---|---:|")
     print("\n".join(rows))

@@ -15,8 +15,8 @@ cross-entropy plus the MoD auxiliary losses, backward, AdamW. Two ways to time t
 tokens/s is steps x tokens over the summed step times; the median step's speed-up is printed beside
 it. Peak memory (GPU) is each variant's own, above what was resident before it was built. Forward
 FLOPs per token are counted by torch's FlopCounterMode on a real forward pass (top-k routing).
-On a CPU, freed memory stays in the process (`report.keep_freed_memory`), so page faults do not
-depend on which variant ran before. Prints a Markdown table and a JSON line.
+On a CPU, freed memory stays in the process (`report.keep_freed_memory`; `--default-heap` opts out),
+so page faults do not depend on which variant ran before. Prints a Markdown table and a JSON line.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from report import device_name, emit, keep_freed_memory, print_profile, sync
+from report import add_heap_option, device_name, emit, print_profile, steady_heap, sync
 from modeldefs import ModelConfig, Transformer
 from training.routing import routing_losses
 
@@ -150,6 +150,7 @@ def main() -> None:
                         help="keep every variant resident and run them in turn, step by step (for a machine whose "
                         "speed drifts, like a shared CPU; needs the memory of all of them)")
     parser.add_argument("--compile", action="store_true", help="torch.compile each block")
+    add_heap_option(parser)
     parser.add_argument("--profile", type=int, default=0, metavar="ROWS",
                         help="after timing, profile two steps of each variant and print the top ROWS operators")
     parser.add_argument("--json", help="also write the results to this file")
@@ -160,7 +161,7 @@ def main() -> None:
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
-    steady_heap = device.type == "cpu" and keep_freed_memory()
+    heap_kept = steady_heap(args, device)
     base = {**SHAPES[args.shape], "block_size": max(args.seq, SHAPES[args.shape]["block_size"])}
     if args.vocab:
         base["vocab_size"] = args.vocab
@@ -183,7 +184,7 @@ def main() -> None:
                 routed_layers=list(Transformer(variants[list(variants)[-1]]).routed_blocks) if args.capacities else [],
                 batch=args.batch, seq=args.seq, dtype=args.dtype, compile=args.compile,
                 timing="interleaved" if args.interleave else f"{args.rounds} rounds", steps=args.steps,
-                device=device_name(device), cpu_heap_kept=steady_heap,
+                device=device_name(device), cpu_heap_kept=heap_kept,
                 threads=torch.get_num_threads(), torch=torch.__version__)
     print(f"\n{args.shape}: {meta['n_layer']} layers, d={meta['n_embd']}, vocab {meta['vocab']}, routed layers "
           f"{meta['routed_layers']}; batch {args.batch} x seq {args.seq}, {args.dtype}"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import ctypes
 import json
 import platform
@@ -28,6 +29,18 @@ def keep_freed_memory() -> bool:
     m_trim_threshold, m_top_pad, m_mmap_max = -1, -2, -4
     options = ((m_mmap_max, 0), (m_trim_threshold, 2**31 - 1), (m_top_pad, 256 * 2**20))
     return all(libc.mallopt(option, value) == 1 for option, value in options)
+
+
+def add_heap_option(parser: argparse.ArgumentParser) -> None:
+    """`--default-heap`: opt out of `keep_freed_memory` on a CPU."""
+    parser.add_argument("--default-heap", action="store_true",
+                        help="CPU: leave glibc's malloc as it is, so large freed tensors are unmapped and the next "
+                        "step or batch page-faults them in afresh (a process with default settings)")
+
+
+def steady_heap(args: argparse.Namespace, device: torch.device) -> bool:
+    """Apply `keep_freed_memory` on a CPU unless `--default-heap`; whether it applied."""
+    return device.type == "cpu" and not args.default_heap and keep_freed_memory()
 
 
 def print_profile(title: str, run: Callable[[], None], device: torch.device, rows: int, steps: int = 1,

@@ -40,7 +40,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from report import device_name, emit, keep_freed_memory, print_profile, sync
+from report import add_heap_option, device_name, emit, print_profile, steady_heap, sync
 from modeldefs import ModelConfig, Transformer
 from modeldefs.pretrained import to_hf_model
 from training.loss import linear_cross_entropy
@@ -263,9 +263,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--sequential", action="store_true", help="one variant resident at a time")
-    parser.add_argument("--default-heap", action="store_true",
-                        help="CPU: leave glibc's malloc as it is, so large tensors are mapped afresh each step and "
-                        "their page faults count, as in a training process with default settings")
+    add_heap_option(parser)
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--max-batch", action="store_true", help="largest batch per activation-checkpointing policy")
     parser.add_argument("--compile", action="store_true", help="with --max-batch: compile the blocks")
@@ -282,10 +280,10 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
-    steady_heap = device.type == "cpu" and not args.default_heap and keep_freed_memory()
+    heap_kept = steady_heap(args, device)
     config = ModelConfig(**{**SHAPES[args.shape], "block_size": max(args.seq, SHAPES[args.shape]["block_size"])})
     meta = dict(shape=args.shape, params=Transformer(config).num_params(), batch=args.batch, seq=args.seq,
-                dtype=args.dtype, device=device_name(device), cpu_heap_kept=steady_heap,
+                dtype=args.dtype, device=device_name(device), cpu_heap_kept=heap_kept,
                 threads=torch.get_num_threads(), torch=torch.__version__)
     print(f"\n{args.shape} ({meta['params'] / 1e6:.1f}M params), batch {args.batch} x seq {args.seq}, {args.dtype}, "
           f"{meta['device']}, {meta['threads']} threads, torch {torch.__version__}\n")
