@@ -54,3 +54,24 @@ def select_cache_rows(cache: list[torch.nn.Module], rows: torch.Tensor) -> None:
     for layer in cache:
         for name, buffer in list(layer.named_buffers(recurse=False)):
             setattr(layer, name, buffer.index_select(0, rows))
+
+
+def compact_cache_rows(cache: list[torch.nn.Module], alive: Sequence[int]) -> list[int]:
+    """Keep only batch rows `alive` (ascending) of every layer's cache buffers: the alive rows past the
+    first len(alive) move into the finished rows among them, then each buffer becomes a view of its
+    first len(alive) rows. A step that finishes f rows copies at most f rows. Returns, per new row,
+    the old row now in it."""
+    n = len(alive)
+    holes = sorted(set(range(n)) - set(alive))
+    movers = [j for j in alive if j >= n]
+    order = list(range(n))
+    for hole, mover in zip(holes, movers):
+        order[hole] = mover
+    for layer in cache:
+        for name, buffer in list(layer.named_buffers(recurse=False)):
+            if movers:
+                src = torch.tensor(movers, device=buffer.device)
+                buffer.index_copy_(0, torch.tensor(holes, device=buffer.device), buffer.index_select(0, src))
+            setattr(layer, name, buffer[:n])
+    return order
+

@@ -2,8 +2,8 @@
 
 All three stop at the tokenizer's EOS and at stop strings, and cut the returned text at the first
 stop string (lm-eval's `generate_until`). Greedy runs batches of prompts (longest first) through one
-KV cache, each prompt prefilled without padding; finished rows leave the batch once they are half
-of it, so a batch costs about what its unfinished rows cost. Stop strings are checked once per step
+KV cache, each prompt prefilled without padding; a finished row leaves the batch at once (the last
+unfinished row moves into its cache row), so a batch costs what its unfinished rows cost. Stop strings are checked once per step
 on the tokens just produced: that check is the only host synchronisation per token.
 """
 
@@ -16,7 +16,7 @@ from typing import Literal
 import torch
 from tqdm.auto import tqdm
 
-from evals.batching import prefill, select_cache_rows, valid_slots
+from evals.batching import compact_cache_rows, prefill, select_cache_rows, valid_slots
 from evals.model import EvalModel
 
 Variant = Literal["greedy", "cot", "thoughts"]
@@ -34,9 +34,10 @@ class DecodingConfig:
     batch_size: int = 16
     """Rows per forward pass: prompts, or for CoT-decoding batch_size // cot_k prompts (at least one)
     of cot_k branches each; in log-likelihood scoring, packed rows."""
-    prefill_chunk: int = 256
+    prefill_chunk: int = 2048
     """Prompt tokens per forward when filling the KV cache (prompts are prefilled one at a time;
-    bounds the activation memory of long few-shot prompts)."""
+    bounds the activation memory of long prompts). A prompt within one chunk runs as plain causal
+    attention, the fastest kernel; later chunks attend to the cache under a mask."""
     pack_tokens: int = 512
     """Log-likelihood scoring: most tokens per packed row (contexts each followed by all their
     continuations); rows are only as long as the longest context group, since attention spans the
@@ -138,14 +139,11 @@ def _decode_rows(model: EvalModel, prompts: list[list[int]], max_new_tokens: int
         alive = [j for j, row in enumerate(owner) if row is not None]
         if not alive or step == n - 1:
             break
-        # Finished rows leave the batch once they are half of it: dropping them copies the whole KV
-        # cache, so halving keeps the copies to less than one cache in all and the rows decoded for
-        # nothing to at most half.
-        if 2 * len(alive) <= len(owner):
-            index = torch.tensor(alive, device=device)
-            select_cache_rows(cache, index)
+        if len(alive) < len(owner):  # finished rows leave at once; each costs one row's copy at most
+            order = compact_cache_rows(cache, alive)
+            index = torch.tensor(order, device=device)
             token, next_pos, key_valid = token[index], next_pos[index], key_valid[index]
-            owner = [owner[j] for j in alive]
+            owner = [owner[j] for j in order]
         slot = T + step
         logits = lm(token[:, None], position_ids=next_pos[:, None], mask=key_valid[:, None, None, :slot + 1],
                     kv_cache=cache, input_pos=torch.tensor([slot], device=device))[:, -1]
@@ -164,7 +162,7 @@ def _batches(prompts: Sequence[Sequence[int]], batch_size: int, limit: int, desc
 @torch.inference_mode()
 def generate_tokens(model: EvalModel, prompts: Sequence[Sequence[int]], max_new_tokens: int,
                     stop: Sequence[str] = (), batch_size: int = 16, progress: bool = False,
-                    prefill_chunk: int = 256) -> list[list[int]]:
+                    prefill_chunk: int = 2048) -> list[list[int]]:
     """Greedy continuations (token ids, without EOS) of each prompt, in prompt order. Prompts longer
     than block_size - max_new_tokens keep their last tokens."""
     limit = _prompt_limit(model, max_new_tokens)
@@ -176,7 +174,7 @@ def generate_tokens(model: EvalModel, prompts: Sequence[Sequence[int]], max_new_
 
 
 def generate(model: EvalModel, prompts: Sequence[Sequence[int]], max_new_tokens: int, stop: Sequence[str] = (),
-             batch_size: int = 16, progress: bool = False, prefill_chunk: int = 256) -> list[str]:
+             batch_size: int = 16, progress: bool = False, prefill_chunk: int = 2048) -> list[str]:
     """Greedy completions of each prompt, cut at the first stop string (see `DecodingConfig` for the knobs)."""
     return [cut_at_stop(model.decode(t), stop)
             for t in generate_tokens(model, prompts, max_new_tokens, stop, batch_size, progress, prefill_chunk)]
@@ -217,7 +215,7 @@ def answer_confidence(model: EvalModel, tokens: list[int], margins: list[float],
 def cot_decode(model: EvalModel, prompts: Sequence[Sequence[int]], max_new_tokens: int, stop: Sequence[str],
                answer_span: AnswerSpan, k: int = 10, aggregate: bool = False, batch_size: int = 4,
                normalize: Callable[[str], str] = str.strip, progress: bool = False,
-               prefill_chunk: int = 256) -> list[CotResult]:
+               prefill_chunk: int = 2048) -> list[CotResult]:
     """CoT-decoding (Wang & Zhou 2024): branch on the top-k first tokens, continue each greedily, and
     keep the branch whose answer (located by `answer_span` in the cut completion) the model is most
     sure of — the mean top-1/top-2 probability margin over the answer tokens. With `aggregate`, the

@@ -30,10 +30,12 @@ class KVCache(nn.Module):
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, input_pos: torch.Tensor,
                mask: torch.Tensor | None) -> torch.Tensor:
         """Write the new k/v at `input_pos`, then attend q (B, H, T, D) over the cache up to the last
-        slot written under `mask` (None: every cached key). A cache with structure it knows better
+        slot written under `mask`. None: causal when T > 1 (the new tokens are the whole cache, slots
+        0..T-1), every cached key for one new token. A cache with structure it knows better
         (Quiet-STaR's thought chains) overrides this."""
         k, v = self.update(input_pos, k, v)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=k.size(1) != q.size(1))
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and q.size(2) > 1,
+                                              enable_gqa=k.size(1) != q.size(1))
 
 
 class CausalSelfAttention(nn.Module):

@@ -49,7 +49,8 @@ class Transformer(nn.Module):
         position_ids: (B, T) or (T,) rotary positions; default 0..T-1 (or `input_pos` with a cache).
         mask: bool, broadcastable to (B, n_head, T, S), True where a query may attend to a key.
             None means plain causal attention. Routing and thought tokens use this path.
-        kv_cache / input_pos: one `KVCache` per block and the cache slots (T,) the new tokens fill.
+        kv_cache / input_pos: one `KVCache` per block and the cache slots (T,) the new tokens fill, in
+            ascending order.
         valid: (B, T) bool, False at padding; Mixture-of-Depths routers never pick padding.
         """
         return self.lm_head(self.hidden(self.embed(idx), position_ids, mask, kv_cache, input_pos, valid))
@@ -73,7 +74,9 @@ class Transformer(nn.Module):
             )
         if position_ids is None:
             position_ids = input_pos if input_pos is not None else torch.arange(T, device=x.device)
-        if kv_cache is not None and mask is None and T > 1:
+        if kv_cache is not None and mask is None and T > 1 and int(input_pos[-1]) + 1 != T:
+            # New tokens after cached ones attend to the cache up to their own slot. Filling slots
+            # 0..T-1 needs no mask: that is plain causal attention, the kernels' fastest path.
             mask = torch.arange(int(input_pos[-1]) + 1, device=x.device) <= input_pos[:, None]
         if position_ids.dim() == 1:
             position_ids = position_ids.unsqueeze(0)

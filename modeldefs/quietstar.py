@@ -174,9 +174,10 @@ class ThoughtKVCache:
                mask: torch.Tensor | None) -> torch.Tensor:
         T, P = self.seq_len, self.n_chains
         start = int(input_pos[0])
-        if start == 0:  # pass 0
+        if start == 0:  # pass 0: causal unless a routed layer gives its mask
             self.prefix = (k, v)
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=k.size(1) != q.size(1))
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                                  enable_gqa=k.size(1) != q.size(1))
         if self.prefix is None:  # a routed layer skipped pass 0 (one token, not routed): those keys are
             self.prefix = (k.new_zeros(k.size(0), k.size(1), T, k.size(3)),) * 2  # masked out, any value does
         while start > T + len(self.chain_k) * P:  # a routed layer skipped a pass (no row routed): its

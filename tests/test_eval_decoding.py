@@ -5,11 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
+from evals.batching import compact_cache_rows
 from evals.decoding import (CotResult, DecodingConfig, _choose, answer_confidence, cot_decode, cut_at_stop,
                             decode_completions, generate, generate_thoughts, generate_tokens)
 from evals.model import EvalModel
 from evals.scoring import loglikelihood
 from modeldefs import ModelConfig, Transformer
+from modeldefs.attention import KVCache
 from modeldefs.generate import generate as reference_generate
 
 
@@ -70,12 +72,22 @@ def test_stop_string_cuts_the_text_and_finished_rows_leave_the_batch_without_cha
 
 def test_rows_finishing_at_different_steps_leave_the_batch_without_changing_the_others():
     model = tiny_model()
-    prompts = PROMPTS * 2  # 8 rows: finished rows are dropped once they are half the batch
+    prompts = PROMPTS * 2  # 8 rows; each leaves the batch as it finishes
     full = generate(model, prompts, max_new_tokens=16, batch_size=8)
     stops = [text[3 + i:5 + i] for i, text in enumerate(full[:4])]  # rows end after different steps
     stopped = generate(model, prompts, max_new_tokens=16, stop=stops, batch_size=8)
     assert stopped == [cut_at_stop(text, stops) for text in full]
     assert len({len(text) for text in stopped}) > 2
+
+
+def test_compacting_the_cache_moves_only_the_alive_rows_past_the_kept_prefix():
+    layer = KVCache(6, 1, 4, 2, torch.float32)
+    layer.k.copy_(torch.arange(6.0)[:, None, None, None].expand_as(layer.k))
+    start = layer.k.data_ptr()
+    order = compact_cache_rows([layer], [0, 2, 4, 5])
+    assert order == [0, 4, 2, 5]  # rows 4 and 5 fill the finished rows 1 and 3; 0 and 2 stay put
+    assert layer.k[:, 0, 0, 0].tolist() == [0.0, 4.0, 2.0, 5.0] and layer.v.size(0) == 4
+    assert layer.k.data_ptr() == start  # a view of the first rows, not a copy of the cache
 
 
 def test_prompts_longer_than_the_context_keep_their_last_tokens():
