@@ -67,11 +67,11 @@ def compact_cache_rows(cache: list[torch.nn.Module], alive: Sequence[int]) -> li
     order = list(range(n))
     for hole, mover in zip(holes, movers):
         order[hole] = mover
+    device = next(cache[0].buffers()).device
+    src, dst = torch.tensor(movers, device=device), torch.tensor(holes, device=device)
     for layer in cache:
         for name, buffer in list(layer.named_buffers(recurse=False)):
             if movers:
-                src = torch.tensor(movers, device=buffer.device)
-                buffer.index_copy_(0, torch.tensor(holes, device=buffer.device), buffer.index_select(0, src))
+                buffer.index_copy_(0, dst, buffer.index_select(0, src))
             setattr(layer, name, buffer[:n])
     return order
-

@@ -2,9 +2,10 @@
 
 All three stop at the tokenizer's EOS and at stop strings, and cut the returned text at the first
 stop string (lm-eval's `generate_until`). Greedy runs batches of prompts (longest first) through one
-KV cache, each prompt prefilled without padding; a finished row leaves the batch at once (the last
-unfinished row moves into its cache row), so a batch costs what its unfinished rows cost. Stop strings are checked once per step
-on the tokens just produced: that check is the only host synchronisation per token.
+KV cache, each prompt prefilled without padding; a finished row leaves the batch at once (an
+unfinished row from the end of the batch takes its place in the cache), so a batch costs what its
+unfinished rows cost. Stop strings are checked once per step on the tokens just produced: that check
+is the only host synchronisation per token.
 """
 
 from __future__ import annotations
