@@ -35,7 +35,8 @@ class DenseMaskCache(ThoughtKVCache):
             self.k, self.v = k, v
         else:
             self.k, self.v = torch.cat([self.k, k], 2), torch.cat([self.v, v], 2)
-        return F.scaled_dot_product_attention(q, self.k, self.v, attn_mask=mask, enable_gqa=k.size(1) != q.size(1))
+        return F.scaled_dot_product_attention(q, self.k, self.v, attn_mask=mask, is_causal=mask is None,
+                                              enable_gqa=k.size(1) != q.size(1))  # None: pass 0, causal
 
     def repeat_rows(self, copies: int) -> None:
         super().repeat_rows(copies)
