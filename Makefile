@@ -28,7 +28,7 @@ smoke: setup
 	$(QD) fit --config configs/smoke.yaml
 
 test: setup
-	$(PY) -m pytest -q -ra
+	$(PY) -m pytest -q -ra --durations=15
 
 clean:
 	rm -rf runs wandb lightning_logs
