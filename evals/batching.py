@@ -8,7 +8,7 @@ at 0 at its first real token, so a row computes what it would alone.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -49,11 +49,16 @@ def prefill(lm: torch.nn.Module, prompts: Sequence[Sequence[int]], cache: list[t
     return lm.lm_head(torch.stack(last))
 
 
-def select_cache_rows(cache: list[torch.nn.Module], rows: torch.Tensor) -> None:
-    """Keep (or repeat) batch rows `rows` of every layer's cache buffers (keys, values, routing), in place."""
+def _replace_buffers(cache: list[torch.nn.Module], new: Callable[[torch.Tensor], torch.Tensor]) -> None:
+    """Replace every layer's cache buffers (keys, values, routing flags) by `new(buffer)`."""
     for layer in cache:
         for name, buffer in list(layer.named_buffers(recurse=False)):
-            setattr(layer, name, buffer.index_select(0, rows))
+            setattr(layer, name, new(buffer))
+
+
+def select_cache_rows(cache: list[torch.nn.Module], rows: torch.Tensor) -> None:
+    """Keep (or repeat) batch rows `rows` of every layer's cache buffers (keys, values, routing), in place."""
+    _replace_buffers(cache, lambda buffer: buffer.index_select(0, rows))
 
 
 def compact_cache_rows(cache: list[torch.nn.Module], alive: Sequence[int]) -> list[int]:
@@ -69,9 +74,11 @@ def compact_cache_rows(cache: list[torch.nn.Module], alive: Sequence[int]) -> li
         order[hole] = mover
     device = next(cache[0].buffers()).device
     src, dst = torch.tensor(movers, device=device), torch.tensor(holes, device=device)
-    for layer in cache:
-        for name, buffer in list(layer.named_buffers(recurse=False)):
-            if movers:
-                buffer.index_copy_(0, dst, buffer.index_select(0, src))
-            setattr(layer, name, buffer[:n])
+
+    def keep(buffer: torch.Tensor) -> torch.Tensor:
+        if movers:
+            buffer.index_copy_(0, dst, buffer.index_select(0, src))
+        return buffer[:n]
+
+    _replace_buffers(cache, keep)
     return order

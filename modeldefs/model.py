@@ -74,10 +74,12 @@ class Transformer(nn.Module):
             )
         if position_ids is None:
             position_ids = input_pos if input_pos is not None else torch.arange(T, device=x.device)
-        if kv_cache is not None and mask is None and T > 1 and int(input_pos[-1]) + 1 != T:
+        if kv_cache is not None and mask is None and T > 1:
             # New tokens after cached ones attend to the cache up to their own slot. Filling slots
             # 0..T-1 needs no mask: that is plain causal attention, the kernels' fastest path.
-            mask = torch.arange(int(input_pos[-1]) + 1, device=x.device) <= input_pos[:, None]
+            end = int(input_pos[-1]) + 1
+            if end != T:
+                mask = torch.arange(end, device=x.device) <= input_pos[:, None]
         if position_ids.dim() == 1:
             position_ids = position_ids.unsqueeze(0)
         cos, sin = self.rope_cos[position_ids], self.rope_sin[position_ids]
