@@ -29,9 +29,9 @@ from modeldefs.quietstar import QuietStar, ThoughtConfig, ThoughtKVCache
 class DenseMaskCache(ThoughtKVCache):
     """The reference: all keys concatenated, SDPA under the full slot mask."""
 
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, input_pos: torch.Tensor,
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start_pos: int,
                mask: torch.Tensor | None) -> torch.Tensor:
-        if int(input_pos[0]) == 0:
+        if start_pos == 0:
             self.k, self.v = k, v
         else:
             self.k, self.v = torch.cat([self.k, k], 2), torch.cat([self.v, v], 2)

@@ -1,6 +1,6 @@
 """Left-padded batches for KV-cached decoding: the valid-slot mask, the prefill, cache rows.
 
-All rows of a batch share the KV-cache slots (one `input_pos` for the batch), so shorter prompts
+All rows of a batch share the KV-cache slots (one start slot for the batch), so shorter prompts
 are right-aligned: every row's last prompt token sits in the same slot and decoding appends in
 lockstep. The padding slots in front are masked out as keys, and each row's rotary positions start
 at 0 at its first real token, so a row computes what it would alone.
@@ -39,8 +39,7 @@ def prefill(lm: torch.nn.Module, prompts: Sequence[Sequence[int]], cache: list[t
         own = lm.make_kv_cache(1, n)
         ids = torch.tensor([list(prompt)], device=device)
         for start in range(0, n, chunk):
-            slots = torch.arange(start, min(start + chunk, n), device=device)
-            hidden = lm.hidden(lm.embed(ids[:, slots]), kv_cache=own, input_pos=slots)
+            hidden = lm.hidden(lm.embed(ids[:, start:start + chunk]), kv_cache=own, start_pos=start)
         last.append(hidden[0, -1])
         for mine, shared in zip(own, cache):
             for name, buffer in mine.named_buffers(recurse=False):

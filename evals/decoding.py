@@ -147,7 +147,7 @@ def _decode_rows(model: EvalModel, prompts: list[list[int]], max_new_tokens: int
             owner = [owner[j] for j in order]
         slot = T + step
         logits = lm(token[:, None], position_ids=next_pos[:, None], mask=key_valid[:, None, None, :slot + 1],
-                    kv_cache=cache, input_pos=torch.tensor([slot], device=device))[:, -1]
+                    kv_cache=cache, start_pos=slot)[:, -1]
         next_pos = next_pos + 1
     return tokens, margins
 

@@ -20,20 +20,24 @@ class KVCache(nn.Module):
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
-    def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write k/v (B, H, T, D) at cache slots `input_pos` (T,); return the cache up to the last slot written."""
-        self.k.index_copy_(2, input_pos, k.to(self.k.dtype))
-        self.v.index_copy_(2, input_pos, v.to(self.v.dtype))
-        end = int(input_pos[-1]) + 1
+    def update(self, start_pos: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k/v (B, H, T, D) at cache slots start_pos .. start_pos + T - 1; return the cache up to
+        the last slot written. Slots are host integers, so decoding never waits on the device for them."""
+        end = start_pos + k.size(2)
+        if end > self.k.size(2):
+            raise ValueError(f"writing {k.size(2)} tokens at slot {start_pos} overflows the KV cache's"
+                             f" {self.k.size(2)} slots; make the cache with a larger max_len")
+        self.k[:, :, start_pos:end] = k
+        self.v[:, :, start_pos:end] = v
         return self.k[:, :, :end], self.v[:, :, :end]
 
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, input_pos: torch.Tensor,
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start_pos: int,
                mask: torch.Tensor | None) -> torch.Tensor:
-        """Write the new k/v at `input_pos`, then attend q (B, H, T, D) over the cache up to the last
-        slot written under `mask`. None: causal when T > 1 (the new tokens are the whole cache, slots
+        """Write the new k/v from slot `start_pos`, then attend q (B, H, T, D) over the cache up to the
+        last slot written under `mask`. None: causal when T > 1 (the new tokens are the whole cache, slots
         0..T-1), every cached key for one new token. A cache with structure it knows better
         (Quiet-STaR's thought chains) overrides this."""
-        k, v = self.update(input_pos, k, v)
+        k, v = self.update(start_pos, k, v)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and q.size(2) > 1,
                                               enable_gqa=k.size(1) != q.size(1))
 
@@ -48,9 +52,9 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 mask: torch.Tensor | None = None, kv_cache: KVCache | None = None,
-                input_pos: torch.Tensor | None = None) -> torch.Tensor:
+                start_pos: int = 0) -> torch.Tensor:
         """x (B, T, C). `mask` (bool, True = may attend, broadcastable to (B, H, T, S)) replaces the
-        causal rule when given; with `kv_cache`, the new keys are written at `input_pos` first."""
+        causal rule when given; with `kv_cache`, the new keys are written from slot `start_pos` first."""
         B, T, _ = x.shape
         q, k, v = self.qkv(x).split(
             [self.n_head * self.head_dim, self.n_kv_head * self.head_dim, self.n_kv_head * self.head_dim], dim=-1
@@ -60,7 +64,7 @@ class CausalSelfAttention(nn.Module):
         v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if kv_cache is not None:
-            y = kv_cache.attend(q, k, v, input_pos, mask)
+            y = kv_cache.attend(q, k, v, start_pos, mask)
         else:
             y = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,

@@ -20,13 +20,13 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 mask: torch.Tensor | None = None, kv_cache: KVCache | None = None,
-                input_pos: torch.Tensor | None = None) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), cos, sin, mask, kv_cache, input_pos)
+                start_pos: int = 0) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), cos, sin, mask, kv_cache, start_pos)
         return x + self.mlp(self.mlp_norm(x))
 
     def residual_update(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                         mask: torch.Tensor | None = None, kv_cache: KVCache | None = None,
-                        input_pos: torch.Tensor | None = None) -> torch.Tensor:
+                        start_pos: int = 0) -> torch.Tensor:
         """f(x) with forward(x) = x + f(x): what the block adds to the residual stream."""
-        a = self.attn(self.attn_norm(x), cos, sin, mask, kv_cache, input_pos)
+        a = self.attn(self.attn_norm(x), cos, sin, mask, kv_cache, start_pos)
         return a + self.mlp(self.mlp_norm(x + a))

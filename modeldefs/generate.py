@@ -42,7 +42,7 @@ def generate(model: Transformer, prompt: torch.Tensor, max_new_tokens: int, temp
     out = torch.empty(B, total, dtype=prompt.dtype, device=prompt.device)
     out[:, :T] = prompt
     finished = torch.zeros(B, dtype=torch.bool, device=prompt.device)
-    logits = model(prompt, kv_cache=cache, input_pos=torch.arange(T, device=prompt.device))[:, -1]
+    logits = model(prompt, kv_cache=cache)[:, -1]
     for pos in range(T, total):
         token = sample_next(logits, temperature, top_k, top_p, generator)
         if eos_id is not None:
@@ -51,5 +51,5 @@ def generate(model: Transformer, prompt: torch.Tensor, max_new_tokens: int, temp
         out[:, pos] = token
         if (eos_id is not None and bool(finished.all())) or pos == total - 1:
             return out[:, : pos + 1]
-        logits = model(token[:, None], kv_cache=cache, input_pos=torch.tensor([pos], device=prompt.device))[:, -1]
+        logits = model(token[:, None], kv_cache=cache, start_pos=pos)[:, -1]
     return out

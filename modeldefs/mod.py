@@ -89,7 +89,7 @@ class RoutedBlock(Block):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 mask: torch.Tensor | None = None, kv_cache: RoutedKVCache | None = None,
-                input_pos: torch.Tensor | None = None, valid: torch.Tensor | None = None) -> torch.Tensor:
+                start_pos: int = 0, valid: torch.Tensor | None = None) -> torch.Tensor:
         """As `Block.forward`; `valid` (B, T) bool marks real tokens (padding is never routed)."""
         h = F.rms_norm(x, (x.size(-1),))
         router_logits = self.router(h).squeeze(-1).float()
@@ -104,7 +104,7 @@ class RoutedBlock(Block):
         rule = predictor_logits if self.causal_rule == "predictor" else router_logits
         selected = rule > 0 if valid is None else (rule > 0) & valid
         self.routing = Routing(router_logits, selected, None, predictor_logits)
-        return self._causal(x, router_logits, selected, cos, sin, mask, kv_cache, input_pos)
+        return self._causal(x, router_logits, selected, cos, sin, mask, kv_cache, start_pos)
 
     def _top_k(self, x: torch.Tensor, logits: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                mask: torch.Tensor | None, valid: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -130,13 +130,11 @@ class RoutedBlock(Block):
 
     def _causal(self, x: torch.Tensor, logits: torch.Tensor, selected: torch.Tensor, cos: torch.Tensor,
                 sin: torch.Tensor, mask: torch.Tensor | None, kv_cache: RoutedKVCache | None,
-                input_pos: torch.Tensor | None) -> torch.Tensor:
+                start_pos: int) -> torch.Tensor:
         B, T, _ = x.shape
-        if input_pos is None:
-            input_pos = torch.arange(T, device=x.device)
         if kv_cache is not None:
-            kv_cache.routed[:, input_pos] = selected
-            keys = kv_cache.routed[:, : int(input_pos[-1]) + 1]
+            kv_cache.routed[:, start_pos:start_pos + T] = selected
+            keys = kv_cache.routed[:, : start_pos + T]
         else:
             keys = selected
         if T == 1 and not bool(selected.any()):  # decoding a token no row routes: skip the block
@@ -144,10 +142,11 @@ class RoutedBlock(Block):
         # Keys: earlier tokens that went through this layer. Each query also sees itself, so a query
         # with no routed key left has a defined (and discarded) output.
         key_pos = torch.arange(keys.size(1), device=x.device)
-        attn_mask = ((key_pos <= input_pos[:, None]) & keys[:, None, :]) | (key_pos == input_pos[:, None])
+        query_pos = torch.arange(start_pos, start_pos + T, device=x.device)
+        attn_mask = ((key_pos <= query_pos[:, None]) & keys[:, None, :]) | (key_pos == query_pos[:, None])
         attn_mask = attn_mask.unsqueeze(1)
         if mask is not None:
             attn_mask = attn_mask & mask
-        update = self.residual_update(x, cos, sin, attn_mask, kv_cache, input_pos)
+        update = self.residual_update(x, cos, sin, attn_mask, kv_cache, start_pos)
         scale = self.router_scale(logits) * selected
         return x + update * scale.unsqueeze(-1).to(x.dtype)

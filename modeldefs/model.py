@@ -43,21 +43,21 @@ class Transformer(nn.Module):
 
     def forward(self, idx: torch.Tensor, position_ids: torch.Tensor | None = None,
                 mask: torch.Tensor | None = None, kv_cache: list[KVCache] | None = None,
-                input_pos: torch.Tensor | None = None, valid: torch.Tensor | None = None) -> torch.Tensor:
+                start_pos: int = 0, valid: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (B, T, vocab) for token ids `idx` (B, T).
 
-        position_ids: (B, T) or (T,) rotary positions; default 0..T-1 (or `input_pos` with a cache).
+        position_ids: (B, T) or (T,) rotary positions; default start_pos .. start_pos + T - 1.
         mask: bool, broadcastable to (B, n_head, T, S), True where a query may attend to a key.
             None means plain causal attention. Routing and thought tokens use this path.
-        kv_cache / input_pos: one `KVCache` per block and the cache slots (T,) the new tokens fill, in
-            ascending order.
+        kv_cache / start_pos: one `KVCache` per block, and the cache slot of the first new token (the
+            new tokens fill start_pos .. start_pos + T - 1).
         valid: (B, T) bool, False at padding; Mixture-of-Depths routers never pick padding.
         """
-        return self.lm_head(self.hidden(self.embed(idx), position_ids, mask, kv_cache, input_pos, valid))
+        return self.lm_head(self.hidden(self.embed(idx), position_ids, mask, kv_cache, start_pos, valid))
 
     def hidden(self, x: torch.Tensor, position_ids: torch.Tensor | None = None,
                mask: torch.Tensor | None = None, kv_cache: list[KVCache] | None = None,
-               input_pos: torch.Tensor | None = None, valid: torch.Tensor | None = None) -> torch.Tensor:
+               start_pos: int = 0, valid: torch.Tensor | None = None) -> torch.Tensor:
         """Final-normed hidden states (B, T, n_embd) for input embeddings `x` (B, T, n_embd).
 
         `forward` is `lm_head(hidden(embed(idx), ...))`; this entry point takes vectors that are not
@@ -65,30 +65,29 @@ class Transformer(nn.Module):
         (Quiet-STaR mixes hidden states). Other arguments as in `forward`.
         """
         T = x.size(1)
-        if kv_cache is not None and input_pos is None:
-            raise ValueError("input_pos is required with kv_cache")
+        if start_pos and kv_cache is None:
+            raise ValueError(f"start_pos={start_pos} is a KV-cache slot: pass kv_cache too (or position_ids alone)")
         if T > self.config.block_size:
             raise ValueError(
                 f"sequence length {T} exceeds the model's context (block_size={self.config.block_size});"
                 " shorten the sequence or raise block_size"
             )
+        slots = torch.arange(start_pos, start_pos + T, device=x.device)
         if position_ids is None:
-            position_ids = input_pos if input_pos is not None else torch.arange(T, device=x.device)
-        if kv_cache is not None and mask is None and T > 1:
+            position_ids = slots
+        if start_pos and mask is None and T > 1:
             # New tokens after cached ones attend to the cache up to their own slot. Filling slots
             # 0..T-1 needs no mask: that is plain causal attention, the kernels' fastest path.
-            end = int(input_pos[-1]) + 1
-            if end != T:
-                mask = torch.arange(end, device=x.device) <= input_pos[:, None]
+            mask = torch.arange(start_pos + T, device=x.device) <= slots[:, None]
         if position_ids.dim() == 1:
             position_ids = position_ids.unsqueeze(0)
         cos, sin = self.rope_cos[position_ids], self.rope_sin[position_ids]
         for i, block in enumerate(self.blocks):
             cache = None if kv_cache is None else kv_cache[i]
             if isinstance(block, RoutedBlock):
-                x = block(x, cos, sin, mask, cache, input_pos, valid=valid)
+                x = block(x, cos, sin, mask, cache, start_pos, valid=valid)
             else:
-                x = block(x, cos, sin, mask, cache, input_pos)
+                x = block(x, cos, sin, mask, cache, start_pos)
         return self.norm(x)
 
     def make_kv_cache(self, batch_size: int, max_len: int, dtype: torch.dtype | None = None) -> list[KVCache]:

@@ -170,20 +170,19 @@ class ThoughtKVCache:
             self.prefix = tuple(t.repeat_interleave(copies, dim=0) for t in self.prefix)
         self.routed = self.routed.repeat_interleave(copies, dim=0)
 
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, input_pos: torch.Tensor,
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start_pos: int,
                mask: torch.Tensor | None) -> torch.Tensor:
         T, P = self.seq_len, self.n_chains
-        start = int(input_pos[0])
-        if start == 0:  # pass 0: causal unless a routed layer gives its mask
+        if start_pos == 0:  # pass 0: causal unless a routed layer gives its mask
             self.prefix = (k, v)
             return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
                                                   enable_gqa=k.size(1) != q.size(1))
         if self.prefix is None:  # a routed layer skipped pass 0 (one token, not routed): those keys are
             self.prefix = (k.new_zeros(k.size(0), k.size(1), T, k.size(3)),) * 2  # masked out, any value does
-        while start > T + len(self.chain_k) * P:  # a routed layer skipped a pass (no row routed): its
+        while start_pos > T + len(self.chain_k) * P:  # a routed layer skipped a pass (no row routed): its
             self.chain_k.append(torch.zeros_like(k))  # keys are masked out as unrouted, any value does
             self.chain_v.append(torch.zeros_like(v))
-        if start != T + len(self.chain_k) * P or input_pos.numel() != P or mask is None:
+        if start_pos != T + len(self.chain_k) * P or q.size(2) != P or mask is None:
             raise ValueError("ThoughtKVCache takes pass 0, then one slot per chain per pass, in order, with the"
                              " thought mask")
         self.chain_k.append(k)
@@ -322,15 +321,14 @@ class QuietStar(nn.Module):
         mask = thought_attention_mask(T, positions, n_passes)
         cache = [ThoughtKVCache(B, T, P, mask.size(1), dev) for _ in lm.blocks]
 
-        h0 = lm.hidden(lm.embed(ids), kv_cache=cache, input_pos=torch.arange(T, device=dev))  # causal
+        h0 = lm.hidden(lm.embed(ids), kv_cache=cache)  # causal
         if copies > 1:
             for layer in cache:
                 layer.repeat_rows(copies)
         x = self.meta_embedding("start", (N, P))
         talk, sampled, log_p = [], [], []
         for j in range(1, n_passes):
-            slots = torch.arange(T + (j - 1) * P, T + j * P, device=dev)
-            h = lm.hidden(x, positions + j, mask[:, : T + j * P], cache, slots)
+            h = lm.hidden(x, positions + j, mask[:, : T + j * P], cache, start_pos=T + (j - 1) * P)
             if j <= c.n_sampled:
                 logits = lm.lm_head(h)
                 token = self.sample_thought(logits, temperature, generator)

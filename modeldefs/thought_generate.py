@@ -20,7 +20,7 @@ from modeldefs.quietstar import QuietStar
 
 def _step(model: QuietStar, x: torch.Tensor, cache: list, slot: int) -> torch.Tensor:
     """Hidden state (B, C) of one input vector per row (B, C) written at cache slot = position `slot`."""
-    return model.lm.hidden(x[:, None], kv_cache=cache, input_pos=torch.tensor([slot], device=x.device))[:, -1]
+    return model.lm.hidden(x[:, None], kv_cache=cache, start_pos=slot)[:, -1]
 
 
 def thought_hidden(model: QuietStar, cache: list, slot: int, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -60,7 +60,7 @@ def generate_with_thoughts(model: QuietStar, prompt: torch.Tensor, max_new_token
     out = torch.empty(B, total, dtype=prompt.dtype, device=prompt.device)
     out[:, :T] = prompt
     finished = torch.zeros(B, dtype=torch.bool, device=prompt.device)
-    h = model.lm.hidden(model.lm.embed(prompt), kv_cache=cache, input_pos=torch.arange(T, device=prompt.device))[:, -1]
+    h = model.lm.hidden(model.lm.embed(prompt), kv_cache=cache)[:, -1]
     for pos in range(T, total):
         if think:
             logits = model.mix(h, thought_hidden(model, cache, pos, generator))[0]

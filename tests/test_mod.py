@@ -141,9 +141,9 @@ def test_kv_cache_decoding_equals_full_recompute_and_skipped_tokens_leave_no_ent
     out = generate(model, prompt, max_new_tokens=25)
     cache = model.make_kv_cache(2, out.size(1))
     with torch.no_grad():
-        stepwise = [model(out[:, :7], kv_cache=cache, input_pos=torch.arange(7))[:, -1]]
+        stepwise = [model(out[:, :7], kv_cache=cache)[:, -1]]
         for pos in range(7, out.size(1) - 1):
-            stepwise.append(model(out[:, pos : pos + 1], kv_cache=cache, input_pos=torch.tensor([pos]))[:, -1])
+            stepwise.append(model(out[:, pos : pos + 1], kv_cache=cache, start_pos=pos)[:, -1])
         full = model(out[:, :-1])
     torch.testing.assert_close(torch.stack(stepwise, 1), full[:, 6:], atol=1e-5, rtol=1e-5)
     assert torch.equal(full[:, 6:].argmax(-1), out[:, 7:])

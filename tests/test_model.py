@@ -63,6 +63,20 @@ def test_kv_cache_greedy_generation_equals_full_recompute(n_kv_head):
     assert torch.equal(out, seq)
 
 
+def test_chunked_cache_fill_equals_one_forward_and_overflow_or_a_slot_without_cache_is_refused():
+    model = micro()
+    x = torch.randint(0, 256, (2, 9))
+    cache = model.make_kv_cache(2, 10)
+    with torch.no_grad():
+        model(x[:, :4], kv_cache=cache)
+        chunked = model(x[:, 4:], kv_cache=cache, start_pos=4)  # masked: the chunk attends to the cache
+        torch.testing.assert_close(chunked, model(x)[:, 4:], atol=1e-5, rtol=1e-5)
+        with pytest.raises(ValueError, match="overflows the KV cache's 10 slots"):
+            model(x[:, :2], kv_cache=cache, start_pos=9)
+        with pytest.raises(ValueError, match="start_pos=3 is a KV-cache slot"):
+            model(x, start_pos=3)
+
+
 def test_generation_stops_at_eos_and_pads_finished_rows():
     model = micro()
     prompt = torch.randint(0, 256, (2, 4))

@@ -51,7 +51,7 @@ def test_first_thought_logits_match_the_parallel_forward():
     x = prompt()
     with torch.no_grad():
         cache = model.lm.make_kv_cache(x.size(0), x.size(1) + 8)
-        h = model.lm.hidden(model.lm.embed(x), kv_cache=cache, input_pos=torch.arange(x.size(1)))[:, -1]
+        h = model.lm.hidden(model.lm.embed(x), kv_cache=cache)[:, -1]
         cached = model.mix(h, thought_hidden(model, cache, x.size(1)))[0]
         torch.testing.assert_close(cached, model.next_token_logits(x)[:, -1], atol=1e-5, rtol=1e-5)
 
@@ -94,7 +94,7 @@ def test_one_token_contexts_match_the_parallel_forward_when_routing_skips_the_pr
         for token in range(64):
             x = torch.tensor([[token]])
             cache = model.lm.make_kv_cache(1, 8)
-            h = model.lm.hidden(model.lm.embed(x), kv_cache=cache, input_pos=torch.tensor([0]))[:, -1]
+            h = model.lm.hidden(model.lm.embed(x), kv_cache=cache)[:, -1]
             skipped += not bool(block.routing.selected.any())
             cached = model.mix(h, thought_hidden(model, cache, 1))[0]
             torch.testing.assert_close(cached, model.next_token_logits(x)[:, -1], atol=1e-5, rtol=1e-5)

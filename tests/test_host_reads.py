@@ -1,0 +1,170 @@
+"""The hot loops read no values back from the device, checked on any machine.
+
+On a GPU, every `.item()`, `int(t)`, `bool(t)` or op with a data-dependent output shape (boolean
+indexing, `nonzero`) makes the host wait for the device. `tests/test_gpu.py` catches that with CUDA's
+sync debug mode; here a dispatch mode records the ATen ops that read a value on the host, so the
+same rule holds on the CPU in CI: a training step that neither logs nor checks the loss, and a
+KV-cached decoding step, read nothing (Mixture-of-Depths decoding reads one flag per routed layer,
+by design: it skips the block when no row routes).
+"""
+
+from __future__ import annotations
+
+import traceback
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from modeldefs import ModelConfig, Transformer
+from modeldefs.generate import generate
+from modeldefs.quietstar import QuietStar, ThoughtConfig
+from modeldefs.thought_generate import generate_with_thoughts
+from tests.conftest import REPO, requires_smollm2, smoke_config
+from training.cli import run
+
+SCALAR_READS = {"__int__", "__bool__", "__float__", "__index__", "__complex__", "item", "tolist", "numpy", "equal",
+                "allclose"}
+aten = torch.ops.aten
+SHAPE_READS = {aten.nonzero.default, aten.masked_select.default, aten.repeat_interleave.Tensor, aten._unique2.default,
+               aten.unique_consecutive.default, aten.bincount.default}
+
+
+def _caller() -> str:
+    """The innermost repository frames (not tests, not installed packages) of the current call."""
+    frames = [f"{Path(f.filename).relative_to(REPO)}:{f.lineno} {f.name}" for f in traceback.extract_stack()
+              if f.filename.startswith(str(REPO)) and "/.venv/" not in f.filename and "/tests/" not in f.filename]
+    return " <- ".join(reversed(frames[-3:]))
+
+
+class _ScalarReads(TorchFunctionMode):
+    """A tensor turned into a Python number, bool or list (`int(t)`, `bool(t)`, `.item()`, `.tolist()`)."""
+
+    def __init__(self, reads: list[str]) -> None:
+        super().__init__()
+        self.reads = reads
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if getattr(func, "__name__", None) in SCALAR_READS:
+            self.reads.append(f"{func.__name__} at {_caller()}")
+        return func(*args, **(kwargs or {}))
+
+
+class _ShapeReads(TorchDispatchMode):
+    """An op whose output shape depends on tensor values (`nonzero`, boolean indexing), anywhere below Python."""
+
+    def __init__(self, reads: list[str]) -> None:
+        super().__init__()
+        self.reads = reads
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        boolean_index = func in (aten.index.Tensor, aten.index_put_.default, aten.index_put.default) and any(
+            isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in args[1])
+        if func in SHAPE_READS or boolean_index:
+            self.reads.append(f"{func} at {_caller()}")
+        return func(*args, **(kwargs or {}))
+
+
+class HostReads:
+    """Records, while active, each read of a tensor's values on the host, with the repository frames calling it."""
+
+    def __init__(self) -> None:
+        self.reads: list[str] = []
+        self._modes = (_ShapeReads(self.reads), _ScalarReads(self.reads))
+
+    def __enter__(self) -> HostReads:
+        for mode in self._modes:
+            mode.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for mode in reversed(self._modes):
+            mode.__exit__(*exc)
+
+
+class RecordHostReadsBetweenLoggingSteps(L.Callback):
+    """Records host reads from the start to the end of every training batch that neither logs nor checks
+    the loss. Listed last, so the other callbacks' batch-end hooks run inside the recording."""
+
+    def __init__(self) -> None:
+        self.reads: list[str] = []
+        self.steps_checked = 0
+        self._recorder: HostReads | None = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        step = trainer.global_step + 1
+        if step == 1 or not step % trainer.log_every_n_steps or not step % pl_module.hparams.finite_check_interval:
+            return
+        self._recorder = HostReads()
+        self._recorder.__enter__()
+        self.steps_checked += 1
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self._recorder is not None:
+            self._recorder.__exit__(None, None, None)
+            self.reads += self._recorder.reads
+            self._recorder = None
+
+
+@pytest.mark.parametrize("inference", [False, True])
+def test_the_recorder_sees_each_kind_of_value_read(inference):
+    """The check can fail: a number, a bool, a list and a boolean index are each recorded once, in
+    inference mode too (where decoding runs)."""
+    with torch.inference_mode(inference):
+        t = torch.arange(4)
+        with HostReads() as recorder:
+            int(t[-1])
+            bool(t.any())
+            t.tolist()
+            t[t > 1]
+            t + 1
+    assert [r.split()[0] for r in recorder.reads] == ["__int__", "__bool__", "tolist", "aten.index.Tensor"]
+
+
+@requires_smollm2
+@pytest.mark.parametrize("config_name", ["smoke.yaml", "mod-smoke.yaml", "quietstar-smoke.yaml"])
+def test_training_steps_between_logging_steps_read_nothing_back(tmp_path, monkeypatch, gsm8k_train,
+                                                                tokenizer_source, config_name):
+    monkeypatch.chdir(tmp_path)
+    config = smoke_config(tmp_path, gsm8k_train, tokenizer_source, max_steps=7, compile=False, name=config_name)
+    cli = run(["fit", "--config", config, "--data.init_args.max_documents", "300",
+               "--model.init_args.finite_check_interval", "5",
+               "--trainer.callbacks+=tests.test_host_reads.RecordHostReadsBetweenLoggingSteps"])
+    (recorder,) = [c for c in cli.trainer.callbacks if isinstance(c, RecordHostReadsBetweenLoggingSteps)]
+    assert recorder.steps_checked == 5  # steps 2, 3, 4, 6, 7: step 1 and step 5 log and check the loss
+    assert recorder.reads == []
+
+
+def test_a_quietstar_step_over_mixture_of_depths_reads_nothing_back():
+    """Thoughts over routed blocks: every pass goes through the thought cache and the causal routing rule."""
+    lm = Transformer(ModelConfig.from_name("micro", mod_capacity=0.5, mod_exempt_last=False))
+    model = QuietStar(lm, ThoughtConfig(n_ahead=4, n_ahead_talk=2, n_passes=2), init_token_id=7)
+    ids = torch.randint(0, 256, (2, 12))
+    with HostReads() as recorder:
+        model(ids).loss.backward()
+    assert recorder.reads == []
+
+
+def test_kv_cached_decoding_reads_nothing_back():
+    torch.manual_seed(0)
+    prompt = torch.randint(0, 256, (2, 5))
+    dense = Transformer(ModelConfig.from_name("micro")).eval()
+    thinking = QuietStar(Transformer(ModelConfig.from_name("micro")).eval(), ThoughtConfig(n_ahead=4),
+                         init_token_id=7).eval()
+    with HostReads() as recorder:
+        generate(dense, prompt, 6)
+        generate_with_thoughts(thinking, prompt, 3)
+    assert recorder.reads == []
+
+
+def test_mixture_of_depths_decoding_reads_one_flag_per_routed_layer_and_step():
+    """The only read: whether any row routes through the block, so that a step no row routes skips it."""
+    model = Transformer(ModelConfig.from_name("micro", mod_capacity=0.5, mod_exempt_last=False)).eval()
+    new_tokens = 6
+    with HostReads() as recorder:
+        generate(model, torch.randint(0, 256, (2, 5)), new_tokens)
+    assert len(recorder.reads) == len(model.routed_blocks) * (new_tokens - 1)  # the prompt's forward reads none
+    assert all("modeldefs/mod.py" in r and "_causal" in r for r in recorder.reads), recorder.reads
