@@ -255,6 +255,7 @@ def max_batch(args: argparse.Namespace, config: ModelConfig, device: torch.devic
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", choices=sorted(SHAPES), default="mid")
+    parser.add_argument("--vocab", type=int, help="override the shape's vocabulary size (the output head)")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=512)
     parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="bf16 = autocast over fp32 weights")
@@ -281,12 +282,15 @@ def main() -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     heap_kept = steady_heap(args, device)
-    config = ModelConfig(**{**SHAPES[args.shape], "block_size": max(args.seq, SHAPES[args.shape]["block_size"])})
-    meta = dict(shape=args.shape, params=Transformer(config).num_params(), batch=args.batch, seq=args.seq,
-                dtype=args.dtype, device=device_name(device), cpu_heap_kept=heap_kept,
-                threads=torch.get_num_threads(), torch=torch.__version__)
-    print(f"\n{args.shape} ({meta['params'] / 1e6:.1f}M params), batch {args.batch} x seq {args.seq}, {args.dtype}, "
-          f"{meta['device']}, {meta['threads']} threads, torch {torch.__version__}\n")
+    shape = {**SHAPES[args.shape], "block_size": max(args.seq, SHAPES[args.shape]["block_size"])}
+    if args.vocab:
+        shape["vocab_size"] = args.vocab
+    config = ModelConfig(**shape)
+    meta = dict(shape=args.shape, vocab=config.vocab_size, params=Transformer(config).num_params(),
+                batch=args.batch, seq=args.seq, dtype=args.dtype, device=device_name(device),
+                cpu_heap_kept=heap_kept, threads=torch.get_num_threads(), torch=torch.__version__)
+    print(f"\n{args.shape}, vocab {config.vocab_size} ({meta['params'] / 1e6:.1f}M params), batch {args.batch} x "
+          f"seq {args.seq}, {args.dtype}, {meta['device']}, {meta['threads']} threads, torch {torch.__version__}\n")
     record = max_batch(args, config, device, dtype) if args.max_batch else throughput(args, config, device, dtype)
     emit({**meta, **record}, args.json)
 
