@@ -2,10 +2,11 @@
 
 On a GPU, every `.item()`, `int(t)`, `bool(t)` or op with a data-dependent output shape (boolean
 indexing, `nonzero`) makes the host wait for the device. `tests/test_gpu.py` catches that with CUDA's
-sync debug mode; here a dispatch mode records the ATen ops that read a value on the host, so the
-same rule holds on the CPU in CI: a training step that neither logs nor checks the loss, and a
-KV-cached decoding step, read nothing (Mixture-of-Depths decoding reads one flag per routed layer,
-by design: it skips the block when no row routes).
+sync debug mode; here a torch-function mode records tensors turned into Python values and a dispatch
+mode the ops whose output shape depends on values, so the same rule holds on the CPU in CI: a
+training step that neither logs nor checks the loss, and a KV-cached decoding step, read nothing
+(Mixture-of-Depths decoding reads one flag per routed layer, by design: it skips the block when no
+row routes).
 """
 
 from __future__ import annotations
