@@ -71,6 +71,13 @@ def cut_at_stop(text: str, stop: Sequence[str]) -> str:
     return text
 
 
+def completion(model: EvalModel, tokens: list[int], stop: Sequence[str]) -> str:
+    """The text of generated `tokens` as lm-eval's `hf` backend reports it: decoded without special
+    tokens, then cut at the first stop string. (During generation, stops are looked for in the text
+    with special tokens, as lm-eval's stopping criteria do.)"""
+    return cut_at_stop(model.decode(tokens, skip_special_tokens=True), stop)
+
+
 class _StopChecker:
     """Whether a row's newest token completed a stop string (looks at a short decoded tail only)."""
 
@@ -177,7 +184,7 @@ def generate_tokens(model: EvalModel, prompts: Sequence[Sequence[int]], max_new_
 def generate(model: EvalModel, prompts: Sequence[Sequence[int]], max_new_tokens: int, stop: Sequence[str] = (),
              batch_size: int = 16, progress: bool = False, prefill_chunk: int = 2048) -> list[str]:
     """Greedy completions of each prompt, cut at the first stop string (see `DecodingConfig` for the knobs)."""
-    return [cut_at_stop(model.decode(t), stop)
+    return [completion(model, t, stop)
             for t in generate_tokens(model, prompts, max_new_tokens, stop, batch_size, progress, prefill_chunk)]
 
 
@@ -196,15 +203,15 @@ class CotResult:
 
 def answer_confidence(model: EvalModel, tokens: list[int], margins: list[float], span: tuple[int, int] | None) -> float:
     """Mean top-1/top-2 probability margin over the tokens that overlap the answer's character span
-    [start, end) of the decoded completion; 0 when there is no answer."""
+    [start, end) of the completion's text (`completion`); 0 when there is no answer."""
     if span is None:
         return 0.0
     start, end = span
     overlapping, offset = [], 0
     for i in range(len(tokens)):
         # Character offsets of the generated tokens themselves (re-tokenising the text could split it differently).
-        token_end = len(model.decode(tokens[:i + 1]))
-        if offset < end and token_end > start:
+        token_end = len(model.decode(tokens[:i + 1], skip_special_tokens=True))
+        if offset < end and token_end > max(start, offset):  # a special token adds no text: not part of it
             overlapping.append(margins[i])
         offset = token_end
         if offset >= end:
@@ -229,7 +236,7 @@ def cot_decode(model: EvalModel, prompts: Sequence[Sequence[int]], max_new_token
         for b, i in enumerate(index):
             branches = []
             for row in range(b * k, (b + 1) * k):
-                text = cut_at_stop(model.decode(tokens[row]), stop)
+                text = completion(model, tokens[row], stop)
                 span = answer_span(text)
                 branches.append((text, answer_confidence(model, tokens[row], margins[row], span), span))
             out[i] = _choose(branches, aggregate, normalize)
@@ -280,8 +287,7 @@ def generate_thoughts_tokens(model: EvalModel, prompts: Sequence[Sequence[int]],
 def generate_thoughts(model: EvalModel, prompts: Sequence[Sequence[int]], max_new_tokens: int,
                       stop: Sequence[str] = (), progress: bool = False) -> list[str]:
     """Completions from Quiet-STaR generation, cut at the first stop string."""
-    return [cut_at_stop(model.decode(t), stop)
-            for t in generate_thoughts_tokens(model, prompts, max_new_tokens, progress)]
+    return [completion(model, t, stop) for t in generate_thoughts_tokens(model, prompts, max_new_tokens, progress)]
 
 
 def decode_completions(model: EvalModel, prompts: Sequence[Sequence[int]], config: DecodingConfig,
@@ -298,4 +304,4 @@ def decode_completions(model: EvalModel, prompts: Sequence[Sequence[int]], confi
     else:
         tokens = generate_tokens(model, prompts, config.max_new_tokens, stop, config.batch_size, progress,
                                  config.prefill_chunk)
-    return [cut_at_stop(model.decode(t), stop) for t in tokens], sum(map(len, tokens))
+    return [completion(model, t, stop) for t in tokens], sum(map(len, tokens))

@@ -57,8 +57,8 @@ class EvalModel:
         """Token ids of `text`, without special tokens added (as lm-eval encodes contexts)."""
         return self.tokenizer.encode(text, add_special_tokens=False)
 
-    def decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=False)
+    def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
 
 
 def load_eval_model(source: str, tokenizer: str | None = None, device: str | torch.device = "cpu",

@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from evals import gsm8k
 from evals.batching import compact_cache_rows
-from evals.decoding import (CotResult, DecodingConfig, _choose, answer_confidence, cot_decode, cut_at_stop,
-                            decode_completions, generate, generate_thoughts, generate_tokens)
+from evals.decoding import (CotResult, DecodingConfig, _choose, answer_confidence, completion, cot_decode,
+                            cut_at_stop, decode_completions, generate, generate_thoughts, generate_tokens)
 from evals.model import EvalModel
 from evals.scoring import loglikelihood
 from modeldefs import ModelConfig, Transformer
@@ -124,6 +125,27 @@ def test_answer_confidence_averages_the_margins_of_the_tokens_overlapping_the_an
     margins = [0.1, 0.2, 0.3, 0.5, 0.9, 0.0]
     assert answer_confidence(model, tokens, margins, (3, 5)) == pytest.approx(0.7)
     assert answer_confidence(model, tokens, margins, None) == 0.0
+
+
+def test_completions_drop_special_tokens_as_lm_eval_does(smollm2_tokenizer):
+    """lm-eval's `hf` backend decodes a completion with skip_special_tokens, then cuts it at the stops: a
+    special token inside the answer must not split the number that flexible-extract reads, and CoT's
+    confidence must use the same text's character offsets."""
+    model = EvalModel(Transformer(ModelConfig.from_name("micro")), smollm2_tokenizer, torch.device("cpu"),
+                      torch.float32, "micro-random")
+    encode = lambda text: smollm2_tokenizer.encode(text, add_special_tokens=False)  # noqa: E731
+    special = smollm2_tokenizer.convert_tokens_to_ids("<|im_start|>")
+    tokens = encode("The answer is 1") + [special] + encode("8.\n\nQuestion: what next?")
+    text = completion(model, tokens, ["Question:"])
+    assert text == "The answer is 18.\n\n"
+    assert gsm8k.extract_flexible(text) == "18."
+    assert gsm8k.extract_flexible(cut_at_stop(model.decode(tokens), ["Question:"])) == "8."  # specials kept
+    margins = [0.0] * len(tokens)
+    for i, t in enumerate(tokens):
+        if smollm2_tokenizer.decode([t]) in ("1", "8", "."):  # the answer "18.", split by the special token
+            margins[i] = 0.6
+    margins[tokens.index(special)] = 0.1  # adds no text: not part of the answer
+    assert answer_confidence(model, tokens, margins, gsm8k.flexible_span(text)) == pytest.approx(0.6)
 
 
 def test_cot_aggregation_sums_confidence_per_answer():
