@@ -72,12 +72,12 @@ class Transformer(nn.Module):
                 f"sequence length {T} exceeds the model's context (block_size={self.config.block_size});"
                 " shorten the sequence or raise block_size"
             )
-        slots = torch.arange(start_pos, start_pos + T, device=x.device)
         if position_ids is None:
-            position_ids = slots
+            position_ids = torch.arange(start_pos, start_pos + T, device=x.device)
         if start_pos and mask is None and T > 1:
             # New tokens after cached ones attend to the cache up to their own slot. Filling slots
             # 0..T-1 needs no mask: that is plain causal attention, the kernels' fastest path.
+            slots = torch.arange(start_pos, start_pos + T, device=x.device)
             mask = torch.arange(start_pos + T, device=x.device) <= slots[:, None]
         if position_ids.dim() == 1:
             position_ids = position_ids.unsqueeze(0)

@@ -38,6 +38,13 @@ requires_smollm2 = pytest.mark.skipif(
 )
 
 
+def step_reads_values(trainer, pl_module) -> bool:
+    """Whether the training batch about to run may read values on the host: the first step, logging steps
+    and non-finite-loss checks do; every other step must only queue work."""
+    step = trainer.global_step + 1
+    return step == 1 or not step % trainer.log_every_n_steps or not step % pl_module.hparams.finite_check_interval
+
+
 def smoke_config(tmp_path: Path, gsm8k_train: Path, tokenizer_source: str, max_steps: int, compile: bool,
                  name: str = "smoke.yaml") -> str:
     """configs/`name` over `gsm8k_train`, logging every 5 steps to CSV only (runs/smoke/csv, relative to the

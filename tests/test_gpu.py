@@ -14,7 +14,7 @@ import yaml
 
 from modeldefs import ModelConfig, Transformer
 from modeldefs.generate import generate
-from tests.conftest import REPO, smoke_config
+from tests.conftest import REPO, smoke_config, step_reads_values
 from training.cli import run
 
 pytestmark = pytest.mark.gpu
@@ -60,9 +60,7 @@ class FailOnSyncBetweenLoggingSteps(L.Callback):
     next batch's transfer): such steps must queue work without waiting for the GPU."""
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        step = trainer.global_step + 1
-        reads = step == 1 or not step % trainer.log_every_n_steps or not step % pl_module.hparams.finite_check_interval
-        torch.cuda.set_sync_debug_mode("default" if reads else "error")
+        torch.cuda.set_sync_debug_mode("default" if step_reads_values(trainer, pl_module) else "error")
 
     def on_train_end(self, trainer, pl_module) -> None:
         torch.cuda.set_sync_debug_mode("default")

@@ -24,7 +24,7 @@ from modeldefs import ModelConfig, Transformer
 from modeldefs.generate import generate
 from modeldefs.quietstar import QuietStar, ThoughtConfig
 from modeldefs.thought_generate import generate_with_thoughts
-from tests.conftest import REPO, requires_smollm2, smoke_config
+from tests.conftest import REPO, requires_smollm2, smoke_config, step_reads_values
 from training.cli import run
 
 SCALAR_READS = {"__int__", "__bool__", "__float__", "__index__", "__complex__", "item", "tolist", "numpy", "equal",
@@ -96,8 +96,7 @@ class RecordHostReadsBetweenLoggingSteps(L.Callback):
         self._recorder: HostReads | None = None
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        step = trainer.global_step + 1
-        if step == 1 or not step % trainer.log_every_n_steps or not step % pl_module.hparams.finite_check_interval:
+        if step_reads_values(trainer, pl_module):
             return
         self._recorder = HostReads()
         self._recorder.__enter__()
