@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from report import device_name, emit, sync
 from modeldefs import ModelConfig, Transformer
 from modeldefs.quietstar import QuietStar, ThoughtConfig
+from training.parallelize import apply_compile
 from training.quietstar_lm import recompute_mlps
 
 SHAPES = {
@@ -97,6 +98,8 @@ def main() -> None:
     parser.add_argument("--stride", type=int, default=1, help="think at every stride-th position")
     parser.add_argument("--checkpointing", action="store_true", help="recompute every block's MLP in backward")
     parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="bf16 = autocast over fp32 weights")
+    parser.add_argument("--compile", action="store_true",
+                        help="also time a twin of every variant with torch.compile'd blocks (rows '... +compile')")
     parser.add_argument("--steps", type=int, default=2, help="timed steps per round")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--warmup", type=int, default=1)
@@ -111,19 +114,27 @@ def main() -> None:
     x = torch.randint(0, config.vocab_size, (args.batch, args.seq), device=device)
 
     variants: dict[str, tuple[torch.nn.Module, Callable[[torch.Tensor], torch.Tensor], dict]] = {}
-    for copies in sorted({1, args.n_passes}):
-        lm = copy.deepcopy(base).to(device).train()
-        if args.checkpointing:
-            recompute_mlps(lm)
-        variants[f"plain x{copies}"] = (lm, plain_loss(lm, copies), dict(n_ahead=0, n_ahead_talk=0, copies=copies))
-    for n_ahead, talk in itertools.product(args.n_ahead, args.n_ahead_talk):
-        lm = copy.deepcopy(base)
-        if args.checkpointing:
-            recompute_mlps(lm)
-        thoughts = ThoughtConfig(n_ahead=n_ahead, n_ahead_talk=talk, n_passes=args.n_passes, stride=args.stride)
-        model = QuietStar(lm, thoughts, init_token_id=0).to(device).train()
-        variants[f"thought {n_ahead} / talk {talk}"] = (
-            model, lambda x, m=model: m(x).loss, dict(n_ahead=n_ahead, n_ahead_talk=talk, copies=args.n_passes))
+    for compiled in (False, True) if args.compile else (False,):
+        suffix = " +compile" if compiled else ""
+
+        def decoder() -> Transformer:
+            lm = copy.deepcopy(base).to(device)
+            if args.checkpointing:
+                recompute_mlps(lm)
+            if compiled:
+                apply_compile(lm)
+            return lm
+
+        for copies in sorted({1, args.n_passes}):
+            lm = decoder().train()
+            variants[f"plain x{copies}{suffix}"] = (
+                lm, plain_loss(lm, copies), dict(n_ahead=0, n_ahead_talk=0, copies=copies, compiled=compiled))
+        for n_ahead, talk in itertools.product(args.n_ahead, args.n_ahead_talk):
+            thoughts = ThoughtConfig(n_ahead=n_ahead, n_ahead_talk=talk, n_passes=args.n_passes, stride=args.stride)
+            model = QuietStar(decoder(), thoughts, init_token_id=0).train()
+            variants[f"thought {n_ahead} / talk {talk}{suffix}"] = (
+                model, lambda x, m=model: m(x).loss,
+                dict(n_ahead=n_ahead, n_ahead_talk=talk, copies=args.n_passes, compiled=compiled))
 
     steps, memory = {}, {}
     for name, (model, loss_of, _) in variants.items():
@@ -148,10 +159,10 @@ def main() -> None:
             times[name] += time.perf_counter() - t0
 
     n = args.steps * args.rounds
-    plain = times["plain x1"] / n
-    same_copies = times[f"plain x{args.n_passes}"] / n
     results = []
     for name, (_, _, info) in variants.items():
+        suffix = " +compile" if info["compiled"] else ""  # each row against the plain step of its own mode
+        plain, same_copies = (times[f"plain x{c}{suffix}"] / n for c in (1, args.n_passes))
         step_s = times[name] / n
         bound = info["n_ahead"] + info["n_ahead_talk"] if info["n_ahead"] else None
         results.append(dict(variant=name, **info, step_s=round(step_s, 4), x_plain=round(step_s / plain, 2),

@@ -159,8 +159,7 @@ class ThoughtKVCache:
     def __init__(self, batch_size: int, seq_len: int, n_chains: int, max_len: int, device: torch.device) -> None:
         self.seq_len, self.n_chains = seq_len, n_chains
         self.prefix: tuple[torch.Tensor, torch.Tensor] | None = None
-        self.chain_k: list[torch.Tensor] = []
-        self.chain_v: list[torch.Tensor] = []
+        self.chain: tuple[torch.Tensor, torch.Tensor] | None = None  # (B, Hkv, P, passes so far, D) keys, values
         self.routed = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)  # for routed blocks
 
     def repeat_rows(self, copies: int) -> None:
@@ -179,21 +178,25 @@ class ThoughtKVCache:
                                                   enable_gqa=k.size(1) != q.size(1))
         if self.prefix is None:  # a routed layer skipped pass 0 (one token, not routed): those keys are
             self.prefix = (k.new_zeros(k.size(0), k.size(1), T, k.size(3)),) * 2  # masked out, any value does
-        while start_pos > T + len(self.chain_k) * P:  # a routed layer skipped a pass (no row routed): its
-            self.chain_k.append(torch.zeros_like(k))  # keys are masked out as unrouted, any value does
-            self.chain_v.append(torch.zeros_like(v))
-        if start_pos != T + len(self.chain_k) * P or q.size(2) != P or mask is None:
+        done = 0 if self.chain is None else self.chain[0].size(3)  # thought passes cached so far
+        this = (start_pos - T) // P + 1  # this pass's number
+        if (start_pos - T) % P or this <= done or q.size(2) != P or mask is None:
             raise ValueError("ThoughtKVCache takes pass 0, then one slot per chain per pass, in order, with the"
                              " thought mask")
-        self.chain_k.append(k)
-        self.chain_v.append(v)
-        j = len(self.chain_k)
+        new = (k.unsqueeze(3), v.unsqueeze(3))
+        if this > done + 1:  # a routed layer skipped passes (no row routed): their keys are masked out
+            # as unrouted, any value does
+            new = tuple(torch.cat([t.new_zeros(*t.shape[:3], this - done - 1, t.size(4)), t], 3) for t in new)
+        # One tensor grown by concatenation: never written in place, so gradients flow through every pass's
+        # keys, and a compiled block sees a size that grows (one dynamic graph), not a list that lengthens.
+        self.chain = new if self.chain is None else tuple(torch.cat(t, 3) for t in zip(self.chain, new))
+        kc, vc = self.chain                                                               # (B, Hkv, P, j, D)
+        j = kc.size(3)
         B, H, _, D = q.shape
         Hkv = k.size(1)
         G = H // Hkv  # query heads per key/value head
         q = q.reshape(B, Hkv, G, P, D)
         k0, v0 = (t.unsqueeze(2) for t in self.prefix)                                   # (B, Hkv, 1, T, D)
-        kc, vc = (torch.stack(t, 3) for t in (self.chain_k, self.chain_v))               # (B, Hkv, P, j, D)
         # own-chain scores as one matmul batched over chains: (B, Hkv, P, G, D) @ (B, Hkv, P, D, j)
         own_scores = (q.transpose(2, 3) @ kc.transpose(-1, -2)).transpose(2, 3)         # (B, Hkv, G, P, j)
         scores = torch.cat([q @ k0.transpose(-1, -2), own_scores], -1) * D ** -0.5
@@ -278,7 +281,7 @@ class QuietStar(nn.Module):
     def meta_embedding(self, which: Literal["start", "end"], shape: tuple[int, ...]) -> torch.Tensor:
         """The <start> or <end> input vector, scaled back up, broadcast to `shape` + (n_embd,)."""
         vector = self.start_thought if which == "start" else self.end_thought
-        return (vector * self.thought_config.meta_token_scale).expand(*shape, -1)
+        return (vector * self.thought_config.meta_token_scale).expand(*shape, -1).contiguous()
 
     def sample_thought(self, logits: torch.Tensor, temperature: float,
                        generator: torch.Generator | None = None) -> torch.Tensor:
@@ -328,7 +331,7 @@ class QuietStar(nn.Module):
         x = self.meta_embedding("start", (N, P))
         talk, sampled, log_p = [], [], []
         for j in range(1, n_passes):
-            h = lm.hidden(x, positions + j, mask[:, : T + j * P], cache, start_pos=T + (j - 1) * P)
+            h = lm.hidden(x, positions + j, mask[:, : T + j * P].contiguous(), cache, start_pos=T + (j - 1) * P)
             if j <= c.n_sampled:
                 logits = lm.lm_head(h)
                 token = self.sample_thought(logits, temperature, generator)

@@ -7,16 +7,19 @@ from __future__ import annotations
 import platform
 import subprocess
 import sys
+from typing import Any
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from modeldefs import ModelConfig, Transformer
+from modeldefs.quietstar import QuietStar, ThoughtConfig
 from tests.conftest import REPO
 from training.lm import CausalLM
 from training.loss import linear_cross_entropy
 from training.parallelize import apply_activation_checkpointing
+from training.quietstar_lm import recompute_mlps
 
 
 def reference_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -80,6 +83,55 @@ def test_activation_checkpointing_keeps_names_types_and_gradients(policy, mod):
         torch.testing.assert_close(grads[policy][k], g, msg=lambda m: f"{k}: {m}")
 
 
+def saved_activation_bytes(model: torch.nn.Module, x: torch.Tensor) -> int:
+    """Bytes of the distinct tensors autograd keeps for backward in one step (parameters excluded); a
+    compiled graph's saved tensors go through the same hooks."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    kept: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if t.untyped_storage().data_ptr() not in params:
+            kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = model(x).logsumexp(-1).mean()
+    loss.backward()
+    return sum(kept.values())
+
+
+def test_checkpointed_blocks_compile_to_one_graph_that_still_recomputes():
+    """configure_model checkpoints, then compiles each block (torchtitan's order). The compiled blocks
+    must be compiled (dynamo skips a frame that starts in `checkpoint` itself), share one graph over
+    all layers, give eager's gradients, and keep checkpointing's memory saving inside the graph: block
+    keeps less than selective (matmul and attention outputs kept), which keeps less than none."""
+    aot_eager = torch._dynamo.lookup_backend("aot_eager")  # AOT autograd's partitioner, no kernels built
+    config = ModelConfig.from_name("micro", n_layer=4)
+    x = torch.randint(0, config.vocab_size, (2, 32), generator=torch.Generator().manual_seed(0))
+    saved, grads = {}, {}
+    for policy in ("none", "selective", "block"):
+        torch.manual_seed(0)
+        reference = Transformer(config)
+        reference(x).logsumexp(-1).mean().backward()
+        torch.manual_seed(0)
+        model = Transformer(config)
+        apply_activation_checkpointing(model, policy)
+        graphs: list[torch.fx.GraphModule] = []
+
+        def counting(gm: torch.fx.GraphModule, inputs: list) -> Any:
+            graphs.append(gm)
+            return aot_eager(gm, inputs)
+
+        torch._dynamo.reset()
+        for block in model.blocks:
+            block.compile(backend=counting, fullgraph=True)
+        saved[policy] = saved_activation_bytes(model, x)
+        assert len(graphs) == 1, f"{policy}: {len(graphs)} graphs for {config.n_layer} layers"
+        for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+            torch.testing.assert_close(p.grad, q.grad, msg=lambda m: f"{policy} {name}: {m}")
+    assert saved["block"] < saved["selective"] < saved["none"], saved
+
+
 @pytest.mark.parametrize("kind", ["dense", "routed-topk", "routed-causal"])
 def test_every_kind_of_block_compiles_to_one_graph_without_breaks(kind):
     """`apply_compile` compiles each block; a graph break would split it and add host round trips.
@@ -94,6 +146,44 @@ def test_every_kind_of_block_compiles_to_one_graph_without_breaks(kind):
     got = compiled(x, cos, sin)
     got.sum().backward()
     torch.testing.assert_close(got, block(x, cos, sin))
+
+
+@pytest.mark.parametrize("mod_capacity, recompute", [(None, False), (0.5, False), (None, True)])
+def test_quietstar_thought_passes_compile_to_a_few_graphs_whatever_the_thought_length(mod_capacity, recompute):
+    """Every thought pass widens the cache by one slot per chain. Compiled blocks must not get one graph
+    per pass: the 15 passes of configs/quietstar-smollm2-135m.yaml would pass dynamo's recompile limit (8)
+    and run the rest eager. Pass 0, pass 1 and pass 2 get their own graphs, every later pass shares one
+    with dynamic sizes: the same count for 9 and for 15 passes, compiled without breaks and equal to
+    eager; with the MLPs recomputed (`activation_checkpointing: mlp`) too, and not once per layer.
+    (Inductor adds one graph of a routed block for the last pass, whose slice of the routing buffer
+    is the whole buffer.)"""
+    graphs: list[torch.fx.GraphModule] = []
+
+    def counting(gm: torch.fx.GraphModule, inputs: list) -> torch.fx.GraphModule:
+        graphs.append(gm)
+        return gm.forward
+
+    counts = {}
+    for n_ahead in (6, 12):
+        torch.manual_seed(0)
+        config = ModelConfig.from_name("micro", n_layer=4, mod_capacity=mod_capacity, mod_exempt_last=False)
+        model = QuietStar(Transformer(config), ThoughtConfig(n_ahead=n_ahead, n_ahead_talk=4), init_token_id=7)
+        x = torch.randint(0, config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(1))
+        eager = model(x, generator=torch.Generator().manual_seed(0)).loss
+        if recompute:
+            recompute_mlps(model.lm)
+        torch._dynamo.reset()
+        graphs.clear()
+        for block in model.lm.blocks:
+            block.compile(backend=counting, fullgraph=True)
+        for seed in range(2):  # the second step reuses every graph
+            compiled = model(x, generator=torch.Generator().manual_seed(seed)).loss
+            if seed == 0:
+                torch.testing.assert_close(compiled, eager)
+                compiled.backward()
+        counts[n_ahead] = len(graphs)
+    kinds = 1 if mod_capacity is None else 2  # Block.forward, RoutedBlock.forward
+    assert counts[6] == counts[12] == 4 * kinds, counts
 
 
 def test_unknown_activation_checkpointing_policy_is_named():

@@ -9,7 +9,7 @@ nothing of this; none of it changes parameter names or module types, so checkpoi
 from __future__ import annotations
 
 from functools import partial
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Literal
 
 import torch
@@ -41,6 +41,19 @@ def _selective_policy(ctx: Any, op: Any, *args: Any, **kwargs: Any) -> Checkpoin
     return CheckpointPolicy.MUST_SAVE if op in _SAVED_OPS else CheckpointPolicy.PREFER_RECOMPUTE
 
 
+def checkpointed(forward: Callable[..., Any], **options: Any) -> Callable[..., Any]:
+    """`forward`, its activations recomputed in backward (non-reentrant `torch.utils.checkpoint`,
+    `options` passed on). A closure, not `functools.partial(checkpoint, forward)`: a compiled module
+    whose forward is that partial starts in `checkpoint`'s own frame, which dynamo skips (nothing is
+    compiled), and a partial reached as a module attribute is guarded by identity (one graph per
+    layer). This function's frame is traced once and shared by every layer."""
+
+    def run(*args: Any, **kwargs: Any) -> Any:
+        return checkpoint(forward, *args, use_reentrant=False, **options, **kwargs)
+
+    return run
+
+
 def apply_activation_checkpointing(model: Transformer, policy: ActivationCheckpointing) -> None:
     """Recompute each block's activations in backward: all of them ("block") or all but matmul and
     attention outputs ("selective"). The block's own `forward` is wrapped (no wrapper module), so
@@ -50,14 +63,22 @@ def apply_activation_checkpointing(model: Transformer, policy: ActivationCheckpo
     if policy not in ("block", "selective"):
         raise ValueError(f"activation_checkpointing={policy!r}: choose 'none', 'block' or 'selective'")
     for block in model.blocks:
-        kwargs: dict[str, Any] = {"use_reentrant": False}
+        options = {}
         if policy == "selective":
-            kwargs["context_fn"] = partial(create_selective_checkpoint_contexts, _selective_policy)
-        block.forward = partial(checkpoint, block.forward, **kwargs)
+            options["context_fn"] = partial(create_selective_checkpoint_contexts, _selective_policy)
+        block.forward = checkpointed(block.forward, **options)
 
 
 def apply_compile(model: Transformer) -> None:
-    """`torch.compile` each decoder block: one graph per block, reused by every layer of the same kind."""
+    """`torch.compile` each decoder block: one graph per block, reused by every layer of the same kind.
+
+    A block kind runs in several modes, each with a few graphs of its own: training, validation (no
+    grad), KV-cached decoding and, in Quiet-STaR, pass 0, the first thought passes and one dynamic graph
+    for the rest (9 graphs of `Block` and 11 of `RoutedBlock` in a Quiet-STaR-over-MoD fit that
+    validates and samples thoughts). Dynamo's default of 8 per code object would run the last ones
+    eager, so the limit is raised to 32, still a stop for graphs that multiply without bound.
+    """
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
     for block in model.blocks:
         block.compile()
 

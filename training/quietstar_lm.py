@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-from functools import partial
 from typing import Any, Literal
 
 import torch
-from torch.utils.checkpoint import checkpoint as recompute
 
 from modeldefs import ModelConfig, Transformer
 from modeldefs.pretrained import load_pretrained, load_tokenizer
 from modeldefs.quietstar import QuietStar, ThoughtConfig, ThoughtOutput
 from training.lm import CausalLM
-from training.parallelize import DType, apply_compile, apply_fsdp, data_parallel_mesh
+from training.parallelize import DType, apply_compile, apply_fsdp, checkpointed, data_parallel_mesh
 from training.routing import causal_fraction
 
 
@@ -213,7 +211,7 @@ def recompute_mlps(lm: Transformer) -> None:
     Quiet-STaR's thought passes it appends to a KV cache, a side effect that must happen once."""
     for block in lm.blocks:
         # An instance attribute shadows the class's forward, so state-dict keys stay as they are.
-        block.mlp.forward = partial(recompute, block.mlp.forward, use_reentrant=False)
+        block.mlp.forward = checkpointed(block.mlp.forward)
 
 
 def thought_stats(out: ThoughtOutput) -> dict[str, torch.Tensor]:
