@@ -12,7 +12,8 @@ A variant is a base and modifiers:
   qd    quietdepth's training path as `CausalLM` runs it: `Transformer.hidden`, the fused chunked
         head + cross-entropy (`training.loss`), fused AdamW; `+compile` compiles each block
         (`training.parallelize`); `-fusedce` computes full logits + F.cross_entropy instead;
-        `-fusedadamw` uses the default (foreach) AdamW.
+        `-fusedadamw` uses the default (foreach) AdamW; `-acselective` / `-acblock` checkpoint
+        activations (`training.parallelize`, before compiling, as `CausalLM` does).
   mod   qd with Mixture-of-Depths (capacity 0.125, every other block routed) and its auxiliary losses.
 Every variant steps fused AdamW unless `-fusedadamw`. The variants run in alternating rounds so drift
 in the machine's speed hits all alike (`--steps 1 --rounds N` interleaves them step by step, the
@@ -66,18 +67,22 @@ class Variant:
     compile: bool = False
     fused_ce: bool = True
     fused_adamw: bool = True
+    activation_checkpointing: str = "none"
 
     @classmethod
     def parse(cls, name: str) -> Variant:
         base = name.split("+")[0].split("-")[0]
         if base not in ("hf", "qd", "mod"):
             raise ValueError(f"variant {name!r}: the base must be hf, qd or mod")
+        ac = next((p for p in ("selective", "block") if f"-ac{p}" in name), "none")
+        if base == "hf" and ac != "none":
+            raise ValueError(f"variant {name!r}: activation checkpointing (-acselective, -acblock) is quietdepth's")
         return cls(name, base, compile="+compile" in name, fused_ce="-fusedce" not in name and base != "hf",
-                   fused_adamw="-fusedadamw" not in name)
+                   fused_adamw="-fusedadamw" not in name, activation_checkpointing=ac)
 
 
-def build(variant: Variant, config: ModelConfig, seq: int, device: torch.device, dtype: torch.dtype,
-          ac: str = "none") -> tuple[torch.nn.Module, Callable[[torch.Tensor, torch.Tensor], None], int]:
+def build(variant: Variant, config: ModelConfig, seq: int, device: torch.device, dtype: torch.dtype
+          ) -> tuple[torch.nn.Module, Callable[[torch.Tensor, torch.Tensor], None], int]:
     """The model, one training step on (x, y), and the model's training FLOPs per token."""
     torch.manual_seed(0)
     ours = Transformer(ModelConfig(**{**config.to_dict(), **(MOD if variant.base == "mod" else {})}))
@@ -96,7 +101,7 @@ def build(variant: Variant, config: ModelConfig, seq: int, device: torch.device,
             loss_of = torch.compile(loss_of)
     else:
         model = ours.to(device).train()
-        apply_activation_checkpointing(model, ac)
+        apply_activation_checkpointing(model, variant.activation_checkpointing)
         if variant.compile:
             apply_compile(model)
 
@@ -195,7 +200,8 @@ def throughput(args: argparse.Namespace, config: ModelConfig, device: torch.devi
 def step_memory(args: argparse.Namespace, config: ModelConfig, device: torch.device, dtype: torch.dtype,
                 ac: str, batch: int) -> float | None:
     """GiB one `qd` training step needs at this batch (None: out of memory on the GPU)."""
-    model, step, _ = build(Variant.parse("qd+compile" if args.compile else "qd"), config, args.seq, device, dtype, ac)
+    name = ("qd" if ac == "none" else f"qd-ac{ac}") + ("+compile" if args.compile else "")
+    model, step, _ = build(Variant.parse(name), config, args.seq, device, dtype)
     x = torch.randint(0, config.vocab_size, (batch, args.seq), device=device)
     try:
         if device.type == "cuda":

@@ -199,7 +199,7 @@ def test_bad_finite_check_interval_names_the_field():
 def test_throughput_benchmark_prints_its_tables_on_cpu():
     script = REPO / "benchmarks" / "train_throughput.py"
     common = ["--shape", "tiny", "--seq", "32", "--batch", "2", "--threads", "1"]
-    runs = [[*common, "--steps", "1", "--rounds", "1", "--warmup", "1", "--variants", "hf", "qd", "mod"],
+    runs = [[*common, "--steps", "1", "--rounds", "1", "--warmup", "1", "--variants", "hf", "qd", "mod", "qd-acblock"],
             [*common, "--max-batch", "--memory-budget-gib", "0.002", "--batch-limit", "2", "--default-heap"]]
     outputs = []
     for extra in runs:
@@ -207,7 +207,7 @@ def test_throughput_benchmark_prints_its_tables_on_cpu():
                               timeout=300, env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
         assert proc.returncode == 0, proc.stderr[-3000:]
         outputs.append(proc.stdout)
-    for variant in ("hf", "qd", "mod"):
+    for variant in ("hf", "qd", "mod", "qd-acblock"):
         assert f"| {variant} |" in outputs[0]
     for policy in ("none", "selective", "block"):
         assert f"| {policy} |" in outputs[1]
