@@ -279,7 +279,8 @@ class QuietStar(nn.Module):
         return self.lm.lm_head((1 - w) * h_base + w * h_thought), w
 
     def meta_embedding(self, which: Literal["start", "end"], shape: tuple[int, ...]) -> torch.Tensor:
-        """The <start> or <end> input vector, scaled back up, broadcast to `shape` + (n_embd,)."""
+        """The <start> or <end> input vector, scaled back up, copied to `shape` + (n_embd,) (a stride-0
+        broadcast would give compiled blocks an input layout, and a graph, of its own)."""
         vector = self.start_thought if which == "start" else self.end_thought
         return (vector * self.thought_config.meta_token_scale).expand(*shape, -1).contiguous()
 
@@ -331,6 +332,7 @@ class QuietStar(nn.Module):
         x = self.meta_embedding("start", (N, P))
         talk, sampled, log_p = [], [], []
         for j in range(1, n_passes):
+            # contiguous: a column slice's strides differ from pass to pass, and compiled blocks would not share a graph
             h = lm.hidden(x, positions + j, mask[:, : T + j * P].contiguous(), cache, start_pos=T + (j - 1) * P)
             if j <= c.n_sampled:
                 logits = lm.lm_head(h)

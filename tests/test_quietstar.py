@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from modeldefs import ModelConfig, Transformer
 from modeldefs.pretrained import export_hf, load_checkpoint, load_pretrained
-from modeldefs.quietstar import QuietStar, ThoughtConfig, thought_attention_mask
+from modeldefs.quietstar import QuietStar, ThoughtConfig, ThoughtKVCache, thought_attention_mask
 
 # Small but complete: <start>, 2 sampled tokens, <end>, then 3 talk tokens; 2 thoughts per position.
 CONFIG = ThoughtConfig(n_ahead=5, n_ahead_talk=3, n_passes=2)
@@ -201,6 +201,20 @@ def test_mod_thought_pass_that_no_row_routes_skips_the_block_and_still_runs():
             block.router.bias.fill_(-100.0)  # nothing routed: single-chain passes skip the block
     out = model(ids(T=CONFIG.n_ahead_talk + 1), generator=gen())  # one thought position
     assert len(out.positions) == 1 and torch.isfinite(out.loss)
+
+
+def test_thought_cache_refuses_a_pass_out_of_order_or_off_the_pass_grid():
+    T, P, D = 4, 2, 8
+    mask = thought_attention_mask(T, torch.tensor([0, 2]), n_passes=4)
+    cache = ThoughtKVCache(1, T, P, mask.size(1), torch.device("cpu"))
+    x = torch.randn(1, 1, T, D)
+    cache.attend(x, x, x, 0, None)
+    t = torch.randn(1, 1, P, D)
+    cache.attend(t, t, t, T + P, mask[:, : T + 2 * P])  # pass 2 after a skipped pass 1 (a routed layer)
+    for start_pos in (T, T + P, T + 2 * P + 1):  # passes 1 and 2 again, a slot between passes
+        with pytest.raises(ValueError, match="one slot per chain per pass, in order"):
+            cache.attend(t, t, t, start_pos, mask)
+    assert cache.chain[0].shape == (1, 1, P, 2, D)  # the skipped pass holds a masked-out slot
 
 
 def test_stride_thinks_at_every_stride_th_position_only():

@@ -63,7 +63,7 @@ def apply_activation_checkpointing(model: Transformer, policy: ActivationCheckpo
     if policy not in ("block", "selective"):
         raise ValueError(f"activation_checkpointing={policy!r}: choose 'none', 'block' or 'selective'")
     for block in model.blocks:
-        options = {}
+        options: dict[str, Any] = {}
         if policy == "selective":
             options["context_fn"] = partial(create_selective_checkpoint_contexts, _selective_policy)
         block.forward = checkpointed(block.forward, **options)
