@@ -108,11 +108,11 @@ def test_checkpointed_blocks_compile_to_one_graph_that_still_recomputes():
     aot_eager = torch._dynamo.lookup_backend("aot_eager")  # AOT autograd's partitioner, no kernels built
     config = ModelConfig.from_name("micro", n_layer=4)
     x = torch.randint(0, config.vocab_size, (2, 32), generator=torch.Generator().manual_seed(0))
-    saved, grads = {}, {}
+    torch.manual_seed(0)
+    reference = Transformer(config)  # eager, no checkpointing
+    reference(x).logsumexp(-1).mean().backward()
+    saved: dict[str, int] = {}
     for policy in ("none", "selective", "block"):
-        torch.manual_seed(0)
-        reference = Transformer(config)
-        reference(x).logsumexp(-1).mean().backward()
         torch.manual_seed(0)
         model = Transformer(config)
         apply_activation_checkpointing(model, policy)
