@@ -26,7 +26,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from report import device_name, emit, sync
+from report import device_name, emit, saved_activation_bytes, sync
 from modeldefs import ModelConfig, Transformer
 from modeldefs.quietstar import QuietStar, ThoughtConfig
 from training.parallelize import apply_compile
@@ -69,21 +69,14 @@ def plain_loss(lm: Transformer, copies: int) -> Callable[[torch.Tensor], torch.T
 def activation_bytes(model: torch.nn.Module, loss_of: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
                      dtype: torch.dtype) -> int:
     """Bytes of the distinct tensors autograd keeps for backward in one step (parameters excluded)."""
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    kept: dict[int, int] = {}
 
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in params:
-            kept[storage.data_ptr()] = storage.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    def loss() -> torch.Tensor:
         with torch.autocast(x.device.type, dtype=dtype, enabled=dtype != torch.float32):
-            loss = loss_of(x)
-    loss.backward()
+            return loss_of(x)
+
+    kept = saved_activation_bytes(loss, model.parameters())
     model.zero_grad(set_to_none=True)
-    return sum(kept.values())
+    return kept
 
 
 def main() -> None:

@@ -1,4 +1,4 @@
-"""What every benchmark script shares: the device it ran on, timing syncs, and the JSON record."""
+"""What every benchmark script shares: the device it ran on, timing syncs, activation bytes, and the JSON record."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import argparse
 import ctypes
 import json
 import platform
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -56,6 +56,24 @@ def print_profile(title: str, run: Callable[[], None], device: torch.device, row
     sort_by = ("self_" if self_time else "") + ("cuda_time_total" if device.type == "cuda" else "cpu_time_total")
     print(f"\n{title}")
     print(prof.key_averages().table(sort_by=sort_by, row_limit=rows, max_name_column_width=56))
+
+
+def saved_activation_bytes(loss_of: Callable[[], torch.Tensor], params: Iterable[torch.Tensor]) -> int:
+    """Bytes of the distinct tensors autograd keeps for backward while `loss_of()` runs, `params` excluded
+    (a compiled graph's saved tensors count too); then runs the backward, which leaves the gradients."""
+    params = {p.untyped_storage().data_ptr() for p in params}
+    kept: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            kept[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = loss_of()
+    loss.backward()
+    return sum(kept.values())
 
 
 def sync(device: torch.device) -> None:

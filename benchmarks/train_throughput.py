@@ -200,8 +200,8 @@ def throughput(args: argparse.Namespace, config: ModelConfig, device: torch.devi
 def step_memory(args: argparse.Namespace, config: ModelConfig, device: torch.device, dtype: torch.dtype,
                 ac: str, batch: int) -> float | None:
     """GiB one `qd` training step needs at this batch (None: out of memory on the GPU)."""
-    name = ("qd" if ac == "none" else f"qd-ac{ac}") + ("+compile" if args.compile else "")
-    model, step, _ = build(Variant.parse(name), config, args.seq, device, dtype)
+    variant = Variant(f"qd-ac{ac}", "qd", compile=args.compile, activation_checkpointing=ac)
+    model, step, _ = build(variant, config, args.seq, device, dtype)
     x = torch.randint(0, config.vocab_size, (batch, args.seq), device=device)
     try:
         if device.type == "cuda":

@@ -83,28 +83,14 @@ def test_activation_checkpointing_keeps_names_types_and_gradients(policy, mod):
         torch.testing.assert_close(grads[policy][k], g, msg=lambda m: f"{k}: {m}")
 
 
-def saved_activation_bytes(model: torch.nn.Module, x: torch.Tensor) -> int:
-    """Bytes of the distinct tensors autograd keeps for backward in one step (parameters excluded); a
-    compiled graph's saved tensors go through the same hooks."""
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    kept: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        if t.untyped_storage().data_ptr() not in params:
-            kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = model(x).logsumexp(-1).mean()
-    loss.backward()
-    return sum(kept.values())
-
-
-def test_checkpointed_blocks_compile_to_one_graph_that_still_recomputes():
+def test_checkpointed_blocks_compile_to_one_graph_that_still_recomputes(monkeypatch):
     """configure_model checkpoints, then compiles each block (torchtitan's order). The compiled blocks
     must be compiled (dynamo skips a frame that starts in `checkpoint` itself), share one graph over
     all layers, give eager's gradients, and keep checkpointing's memory saving inside the graph: block
     keeps less than selective (matmul and attention outputs kept), which keeps less than none."""
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    from report import saved_activation_bytes  # counts a compiled graph's saved tensors too
+
     aot_eager = torch._dynamo.lookup_backend("aot_eager")  # AOT autograd's partitioner, no kernels built
     config = ModelConfig.from_name("micro", n_layer=4)
     x = torch.randint(0, config.vocab_size, (2, 32), generator=torch.Generator().manual_seed(0))
@@ -125,7 +111,7 @@ def test_checkpointed_blocks_compile_to_one_graph_that_still_recomputes():
         torch._dynamo.reset()
         for block in model.blocks:
             block.compile(backend=counting, fullgraph=True)
-        saved[policy] = saved_activation_bytes(model, x)
+        saved[policy] = saved_activation_bytes(lambda: model(x).logsumexp(-1).mean(), model.parameters())
         assert len(graphs) == 1, f"{policy}: {len(graphs)} graphs for {config.n_layer} layers"
         for (name, p), q in zip(model.named_parameters(), reference.parameters()):
             torch.testing.assert_close(p.grad, q.grad, msg=lambda m: f"{policy} {name}: {m}")
