@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
+from torch._dynamo.utils import counters
 
 from modeldefs import ModelConfig, Transformer
 from modeldefs.quietstar import QuietStar, ThoughtConfig
@@ -26,15 +27,19 @@ def reference_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Ten
     return F.cross_entropy((hidden @ weight.T).float().flatten(0, 1), labels.flatten(), ignore_index=-100)
 
 
-@pytest.mark.parametrize("chunk_size", [1, 7, 64, 1000])
-def test_linear_cross_entropy_matches_full_logits_in_value_and_gradients(chunk_size):
+@pytest.mark.parametrize("chunk_size,compiled", [(1, False), (7, False), (64, False), (1000, False), (7, True),
+                                                 (1000, True)])
+def test_linear_cross_entropy_matches_full_logits_in_value_and_gradients(chunk_size, compiled):
     hidden = torch.randn(3, 21, 16, dtype=torch.float64, requires_grad=True)
     weight = torch.randn(50, 16, dtype=torch.float64, requires_grad=True)
     labels = torch.randint(0, 50, (3, 21))
     labels[0, :5] = -100
     expected = reference_loss(hidden, weight, labels)
     expected_grads = torch.autograd.grad(expected * 3, (hidden, weight))
-    got = linear_cross_entropy(hidden, weight, labels, chunk_size)
+    torch._dynamo.reset()
+    counters.clear()
+    got = linear_cross_entropy(hidden, weight, labels, chunk_size, compiled=compiled)
+    assert counters["stats"]["unique_graphs"] == (1 if compiled else 0)  # one graph for every chunk
     got_grads = torch.autograd.grad(got * 3, (hidden, weight))  # an upstream gradient other than 1
     torch.testing.assert_close(got, expected)
     for g, e in zip(got_grads, expected_grads):
@@ -43,25 +48,41 @@ def test_linear_cross_entropy_matches_full_logits_in_value_and_gradients(chunk_s
         torch.testing.assert_close(linear_cross_entropy(hidden, weight, labels, chunk_size), expected)
 
 
-def test_linear_cross_entropy_under_bf16_autocast_is_close_to_fp32():
+@pytest.mark.parametrize("compiled", [False, True])
+def test_linear_cross_entropy_under_bf16_autocast_is_close_to_fp32(compiled):
     hidden = torch.randn(2, 33, 32, requires_grad=True)
     weight = (torch.randn(300, 32) * 0.1).requires_grad_()
     labels = torch.randint(0, 300, (2, 33))
     expected = reference_loss(hidden, weight, labels)
+    expected_grads = torch.autograd.grad(expected, (hidden, weight))
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        got = linear_cross_entropy(hidden, weight, labels, 16)
+        got = linear_cross_entropy(hidden, weight, labels, 16, compiled=compiled)
     got.backward()
     assert got.dtype == torch.float32 and weight.grad.dtype == torch.float32 and hidden.grad.dtype == torch.float32
     torch.testing.assert_close(got, expected, rtol=2e-2, atol=2e-2)
+    for got_grad, expected_grad in zip((hidden.grad, weight.grad), expected_grads):
+        torch.testing.assert_close(got_grad, expected_grad, rtol=0.05, atol=0.05 * expected_grad.abs().max().item())
 
 
-def test_causal_lm_loss_is_the_same_fused_or_not():
-    lm = {chunk: CausalLM(model="micro", loss_chunk_size=chunk) for chunk in (None, 8)}
+def test_causal_lm_loss_is_the_same_fused_or_not_and_compiled_or_not():
+    lm = {name: CausalLM(model="micro", loss_chunk_size=chunk, compile=compile)
+          for name, chunk, compile in (("full", None, False), ("fused", 8, False), ("compiled", 8, True))}
     for m in lm.values():
         torch.manual_seed(0)
         m.configure_model()
     batch = {"input_ids": torch.randint(0, 256, (2, 20)), "labels": torch.randint(0, 256, (2, 20))}
-    torch.testing.assert_close(lm[8].loss(batch), lm[None].loss(batch))
+    losses = {}
+    for name, m in lm.items():
+        torch._dynamo.reset()
+        counters.clear()
+        losses[name] = m.loss(batch)
+        losses[name].backward()
+        if name == "compiled":  # one graph per block kind, one for the loss's chunks
+            assert counters["stats"]["unique_graphs"] == 2
+    torch.testing.assert_close(losses["fused"], losses["full"])
+    torch.testing.assert_close(losses["compiled"], losses["full"])
+    for p_full, p_compiled in zip(lm["full"].parameters(), lm["compiled"].parameters()):
+        torch.testing.assert_close(p_compiled.grad, p_full.grad, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("policy", ["block", "selective"])

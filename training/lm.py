@@ -62,7 +62,7 @@ class CausalLM(L.LightningModule):
             weight_decay: AdamW decay on matrices and embeddings (never on norms and biases).
             betas: AdamW betas.
             eps: AdamW epsilon.
-            compile: torch.compile each decoder block.
+            compile: torch.compile each decoder block, and each chunk's softmax and gradient in the fused loss.
             check_finite_loss: stop with `NonFiniteLossError` on a NaN/inf loss, and refuse to write a checkpoint
                 whose weights are not finite, so the last one on disk stays good.
             finite_check_interval: read the non-finite-loss flag on the host every this many steps. Each read is a
@@ -151,7 +151,8 @@ class CausalLM(L.LightningModule):
             logits = self.model(batch["input_ids"])
             return F.cross_entropy(logits.flatten(0, 1).float(), batch["labels"].flatten(), ignore_index=-100)
         hidden = self.model.hidden(self.model.embed(batch["input_ids"]))
-        return linear_cross_entropy(hidden, self.model.lm_head.weight, batch["labels"], self.hparams.loss_chunk_size)
+        return linear_cross_entropy(hidden, self.model.lm_head.weight, batch["labels"], self.hparams.loss_chunk_size,
+                                    compiled=self.hparams.compile)
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         accumulate = self.trainer.accumulate_grad_batches

@@ -8,6 +8,11 @@ the projection weight (softmax - one-hot, times the inputs), which backward then
 Peak memory falls by the logits and their gradient; the FLOPs are those of the unfused loss. On the
 2-core CPU at the mid shape it made the step 17% faster, from not materialising the logits
 (benchmarks/RESULTS.md, CPU ablation).
+
+Between a chunk's two matmuls lies memory-bound work: eager, the softmax, loss and gradient pass over
+an fp32 copy of the chunk's logits about ten times. `compiled=True` runs that part as one
+`torch.compile`d function, which reads the logits twice and writes the gradient once (what the model's
+`compile` option turns on).
 """
 
 from __future__ import annotations
@@ -19,17 +24,18 @@ import torch.nn.functional as F
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-                         chunk_size: int = 1024, ignore_index: int = -100) -> torch.Tensor:
+                         chunk_size: int = 1024, ignore_index: int = -100, compiled: bool = False) -> torch.Tensor:
     """Mean cross-entropy of `hidden @ weight.T` against `labels`, without the full logits tensor.
 
     hidden (..., C), weight (V, C), labels (...) with `ignore_index` where no loss is taken.
     Equals `F.cross_entropy((hidden @ weight.T).float().flatten(0, -2), labels.flatten())` (fp32
-    softmax; matmuls in the autocast dtype where autocast is on).
+    softmax; matmuls in the autocast dtype where autocast is on). `compiled`: fuse each chunk's
+    softmax, loss and gradient with `torch.compile`.
     """
     hidden, labels = hidden.flatten(0, -2), labels.flatten()
     if not torch.is_grad_enabled() or not (hidden.requires_grad or weight.requires_grad):
         return _chunked_loss(hidden, weight, labels, chunk_size, ignore_index)
-    return _LinearCrossEntropy.apply(hidden, weight, labels, chunk_size, ignore_index)
+    return _LinearCrossEntropy.apply(hidden, weight, labels, chunk_size, ignore_index, compiled)
 
 
 def _compute_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
@@ -48,10 +54,21 @@ def _chunked_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tens
     return total / (labels != ignore_index).sum()
 
 
+def _loss_and_grad(logits: torch.Tensor, labels: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A chunk's summed loss over the kept rows, and d(row loss)/d(logits) = softmax - one_hot in the
+    logits' dtype (fp32 in between)."""
+    fp32 = logits.float()
+    lse = fp32.logsumexp(dim=-1)
+    loss = ((lse - fp32.gather(1, labels[:, None]).squeeze(1)) * keep).sum()
+    grad = (fp32 - lse[:, None]).exp_()
+    grad.scatter_add_(1, labels[:, None], -torch.ones_like(lse[:, None]))
+    return loss, grad.to(logits.dtype)
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk_size: int,
-                ignore_index: int) -> torch.Tensor:
+                ignore_index: int, compiled: bool) -> torch.Tensor:
         dtype = _compute_dtype(hidden, weight)
         w = weight.to(dtype)
         keep = labels != ignore_index
@@ -63,27 +80,28 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_hidden = torch.empty_like(hidden)
         grad_weight = torch.zeros_like(weight, dtype=torch.float32)
         total = hidden.new_zeros((), dtype=torch.float32)
+        loss_and_grad = _compiled_loss_and_grad if compiled else _loss_and_grad
         with torch.autocast(hidden.device.type, enabled=False):
             for start in range(0, hidden.size(0), chunk_size):
                 h = hidden[start:start + chunk_size].to(dtype)
                 y, k = safe_labels[start:start + chunk_size], keep[start:start + chunk_size]
-                log_probs = torch.log_softmax((h @ w.T).float(), dim=-1)
-                total -= (log_probs.gather(1, y[:, None]).squeeze(1) * k).sum()
-                # d loss / d logits = (softmax - one_hot) * k / count, written over the log-probabilities;
-                # the per-row factor is applied to the (chunk, C) operands, not to the (chunk, V) gradient.
-                grad = log_probs.exp_()
-                grad.scatter_add_(1, y[:, None], -torch.ones_like(y[:, None], dtype=grad.dtype))
-                grad = grad.to(dtype)
+                loss, grad = loss_and_grad(h @ w.T, y, k)
+                total += loss
+                # d loss / d logits = (softmax - one_hot) * k / count: the per-row factor is applied to
+                # the (chunk, C) operands, not to the (chunk, V) gradient.
                 scale = (k * inv_count)[:, None].to(dtype)
                 grad_hidden[start:start + chunk_size] = (grad @ w) * scale
                 if dtype == torch.float32:
                     grad_weight.addmm_(grad.T, h * scale)
-                else:
-                    grad_weight += (grad.T @ (h * scale)).float()
+                else:  # an fp32 accumulator takes the bf16/fp16 product without an fp32 copy of it
+                    grad_weight += grad.T @ (h * scale)
         ctx.save_for_backward(grad_hidden, grad_weight.to(weight.dtype))
         return total / count
 
     @staticmethod
     def backward(ctx: Any, grad_loss: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         grad_hidden, grad_weight = ctx.saved_tensors
-        return grad_hidden * grad_loss, grad_weight * grad_loss, None, None, None
+        return grad_hidden * grad_loss, grad_weight * grad_loss, None, None, None, None
+
+
+_compiled_loss_and_grad = torch.compile(_loss_and_grad)
