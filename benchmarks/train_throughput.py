@@ -10,10 +10,11 @@ A variant is a base and modifiers:
   hf    transformers LlamaForCausalLM (same weights, exported by `to_hf_model`), SDPA attention,
         logits then F.cross_entropy; `+compile` compiles the model and the loss as one function.
   qd    quietdepth's training path as `CausalLM` runs it: `Transformer.hidden`, the fused chunked
-        head + cross-entropy (`training.loss`), fused AdamW; `+compile` compiles each block
-        (`training.parallelize`); `-fusedce` computes full logits + F.cross_entropy instead;
-        `-fusedadamw` uses the default (foreach) AdamW; `-acselective` / `-acblock` checkpoint
-        activations (`training.parallelize`, before compiling, as `CausalLM` does).
+        head + cross-entropy (`training.loss`, `--loss-chunk` tokens per chunk), fused AdamW;
+        `+compile` compiles each block (`training.parallelize`) and the loss's per-chunk softmax and
+        gradient; `-fusedce` computes full logits + F.cross_entropy instead; `-fusedadamw` uses the
+        default (foreach) AdamW; `-acselective` / `-acblock` checkpoint activations
+        (`training.parallelize`, before compiling, as `CausalLM` does).
   mod   qd with Mixture-of-Depths (capacity 0.125, every other block routed) and its auxiliary losses.
 Every variant steps fused AdamW unless `-fusedadamw`. The variants run in alternating rounds so drift
 in the machine's speed hits all alike (`--steps 1 --rounds N` interleaves them step by step, the
@@ -57,7 +58,6 @@ SHAPES = {
     "tiny": ModelConfig.from_name("micro").to_dict(),
 }
 MOD = dict(mod_capacity=0.125, mod_route_every=2, mod_exempt_last=False)
-LOSS_CHUNK = 1024
 
 
 @dataclass
@@ -81,8 +81,8 @@ class Variant:
                    fused_adamw="-fusedadamw" not in name, activation_checkpointing=ac)
 
 
-def build(variant: Variant, config: ModelConfig, seq: int, device: torch.device, dtype: torch.dtype
-          ) -> tuple[torch.nn.Module, Callable[[torch.Tensor, torch.Tensor], None], int]:
+def build(variant: Variant, config: ModelConfig, seq: int, device: torch.device, dtype: torch.dtype,
+          loss_chunk: int) -> tuple[torch.nn.Module, Callable[[torch.Tensor, torch.Tensor], None], int]:
     """The model, one training step on (x, y), and the model's training FLOPs per token."""
     torch.manual_seed(0)
     ours = Transformer(ModelConfig(**{**config.to_dict(), **(MOD if variant.base == "mod" else {})}))
@@ -108,7 +108,8 @@ def build(variant: Variant, config: ModelConfig, seq: int, device: torch.device,
         def loss_of(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
             with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
                 if variant.fused_ce:
-                    loss = linear_cross_entropy(model.hidden(model.embed(x)), model.lm_head.weight, y, LOSS_CHUNK)
+                    loss = linear_cross_entropy(model.hidden(model.embed(x)), model.lm_head.weight, y, loss_chunk,
+                                                compiled=variant.compile)
                 else:
                     loss = F.cross_entropy(model(x).flatten(0, 1).float(), y.flatten())
             return loss + routing_losses(model) if model.routed_blocks else loss
@@ -142,7 +143,7 @@ def throughput(args: argparse.Namespace, config: ModelConfig, device: torch.devi
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
             resident = torch.cuda.memory_allocated()
-        model, step, flops[v.name] = build(v, config, args.seq, device, dtype)
+        model, step, flops[v.name] = build(v, config, args.seq, device, dtype, args.loss_chunk)
         built[v.name] = (model, step)
         for _ in range(args.warmup):
             step(x, y)
@@ -159,11 +160,19 @@ def throughput(args: argparse.Namespace, config: ModelConfig, device: torch.devi
         sync(device)
         times[v.name] += time.perf_counter() - t0
 
+    def profile(v: Variant) -> None:
+        step = built[v.name][1]
+        print_profile(f"profile of one step: {v.name}", lambda: step(x, y), device, args.profile)
+
     if args.sequential:
         for v in variants:
             warm(v)
             for _ in range(args.rounds):
                 timed(v)
+            print(f"{v.name}: {args.batch * args.seq * args.steps * args.rounds / times[v.name]:,.0f} tokens/s"
+                  + (f", peak {peak_mem[v.name]:.1f} GiB" if v.name in peak_mem else ""), flush=True)
+            if args.profile:
+                profile(v)
             del built[v.name]
             gc.collect()
             if device.type == "cuda":
@@ -174,12 +183,9 @@ def throughput(args: argparse.Namespace, config: ModelConfig, device: torch.devi
         for _ in range(args.rounds):
             for v in variants:
                 timed(v)
-
-    if args.profile:
-        for v in variants:
-            if v.name in built:
-                step = built[v.name][1]
-                print_profile(f"profile of one step: {v.name}", lambda: step(x, y), device, args.profile)
+        if args.profile:
+            for v in variants:
+                profile(v)
     tokens = args.batch * args.seq * args.steps * args.rounds
     peak = peak_flops(device, dtype)
     results = []
@@ -197,12 +203,9 @@ def throughput(args: argparse.Namespace, config: ModelConfig, device: torch.devi
     return {"results": results}
 
 
-def step_memory(args: argparse.Namespace, config: ModelConfig, device: torch.device, dtype: torch.dtype,
-                ac: str, batch: int) -> float | None:
-    """GiB one `qd` training step needs at this batch (None: out of memory on the GPU)."""
-    variant = Variant(f"qd-ac{ac}", "qd", compile=args.compile, activation_checkpointing=ac)
-    model, step, _ = build(variant, config, args.seq, device, dtype)
-    x = torch.randint(0, config.vocab_size, (batch, args.seq), device=device)
+def step_memory(model: torch.nn.Module, step: Callable[[torch.Tensor, torch.Tensor], None], x: torch.Tensor,
+                device: torch.device) -> float | None:
+    """GiB one training step of `model` needs on the batch `x` (None: out of memory on the GPU)."""
     try:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
@@ -224,33 +227,59 @@ def step_memory(args: argparse.Namespace, config: ModelConfig, device: torch.dev
     except torch.OutOfMemoryError:
         return None
     finally:
-        del model, step
+        model.zero_grad(set_to_none=True)
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
 
 
+def largest_batch(fits: Callable[[int], float | None], limit: int) -> tuple[int, float | None]:
+    """The largest batch <= `limit` for which `fits` gives the GiB used (None: does not fit), and that GiB:
+    batches 1, 2, 4, ... until one does not fit, then bisection."""
+    lo, lo_gib, hi = 0, None, limit + 1
+    b = 1
+    while b < hi:
+        if (gib := fits(b)) is None:
+            hi = b
+            break
+        lo, lo_gib = b, gib
+        b = min(2 * b, limit) if b < limit else hi
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if (gib := fits(mid)) is not None:
+            lo, lo_gib = mid, gib
+        else:
+            hi = mid
+    return lo, lo_gib
+
+
+def policy_max_batch(args: argparse.Namespace, config: ModelConfig, device: torch.device, dtype: torch.dtype,
+                     ac: str, budget: float) -> dict:
+    """The largest batch of `qd` with activation checkpointing `ac` (one model, `largest_batch`)."""
+    model, step, _ = build(Variant(f"qd-ac{ac}", "qd", compile=args.compile, activation_checkpointing=ac),
+                           config, args.seq, device, dtype, args.loss_chunk)
+
+    def fits(b: int) -> float | None:
+        x = torch.randint(0, config.vocab_size, (b, args.seq), device=device)
+        gib = step_memory(model, step, x, device)
+        print(f"{ac}: batch {b}: " + ("out of memory" if gib is None else f"{gib:.2f} GiB"), flush=True)
+        return gib if gib is not None and gib <= budget else None
+
+    batch, gib = largest_batch(fits, args.batch_limit)
+    return dict(activation_checkpointing=ac, max_batch=batch, memory_gib=None if gib is None else round(gib, 3))
+
+
 def max_batch(args: argparse.Namespace, config: ModelConfig, device: torch.device, dtype: torch.dtype) -> dict:
+    """The largest batch of `qd` per activation-checkpointing policy."""
     if device.type == "cpu" and args.memory_budget_gib is None:
         raise SystemExit("--max-batch on a CPU needs --memory-budget-gib")
     budget = args.memory_budget_gib if args.memory_budget_gib is not None else float("inf")
     results = []
     for ac in ("none", "selective", "block"):
-        def fits(b: int) -> float | None:
-            gib = step_memory(args, config, device, dtype, ac, b)
-            return gib if gib is not None and gib <= budget else None
-
-        lo, hi, lo_gib = 0, 1, None
-        while hi <= args.batch_limit and (gib := fits(hi)) is not None:  # doubling, then bisection
-            lo, hi, lo_gib = hi, hi * 2, gib
-        hi = min(hi, args.batch_limit + 1)
-        while hi - lo > 1:
-            mid = (lo + hi) // 2
-            if (gib := fits(mid)) is not None:
-                lo, lo_gib = mid, gib
-            else:
-                hi = mid
-        results.append(dict(activation_checkpointing=ac, max_batch=lo, memory_gib=None if lo_gib is None else round(lo_gib, 3)))
+        results.append(policy_max_batch(args, config, device, dtype, ac, budget))
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
     what = "peak allocated" if device.type == "cuda" else "state + saved activations (estimate)"
     print(f"| activation checkpointing | largest batch x {args.seq} | {what} (GiB) |\n|---|---|---|")
     for r in results:
@@ -265,6 +294,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=512)
     parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="bf16 = autocast over fp32 weights")
+    parser.add_argument("--loss-chunk", type=int, default=1024,
+                        help="tokens per chunk of qd's fused head + cross-entropy (CausalLM's loss_chunk_size)")
     parser.add_argument("--variants", nargs="+", default=["hf", "hf+compile", "qd", "qd+compile", "mod+compile"])
     parser.add_argument("--steps", type=int, default=5, help="timed steps per round")
     parser.add_argument("--rounds", type=int, default=2)
@@ -293,7 +324,7 @@ def main() -> None:
         shape["vocab_size"] = args.vocab
     config = ModelConfig(**shape)
     meta = dict(shape=args.shape, vocab=config.vocab_size, params=Transformer(config).num_params(),
-                batch=args.batch, seq=args.seq, dtype=args.dtype, device=device_name(device),
+                batch=args.batch, seq=args.seq, dtype=args.dtype, loss_chunk=args.loss_chunk, device=device_name(device),
                 cpu_heap_kept=heap_kept, threads=torch.get_num_threads(), torch=torch.__version__)
     print(f"\n{args.shape}, vocab {config.vocab_size} ({meta['params'] / 1e6:.1f}M params), batch {args.batch} x "
           f"seq {args.seq}, {args.dtype}, {meta['device']}, {meta['threads']} threads, torch {torch.__version__}\n")

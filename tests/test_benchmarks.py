@@ -103,3 +103,21 @@ def test_keep_freed_memory_stops_page_faults_on_reallocation():
     assert applied == "True"
     assert int(before) > 5 * 10_000  # each 64 MB allocation is mapped afresh: ~16k faults
     assert int(after) < 1_000
+
+
+@pytest.mark.parametrize("fits_up_to_gib,limit,expected", [(70, 256, 20), (70, 10, 10), (70, 16, 16), (12, 256, 0),
+                                                           (14, 256, 1), (2000, 256, 256), (40, 256, 10)])
+def test_largest_batch_search_finds_the_boundary(monkeypatch, fits_up_to_gib, limit, expected):
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    from train_throughput import largest_batch
+
+    probes = []
+
+    def fits(batch: int) -> float | None:  # 10 GiB of state, 3 GiB per sample
+        probes.append(batch)
+        gib = 10.0 + 3 * batch
+        return gib if gib <= fits_up_to_gib else None
+
+    batch, gib = largest_batch(fits, limit=limit)
+    assert batch == expected and gib == (10.0 + 3 * expected if expected else None)
+    assert max(probes) <= limit and len(probes) == len(set(probes))  # no batch tried twice
