@@ -73,7 +73,9 @@ def test_steps_between_logging_steps_never_sync_with_the_host(tmp_path, monkeypa
     monkeypatch.chdir(tmp_path)
     config = yaml.safe_load(Path(smoke_config(tmp_path, gsm8k_train, tokenizer_source, max_steps=20, compile=True,
                                               name=config_name)).read_text())
-    config["trainer"]["callbacks"].append({"class_path": "tests.test_gpu.FailOnSyncBetweenLoggingSteps"})
+    # First, so each batch's mode is set before the other callbacks' batch-start hooks run (LearningRateMonitor
+    # copies the learning rate to the device, a sync, on logging steps).
+    config["trainer"]["callbacks"].insert(0, {"class_path": "tests.test_gpu.FailOnSyncBetweenLoggingSteps"})
     config["trainer"].update(enable_progress_bar=True, val_check_interval=100)
     config["model"]["init_args"]["finite_check_interval"] = 10
     (tmp_path / "sync.yaml").write_text(yaml.safe_dump(config))
