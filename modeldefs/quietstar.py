@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from modeldefs.config import dataclass_from_dict
+from modeldefs.logprob import token_log_prob
 from modeldefs.model import Transformer
 
 
@@ -338,8 +339,7 @@ class QuietStar(nn.Module):
                 logits = lm.lm_head(h)
                 token = self.sample_thought(logits, temperature, generator)
                 sampled.append(token)
-                log_p.append((logits.float() / c.reinforce_temperature).log_softmax(-1)
-                             .gather(-1, token.unsqueeze(-1)).squeeze(-1))
+                log_p.append(token_log_prob(logits, token, c.reinforce_temperature))
                 x = lm.embed(token)
             elif j == c.n_ahead - 2:
                 x = self.meta_embedding("end", (N, P))

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from modeldefs import ModelConfig, Transformer
+from modeldefs.logprob import token_log_prob
 from modeldefs.pretrained import export_hf, load_checkpoint, load_pretrained
 from modeldefs.quietstar import QuietStar, ThoughtConfig, ThoughtKVCache, thought_attention_mask
 
@@ -147,6 +148,38 @@ def _trained_looking(model: QuietStar) -> QuietStar:
         for p in model.mixing_head.parameters():
             p.add_(torch.randn_like(p))
     return model
+
+
+def reference_log_prob(logits: torch.Tensor, tokens: torch.Tensor, temperature: float) -> torch.Tensor:
+    return (logits.float() / temperature).log_softmax(-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 3.0])
+def test_token_log_prob_equals_log_softmax_in_value_and_gradient(temperature):
+    logits = torch.randn(3, 5, 300, dtype=torch.float64, requires_grad=True)
+    tokens = torch.randint(0, 300, (3, 5))
+    upstream = torch.randn(3, 5)  # as REINFORCE's advantages weight them
+    expected = reference_log_prob(logits, tokens, temperature)
+    (expected_grad,) = torch.autograd.grad((expected * upstream).sum(), logits)
+    got = token_log_prob(logits, tokens, temperature)
+    (got_grad,) = torch.autograd.grad((got * upstream).sum(), logits)
+    torch.testing.assert_close(got, expected)
+    torch.testing.assert_close(got_grad, expected_grad)
+
+
+def test_token_log_prob_keeps_bf16_logits_not_an_fp32_log_softmax():
+    logits = torch.randn(4, 7, 500, requires_grad=True)
+    tokens = torch.randint(0, 500, (4, 7))
+    kept = {}
+    for name, log_prob in (("reference", reference_log_prob), ("ours", token_log_prob)):
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            got = log_prob(logits.bfloat16(), tokens, 2.0)
+        storages = {t.untyped_storage().data_ptr(): t.untyped_storage() for t in saved if t.size(-1) == 500}
+        kept[name] = sum(s.nbytes() for s in storages.values())  # gather saves log_softmax's output again
+        got.sum().backward()
+    assert kept["reference"] == 4 * 7 * 500 * 4  # the fp32 log-softmax
+    assert kept["ours"] == 4 * 7 * 500 * 2  # the bf16 logits
 
 
 def test_meta_tokens_and_mixing_head_survive_a_checkpoint_bit_exact(tmp_path):
