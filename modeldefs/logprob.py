@@ -1,9 +1,10 @@
 """Log-probabilities of chosen tokens that keep the logits, not an fp32 log-softmax, for backward.
 
-`(logits.float() / t).log_softmax(-1).gather(tokens)` keeps its (..., V) fp32 output until backward.
-Quiet-STaR takes one such log-probability per sampled thought token. `token_log_prob` keeps the
-logits in their own dtype (bf16 under autocast: half the bytes) and a log-normaliser per row, and
-recomputes the softmax in backward from them: the same arithmetic, no extra matmul.
+`(logits.float() / t).log_softmax(-1).gather(tokens)`, and `F.cross_entropy` likewise, keep a
+(..., V) fp32 log-softmax until backward. Quiet-STaR takes one per sampled thought token and scores
+every talk token and every plain next token. `token_log_prob` keeps the logits in their own dtype
+(bf16 under autocast: half the bytes; the same tensor where the caller keeps the logits anyway) and
+a log-normaliser per row, and recomputes the softmax in backward: the same arithmetic, no extra matmul.
 """
 
 from __future__ import annotations

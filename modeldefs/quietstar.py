@@ -376,13 +376,11 @@ class QuietStar(nn.Module):
         h0, h_talk, sampled, log_p = self.think(input_ids, positions, targets[..., :-1], c.thought_temperature,
                                                 generator, copies=c.n_passes)
         base_logits = self.lm.lm_head(h0)                                         # once per example
-        V = base_logits.size(-1)
-        token_nll = F.cross_entropy(base_logits[:, :-1].reshape(-1, V).float(), input_ids[:, 1:].reshape(-1),
-                                    reduction="none").view(B, T - 1)
+        # NLLs as -token_log_prob: backward keeps the logits (returned anyway), not an fp32 log-softmax
+        token_nll = -token_log_prob(base_logits[:, :-1], input_ids[:, 1:])       # (B, T - 1)
         base_talk_nll = per_sample(token_nll[:, talk_positions - 1])              # (N, P, K)
         mixed_logits, w = self.mix(per_sample(h0[:, talk_positions - 1]), h_talk)
-        mixed_nll = F.cross_entropy(mixed_logits.flatten(0, 2).float(), targets.reshape(-1),
-                                    reduction="none").view_as(targets)
+        mixed_nll = -token_log_prob(mixed_logits, targets)                        # (N, P, K)
 
         reward = (base_talk_nll - mixed_nll).detach().sum(-1)                     # (N, P)
         advantage = reward
