@@ -54,7 +54,8 @@ def _chunked_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tens
     return total / (labels != ignore_index).sum()
 
 
-def _loss_and_grad(logits: torch.Tensor, labels: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _loss_and_grad(logits: torch.Tensor, labels: torch.Tensor,
+                   keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """A chunk's summed loss over the kept rows, and d(row loss)/d(logits) = softmax - one_hot in the
     logits' dtype (fp32 in between)."""
     fp32 = logits.float()
