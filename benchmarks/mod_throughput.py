@@ -4,8 +4,10 @@
     python benchmarks/mod_throughput.py --shape smollm2-135m --dtype bf16 --batch 16 --seq 2048 --compile
 
 Each variant (dense, then MoD at each capacity, every other block routed from layer 1, the last
-layer included) is built with the same seed, warmed up, then timed on full training steps: forward,
-cross-entropy plus the MoD auxiliary losses, backward, AdamW. Two ways to time them:
+layer included) is built with the same seed, warmed up, then timed on full training steps as
+`CausalLM` runs them: forward, the fused chunked head + cross-entropy (`training.loss`) plus the MoD
+auxiliary losses, backward, fused AdamW; `--compile` compiles as `compile: true` does (each block,
+and the loss's chunks). Two ways to time them:
 - by default one variant is resident at a time (what a GPU at the large shapes can hold) and
   `--rounds` repeats the whole sweep, every other round in reverse order, so one-off costs of the
   process do not favour the variants timed first; a variant's figures are its fastest round's;
@@ -28,11 +30,12 @@ import time
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from report import add_heap_option, device_name, emit, print_profile, steady_heap, sync
 from modeldefs import ModelConfig, Transformer
+from training.loss import linear_cross_entropy
+from training.parallelize import apply_compile
 from training.routing import routing_losses
 
 SHAPES = {
@@ -60,13 +63,12 @@ def prepare(config: ModelConfig, args: argparse.Namespace, device: torch.device,
         model(x)
     forward_flops = counter.get_total_flops() / x.numel()
     if args.compile:
-        for block in model.blocks:
-            block.compile()
+        apply_compile(model)
 
     def step() -> None:
         with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-            logits = model(x)
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
+            hidden = model.hidden(model.embed(x))
+            loss = linear_cross_entropy(hidden, model.lm_head.weight, y, args.loss_chunk, compiled=args.compile)
         if model.routed_blocks:
             loss = loss + routing_losses(model)
         loss.backward()
@@ -149,7 +151,9 @@ def main() -> None:
     parser.add_argument("--interleave", action="store_true",
                         help="keep every variant resident and run them in turn, step by step (for a machine whose "
                         "speed drifts, like a shared CPU; needs the memory of all of them)")
-    parser.add_argument("--compile", action="store_true", help="torch.compile each block")
+    parser.add_argument("--compile", action="store_true", help="torch.compile each block and the loss's chunks")
+    parser.add_argument("--loss-chunk", type=int, default=1024,
+                        help="tokens per chunk of the fused head + cross-entropy (CausalLM's loss_chunk_size)")
     add_heap_option(parser)
     parser.add_argument("--profile", type=int, default=0, metavar="ROWS",
                         help="after timing, profile two steps of each variant and print the top ROWS operators")
@@ -182,7 +186,7 @@ def main() -> None:
         r["flop_ratio_dense_over_this"] = round(dense["forward_gflops_per_token"] / r["forward_gflops_per_token"], 3)
     meta = dict(shape=args.shape, n_layer=base["n_layer"], n_embd=base["n_embd"], vocab=base["vocab_size"],
                 routed_layers=list(Transformer(variants[list(variants)[-1]]).routed_blocks) if args.capacities else [],
-                batch=args.batch, seq=args.seq, dtype=args.dtype, compile=args.compile,
+                batch=args.batch, seq=args.seq, dtype=args.dtype, compile=args.compile, loss_chunk=args.loss_chunk,
                 timing="interleaved" if args.interleave else f"{args.rounds} rounds", steps=args.steps,
                 device=device_name(device), cpu_heap_kept=heap_kept,
                 threads=torch.get_num_threads(), torch=torch.__version__)
