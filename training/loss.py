@@ -17,6 +17,8 @@ an fp32 copy of the chunk's logits about ten times. `compiled=True` runs that pa
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -66,6 +68,11 @@ def _loss_and_grad(logits: torch.Tensor, labels: torch.Tensor,
     return loss, grad.to(logits.dtype)
 
 
+@functools.cache
+def _compiled_loss_and_grad() -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
+    return torch.compile(_loss_and_grad)  # on first use: importing this module stays free of dynamo
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk_size: int,
@@ -81,7 +88,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_hidden = torch.empty_like(hidden)
         grad_weight = torch.zeros_like(weight, dtype=torch.float32)
         total = hidden.new_zeros((), dtype=torch.float32)
-        loss_and_grad = _compiled_loss_and_grad if compiled else _loss_and_grad
+        loss_and_grad = _compiled_loss_and_grad() if compiled else _loss_and_grad
         with torch.autocast(hidden.device.type, enabled=False):
             for start in range(0, hidden.size(0), chunk_size):
                 h = hidden[start:start + chunk_size].to(dtype)
@@ -103,6 +110,3 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def backward(ctx: Any, grad_loss: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         grad_hidden, grad_weight = ctx.saved_tensors
         return grad_hidden * grad_loss, grad_weight * grad_loss, None, None, None, None
-
-
-_compiled_loss_and_grad = torch.compile(_loss_and_grad)
