@@ -237,13 +237,12 @@ def largest_batch(fits: Callable[[int], float | None], limit: int) -> tuple[int,
     """The largest batch <= `limit` for which `fits` gives the GiB used (None: does not fit), and that GiB:
     batches 1, 2, 4, ... until one does not fit, then bisection."""
     lo, lo_gib, hi = 0, None, limit + 1
-    b = 1
-    while b < hi:
+    while lo < limit:
+        b = min(2 * lo, limit) if lo else 1
         if (gib := fits(b)) is None:
             hi = b
             break
         lo, lo_gib = b, gib
-        b = min(2 * b, limit) if b < limit else hi
     while hi - lo > 1:
         mid = (lo + hi) // 2
         if (gib := fits(mid)) is not None:
