@@ -44,8 +44,9 @@ def parse_limits(text: str) -> dict[str, int]:
     return limits
 
 
-def load_models(source: str, batch_size: int, hf_batch_size: int, pack_tokens: int):
-    """(lm-eval HFLM, quietdepth LM, load seconds of each) on the same weights, CPU or the first GPU."""
+def load_models(source: str, batch_size: int, hf_batch_size: int, pack_tokens: int, dtype: str):
+    """(lm-eval HFLM, quietdepth LM, load seconds of each) on the same weights in the same `dtype`, CPU or
+    the first GPU."""
     from lm_eval.models.huggingface import HFLM
 
     from evals.lm_eval_adapter import QuietdepthLM
@@ -54,10 +55,10 @@ def load_models(source: str, batch_size: int, hf_batch_size: int, pack_tokens: i
     device = "cuda" if torch.cuda.is_available() else "cpu"
     path, kwargs = _from_pretrained_args(source)
     start = time.perf_counter()
-    hf = HFLM(pretrained=path, device=device, batch_size=hf_batch_size, dtype="float32", **kwargs)
+    hf = HFLM(pretrained=path, device=device, batch_size=hf_batch_size, dtype=dtype, **kwargs)
     hf_load = time.perf_counter() - start
     start = time.perf_counter()
-    ours = QuietdepthLM(source, device=device, batch_size=batch_size, pack_tokens=pack_tokens)
+    ours = QuietdepthLM(source, device=device, batch_size=batch_size, pack_tokens=pack_tokens, dtype=dtype)
     return time_requests(hf), time_requests(ours), hf_load, time.perf_counter() - start
 
 
@@ -125,6 +126,8 @@ def main() -> None:
     parser.add_argument("--limit", default="", help="documents per task, e.g. gsm8k_local=20 (default: all)")
     parser.add_argument("--batch-size", type=int, default=32, help="quietdepth: prompts (generation) or packed rows (scoring) per forward")
     parser.add_argument("--pack-tokens", type=int, default=512, help="quietdepth: most tokens per packed scoring row")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                        help="weights and compute of both backends")
     parser.add_argument("--hf-batch-size", type=int, default=32, help="lm-eval hf backend batch size")
     parser.add_argument("--rounds", type=int, default=2,
                         help="runs of each task per backend, in alternating order; each side's fastest counts")
@@ -138,11 +141,12 @@ def main() -> None:
     limits = parse_limits(args.limit)
     tasks = args.tasks.split(",")
     task_manager = TaskManager(include_path=str(TASKS_DIR), include_defaults=False)
-    hf, ours, hf_load, ours_load = load_models(args.model, args.batch_size, args.hf_batch_size, args.pack_tokens)
+    hf, ours, hf_load, ours_load = load_models(args.model, args.batch_size, args.hf_batch_size, args.pack_tokens,
+                                                args.dtype)
     tokenizer = ours.model.tokenizer
     record: dict[str, Any] = {
         "benchmark": "eval_speed", "model": args.model, "device": device_name(ours.model.device),
-        "threads": torch.get_num_threads(), "torch": torch.__version__, "batch_size": args.batch_size,
+        "threads": torch.get_num_threads(), "torch": torch.__version__, "dtype": args.dtype, "batch_size": args.batch_size,
         "hf_batch_size": args.hf_batch_size, "pack_tokens": args.pack_tokens, "rounds": args.rounds,
         "cpu_heap_kept": heap_kept, "load_seconds": {"lm-eval hf": hf_load, "quietdepth": ours_load},
         "tasks": {}}
@@ -165,7 +169,7 @@ def main() -> None:
             rows.append(f"| {task} | {side} | {r['n']} | {r['request_seconds']:.1f} | {r['seconds']:.1f} | "
                         f"{r['tokens_per_s']:.0f} | {metrics} | "
                         + (f"{result['speedup']:.2f}× |" if side == "quietdepth" else "|"))
-    print(f"\n{args.model} on {record['device']} ({record['threads']} threads), torch {torch.__version__}; "
+    print(f"\n{args.model} on {record['device']} ({record['threads']} threads), torch {torch.__version__}, {args.dtype}; "
           f"batch size quietdepth {args.batch_size}, lm-eval hf {args.hf_batch_size}; fastest of {args.rounds} "
           f"round(s), alternating order" + ("; CPU heap kept" if heap_kept else "") + "\n")
     print("| task | backend | n | model s | wall s | tokens/s | accuracy ± stderr | speed-up (model s) |")

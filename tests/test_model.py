@@ -2,8 +2,10 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from modeldefs import ModelConfig, Transformer
+from modeldefs.attention import KVCache
 from modeldefs.generate import generate, sample_next
 
 
@@ -61,6 +63,27 @@ def test_kv_cache_greedy_generation_equals_full_recompute(n_kv_head):
         for _ in range(10):
             seq = torch.cat([seq, model(seq)[:, -1].argmax(-1, keepdim=True)], dim=1)
     assert torch.equal(out, seq)
+
+
+@pytest.mark.parametrize("n_kv_head", [1, 3, 9])
+@pytest.mark.parametrize("masked", [False, True])
+def test_one_token_cache_attention_equals_attention_over_repeated_keys(n_kv_head, masked):
+    """A decoding step attends each query head to its group's key/value head (grouped-query attention's
+    definition: keys and values repeated per query head), with or without a key mask."""
+    torch.manual_seed(0)
+    B, H, S, D = 3, 9, 11, 8
+    cache = KVCache(B, n_kv_head, S, D, torch.float32)
+    k, v = torch.randn(B, n_kv_head, S, D), torch.randn(B, n_kv_head, S, D)
+    cache.update(0, k[:, :, :-1], v[:, :, :-1])
+    q = torch.randn(B, H, 1, D)
+    mask = torch.rand(B, 1, 1, S) > 0.3 if masked else None
+    if masked:
+        mask[..., -1] = True
+    out = cache.attend(q, k[:, :, -1:], v[:, :, -1:], S - 1, mask)
+    repeat = H // n_kv_head
+    expected = F.scaled_dot_product_attention(q, k.repeat_interleave(repeat, 1), v.repeat_interleave(repeat, 1),
+                                              attn_mask=mask)
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-6)
 
 
 def test_chunked_cache_fill_equals_one_forward_and_overflow_or_a_slot_without_cache_is_refused():
