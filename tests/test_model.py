@@ -75,7 +75,7 @@ def test_one_token_cache_attention_equals_attention_over_repeated_keys(n_kv_head
     cache = KVCache(B, n_kv_head, S, D, torch.float32)
     k, v = torch.randn(B, n_kv_head, S, D), torch.randn(B, n_kv_head, S, D)
     cache.update(0, k[:, :, :-1], v[:, :, :-1])
-    q = torch.randn(B, H, 1, D)
+    q = torch.randn(B, 1, H, D).transpose(1, 2)  # the attention layer's layout: heads split off the features
     mask = torch.rand(B, 1, 1, S) > 0.3 if masked else None
     if masked:
         mask[..., -1] = True
