@@ -1,9 +1,9 @@
-"""Left-padded batches for KV-cached decoding: the valid-slot mask, the prefill, cache rows.
+"""KV-cache rows for continuous batching: prefill one prompt, copy it into a row, compact, shift.
 
-All rows of a batch share the KV-cache slots (one start slot for the batch), so shorter prompts
-are right-aligned: every row's last prompt token sits in the same slot and decoding appends in
-lockstep. The padding slots in front are masked out as keys, and each row's rotary positions start
-at 0 at its first real token, so a row computes what it would alone.
+All rows of the decoding cache share its slots: each step writes every row's new token into the same
+slot. A prompt joins a row right-aligned so that it ends just before that slot; the slots in front of
+it, left by the row's earlier occupants, are masked out as keys, and its rotary positions start at 0
+at its first token, so a row computes what it would alone.
 """
 
 from __future__ import annotations
@@ -13,39 +13,29 @@ from collections.abc import Callable, Sequence
 import torch
 
 
-def valid_slots(prompts: Sequence[Sequence[int]], device: torch.device) -> torch.Tensor:
-    """(B, T) bool, T the longest prompt: True at the slots a right-aligned prompt occupies."""
-    T = max(len(p) for p in prompts)
-    lengths = torch.tensor([len(p) for p in prompts])
-    return (torch.arange(T) >= T - lengths[:, None]).to(device)
+def _slot_axis(buffer: torch.Tensor) -> int:
+    """Keys/values are (rows, heads, slots, dim); Mixture-of-Depths routing flags are (rows, slots)."""
+    return 2 if buffer.dim() == 4 else 1
 
 
-def prefill(lm: torch.nn.Module, prompts: Sequence[Sequence[int]], cache: list[torch.nn.Module],
-            chunk: int) -> torch.Tensor:
-    """Run each prompt into its row of `cache`, right-aligned at the longest prompt's length, `chunk`
-    tokens per forward; last-position logits (B, V).
+def prefill_prompt(lm: torch.nn.Module, prompt: Sequence[int], chunk: int) -> tuple[list[torch.nn.Module], torch.Tensor]:
+    """A one-row KV cache holding `prompt` (run `chunk` tokens per forward, no padding), and the
+    logits (V,) that follow it (only the last position goes through the output head)."""
+    if not prompt:
+        raise ValueError("a prompt is empty; generation needs at least one token")
+    own = lm.make_kv_cache(1, len(prompt))
+    ids = torch.tensor([list(prompt)], device=lm.embed.weight.device)
+    for start in range(0, len(prompt), chunk):
+        hidden = lm.hidden(lm.embed(ids[:, start:start + chunk]), kv_cache=own, start_pos=start)
+    return own, lm.lm_head(hidden[0, -1])
 
-    Rows run one at a time into a one-row cache that is then copied over, so no padding is computed
-    (a batch of few-shot prompts of mixed lengths is up to a third padding), and only the last
-    position goes through the output head.
-    """
-    device = lm.embed.weight.device
-    T = max(len(p) for p in prompts)
-    last = []
-    for row, prompt in enumerate(prompts):
-        n = len(prompt)
-        if n == 0:
-            raise ValueError(f"prompt {row} of the batch is empty; generation needs at least one token")
-        own = lm.make_kv_cache(1, n)
-        ids = torch.tensor([list(prompt)], device=device)
-        for start in range(0, n, chunk):
-            hidden = lm.hidden(lm.embed(ids[:, start:start + chunk]), kv_cache=own, start_pos=start)
-        last.append(hidden[0, -1])
-        for mine, shared in zip(own, cache):
-            for name, buffer in mine.named_buffers(recurse=False):
-                slot_axis = 2 if buffer.dim() == 4 else 1  # keys/values (B, heads, slots, dim); routing flags (B, slots)
-                getattr(shared, name)[row:row + 1].narrow(slot_axis, T - n, n).copy_(buffer)
-    return lm.lm_head(torch.stack(last))
+
+def copy_into_row(own: list[torch.nn.Module], cache: list[torch.nn.Module], row: int, first_slot: int) -> None:
+    """Copy a one-row cache (`prefill_prompt`) into row `row` of `cache`, from slot `first_slot` on."""
+    for mine, shared in zip(own, cache):
+        for name, buffer in mine.named_buffers(recurse=False):
+            axis = _slot_axis(buffer)
+            getattr(shared, name)[row:row + 1].narrow(axis, first_slot, buffer.size(axis)).copy_(buffer)
 
 
 def _replace_buffers(cache: list[torch.nn.Module], new: Callable[[torch.Tensor], torch.Tensor]) -> None:
@@ -53,11 +43,6 @@ def _replace_buffers(cache: list[torch.nn.Module], new: Callable[[torch.Tensor],
     for layer in cache:
         for name, buffer in list(layer.named_buffers(recurse=False)):
             setattr(layer, name, new(buffer))
-
-
-def select_cache_rows(cache: list[torch.nn.Module], rows: torch.Tensor) -> None:
-    """Keep (or repeat) batch rows `rows` of every layer's cache buffers (keys, values, routing), in place."""
-    _replace_buffers(cache, lambda buffer: buffer.index_select(0, rows))
 
 
 def compact_cache_rows(cache: list[torch.nn.Module], alive: Sequence[int]) -> list[int]:
@@ -81,3 +66,14 @@ def compact_cache_rows(cache: list[torch.nn.Module], alive: Sequence[int]) -> li
 
     _replace_buffers(cache, keep)
     return order
+
+
+def shift_cache_slots(cache: list[torch.nn.Module], first: int, end: int) -> None:
+    """Move slots first .. end - 1 of every row to slots 0 .. end - first - 1, in place (the slots in
+    front of `first` are no longer attended to by any row)."""
+    def shift(buffer: torch.Tensor) -> torch.Tensor:
+        axis = _slot_axis(buffer)
+        buffer.narrow(axis, 0, end - first).copy_(buffer.narrow(axis, first, end - first).clone())
+        return buffer
+
+    _replace_buffers(cache, shift)

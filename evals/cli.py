@@ -61,7 +61,7 @@ def run_parser() -> argparse.ArgumentParser:
     p.add_argument("--cot-k", nargs="+", type=_positive, default=[10], help="CoT-decoding branch counts (one variant each)")
     p.add_argument("--cot-aggregate", action="store_true", help="CoT-decoding: sum confidence per answer (paper's agg)")
     p.add_argument("--max-new-tokens", type=_positive, default=256)
-    p.add_argument("--batch-size", type=_positive, default=16, help="prompts (generation) or packed rows (scoring) per forward")
+    p.add_argument("--batch-size", type=_positive, default=16, help="rows per forward: completions being generated (each CoT branch is one) or packed rows (scoring)")
     p.add_argument("--prefill-chunk", type=_positive, default=2048, help="tokens per forward when reading prompts")
     p.add_argument("--pack-tokens", type=_positive, default=512,
                    help="log-likelihood scoring: most tokens per packed row (rows are as long as the longest context group)")

@@ -1,15 +1,16 @@
 """Decoding for evaluation: batched greedy generation, CoT-decoding, and generation with thoughts.
 
 All three stop at the tokenizer's EOS and at stop strings, and cut the returned text at the first
-stop string (lm-eval's `generate_until`). Greedy runs batches of prompts (longest first) through one
-KV cache, each prompt prefilled without padding; a finished row leaves the batch at once (an
-unfinished row from the end of the batch takes its place in the cache), so a batch costs what its
-unfinished rows cost. Stop strings are checked once per step on the tokens just produced: that check
-is the only host synchronisation per token.
+stop string (lm-eval's `generate_until`). Greedy and CoT-decoding batch continuously: a fixed number
+of rows share one KV cache, each prompt is prefilled alone (no padding), and a row whose continuation
+ends takes the next prompt at once, so the batch stays full until the prompts run out (then finished
+rows leave it). Stop strings are checked once per step on the tokens just produced: that check is the
+only host synchronisation per token.
 """
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
@@ -17,7 +18,7 @@ from typing import Literal
 import torch
 from tqdm.auto import tqdm
 
-from evals.batching import compact_cache_rows, prefill, select_cache_rows, valid_slots
+from evals.batching import compact_cache_rows, copy_into_row, prefill_prompt, shift_cache_slots
 from evals.model import EvalModel
 
 Variant = Literal["greedy", "cot", "thoughts"]
@@ -33,8 +34,8 @@ class DecodingConfig:
     max_new_tokens: int = 256
     """Generated tokens per completion at most (lm-eval's GSM8K default)."""
     batch_size: int = 16
-    """Rows per forward pass: prompts, or for CoT-decoding batch_size // cot_k prompts (at least one)
-    of cot_k branches each; in log-likelihood scoring, packed rows."""
+    """Rows per forward pass: continuations being generated (a CoT-decoding prompt's cot_k branches are
+    cot_k continuations); in log-likelihood scoring, packed rows."""
     prefill_chunk: int = 2048
     """Prompt tokens per forward when filling the KV cache (prompts are prefilled one at a time;
     bounds the activation memory of long prompts). A prompt within one chunk runs as plain causal
@@ -100,85 +101,121 @@ def _prompt_limit(model: EvalModel, max_new_tokens: int) -> int:
     return limit
 
 
-def _decode_rows(model: EvalModel, prompts: list[list[int]], max_new_tokens: int, stop: Sequence[str],
-                 chunk: int, branches: int = 1) -> tuple[list[list[int]], list[list[float]]]:
-    """Greedy continuations of a batch of prompts, and per token the top-1 minus top-2 probability
-    of the distribution it came from (CoT-decoding only; zeros otherwise).
+def _decode_rows(model: EvalModel, prompts: Sequence[Sequence[int]], max_new_tokens: int, stop: Sequence[str],
+                 chunk: int, rows: int, branches: int = 1,
+                 desc: str = "generate", progress: bool = False) -> tuple[list[list[int]], list[list[float]]]:
+    """Greedy continuations of every prompt, and per token the top-1 minus top-2 probability of the
+    distribution it came from (CoT-decoding only; zeros otherwise).
 
-    branches > 1: every prompt is continued `branches` times, row j forced to the j-th most likely
-    first token (CoT-decoding); rows come out prompt-major.
+    Continuous batching: up to `rows` continuations decode in lockstep, one token each per forward. A
+    row whose continuation ends (EOS, a stop string, max_new_tokens) takes the next waiting one at
+    once: its prompt, prefilled alone, is copied in to end just before the slot the step writes.
+    Prompts start longest first, so a prompt always fits in front of that slot; when every row's
+    prompt starts `max_new_tokens // 2` slots or more into the cache, the rows move to its front.
+    branches > 1: every prompt is continued `branches` times, the j-th continuation forced to the j-th
+    most likely first token (CoT-decoding); outputs are prompt-major.
     """
-    lm, device = model.lm, model.device
-    valid = valid_slots(prompts, device)
-    B, T = valid.shape
-    n = max_new_tokens
-    cache = lm.make_kv_cache(B, T + n)
-    logits = prefill(lm, prompts, cache, chunk)
-    next_pos = valid.sum(-1)
-    key_valid = torch.cat([valid, torch.ones(B, n, dtype=torch.bool, device=device)], 1)
-    forced = None
-    if branches > 1:
-        rows = torch.arange(B, device=device).repeat_interleave(branches)
-        select_cache_rows(cache, rows)
-        logits, next_pos, key_valid = logits[rows], next_pos[rows], key_valid[rows]
-        forced = logits.topk(branches, dim=-1).indices.view(B, branches, branches).diagonal(dim1=1, dim2=2).reshape(-1)
-    rows_total = logits.size(0)
-    tokens: list[list[int]] = [[] for _ in range(rows_total)]
-    margins: list[list[float]] = [[] for _ in range(rows_total)]
-    owner: list[int | None] = list(range(rows_total))  # per batch row: its output row, None once finished
-    stops = _StopChecker(model, stop)
-    eos = model.eos_id
-    for step in range(n):
-        token = logits.argmax(-1) if forced is None or step else forced
+    if not prompts:
+        return [], []
+    lm, device, n = model.lm, model.device, max_new_tokens
+    work = deque((i, j) for i in sorted(range(len(prompts)), key=lambda i: -len(prompts[i])) for j in range(branches))
+    width = min(rows, len(work))
+    slot = len(prompts[work[0][0]])  # the slot the next forward writes
+    capacity = min(slot + 2 * n, model.block_size)  # a prompt fits in front of `slot`, and n tokens after it
+    cache = lm.make_kv_cache(width, capacity)
+    key_valid = torch.zeros(width, capacity, dtype=torch.bool, device=device)
+    next_pos = torch.zeros(width, dtype=torch.long, device=device)
+    token = torch.zeros(width, dtype=torch.long, device=device)
+    owner: list[int | None] = [None] * width  # per cache row: its output row (prompt * branches + branch)
+    first_slot = [0] * width
+    tokens: list[list[int]] = [[] for _ in range(len(prompts) * branches)]
+    margins: list[list[float]] = [[] for _ in tokens]
+    unfinished = [branches] * len(prompts)
+    stops, eos = _StopChecker(model, stop), model.eos_id
+    bar = tqdm(total=len(prompts), desc=desc, disable=not progress)
+    prefilled: tuple[int, list[torch.nn.Module], list[int], float] | None = None  # prompt, its cache, first tokens, margin
+
+    def record(row: int, t: int, m: float) -> None:
+        """Append row's new token to its continuation; free the row when the continuation ends."""
+        out = owner[row]
+        if t != eos:
+            tokens[out].append(t)
+            margins[out].append(m)
+        if t == eos or len(tokens[out]) == n or stops(tokens[out]):
+            owner[row] = None
+            unfinished[out // branches] -= 1
+            if not unfinished[out // branches]:
+                bar.update()
+
+    def start(row: int) -> None:
+        """Give a free row the next waiting continuation and choose its first token."""
+        nonlocal prefilled
+        i, j = work.popleft()
+        if prefilled is None or prefilled[0] != i:
+            own, logits = prefill_prompt(lm, prompts[i], chunk)
+            if branches > 1:  # the first tokens to force, and their distribution's margin: one transfer
+                top2 = logits.float().softmax(-1).topk(2).values
+                both = torch.cat([logits.topk(branches).indices.to(top2.dtype), (top2[0] - top2[1])[None]]).tolist()
+                prefilled = (i, own, [int(t) for t in both[:-1]], both[-1])
+            else:
+                prefilled = (i, own, [int(logits.argmax())], 0.0)
+        _, own, first, margin = prefilled
+        first_slot[row] = slot - len(prompts[i])
+        copy_into_row(own, cache, row, first_slot[row])
+        key_valid[row] = False
+        key_valid[row, first_slot[row]:slot] = True
+        next_pos[row] = len(prompts[i])
+        owner[row] = i * branches + j
+        record(row, first[j], margin)
+        if owner[row] is not None:
+            token[row] = first[j]
+
+    while True:
+        for row in range(width):
+            while owner[row] is None and work:
+                start(row)
+        alive = [row for row in range(width) if owner[row] is not None]
+        if not alive:
+            break
+        if not work and len(alive) < width:  # nothing left to start: finished rows leave the batch
+            order = compact_cache_rows(cache, alive)
+            index = torch.tensor(order, device=device)
+            token, next_pos, key_valid = token[index], next_pos[index], key_valid[index]
+            owner, first_slot = [owner[j] for j in order], [first_slot[j] for j in order]
+            width = len(order)
+        front = min(first_slot[row] for row in range(width))
+        if front >= max(1, n // 2) or slot == capacity:  # slots in front of every row's prompt: drop them
+            shift_cache_slots(cache, front, slot)
+            key_valid[:, :slot - front] = key_valid[:, front:slot].clone()
+            first_slot = [s - front for s in first_slot]
+            slot -= front
+        key_valid[:, slot] = True
+        logits = lm(token[:, None], position_ids=next_pos[:, None], mask=key_valid[:, None, None, :slot + 1],
+                    kv_cache=cache, start_pos=slot)[:, -1]
+        slot, next_pos = slot + 1, next_pos + 1
+        token = logits.argmax(-1)
         if branches > 1:  # CoT-decoding's confidence; one transfer for tokens and margins
             top2 = logits.float().softmax(-1).topk(2, dim=-1).values
             both = torch.stack([token.to(top2.dtype), top2[:, 0] - top2[:, 1]]).tolist()
             produced, margin = [int(t) for t in both[0]], both[1]
         else:
-            produced, margin = token.tolist(), [0.0] * len(owner)
-        for j, (row, t, m) in enumerate(zip(owner, produced, margin)):
-            if row is None:
-                continue
-            if t != eos:
-                tokens[row].append(t)
-                margins[row].append(m)
-            if t == eos or stops(tokens[row]):
-                owner[j] = None
-        alive = [j for j, row in enumerate(owner) if row is not None]
-        if not alive or step == n - 1:
-            break
-        if len(alive) < len(owner):  # finished rows leave at once; each costs one row's copy at most
-            order = compact_cache_rows(cache, alive)
-            index = torch.tensor(order, device=device)
-            token, next_pos, key_valid = token[index], next_pos[index], key_valid[index]
-            owner = [owner[j] for j in order]
-        slot = T + step
-        logits = lm(token[:, None], position_ids=next_pos[:, None], mask=key_valid[:, None, None, :slot + 1],
-                    kv_cache=cache, start_pos=slot)[:, -1]
-        next_pos = next_pos + 1
+            produced, margin = token.tolist(), [0.0] * width
+        for row in range(width):
+            if owner[row] is not None:
+                record(row, produced[row], margin[row])
+    bar.close()
     return tokens, margins
-
-
-def _batches(prompts: Sequence[Sequence[int]], batch_size: int, limit: int, desc: str, progress: bool):
-    """(original indices, truncated prompts) batches, longest prompts first."""
-    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
-    for start in tqdm(range(0, len(order), batch_size), desc=desc, disable=not progress):
-        index = order[start:start + batch_size]
-        yield index, [list(prompts[i])[-limit:] for i in index]
 
 
 @torch.inference_mode()
 def generate_tokens(model: EvalModel, prompts: Sequence[Sequence[int]], max_new_tokens: int,
                     stop: Sequence[str] = (), batch_size: int = 16, progress: bool = False,
                     prefill_chunk: int = 2048) -> list[list[int]]:
-    """Greedy continuations (token ids, without EOS) of each prompt, in prompt order. Prompts longer
-    than block_size - max_new_tokens keep their last tokens."""
+    """Greedy continuations (token ids, without EOS) of each prompt, in prompt order, `batch_size`
+    rows at a time. Prompts longer than block_size - max_new_tokens keep their last tokens."""
     limit = _prompt_limit(model, max_new_tokens)
-    out: list[list[int]] = [[] for _ in prompts]
-    for index, batch in _batches(prompts, batch_size, limit, "generate", progress):
-        for i, tokens in zip(index, _decode_rows(model, batch, max_new_tokens, stop, prefill_chunk)[0]):
-            out[i] = tokens
-    return out
+    return _decode_rows(model, [list(p)[-limit:] for p in prompts], max_new_tokens, stop, prefill_chunk,
+                        batch_size, progress=progress)[0]
 
 
 def generate(model: EvalModel, prompts: Sequence[Sequence[int]], max_new_tokens: int, stop: Sequence[str] = (),
@@ -221,7 +258,7 @@ def answer_confidence(model: EvalModel, tokens: list[int], margins: list[float],
 
 @torch.inference_mode()
 def cot_decode(model: EvalModel, prompts: Sequence[Sequence[int]], max_new_tokens: int, stop: Sequence[str],
-               answer_span: AnswerSpan, k: int = 10, aggregate: bool = False, batch_size: int = 4,
+               answer_span: AnswerSpan, k: int = 10, aggregate: bool = False, batch_size: int = 16,
                normalize: Callable[[str], str] = str.strip, progress: bool = False,
                prefill_chunk: int = 2048) -> list[CotResult]:
     """CoT-decoding (Wang & Zhou 2024): branch on the top-k first tokens, continue each greedily, and
@@ -230,17 +267,17 @@ def cot_decode(model: EvalModel, prompts: Sequence[Sequence[int]], max_new_token
     answer (compared after `normalize`) with the largest summed confidence wins, as its most
     confident branch. Ties go to the earlier branch, so with no answer anywhere it is greedy."""
     limit = _prompt_limit(model, max_new_tokens)
-    out: list[CotResult | None] = [None] * len(prompts)
-    for index, batch in _batches(prompts, batch_size, limit, f"cot-decoding k={k}", progress):
-        tokens, margins = _decode_rows(model, batch, max_new_tokens, stop, prefill_chunk, branches=k)
-        for b, i in enumerate(index):
-            branches = []
-            for row in range(b * k, (b + 1) * k):
-                text = completion(model, tokens[row], stop)
-                span = answer_span(text)
-                branches.append((text, answer_confidence(model, tokens[row], margins[row], span), span))
-            out[i] = _choose(branches, aggregate, normalize)
-            out[i].generated_tokens = sum(len(t) for t in tokens[b * k:(b + 1) * k])
+    tokens, margins = _decode_rows(model, [list(p)[-limit:] for p in prompts], max_new_tokens, stop, prefill_chunk,
+                                   batch_size, branches=k, desc=f"cot-decoding k={k}", progress=progress)
+    out = []
+    for i in range(len(prompts)):
+        branches = []
+        for row in range(i * k, (i + 1) * k):
+            text = completion(model, tokens[row], stop)
+            span = answer_span(text)
+            branches.append((text, answer_confidence(model, tokens[row], margins[row], span), span))
+        out.append(_choose(branches, aggregate, normalize))
+        out[i].generated_tokens = sum(len(t) for t in tokens[i * k:(i + 1) * k])
     return out
 
 
@@ -296,7 +333,7 @@ def decode_completions(model: EvalModel, prompts: Sequence[Sequence[int]], confi
     `answer_span` locates the answer for CoT-decoding's confidence."""
     if config.variant == "cot":
         results = cot_decode(model, prompts, config.max_new_tokens, stop, answer_span, k=config.cot_k,
-                             aggregate=config.cot_aggregate, batch_size=max(1, config.batch_size // config.cot_k),
+                             aggregate=config.cot_aggregate, batch_size=config.batch_size,
                              progress=progress, prefill_chunk=config.prefill_chunk)
         return [r.text for r in results], sum(r.generated_tokens for r in results)
     if config.variant == "thoughts":

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from evals import gsm8k
+from evals import decoding, gsm8k
 from evals.batching import compact_cache_rows
 from evals.decoding import (CotResult, DecodingConfig, _choose, answer_confidence, completion, cot_decode,
                             cut_at_stop, decode_completions, generate, generate_thoughts, generate_tokens)
@@ -79,6 +79,37 @@ def test_rows_finishing_at_different_steps_leave_the_batch_without_changing_the_
     stopped = generate(model, prompts, max_new_tokens=16, stop=stops, batch_size=8)
     assert stopped == [cut_at_stop(text, stops) for text in full]
     assert len({len(text) for text in stopped}) > 2
+
+
+MANY = [[(7 * i + 3 * j) % 250 + 1 for j in range(2 + (5 * i) % 11)] for i in range(14)]  # 14 prompts, 2-12 tokens
+
+
+@pytest.mark.parametrize("overrides", [{}, MOD], ids=["dense", "mod"])
+def test_rows_take_the_next_prompt_as_they_finish_and_move_to_the_cache_front(overrides, monkeypatch):
+    """14 prompts through 3 rows: rows finish at different steps (stop strings), take the next prompt
+    at once, and the cache's slots shift many times; every completion is what the prompt gets alone."""
+    model = tiny_model(**overrides)
+    alone = [generate(model, [p], max_new_tokens=12)[0] for p in MANY]
+    stops = ["K", "6", "y", "%"]  # ASCII: a byte's replacement character decodes differently in a short window
+    shifts = []
+    shift = decoding.shift_cache_slots
+    monkeypatch.setattr(decoding, "shift_cache_slots", lambda *args: shifts.append(args[1:]) or shift(*args))
+    streamed = generate(model, MANY, max_new_tokens=12, stop=stops, batch_size=3)
+    assert streamed == [cut_at_stop(text, stops) for text in alone]
+    assert len({len(text) for text in streamed}) > 3 and len(shifts) >= 2
+    assert generate_tokens(model, MANY, max_new_tokens=12, batch_size=3) == [reference(model, p, 12) for p in MANY]
+
+
+def test_cot_branches_split_across_rows_give_what_each_prompt_gets_alone():
+    model = tiny_model()
+    last_char = lambda text: (len(text) - 1, len(text)) if text else None  # noqa: E731
+    prompts = MANY[:4]
+    streamed = cot_decode(model, prompts, 10, stop=["ab", "q"], answer_span=last_char, k=4, batch_size=3)
+    for prompt, result in zip(prompts, streamed):
+        (alone,) = cot_decode(model, [prompt], 10, stop=["ab", "q"], answer_span=last_char, k=4, batch_size=4)
+        assert [text for text, _ in result.branches] == [text for text, _ in alone.branches]
+        assert [c for _, c in result.branches] == pytest.approx([c for _, c in alone.branches], abs=1e-6)
+        assert result.text == alone.text
 
 
 def test_compacting_the_cache_moves_only_the_alive_rows_past_the_kept_prefix():
