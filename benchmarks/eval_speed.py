@@ -124,7 +124,7 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2-135m-instruct", help="a .gguf, an HF directory or smollm2-135m-instruct")
     parser.add_argument("--tasks", default=DEFAULT_TASKS, help="comma-separated task names from evals/lm_eval_tasks")
     parser.add_argument("--limit", default="", help="documents per task, e.g. gsm8k_local=20 (default: all)")
-    parser.add_argument("--batch-size", type=int, default=32, help="quietdepth: prompts (generation) or packed rows (scoring) per forward")
+    parser.add_argument("--batch-size", type=int, default=32, help="quietdepth: rows per forward, completions being generated or packed scoring rows")
     parser.add_argument("--pack-tokens", type=int, default=512, help="quietdepth: most tokens per packed scoring row")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                         help="weights and compute of both backends")

@@ -168,3 +168,19 @@ def test_mixture_of_depths_decoding_reads_one_flag_per_routed_layer_and_step():
         generate(model, torch.randint(0, 256, (2, 5)), new_tokens)
     assert len(recorder.reads) == len(model.routed_blocks) * (new_tokens - 1)  # the prompt's forward reads none
     assert all("modeldefs/mod.py" in r and "_causal" in r for r in recorder.reads), recorder.reads
+
+
+def test_continuous_batching_reads_the_new_tokens_once_per_step_and_a_first_token_per_prompt():
+    """evals' generation: each step reads its new tokens once (for the stop strings), and each prompt
+    that joins a row reads its first token once; refilling, compacting and shifting rows read nothing."""
+    from evals.decoding import generate_tokens
+    from tests.test_eval_decoding import MANY, tiny_model
+
+    model = tiny_model()
+    forwards = []
+    model.lm.register_forward_hook(lambda *_: forwards.append(1))
+    with HostReads() as recorder:
+        tokens = generate_tokens(model, MANY, max_new_tokens=12, batch_size=3)
+    assert len(tokens) == len(MANY) and len(forwards) > len(MANY) * 11 / 3
+    assert sorted(r.split(" at ")[0] for r in recorder.reads) == ["__int__"] * len(MANY) + ["tolist"] * len(forwards)
+    assert all("evals/decoding.py" in r for r in recorder.reads), recorder.reads
