@@ -121,7 +121,10 @@ def _decode_rows(model: EvalModel, prompts: Sequence[Sequence[int]], max_new_tok
     work = deque((i, j) for i in sorted(range(len(prompts)), key=lambda i: -len(prompts[i])) for j in range(branches))
     width = min(rows, len(work))
     slot = len(prompts[work[0][0]])  # the slot the next forward writes
-    capacity = min(slot + 2 * n, model.block_size)  # a prompt fits in front of `slot`, and n tokens after it
+    # A row alive at slot s started its prompt at s - n + 2 - (longest prompt) or later, so at this capacity
+    # every row's prompt starts `shift_at` slots in, and the rows move to the front, before the cache overflows.
+    shift_at = max(1, n // 2)
+    capacity = min(slot + n + shift_at, model.block_size)
     cache = lm.make_kv_cache(width, capacity)
     key_valid = torch.zeros(width, capacity, dtype=torch.bool, device=device)
     next_pos = torch.zeros(width, dtype=torch.long, device=device)
@@ -184,7 +187,7 @@ def _decode_rows(model: EvalModel, prompts: Sequence[Sequence[int]], max_new_tok
             owner, first_slot = [owner[j] for j in order], [first_slot[j] for j in order]
             width = len(order)
         front = min(first_slot[row] for row in range(width))
-        if front >= max(1, n // 2) or slot == capacity:  # slots in front of every row's prompt: drop them
+        if front >= shift_at or slot == capacity:  # slots in front of every row's prompt: drop them
             shift_cache_slots(cache, front, slot)
             key_valid[:, :slot - front] = key_valid[:, front:slot].clone()
             first_slot = [s - front for s in first_slot]

@@ -100,6 +100,21 @@ def test_rows_take_the_next_prompt_as_they_finish_and_move_to_the_cache_front(ov
     assert generate_tokens(model, MANY, max_new_tokens=12, batch_size=3) == [reference(model, p, 12) for p in MANY]
 
 
+def test_rows_refill_when_the_context_limit_caps_the_cache(monkeypatch):
+    """Prompts at block_size - max_new_tokens leave the cache no spare slots: rows still refill, and
+    move to the front when the cache is full even if fewer than max_new_tokens // 2 slots are free."""
+    model = tiny_model()  # block_size 128
+    prompts = [[(5 * i + j) % 250 + 1 for j in range(116)] for i in range(8)]
+    stops = ["y", "%"]
+    alone = [generate(model, [p], max_new_tokens=12)[0] for p in prompts]
+    shifts = []
+    shift = decoding.shift_cache_slots
+    monkeypatch.setattr(decoding, "shift_cache_slots", lambda *args: shifts.append(args[1:]) or shift(*args))
+    assert generate(model, prompts, max_new_tokens=12, stop=stops, batch_size=2) == [cut_at_stop(t, stops) for t in alone]
+    assert (3, 128) in shifts  # the full cache moved by 3 slots, below the usual 6
+    assert generate_tokens(model, prompts, max_new_tokens=12, batch_size=2) == [reference(model, p, 12) for p in prompts]
+
+
 def test_cot_branches_split_across_rows_give_what_each_prompt_gets_alone():
     model = tiny_model()
     last_char = lambda text: (len(text) - 1, len(text)) if text else None  # noqa: E731
