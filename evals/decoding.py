@@ -101,6 +101,12 @@ def _prompt_limit(model: EvalModel, max_new_tokens: int) -> int:
     return limit
 
 
+def _top2_margin(logits: torch.Tensor) -> torch.Tensor:
+    """Top-1 minus top-2 probability of each distribution over the last axis (fp32)."""
+    top2 = logits.float().softmax(-1).topk(2, dim=-1).values
+    return top2[..., 0] - top2[..., 1]
+
+
 def _decode_rows(model: EvalModel, prompts: Sequence[Sequence[int]], max_new_tokens: int, stop: Sequence[str],
                  chunk: int, rows: int, branches: int = 1,
                  desc: str = "generate", progress: bool = False) -> tuple[list[list[int]], list[list[float]]]:
@@ -157,8 +163,7 @@ def _decode_rows(model: EvalModel, prompts: Sequence[Sequence[int]], max_new_tok
         if prefilled is None or prefilled[0] != i:
             own, logits = prefill_prompt(lm, prompts[i], chunk)
             if branches > 1:  # the first tokens to force, and their distribution's margin: one transfer
-                top2 = logits.float().softmax(-1).topk(2).values
-                both = torch.cat([logits.topk(branches).indices.to(top2.dtype), (top2[0] - top2[1])[None]]).tolist()
+                both = torch.cat([logits.topk(branches).indices.float(), _top2_margin(logits)[None]]).tolist()
                 prefilled = (i, own, [int(t) for t in both[:-1]], both[-1])
             else:
                 prefilled = (i, own, [int(logits.argmax())], 0.0)
@@ -198,8 +203,7 @@ def _decode_rows(model: EvalModel, prompts: Sequence[Sequence[int]], max_new_tok
         slot, next_pos = slot + 1, next_pos + 1
         token = logits.argmax(-1)
         if branches > 1:  # CoT-decoding's confidence; one transfer for tokens and margins
-            top2 = logits.float().softmax(-1).topk(2, dim=-1).values
-            both = torch.stack([token.to(top2.dtype), top2[:, 0] - top2[:, 1]]).tolist()
+            both = torch.stack([token.float(), _top2_margin(logits)]).tolist()
             produced, margin = [int(t) for t in both[0]], both[1]
         else:
             produced, margin = token.tolist(), [0.0] * width

@@ -84,32 +84,37 @@ def test_rows_finishing_at_different_steps_leave_the_batch_without_changing_the_
 MANY = [[(7 * i + 3 * j) % 250 + 1 for j in range(2 + (5 * i) % 11)] for i in range(14)]  # 14 prompts, 2-12 tokens
 
 
+@pytest.fixture
+def shifts(monkeypatch) -> list[tuple[int, int]]:
+    """(first, end) of every move of the decoding cache's slots to its front, recorded as decoding runs."""
+    moves: list[tuple[int, int]] = []
+    shift = decoding.shift_cache_slots
+    monkeypatch.setattr(decoding, "shift_cache_slots", lambda *args: moves.append(args[1:]) or shift(*args))
+    return moves
+
+
 @pytest.mark.parametrize("overrides", [{}, MOD], ids=["dense", "mod"])
-def test_rows_take_the_next_prompt_as_they_finish_and_move_to_the_cache_front(overrides, monkeypatch):
+def test_rows_take_the_next_prompt_as_they_finish_and_move_to_the_cache_front(overrides, shifts):
     """14 prompts through 3 rows: rows finish at different steps (stop strings), take the next prompt
     at once, and the cache's slots shift many times; every completion is what the prompt gets alone."""
     model = tiny_model(**overrides)
     alone = [generate(model, [p], max_new_tokens=12)[0] for p in MANY]
     stops = ["K", "6", "y", "%"]  # ASCII: a byte's replacement character decodes differently in a short window
-    shifts = []
-    shift = decoding.shift_cache_slots
-    monkeypatch.setattr(decoding, "shift_cache_slots", lambda *args: shifts.append(args[1:]) or shift(*args))
+    shifts.clear()  # count the batched run's moves only
     streamed = generate(model, MANY, max_new_tokens=12, stop=stops, batch_size=3)
     assert streamed == [cut_at_stop(text, stops) for text in alone]
     assert len({len(text) for text in streamed}) > 3 and len(shifts) >= 2
     assert generate_tokens(model, MANY, max_new_tokens=12, batch_size=3) == [reference(model, p, 12) for p in MANY]
 
 
-def test_rows_refill_when_the_context_limit_caps_the_cache(monkeypatch):
+def test_rows_refill_when_the_context_limit_caps_the_cache(shifts):
     """Prompts at block_size - max_new_tokens leave the cache no spare slots: rows still refill, and
     move to the front when the cache is full even if fewer than max_new_tokens // 2 slots are free."""
     model = tiny_model()  # block_size 128
     prompts = [[(5 * i + j) % 250 + 1 for j in range(116)] for i in range(8)]
     stops = ["y", "%"]
     alone = [generate(model, [p], max_new_tokens=12)[0] for p in prompts]
-    shifts = []
-    shift = decoding.shift_cache_slots
-    monkeypatch.setattr(decoding, "shift_cache_slots", lambda *args: shifts.append(args[1:]) or shift(*args))
+    shifts.clear()
     assert generate(model, prompts, max_new_tokens=12, stop=stops, batch_size=2) == [cut_at_stop(t, stops) for t in alone]
     assert (3, 128) in shifts  # the full cache moved by 3 slots, below the usual 6
     assert generate_tokens(model, prompts, max_new_tokens=12, batch_size=2) == [reference(model, p, 12) for p in prompts]
