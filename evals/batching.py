@@ -18,24 +18,27 @@ def _slot_axis(buffer: torch.Tensor) -> int:
     return 2 if buffer.dim() == 4 else 1
 
 
-def prefill_prompt(lm: torch.nn.Module, prompt: Sequence[int], chunk: int) -> tuple[list[torch.nn.Module], torch.Tensor]:
-    """A one-row KV cache holding `prompt` (run `chunk` tokens per forward, no padding), and the
-    logits (V,) that follow it (only the last position goes through the output head)."""
+def prefill_prompt(lm: torch.nn.Module, prompt: Sequence[int], chunk: int,
+                   spare_slots: int = 0) -> tuple[list[torch.nn.Module], torch.Tensor]:
+    """A one-row KV cache holding `prompt` (run `chunk` tokens per forward, no padding) in its first
+    slots, with `spare_slots` free ones after it, and the final hidden state (C,) of the last token."""
     if not prompt:
         raise ValueError("a prompt is empty; generation needs at least one token")
-    own = lm.make_kv_cache(1, len(prompt))
+    own = lm.make_kv_cache(1, len(prompt) + spare_slots)
     ids = torch.tensor([list(prompt)], device=lm.embed.weight.device)
     for start in range(0, len(prompt), chunk):
         hidden = lm.hidden(lm.embed(ids[:, start:start + chunk]), kv_cache=own, start_pos=start)
-    return own, lm.lm_head(hidden[0, -1])
+    return own, hidden[0, -1]
 
 
-def copy_into_row(own: list[torch.nn.Module], cache: list[torch.nn.Module], row: int, first_slot: int) -> None:
-    """Copy a one-row cache (`prefill_prompt`) into row `row` of `cache`, from slot `first_slot` on."""
+def copy_into_row(own: list[torch.nn.Module], cache: list[torch.nn.Module], row: int, first_slot: int,
+                  length: int) -> None:
+    """Copy the first `length` slots of a one-row cache (`prefill_prompt`) into row `row` of `cache`,
+    from slot `first_slot` on."""
     for mine, shared in zip(own, cache):
         for name, buffer in mine.named_buffers(recurse=False):
             axis = _slot_axis(buffer)
-            getattr(shared, name)[row:row + 1].narrow(axis, first_slot, buffer.size(axis)).copy_(buffer)
+            getattr(shared, name)[row:row + 1].narrow(axis, first_slot, length).copy_(buffer.narrow(axis, 0, length))
 
 
 def _replace_buffers(cache: list[torch.nn.Module], new: Callable[[torch.Tensor], torch.Tensor]) -> None:

@@ -1,11 +1,11 @@
 """Decoding for evaluation: batched greedy generation, CoT-decoding, and generation with thoughts.
 
 All three stop at the tokenizer's EOS and at stop strings, and cut the returned text at the first
-stop string (lm-eval's `generate_until`). Greedy and CoT-decoding batch continuously: a fixed number
-of rows share one KV cache, each prompt is prefilled alone (no padding), and a row whose continuation
-ends takes the next prompt at once, so the batch stays full until the prompts run out (then finished
-rows leave it). Stop strings are checked once per step on the tokens just produced: that check is the
-only host synchronisation per token.
+stop string (lm-eval's `generate_until`). All three batch continuously: a fixed number of rows share
+one KV cache, each prompt is prefilled alone (no padding), and a row whose continuation ends takes the
+next prompt at once, so the batch stays full until the prompts run out (then finished rows leave it).
+Stop strings are checked once per step on the tokens just produced: that check is the only host
+synchronisation per token.
 """
 
 from __future__ import annotations
@@ -20,6 +20,8 @@ from tqdm.auto import tqdm
 
 from evals.batching import compact_cache_rows, copy_into_row, prefill_prompt, shift_cache_slots
 from evals.model import EvalModel
+from modeldefs.quietstar import QuietStar
+from modeldefs.thought_generate import thought_hidden
 
 Variant = Literal["greedy", "cot", "thoughts"]
 AnswerSpan = Callable[[str], "tuple[int, int] | None"]
@@ -108,7 +110,7 @@ def _top2_margin(logits: torch.Tensor) -> torch.Tensor:
 
 
 def _decode_rows(model: EvalModel, prompts: Sequence[Sequence[int]], max_new_tokens: int, stop: Sequence[str],
-                 chunk: int, rows: int, branches: int = 1,
+                 chunk: int, rows: int, branches: int = 1, thinker: QuietStar | None = None,
                  desc: str = "generate", progress: bool = False) -> tuple[list[list[int]], list[list[float]]]:
     """Greedy continuations of every prompt, and per token the top-1 minus top-2 probability of the
     distribution it came from (CoT-decoding only; zeros otherwise).
@@ -120,6 +122,9 @@ def _decode_rows(model: EvalModel, prompts: Sequence[Sequence[int]], max_new_tok
     prompt starts `max_new_tokens // 2` slots or more into the cache, the rows move to its front.
     branches > 1: every prompt is continued `branches` times, the j-th continuation forced to the j-th
     most likely first token (CoT-decoding); outputs are prompt-major.
+    thinker: a Quiet-STaR model whose `lm` is model.lm; each token then comes from its head's mix of the
+    plain hidden state and a thought's, the thought written in the slots after the newest token
+    (`thought_hidden`), which the next token overwrites.
     """
     if not prompts:
         return [], []
@@ -130,9 +135,10 @@ def _decode_rows(model: EvalModel, prompts: Sequence[Sequence[int]], max_new_tok
     # A row alive at slot s started its prompt at s - n + 2 - (longest prompt) or later, so at this capacity
     # every row's prompt starts `shift_at` slots in, and the rows move to the front, before the cache overflows.
     shift_at = max(1, n // 2)
-    capacity = min(slot + n + shift_at, model.block_size)
-    cache = lm.make_kv_cache(width, capacity)
-    key_valid = torch.zeros(width, capacity, dtype=torch.bool, device=device)
+    scratch = 0 if thinker is None else thinker.thought_config.n_ahead - 1  # a thought's slots past the newest token
+    capacity = min(slot + n + shift_at, model.block_size - scratch)
+    cache = lm.make_kv_cache(width, capacity + scratch)
+    key_valid = torch.zeros(width, capacity + scratch, dtype=torch.bool, device=device)
     next_pos = torch.zeros(width, dtype=torch.long, device=device)
     token = torch.zeros(width, dtype=torch.long, device=device)
     owner: list[int | None] = [None] * width  # per cache row: its output row (prompt * branches + branch)
@@ -143,6 +149,13 @@ def _decode_rows(model: EvalModel, prompts: Sequence[Sequence[int]], max_new_tok
     stops, eos = _StopChecker(model, stop), model.eos_id
     bar = tqdm(total=len(prompts), desc=desc, disable=not progress)
     prefilled: tuple[int, list[torch.nn.Module], list[int], float] | None = None  # prompt, its cache, first tokens, margin
+
+    def next_logits(h: torch.Tensor, cache: list[torch.nn.Module], slot: int, positions: torch.Tensor | None = None,
+                    key_valid: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (B, V) of the tokens after the ones whose hidden states h (B, C) came from slot - 1."""
+        if thinker is None:
+            return lm.lm_head(h)
+        return thinker.mix(h, thought_hidden(thinker, cache, slot, positions=positions, key_valid=key_valid))[0]
 
     def record(row: int, t: int, m: float) -> None:
         """Append row's new token to its continuation; free the row when the continuation ends."""
@@ -161,7 +174,8 @@ def _decode_rows(model: EvalModel, prompts: Sequence[Sequence[int]], max_new_tok
         nonlocal prefilled
         i, j = work.popleft()
         if prefilled is None or prefilled[0] != i:
-            own, logits = prefill_prompt(lm, prompts[i], chunk)
+            own, h = prefill_prompt(lm, prompts[i], chunk, spare_slots=scratch)
+            logits = next_logits(h[None], own, len(prompts[i]))[0]
             if branches > 1:  # the first tokens to force, and their distribution's margin: one transfer
                 both = torch.cat([logits.topk(branches).indices.float(), _top2_margin(logits)[None]]).tolist()
                 prefilled = (i, own, [int(t) for t in both[:-1]], both[-1])
@@ -169,7 +183,7 @@ def _decode_rows(model: EvalModel, prompts: Sequence[Sequence[int]], max_new_tok
                 prefilled = (i, own, [int(logits.argmax())], 0.0)
         _, own, first, margin = prefilled
         first_slot[row] = slot - len(prompts[i])
-        copy_into_row(own, cache, row, first_slot[row])
+        copy_into_row(own, cache, row, first_slot[row], len(prompts[i]))
         key_valid[row] = False
         key_valid[row, first_slot[row]:slot] = True
         next_pos[row] = len(prompts[i])
@@ -198,9 +212,10 @@ def _decode_rows(model: EvalModel, prompts: Sequence[Sequence[int]], max_new_tok
             first_slot = [s - front for s in first_slot]
             slot -= front
         key_valid[:, slot] = True
-        logits = lm(token[:, None], position_ids=next_pos[:, None], mask=key_valid[:, None, None, :slot + 1],
-                    kv_cache=cache, start_pos=slot)[:, -1]
+        h = lm.hidden(lm.embed(token[:, None]), position_ids=next_pos[:, None], mask=key_valid[:, None, None, :slot + 1],
+                      kv_cache=cache, start_pos=slot)[:, -1]
         slot, next_pos = slot + 1, next_pos + 1
+        logits = next_logits(h, cache, slot, next_pos, key_valid)
         token = logits.argmax(-1)
         if branches > 1:  # CoT-decoding's confidence; one transfer for tokens and margins
             both = torch.stack([token.float(), _top2_margin(logits)]).tolist()
@@ -309,29 +324,24 @@ def _choose(branches: list[tuple[str, float, tuple[int, int] | None]], aggregate
 
 @torch.inference_mode()
 def generate_thoughts_tokens(model: EvalModel, prompts: Sequence[Sequence[int]], max_new_tokens: int,
-                             progress: bool = False) -> list[list[int]]:
-    """Continuations (token ids, without EOS) from Quiet-STaR generation
-    (`modeldefs.thought_generate.generate_with_thoughts`, a thought before every token), one prompt at
-    a time. Stop strings are applied afterwards by `generate_thoughts`: that function has no stop hook."""
+                             stop: Sequence[str] = (), batch_size: int = 16, progress: bool = False,
+                             prefill_chunk: int = 2048) -> list[list[int]]:
+    """Continuations (token ids, without EOS) from Quiet-STaR generation, a thought before every token
+    (as `modeldefs.thought_generate.generate_with_thoughts`), `batch_size` rows at a time."""
     if not model.has_thoughts:
         raise ValueError(f"decoding variant 'thoughts' needs a Quiet-STaR model (modeldefs.quietstar.QuietStar); "
                          f"{model.source} is a plain {type(model.net).__name__} — use 'greedy' or 'cot'")
-    from modeldefs.thought_generate import generate_with_thoughts  # only Quiet-STaR models need it
-
-    scratch = model.net.thought_config.n_ahead - 2  # a thought's slots past the newest token
-    limit = _prompt_limit(model, max_new_tokens + scratch)
-    out = []
-    for prompt in tqdm(prompts, desc="generate with thoughts", disable=not progress):
-        ids = torch.tensor([list(prompt)[-limit:]], device=model.device)
-        tokens = generate_with_thoughts(model.net, ids, max_new_tokens, eos_id=model.eos_id)[0, ids.size(1):].tolist()
-        out.append(tokens[:tokens.index(model.eos_id)] if model.eos_id in tokens else tokens)
-    return out
+    limit = _prompt_limit(model, max_new_tokens + model.net.thought_config.n_ahead - 1)
+    return _decode_rows(model, [list(p)[-limit:] for p in prompts], max_new_tokens, stop, prefill_chunk, batch_size,
+                        thinker=model.net, desc="generate with thoughts", progress=progress)[0]
 
 
 def generate_thoughts(model: EvalModel, prompts: Sequence[Sequence[int]], max_new_tokens: int,
-                      stop: Sequence[str] = (), progress: bool = False) -> list[str]:
+                      stop: Sequence[str] = (), batch_size: int = 16, progress: bool = False,
+                      prefill_chunk: int = 2048) -> list[str]:
     """Completions from Quiet-STaR generation, cut at the first stop string."""
-    return [completion(model, t, stop) for t in generate_thoughts_tokens(model, prompts, max_new_tokens, progress)]
+    return [completion(model, t, stop) for t in generate_thoughts_tokens(model, prompts, max_new_tokens, stop,
+                                                                         batch_size, progress, prefill_chunk)]
 
 
 def decode_completions(model: EvalModel, prompts: Sequence[Sequence[int]], config: DecodingConfig,
@@ -343,9 +353,7 @@ def decode_completions(model: EvalModel, prompts: Sequence[Sequence[int]], confi
                              aggregate=config.cot_aggregate, batch_size=config.batch_size,
                              progress=progress, prefill_chunk=config.prefill_chunk)
         return [r.text for r in results], sum(r.generated_tokens for r in results)
-    if config.variant == "thoughts":
-        tokens = generate_thoughts_tokens(model, prompts, config.max_new_tokens, progress)
-    else:
-        tokens = generate_tokens(model, prompts, config.max_new_tokens, stop, config.batch_size, progress,
-                                 config.prefill_chunk)
+    generate_variant = generate_thoughts_tokens if config.variant == "thoughts" else generate_tokens
+    tokens = generate_variant(model, prompts, config.max_new_tokens, stop, config.batch_size, progress,
+                              config.prefill_chunk)
     return [completion(model, t, stop) for t in tokens], sum(map(len, tokens))

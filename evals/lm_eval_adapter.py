@@ -100,10 +100,8 @@ class QuietdepthLM(LM):
         out: list[str] = [""] * len(requests)
         for (until, max_new), index in groups.items():
             prompts = [self.model.encode(requests[i].args[0]) for i in index]
-            if self.decoding == "thoughts":
-                texts = decoding.generate_thoughts(self.model, prompts, max_new, until, progress=not disable_tqdm)
-            else:
-                texts = decoding.generate(self.model, prompts, max_new, until, self.batch_size, progress=not disable_tqdm)
+            generate = decoding.generate_thoughts if self.decoding == "thoughts" else decoding.generate
+            texts = generate(self.model, prompts, max_new, until, self.batch_size, progress=not disable_tqdm)
             for i, text in zip(index, texts):
                 out[i] = text
         return self._cached(requests, "generate_until", out)

@@ -18,19 +18,33 @@ from modeldefs.generate import sample_next
 from modeldefs.quietstar import QuietStar
 
 
-def _step(model: QuietStar, x: torch.Tensor, cache: list, slot: int) -> torch.Tensor:
-    """Hidden state (B, C) of one input vector per row (B, C) written at cache slot = position `slot`."""
-    return model.lm.hidden(x[:, None], kv_cache=cache, start_pos=slot)[:, -1]
+def _step(model: QuietStar, x: torch.Tensor, cache: list, slot: int, positions: torch.Tensor | None = None,
+          key_valid: torch.Tensor | None = None) -> torch.Tensor:
+    """Hidden state (B, C) of one input vector per row (B, C) written at cache slot `slot`: at rotary
+    position `slot`, attending to every slot up to it, or at `positions` (B,), attending to the slots
+    that `key_valid` (B, S) marks."""
+    position_ids = None if positions is None else positions[:, None]
+    mask = None if key_valid is None else key_valid[:, None, None, :slot + 1]
+    return model.lm.hidden(x[:, None], position_ids=position_ids, mask=mask, kv_cache=cache, start_pos=slot)[:, -1]
 
 
-def thought_hidden(model: QuietStar, cache: list, slot: int, generator: torch.Generator | None = None) -> torch.Tensor:
+def thought_hidden(model: QuietStar, cache: list, slot: int, generator: torch.Generator | None = None,
+                   positions: torch.Tensor | None = None, key_valid: torch.Tensor | None = None) -> torch.Tensor:
     """Think after the token in slot `slot - 1`, in slots `slot` .. `slot + n_ahead - 2` of the cache;
-    returns the hidden state after <end> (B, C). The slots it used are free for the next real token."""
+    returns the hidden state after <end> (B, C). The slots it used are free for the next real token.
+
+    Rows that share a cache at different positions (evals' continuous batching) pass `positions` (B,),
+    the rotary position of each row's <start>, and `key_valid` (B, S), the slots each row may attend
+    to: each thought token's slot is marked there as it is written (slots past the newest token are
+    read only after the next token or thought writes them).
+    """
     c = model.thought_config
     B = cache[0].k.size(0)
     x = model.meta_embedding("start", (B,))
     for i in range(c.n_ahead - 1):
-        h = _step(model, x, cache, slot + i)
+        if key_valid is not None:
+            key_valid[:, slot + i] = True
+        h = _step(model, x, cache, slot + i, None if positions is None else positions + i, key_valid)
         if i < c.n_sampled:
             token = model.sample_thought(model.lm.lm_head(h), c.eval_thought_temperature, generator)
             x = model.lm.embed(token)

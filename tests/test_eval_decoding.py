@@ -207,27 +207,43 @@ def test_cot_aggregation_sums_confidence_per_answer():
     assert isinstance(chosen, CotResult) and chosen.text == "z= 2" and chosen.confidence == pytest.approx(0.7)
 
 
-def quietstar_model() -> EvalModel:
+def quietstar_model(**overrides) -> EvalModel:
+    """A random Quiet-STaR model over a `micro` LM (dense, or Mixture-of-Depths with overrides)."""
     from modeldefs.quietstar import QuietStar, ThoughtConfig
 
     torch.manual_seed(0)
-    lm = Transformer(ModelConfig.from_name("micro", init_std=0.3)).eval()
+    lm = Transformer(ModelConfig.from_name("micro", init_std=0.3, **overrides)).eval()
     net = QuietStar(lm, ThoughtConfig(n_ahead=5, n_ahead_talk=2, n_passes=1, mixing_bound="none"), init_token_id=7)
     torch.nn.init.normal_(net.mixing_head.net[-1].weight, std=0.3)  # thoughts must change the output
     return EvalModel(net.eval(), ByteTokenizer(), torch.device("cpu"), torch.float32, "micro-quietstar")
 
 
-def test_thoughts_variant_decodes_with_generate_with_thoughts():
+def with_thoughts_alone(model: EvalModel, prompt: list[int], n: int) -> list[int]:
+    """`generate_with_thoughts` on the prompt alone, up to EOS."""
     from modeldefs.thought_generate import generate_with_thoughts
 
-    model = quietstar_model()
-    prompts = [[5, 17, 99, 3], [200, 1, 2, 8, 9, 10, 11]]
-    config = DecodingConfig(variant="thoughts", max_new_tokens=8)
+    out = generate_with_thoughts(model.net, torch.tensor([prompt]), n, eos_id=0)[0, len(prompt):].tolist()
+    return out[:out.index(0)] if 0 in out else out
+
+
+@pytest.mark.parametrize("overrides", [{}, MOD], ids=["dense", "mod"])
+def test_thoughts_decode_in_shared_rows_as_each_prompt_alone(overrides, shifts):
+    """7 prompts through 3 rows with a thought before every token: rows refill, the cache moves to the
+    front, stop strings end rows early, and every completion is `generate_with_thoughts` on its prompt
+    alone."""
+    model = quietstar_model(**overrides)
+    prompts, n = MANY[:7], 12
+    alone = [with_thoughts_alone(model, p, n) for p in prompts]
+    shifts.clear()
+    config = DecodingConfig(variant="thoughts", max_new_tokens=n, batch_size=3)
     texts, generated = decode_completions(model, prompts, config, stop=[], answer_span=lambda text: None)
-    expected = [generate_with_thoughts(model.net, torch.tensor([p]), 8, eos_id=0)[0, len(p):].tolist() for p in prompts]
-    expected = [e[:e.index(0)] if 0 in e else e for e in expected]
-    assert texts == [model.decode(e) for e in expected] and generated == sum(map(len, expected))
-    assert texts != decode_completions(model, prompts, DecodingConfig(max_new_tokens=8), [], lambda text: None)[0]
+    assert texts == [model.decode(t) for t in alone] and generated == sum(map(len, alone))
+    assert len(shifts) >= 1
+    stops = ["l", "7", "U", "b", "N"]  # ASCII, each in some completion of the dense or the MoD model
+    stopped, generated_stopped = decode_completions(model, prompts, config, stop=stops, answer_span=lambda text: None)
+    assert stopped == [cut_at_stop(model.decode(t), stops) for t in alone]
+    assert generated_stopped < generated  # rows stop at the stop string, not at max_new_tokens
+    assert texts != decode_completions(model, prompts, DecodingConfig(max_new_tokens=n), [], lambda text: None)[0]
 
 
 def test_thought_scoring_uses_the_thought_mixed_logits():
