@@ -150,12 +150,14 @@ def _decode_rows(model: EvalModel, prompts: Sequence[Sequence[int]], max_new_tok
     bar = tqdm(total=len(prompts), desc=desc, disable=not progress)
     prefilled: tuple[int, list[torch.nn.Module], list[int], float] | None = None  # prompt, its cache, first tokens, margin
 
-    def next_logits(h: torch.Tensor, cache: list[torch.nn.Module], slot: int, positions: torch.Tensor | None = None,
-                    key_valid: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits (B, V) of the tokens after the ones whose hidden states h (B, C) came from slot - 1."""
+    def next_logits(h: torch.Tensor, kv_cache: list[torch.nn.Module], thought_slot: int,
+                    positions: torch.Tensor | None = None, keys: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (B, V) of the next tokens from the hidden states h (B, C) of the newest ones (in slot
+        thought_slot - 1): the LM's head, or Quiet-STaR's mix of h and a thought written from thought_slot
+        on (`thought_hidden`'s positions and key mask)."""
         if thinker is None:
             return lm.lm_head(h)
-        return thinker.mix(h, thought_hidden(thinker, cache, slot, positions=positions, key_valid=key_valid))[0]
+        return thinker.mix(h, thought_hidden(thinker, kv_cache, thought_slot, positions=positions, key_valid=keys))[0]
 
     def record(row: int, t: int, m: float) -> None:
         """Append row's new token to its continuation; free the row when the continuation ends."""
