@@ -94,18 +94,21 @@ def unique_docs(samples: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return list({sample["doc_id"]: sample for sample in samples}.values())
 
 
-def run(lm: Any, task: str, limit: int | None, task_manager: Any, tokenizer: Any) -> dict[str, Any]:
+def run(lm: Any, task: str, limit: int | None, task_manager: Any, tokenizer: Any,
+        num_fewshot: int | None) -> dict[str, Any]:
     from lm_eval import simple_evaluate
 
     lm.request_seconds = 0.0
     start = time.perf_counter()
-    out = simple_evaluate(model=lm, tasks=[task], limit=limit, log_samples=True, task_manager=task_manager)
+    out = simple_evaluate(model=lm, tasks=[task], limit=limit, num_fewshot=num_fewshot, log_samples=True,
+                          task_manager=task_manager)
     seconds = time.perf_counter() - start
     metrics = {k.replace(",", "/"): v for k, v in out["results"][task].items()
                if "," in k and "_stderr" not in k}
     stderrs = {k.replace("_stderr,", "/"): v for k, v in out["results"][task].items() if "_stderr," in k}
     tokens = tokens_processed(out["samples"][task], tokenizer)
-    return {"seconds": seconds, "request_seconds": lm.request_seconds, "n": len(unique_docs(out["samples"][task])), "tokens": tokens,
+    return {"seconds": seconds, "request_seconds": lm.request_seconds, "n": len(unique_docs(out["samples"][task])),
+            "n_shot": out["n-shot"][task], "tokens": tokens,
             "tokens_per_s": tokens / lm.request_seconds,
             "metrics": {k: (v, stderrs.get(k)) for k, v in metrics.items()}}
 
@@ -129,6 +132,8 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                         help="weights and compute of both backends")
     parser.add_argument("--hf-batch-size", type=int, default=32, help="lm-eval hf backend batch size")
+    parser.add_argument("--num-fewshot", type=int, help="few-shot examples per prompt (default: each task's own, "
+                        "5 for gsm8k_local)")
     parser.add_argument("--rounds", type=int, default=2,
                         help="runs of each task per backend, in alternating order; each side's fastest counts")
     add_heap_option(parser)
@@ -148,6 +153,7 @@ def main() -> None:
         "benchmark": "eval_speed", "model": args.model, "device": device_name(ours.model.device),
         "threads": torch.get_num_threads(), "torch": torch.__version__, "dtype": args.dtype, "batch_size": args.batch_size,
         "hf_batch_size": args.hf_batch_size, "pack_tokens": args.pack_tokens, "rounds": args.rounds,
+        "num_fewshot": args.num_fewshot,
         "cpu_heap_kept": heap_kept, "load_seconds": {"lm-eval hf": hf_load, "quietdepth": ours_load},
         "tasks": {}}
     rows = []
@@ -157,7 +163,7 @@ def main() -> None:
         rounds: dict[str, list[dict[str, Any]]] = {"lm-eval hf": [], "quietdepth": []}
         for i in range(args.rounds):  # the order alternates, so neither side always runs on a warmer process
             for side, lm in sides if i % 2 == 0 else sides[::-1]:
-                rounds[side].append(run(lm, task, limit, task_manager, tokenizer))
+                rounds[side].append(run(lm, task, limit, task_manager, tokenizer, args.num_fewshot))
         result = {side: fastest(task, side, runs) for side, runs in rounds.items()}
         result["speedup"] = result["lm-eval hf"]["request_seconds"] / result["quietdepth"]["request_seconds"]
         record["tasks"][task] = result

@@ -75,6 +75,22 @@ def test_eval_speed_runs_both_backends_in_alternating_rounds_with_equal_accuracy
         assert len(side["round_request_seconds"]) == 2 and side["request_seconds"] == min(side["round_request_seconds"])
 
 
+
+@requires_smollm2
+def test_eval_speed_runs_both_backends_with_the_shot_count_asked_for(tmp_path, smollm2_tokenizer):
+    pytest.importorskip("lm_eval", reason="lm-evaluation-harness is an optional extra: pip install -e '.[lmeval]'")
+    shared_file("gsm8k/test.jsonl")
+    torch.manual_seed(0)  # a context of 512: a 0-shot prompt + 256 new tokens
+    model = Transformer(ModelConfig.from_name("micro", vocab_size=len(smollm2_tokenizer), block_size=512))
+    export_hf(model, tmp_path / "tiny", tokenizer=smollm2_tokenizer)
+    run_benchmark("eval_speed.py", "--model", str(tmp_path / "tiny"), "--tasks", "gsm8k_local", "--num-fewshot", "0",
+                  "--limit", "gsm8k_local=2", "--rounds", "1", "--json", str(tmp_path / "speed.json"))
+    record = json.loads((tmp_path / "speed.json").read_text())
+    task = record["tasks"]["gsm8k_local"]
+    assert record["num_fewshot"] == 0 and task["lm-eval hf"]["n_shot"] == task["quietdepth"]["n_shot"] == 0
+    assert task["lm-eval hf"]["metrics"] == task["quietdepth"]["metrics"]
+
+
 FAULTS_ON_REALLOCATION = """
 import resource, sys
 import torch
