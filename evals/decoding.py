@@ -125,7 +125,12 @@ def _decode_rows(model: EvalModel, prompts: Sequence[Sequence[int]], max_new_tok
     thinker: a Quiet-STaR model whose `lm` is model.lm; each token then comes from its head's mix of the
     plain hidden state and a thought's, the thought written in the slots after the newest token
     (`thought_hidden`), which the next token overwrites.
+    Prompts longer than the context leaves room for (block_size - max_new_tokens - a thought's slots)
+    keep their last tokens.
     """
+    scratch = 0 if thinker is None else thinker.thought_config.n_ahead - 1  # a thought's slots past the newest token
+    limit = _prompt_limit(model, max_new_tokens + scratch)
+    prompts = [list(p)[-limit:] for p in prompts]
     if not prompts:
         return [], []
     lm, device, n = model.lm, model.device, max_new_tokens
@@ -135,7 +140,6 @@ def _decode_rows(model: EvalModel, prompts: Sequence[Sequence[int]], max_new_tok
     # A row alive at slot s started its prompt at s - n + 2 - (longest prompt) or later, so at this capacity
     # every row's prompt starts `shift_at` slots in, and the rows move to the front, before the cache overflows.
     shift_at = max(1, n // 2)
-    scratch = 0 if thinker is None else thinker.thought_config.n_ahead - 1  # a thought's slots past the newest token
     capacity = min(slot + n + shift_at, model.block_size - scratch)
     cache = lm.make_kv_cache(width, capacity + scratch)
     key_valid = torch.zeros(width, capacity + scratch, dtype=torch.bool, device=device)
@@ -237,9 +241,7 @@ def generate_tokens(model: EvalModel, prompts: Sequence[Sequence[int]], max_new_
                     prefill_chunk: int = 2048) -> list[list[int]]:
     """Greedy continuations (token ids, without EOS) of each prompt, in prompt order, `batch_size`
     rows at a time. Prompts longer than block_size - max_new_tokens keep their last tokens."""
-    limit = _prompt_limit(model, max_new_tokens)
-    return _decode_rows(model, [list(p)[-limit:] for p in prompts], max_new_tokens, stop, prefill_chunk,
-                        batch_size, progress=progress)[0]
+    return _decode_rows(model, prompts, max_new_tokens, stop, prefill_chunk, batch_size, progress=progress)[0]
 
 
 def generate(model: EvalModel, prompts: Sequence[Sequence[int]], max_new_tokens: int, stop: Sequence[str] = (),
@@ -290,8 +292,7 @@ def cot_decode(model: EvalModel, prompts: Sequence[Sequence[int]], max_new_token
     sure of — the mean top-1/top-2 probability margin over the answer tokens. With `aggregate`, the
     answer (compared after `normalize`) with the largest summed confidence wins, as its most
     confident branch. Ties go to the earlier branch, so with no answer anywhere it is greedy."""
-    limit = _prompt_limit(model, max_new_tokens)
-    tokens, margins = _decode_rows(model, [list(p)[-limit:] for p in prompts], max_new_tokens, stop, prefill_chunk,
+    tokens, margins = _decode_rows(model, prompts, max_new_tokens, stop, prefill_chunk,
                                    batch_size, branches=k, desc=f"cot-decoding k={k}", progress=progress)
     out = []
     for i in range(len(prompts)):
@@ -333,8 +334,7 @@ def generate_thoughts_tokens(model: EvalModel, prompts: Sequence[Sequence[int]],
     if not model.has_thoughts:
         raise ValueError(f"decoding variant 'thoughts' needs a Quiet-STaR model (modeldefs.quietstar.QuietStar); "
                          f"{model.source} is a plain {type(model.net).__name__} — use 'greedy' or 'cot'")
-    limit = _prompt_limit(model, max_new_tokens + model.net.thought_config.n_ahead - 1)
-    return _decode_rows(model, [list(p)[-limit:] for p in prompts], max_new_tokens, stop, prefill_chunk, batch_size,
+    return _decode_rows(model, prompts, max_new_tokens, stop, prefill_chunk, batch_size,
                         thinker=model.net, desc="generate with thoughts", progress=progress)[0]
 
 
