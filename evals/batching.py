@@ -1,4 +1,4 @@
-"""KV-cache rows for continuous batching: prefill one prompt, copy it into a row, compact, shift.
+"""KV-cache rows for continuous batching: prefill prompts, copy one into a row, compact, shift.
 
 All rows of the decoding cache share its slots: each step writes every row's new token into the same
 slot. A prompt joins a row right-aligned so that it ends just before that slot; the slots in front of
@@ -18,27 +18,33 @@ def _slot_axis(buffer: torch.Tensor) -> int:
     return 2 if buffer.dim() == 4 else 1
 
 
-def prefill_prompt(lm: torch.nn.Module, prompt: Sequence[int], chunk: int,
-                   spare_slots: int = 0) -> tuple[list[torch.nn.Module], torch.Tensor]:
-    """A one-row KV cache holding `prompt` (run `chunk` tokens per forward, no padding) in its first
-    slots, with `spare_slots` free ones after it, and the final hidden state (C,) of the last token."""
-    if not prompt:
+def prefill_prompts(lm: torch.nn.Module, prompts: Sequence[Sequence[int]], chunk: int,
+                    spare_slots: int = 0) -> tuple[list[torch.nn.Module], torch.Tensor]:
+    """A KV cache with one row per prompt, each prompt in its row's first slots (right-padded to the
+    longest, so causal attention never lets a prompt's tokens see the padding), `spare_slots` free
+    slots after the longest, and the final hidden states (P, C) of the prompts' last tokens. Runs
+    `chunk` tokens per row per forward."""
+    if not all(prompts):
         raise ValueError("a prompt is empty; generation needs at least one token")
-    own = lm.make_kv_cache(1, len(prompt) + spare_slots)
-    ids = torch.tensor([list(prompt)], device=lm.embed.weight.device)
-    for start in range(0, len(prompt), chunk):
-        hidden = lm.hidden(lm.embed(ids[:, start:start + chunk]), kv_cache=own, start_pos=start)
-    return own, hidden[0, -1]
+    longest = max(map(len, prompts))
+    own = lm.make_kv_cache(len(prompts), longest + spare_slots)
+    device = lm.embed.weight.device
+    ids = torch.tensor([list(p) + [0] * (longest - len(p)) for p in prompts], device=device)
+    hidden = torch.cat([lm.hidden(lm.embed(ids[:, start:start + chunk]), kv_cache=own, start_pos=start)
+                        for start in range(0, longest, chunk)], dim=1)
+    last = torch.tensor([len(p) - 1 for p in prompts], device=device)
+    return own, hidden[torch.arange(len(prompts), device=device), last]
 
 
-def copy_into_row(own: list[torch.nn.Module], cache: list[torch.nn.Module], row: int, first_slot: int,
-                  length: int) -> None:
-    """Copy the first `length` slots of a one-row cache (`prefill_prompt`) into row `row` of `cache`,
-    from slot `first_slot` on."""
+def copy_into_row(own: list[torch.nn.Module], source: int, cache: list[torch.nn.Module], row: int,
+                  first_slot: int, length: int) -> None:
+    """Copy the first `length` slots of row `source` of a prefill cache (`prefill_prompts`) into row
+    `row` of `cache`, from slot `first_slot` on."""
     for mine, shared in zip(own, cache):
         for name, buffer in mine.named_buffers(recurse=False):
             axis = _slot_axis(buffer)
-            getattr(shared, name)[row:row + 1].narrow(axis, first_slot, length).copy_(buffer.narrow(axis, 0, length))
+            getattr(shared, name)[row:row + 1].narrow(axis, first_slot, length).copy_(
+                buffer[source:source + 1].narrow(axis, 0, length))
 
 
 def _replace_buffers(cache: list[torch.nn.Module], new: Callable[[torch.Tensor], torch.Tensor]) -> None:

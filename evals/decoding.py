@@ -2,8 +2,8 @@
 
 All three stop at the tokenizer's EOS and at stop strings, and cut the returned text at the first
 stop string (lm-eval's `generate_until`). All three batch continuously: a fixed number of rows share
-one KV cache, each prompt is prefilled alone (no padding), and a row whose continuation ends takes the
-next prompt at once, so the batch stays full until the prompts run out (then finished rows leave it).
+one KV cache, waiting prompts are prefilled together in a cache of their own, and a row whose
+continuation ends takes the next prompt at once (copied from there), so the batch stays full until the prompts run out (then finished rows leave it).
 Stop strings are checked once per step on the tokens just produced: that check is the only host
 synchronisation per token.
 """
@@ -18,7 +18,7 @@ from typing import Literal
 import torch
 from tqdm.auto import tqdm
 
-from evals.batching import compact_cache_rows, copy_into_row, prefill_prompt, shift_cache_slots
+from evals.batching import compact_cache_rows, copy_into_row, prefill_prompts, shift_cache_slots
 from evals.model import EvalModel
 from modeldefs.quietstar import QuietStar
 from modeldefs.thought_generate import thought_hidden
@@ -39,9 +39,10 @@ class DecodingConfig:
     """Rows per forward pass: continuations being generated (a CoT-decoding prompt's cot_k branches are
     cot_k continuations); in log-likelihood scoring, packed rows."""
     prefill_chunk: int = 2048
-    """Prompt tokens per forward when filling the KV cache (prompts are prefilled one at a time;
-    bounds the activation memory of long prompts). A prompt within one chunk runs as plain causal
-    attention, the fastest kernel; later chunks attend to the cache under a mask."""
+    """Prompt tokens per forward when filling the KV cache: the next waiting prompts are prefilled
+    together, as many as fit padded to the longest of them; a longer prompt runs in chunks (bounds the
+    activation memory). A prompt within one chunk runs as plain causal attention, the fastest kernel;
+    later chunks attend to the cache under a mask."""
     pack_tokens: int = 512
     """Log-likelihood scoring: most tokens per packed row (contexts each followed by all their
     continuations); rows are only as long as the longest context group, since attention spans the
@@ -117,7 +118,8 @@ def _decode_rows(model: EvalModel, prompts: Sequence[Sequence[int]], max_new_tok
 
     Continuous batching: up to `rows` continuations decode in lockstep, one token each per forward. A
     row whose continuation ends (EOS, a stop string, max_new_tokens) takes the next waiting one at
-    once: its prompt, prefilled alone, is copied in to end just before the slot the step writes.
+    once: its prompt, prefilled with the next waiting ones (`chunk` padded tokens per forward), is
+    copied in to end just before the slot the step writes.
     Prompts start longest first, so a prompt always fits in front of that slot; when every row's
     prompt starts `max_new_tokens // 2` slots or more into the cache, the rows move to its front.
     branches > 1: every prompt is continued `branches` times, the j-th continuation forced to the j-th
@@ -152,7 +154,7 @@ def _decode_rows(model: EvalModel, prompts: Sequence[Sequence[int]], max_new_tok
     unfinished = [branches] * len(prompts)
     stops, eos = _StopChecker(model, stop), model.eos_id
     bar = tqdm(total=len(prompts), desc=desc, disable=not progress)
-    prefilled: tuple[int, list[torch.nn.Module], list[int], float] | None = None  # prompt, its cache, first tokens, margin
+    ready: dict[int, tuple[list[torch.nn.Module], int, list[int], float]] = {}  # prompt: prefill cache, its row, first tokens, margin
 
     def next_logits(h: torch.Tensor, kv_cache: list[torch.nn.Module], thought_slot: int,
                     positions: torch.Tensor | None = None, keys: torch.Tensor | None = None) -> torch.Tensor:
@@ -175,21 +177,35 @@ def _decode_rows(model: EvalModel, prompts: Sequence[Sequence[int]], max_new_tok
             if not unfinished[out // branches]:
                 bar.update()
 
+    def prefill(i: int) -> None:
+        """Prefill prompt i and the prompts waiting after it, as many as fit `chunk` tokens padded to
+        i's length (it is the longest), in one forward, and choose each one's first tokens."""
+        group = [i]
+        for k, _ in work:
+            if k not in group:
+                if (len(group) + 1) * len(prompts[i]) > chunk:
+                    break
+                group.append(k)
+        own, h = prefill_prompts(lm, [prompts[k] for k in group], chunk, spare_slots=scratch)
+        lengths = torch.tensor([len(prompts[k]) for k in group], device=device)
+        keys = torch.arange(len(prompts[i]) + scratch, device=device) < lengths[:, None]  # not the padding
+        logits = next_logits(h, own, len(prompts[i]), lengths, keys)
+        if branches > 1:  # the first tokens to force, and their distribution's margin: one transfer
+            both = torch.cat([logits.topk(branches).indices.float(), _top2_margin(logits)[:, None]], 1).tolist()
+            for source, (k, chosen) in enumerate(zip(group, both)):
+                ready[k] = (own, source, [int(t) for t in chosen[:-1]], chosen[-1])
+        else:
+            for source, (k, t) in enumerate(zip(group, logits.argmax(-1).tolist())):
+                ready[k] = (own, source, [t], 0.0)
+
     def start(row: int) -> None:
         """Give a free row the next waiting continuation and choose its first token."""
-        nonlocal prefilled
         i, j = work.popleft()
-        if prefilled is None or prefilled[0] != i:
-            own, h = prefill_prompt(lm, prompts[i], chunk, spare_slots=scratch)
-            logits = next_logits(h[None], own, len(prompts[i]))[0]
-            if branches > 1:  # the first tokens to force, and their distribution's margin: one transfer
-                both = torch.cat([logits.topk(branches).indices.float(), _top2_margin(logits)[None]]).tolist()
-                prefilled = (i, own, [int(t) for t in both[:-1]], both[-1])
-            else:
-                prefilled = (i, own, [int(logits.argmax())], 0.0)
-        _, own, first, margin = prefilled
+        if i not in ready:
+            prefill(i)
+        own, source, first, margin = ready[i] if j < branches - 1 else ready.pop(i)
         first_slot[row] = slot - len(prompts[i])
-        copy_into_row(own, cache, row, first_slot[row], len(prompts[i]))
+        copy_into_row(own, source, cache, row, first_slot[row], len(prompts[i]))
         key_valid[row] = False
         key_valid[row, first_slot[row]:slot] = True
         next_pos[row] = len(prompts[i])

@@ -107,6 +107,22 @@ def test_rows_take_the_next_prompt_as_they_finish_and_move_to_the_cache_front(ov
     assert generate_tokens(model, MANY, max_new_tokens=12, batch_size=3) == [reference(model, p, 12) for p in MANY]
 
 
+@pytest.mark.parametrize("overrides", [{}, MOD], ids=["dense", "mod"])
+def test_waiting_prompts_are_prefilled_together_within_the_chunk_budget(overrides, monkeypatch):
+    """Prompts of different lengths share a prefill forward (right-padded to the longest, at most
+    prefill_chunk tokens), each once, and each still decodes as it would alone."""
+    model = tiny_model(**overrides)
+    groups: list[list[int]] = []
+    prefill = decoding.prefill_prompts
+    monkeypatch.setattr(decoding, "prefill_prompts",
+                        lambda lm, prompts, *args, **kw: groups.append(list(map(len, prompts))) or prefill(lm, prompts, *args, **kw))
+    assert generate_tokens(model, MANY, max_new_tokens=12, batch_size=3, prefill_chunk=24) == \
+        [reference(model, p, 12) for p in MANY]
+    assert sorted(n for group in groups for n in group) == sorted(map(len, MANY))
+    assert all(len(group) * max(group) <= 24 for group in groups if len(group) > 1)
+    assert any(len(set(group)) > 1 for group in groups) and len(groups) < len(MANY) // 2
+
+
 def test_rows_refill_when_the_context_limit_caps_the_cache(shifts):
     """Prompts at block_size - max_new_tokens leave the cache no spare slots: rows still refill, and
     move to the front when the cache is full even if fewer than max_new_tokens // 2 slots are free."""

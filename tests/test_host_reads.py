@@ -170,18 +170,21 @@ def test_mixture_of_depths_decoding_reads_one_flag_per_routed_layer_and_step():
     assert all("modeldefs/mod.py" in r and "_causal" in r for r in recorder.reads), recorder.reads
 
 
-def test_continuous_batching_reads_the_new_tokens_once_per_step_and_a_first_token_per_prompt():
-    """evals' generation: each step reads its new tokens once (for the stop strings), and each prompt
-    that joins a row reads its first token once; refilling, compacting and shifting rows read nothing."""
-    from evals.decoding import generate_tokens
+def test_continuous_batching_reads_the_new_tokens_once_per_step_and_the_first_tokens_once_per_prefill(monkeypatch):
+    """evals' generation: each step reads its new tokens once (for the stop strings), and each prefill
+    of waiting prompts reads their first tokens once; refilling, compacting and shifting rows read nothing."""
+    from evals import decoding
     from tests.test_eval_decoding import MANY, tiny_model
 
     model = tiny_model()
-    heads = []  # the output head runs once per prompt (its first token) and once per step
+    heads = []  # the output head runs once per prefill (the first tokens) and once per step
     model.lm.lm_head.register_forward_hook(lambda *_: heads.append(1))
+    prefills = []
+    prefill = decoding.prefill_prompts
+    monkeypatch.setattr(decoding, "prefill_prompts", lambda *args, **kw: prefills.append(1) or prefill(*args, **kw))
     with HostReads() as recorder:
-        tokens = generate_tokens(model, MANY, max_new_tokens=12, batch_size=3)
-    steps = len(heads) - len(MANY)
-    assert len(tokens) == len(MANY) and steps > len(MANY) * 11 / 3
-    assert sorted(r.split(" at ")[0] for r in recorder.reads) == ["__int__"] * len(MANY) + ["tolist"] * steps
+        tokens = decoding.generate_tokens(model, MANY, max_new_tokens=12, batch_size=3, prefill_chunk=24)
+    steps = len(heads) - len(prefills)
+    assert len(tokens) == len(MANY) and steps > len(MANY) * 11 / 3 and 1 < len(prefills) < len(MANY)
+    assert [r.split(" at ")[0] for r in recorder.reads] == ["tolist"] * len(heads)
     assert all("evals/decoding.py" in r for r in recorder.reads), recorder.reads
