@@ -3,7 +3,8 @@
 All three stop at the tokenizer's EOS and at stop strings, and cut the returned text at the first
 stop string (lm-eval's `generate_until`). All three batch continuously: a fixed number of rows share
 one KV cache, waiting prompts are prefilled together in a cache of their own, and a row whose
-continuation ends takes the next prompt at once (copied from there), so the batch stays full until the prompts run out (then finished rows leave it).
+continuation ends takes the next prompt at once (copied from there), so the batch stays full until
+the prompts run out (then finished rows leave it).
 Stop strings are checked once per step on the tokens just produced: that check is the only host
 synchronisation per token.
 """
@@ -154,7 +155,8 @@ def _decode_rows(model: EvalModel, prompts: Sequence[Sequence[int]], max_new_tok
     unfinished = [branches] * len(prompts)
     stops, eos = _StopChecker(model, stop), model.eos_id
     bar = tqdm(total=len(prompts), desc=desc, disable=not progress)
-    ready: dict[int, tuple[list[torch.nn.Module], int, list[int], float]] = {}  # prompt: prefill cache, its row, first tokens, margin
+    # Prefilled prompts not yet started: prompt -> (its prefill cache, its row there, first tokens, margin).
+    ready: dict[int, tuple[list[torch.nn.Module], int, list[int], float]] = {}
 
     def next_logits(h: torch.Tensor, kv_cache: list[torch.nn.Module], thought_slot: int,
                     positions: torch.Tensor | None = None, keys: torch.Tensor | None = None) -> torch.Tensor:

@@ -114,8 +114,11 @@ def test_waiting_prompts_are_prefilled_together_within_the_chunk_budget(override
     model = tiny_model(**overrides)
     groups: list[list[int]] = []
     prefill = decoding.prefill_prompts
-    monkeypatch.setattr(decoding, "prefill_prompts",
-                        lambda lm, prompts, *args, **kw: groups.append(list(map(len, prompts))) or prefill(lm, prompts, *args, **kw))
+    def recorded(lm, prompts, *args, **kw):
+        groups.append(list(map(len, prompts)))
+        return prefill(lm, prompts, *args, **kw)
+
+    monkeypatch.setattr(decoding, "prefill_prompts", recorded)
     assert generate_tokens(model, MANY, max_new_tokens=12, batch_size=3, prefill_chunk=24) == \
         [reference(model, p, 12) for p in MANY]
     assert sorted(n for group in groups for n in group) == sorted(map(len, MANY))
