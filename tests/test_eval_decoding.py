@@ -114,6 +114,7 @@ def test_waiting_prompts_are_prefilled_together_within_the_chunk_budget(override
     model = tiny_model(**overrides)
     groups: list[list[int]] = []
     prefill = decoding.prefill_prompts
+
     def recorded(lm, prompts, *args, **kw):
         groups.append(list(map(len, prompts)))
         return prefill(lm, prompts, *args, **kw)
