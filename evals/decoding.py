@@ -4,9 +4,8 @@ All three stop at the tokenizer's EOS and at stop strings, and cut the returned 
 stop string (lm-eval's `generate_until`). All three batch continuously: a fixed number of rows share
 one KV cache, waiting prompts are prefilled together in a cache of their own, and a row whose
 continuation ends takes the next prompt at once (copied from there), so the batch stays full until
-the prompts run out (then finished rows leave it).
-Stop strings are checked once per step on the tokens just produced: that check is the only host
-synchronisation per token.
+the prompts run out (then finished rows leave it). Stop strings are checked once per step on the
+tokens just produced: that check is the only host synchronisation per token.
 """
 
 from __future__ import annotations
