@@ -14,6 +14,7 @@ import hashlib
 import json
 import sys
 import time
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -55,10 +56,12 @@ def run_parser() -> argparse.ArgumentParser:
     p.add_argument("--tasks", nargs="+", default=["gsm8k", "csqa"], choices=TASKS, metavar="TASK",
                    help=f"any of {', '.join(TASKS)} (csqa = lm-eval's commonsense_qa; *_answer_prob = "
                         f"{answer_prob.LABEL}, 0-shot)")
-    p.add_argument("--shots", nargs="+", type=_non_negative, default=[5], help="GSM8K few-shot counts (CommonsenseQA is 0-shot)")
+    p.add_argument("--shots", nargs="+", type=_non_negative, default=None,
+                   help="GSM8K few-shot counts (default 5; CommonsenseQA is 0-shot)")
     p.add_argument("--decoding", nargs="+", default=["greedy"], choices=("greedy", "cot", "thoughts"),
-                   help="decoding variants; log-likelihood tasks run under greedy (plain model) and thoughts only")
-    p.add_argument("--cot-k", nargs="+", type=_positive, default=[10], help="CoT-decoding branch counts (one variant each)")
+                   help="decoding variants; log-likelihood tasks run under greedy (for cot too) and thoughts")
+    p.add_argument("--cot-k", nargs="+", type=_positive, default=None,
+                   help="CoT-decoding branch counts, one variant each (default 10)")
     p.add_argument("--cot-aggregate", action="store_true", help="CoT-decoding: sum confidence per answer (paper's agg)")
     p.add_argument("--max-new-tokens", type=_positive, default=256)
     p.add_argument("--batch-size", type=_positive, default=16, help="rows per forward: completions being generated (each CoT branch is one) or packed rows (scoring)")
@@ -91,13 +94,46 @@ def plot_parser() -> argparse.ArgumentParser:
     return p
 
 
-def decodings(args: argparse.Namespace) -> list[DecodingConfig]:
-    configs = []
+def check_args(args: argparse.Namespace) -> None:
+    """Fill the defaults that depend on other options, drop repeated values, and refuse options that
+    would have no effect (a ValueError naming them)."""
+    for name in ("tasks", "decoding", "shots", "cot_k"):
+        if getattr(args, name) is not None:
+            setattr(args, name, list(dict.fromkeys(getattr(args, name))))
+    if "cot" not in args.decoding and (args.cot_k is not None or args.cot_aggregate):
+        raise ValueError("--cot-k and --cot-aggregate set CoT-decoding: add cot to --decoding, or drop them")
+    if args.shots is not None and not {"gsm8k", "gsm8k_chat"} & set(args.tasks):
+        raise ValueError("--shots sets GSM8K's few-shot count; the tasks asked for are 0-shot: add gsm8k "
+                         "(or gsm8k_chat) to --tasks, or drop --shots")
+    args.shots, args.cot_k = args.shots or [5], args.cot_k or [10]
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {args.device}: this machine has no CUDA device; use --device cpu")
+
+
+def plan(args: argparse.Namespace) -> list[tuple[str, DecodingConfig]]:
+    """(task, decoding) pairs to run, in order: generative tasks under every decoding variant;
+    log-likelihood tasks under greedy and thoughts only (CoT-decoding changes generation alone, so for
+    them cot means greedy), each once."""
+    pairs: dict[tuple[str, str], tuple[str, DecodingConfig]] = {}
     for variant in args.decoding:
         for k in args.cot_k if variant == "cot" else [args.cot_k[0]]:
-            configs.append(DecodingConfig(variant=variant, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
-                                          prefill_chunk=args.prefill_chunk, pack_tokens=args.pack_tokens, cot_k=k, cot_aggregate=args.cot_aggregate))
-    return configs
+            for task in args.tasks:
+                scored = "greedy" if task not in GENERATIVE and variant == "cot" else variant
+                config = DecodingConfig(variant=scored, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+                                        prefill_chunk=args.prefill_chunk, pack_tokens=args.pack_tokens, cot_k=k,
+                                        cot_aggregate=args.cot_aggregate)
+                pairs.setdefault((task, config.label), (task, config))
+    return list(pairs.values())
+
+
+def check_model(model: EvalModel, args: argparse.Namespace) -> None:
+    """Refuse, before any task runs, settings this model cannot evaluate under."""
+    if "thoughts" in args.decoding and not model.has_thoughts:
+        raise ValueError(f"--decoding thoughts needs a Quiet-STaR model; {model.source} is a plain "
+                         f"{type(model.net).__name__}: evaluate it without thoughts in a run of its own")
+    if {"gsm8k", "gsm8k_chat", "csqa_gen"} & set(args.tasks) and args.max_new_tokens >= model.block_size:
+        raise ValueError(f"--max-new-tokens {args.max_new_tokens} leaves no room for a prompt in {model.source}'s "
+                         f"context of {model.block_size} tokens; lower it")
 
 
 def load_data(args: argparse.Namespace) -> dict[str, Any]:
@@ -105,7 +141,7 @@ def load_data(args: argparse.Namespace) -> dict[str, Any]:
     data: dict[str, Any] = {}
     cut = slice(None, args.limit)
     if {"gsm8k", "gsm8k_chat", "gsm8k_answer_prob"} & set(args.tasks):
-        data["gsm8k"] = gsm8k.load(args.gsm8k_path, "test")[cut]
+        data["gsm8k"] = _named("--gsm8k-path", gsm8k.load, args.gsm8k_path, "test")[cut]
         data["gsm8k_train"] = []
         if any(args.shots) and {"gsm8k", "gsm8k_chat"} & set(args.tasks):
             train = args.gsm8k_train_path
@@ -114,31 +150,36 @@ def load_data(args: argparse.Namespace) -> dict[str, Any]:
                     raise FileNotFoundError("few-shot GSM8K from a local test file needs --gsm8k-train-path "
                                             "(e.g. ../shared/data/gsm8k/train.jsonl), or pass --shots 0")
                 train = args.gsm8k_path
-            data["gsm8k_train"] = gsm8k.load(train, "train")
+            data["gsm8k_train"] = _named("--gsm8k-train-path", gsm8k.load, train, "train")
     if {"csqa", "csqa_cloze", "csqa_gen", "csqa_answer_prob"} & set(args.tasks):
-        data["csqa"] = csqa.load(args.csqa_path)[cut]
+        data["csqa"] = _named("--csqa-path", csqa.load, args.csqa_path)[cut]
     return data
+
+
+def _named(option: str, load: Callable[..., list[Any]], *args: str) -> list[Any]:
+    """`load(*args)`, with a missing file reported under the option that named it."""
+    try:
+        return load(*args)
+    except FileNotFoundError as error:
+        raise FileNotFoundError(f"{option}: {error}") from error
 
 
 def evaluate_model(model: EvalModel, args: argparse.Namespace, data: dict[str, Any]) -> list[TaskResult]:
     progress = not args.no_progress
     results = []
-    for decoding in decodings(args):
-        for task in args.tasks:
-            if task not in GENERATIVE and decoding.variant == "cot":
-                continue  # CoT-decoding changes generation only; log-likelihood scores would repeat greedy's
-            if task in answer_prob.TASKS:
-                items = ([answer_prob.gsm8k_item(row) for row in data["gsm8k"]] if task == "gsm8k_answer_prob"
-                         else [answer_prob.csqa_item(q) for q in data["csqa"]])
-                done = [answer_prob.evaluate(model, items, task, decoding, progress)]
-            elif task in ("gsm8k", "gsm8k_chat"):
-                done = [gsm8k.evaluate(model, data["gsm8k"], data["gsm8k_train"], decoding, shots, args.seed,
-                                       chat=task == "gsm8k_chat", progress=progress) for shots in args.shots]
-            else:
-                done = [csqa.evaluate(model, data["csqa"], task, decoding, progress)]
-            for result in done:
-                print(_one_line(model, result), flush=True)
-            results += done
+    for task, decoding in plan(args):
+        if task in answer_prob.TASKS:
+            items = ([answer_prob.gsm8k_item(row) for row in data["gsm8k"]] if task == "gsm8k_answer_prob"
+                     else [answer_prob.csqa_item(q) for q in data["csqa"]])
+            done = [answer_prob.evaluate(model, items, task, decoding, progress)]
+        elif task in ("gsm8k", "gsm8k_chat"):
+            done = [gsm8k.evaluate(model, data["gsm8k"], data["gsm8k_train"], decoding, shots, args.seed,
+                                   chat=task == "gsm8k_chat", progress=progress) for shots in args.shots]
+        else:
+            done = [csqa.evaluate(model, data["csqa"], task, decoding, progress)]
+        for result in done:
+            print(_one_line(model, result), flush=True)
+        results += done
     return results
 
 
@@ -164,44 +205,77 @@ def model_info(model: EvalModel) -> dict[str, Any]:
     return info
 
 
-def leaderboard_rows(model: EvalModel, results: list[TaskResult], commit: str, date: str) -> list[dict[str, Any]]:
+def leaderboard_rows(model: EvalModel, results: list[TaskResult], weights: str, args: argparse.Namespace,
+                     commit: str, date: str) -> list[dict[str, Any]]:
     capacity = model.lm.config.mod_capacity
     thought_length = model.net.thought_config.n_ahead if model.has_thoughts else None
-    return [{"model": model.source, "decoding": r.decoding, "task": r.task, "version": r.version, "filter": m.filter,
-             "n_shot": r.n_shot, "metric": m.name, "value": m.value, "stderr": m.stderr, "n": r.n,
-             "tokens_per_s": round(r.tokens_per_s, 2), "capacity": capacity, "thought_length": thought_length,
+    return [{"model": model.source, "weights_sha256": weights, "dtype": args.dtype, "decoding": r.decoding,
+             "task": r.task, "version": r.version, "filter": m.filter, "n_shot": r.n_shot, "metric": m.name,
+             "value": m.value, "stderr": m.stderr, "n": r.n,
+             "max_new_tokens": args.max_new_tokens if r.task in GENERATIVE else None,
+             "tokens_per_s": round(r.tokens_per_s, 2), "capacity": capacity,
+             "thought_length": thought_length if r.decoding == "thoughts" else None,
              "prompts_hash": r.prompts_hash, "commit": commit, "date": date}
             for r in results for m in r.metrics]
 
 
+def _local_source_missing(source: str) -> bool:
+    """A model source that names a local file or folder (a .ckpt / .gguf, or a path from . / ~) that does not exist."""
+    looks_local = source.endswith((".ckpt", ".gguf")) or source.startswith((".", "/", "~"))
+    return looks_local and not Path(source).expanduser().exists()
+
+
+def _check_outputs(output: Path, leaderboard: str) -> None:
+    """Refuse, before anything runs, an output folder or a leaderboard the results could not be written to."""
+    if output.exists() and not output.is_dir():
+        raise ValueError(f"--output {output} is a file; give a folder (results.json goes inside it)")
+    board = Path(leaderboard)
+    if board.exists() and not board.is_dir():
+        raise ValueError(f"--leaderboard {board} is a file; give a folder (leaderboard.csv goes inside it)")
+    read_rows(board / "leaderboard.csv")  # a foreign CSV there is refused now, not after the evaluation
+
+
+def _save(report: dict[str, Any], output: Path, rows: list[dict[str, Any]], leaderboard: str) -> int:
+    """Write results.json (every model so far) and append `rows` to the leaderboard; returns rows added."""
+    output.mkdir(parents=True, exist_ok=True)
+    (output / "results.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+    return append_rows(leaderboard, rows)[1]
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Evaluate every model; each model's results are saved (results.json, leaderboard) as soon as it is done."""
     started = time.perf_counter()
     now = datetime.now(timezone.utc)
+    check_args(args)
     output = Path(args.output or Path("eval-results") / now.strftime("%Y%m%d-%H%M%S"))
+    _check_outputs(output, args.leaderboard)
+    for source in args.model:
+        if _local_source_missing(source):
+            raise ModelLoadError(f"cannot load model {source!r}: no such file or directory")
     commit = git_commit()
     data = load_data(args)
     report: dict[str, Any] = {"created": now.isoformat(timespec="seconds"), "git_commit": commit,
                               "command": ["quietdepth-eval", *sys.argv[1:]], "config": vars(args), "models": []}
-    rows = []
+    rows, added = [], 0
     for source in args.model:
         load_start = time.perf_counter()
         model = load_eval_model(source, args.tokenizer, args.device, DTYPES[args.dtype])
+        check_model(model, args)
         entry = {**model_info(model), "load_seconds": round(time.perf_counter() - load_start, 2)}
         results = evaluate_model(model, args, data)
         entry["results"] = [r.to_dict() for r in results]
         report["models"].append(entry)
-        rows += leaderboard_rows(model, results, commit, report["created"])
+        new = leaderboard_rows(model, results, entry["weights_sha256"], args, commit, report["created"])
         if args.log_samples:
             output.mkdir(parents=True, exist_ok=True)
             for r in results:
                 name = f"samples_{len(report['models'])}_{Path(source).name}_{r.task}_{r.n_shot}shot_{r.decoding}.jsonl"
                 with (output / name).open("w") as f:
                     f.writelines(json.dumps(s) + "\n" for s in r.samples)
+        report["wall_seconds"] = round(time.perf_counter() - started, 2)
+        added += _save(report, output, new, args.leaderboard)
+        rows += new
         del model
-    report["wall_seconds"] = round(time.perf_counter() - started, 2)
-    output.mkdir(parents=True, exist_ok=True)
-    (output / "results.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
-    everything, added = append_rows(args.leaderboard, rows)
     logged = log_to_wandb([{c: str(r[c]) if r[c] is not None else "" for c in COLUMNS} for r in rows])
     print(summary(rows, output, args.leaderboard, added, logged, report["wall_seconds"]))
     return report
@@ -214,7 +288,7 @@ def summary(rows: list[dict[str, Any]], output: Path, leaderboard: str, added: i
 
     def table(header: list[str], body: list[list[str]]) -> str:
         widths = [max(len(h), *(len(row[i]) for row in body)) if body else len(h) for i, h in enumerate(header)]
-        fmt = lambda cells: "|" + "|".join(f" {c:<{w}} " for c, w in zip(cells, widths)) + "|"  # noqa: E731
+        fmt = lambda cells: "|" + "|".join(f" {c:<{w}} " for c, w in zip(cells, widths)) + "|"
         return "\n".join([fmt(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(fmt, body)])
 
     header, wide = wide_table(text_rows)

@@ -55,6 +55,9 @@ def _question(record: dict[str, Any], where: str) -> Question:
     if [label for label, _ in pairs] != list(LETTERS) or answer not in LETTERS:
         raise ValueError(f"{where}: expected choices labelled A-E and an answerKey among them, got "
                          f"{[label for label, _ in pairs]} / {answer!r} (the test split has no answers)")
+    for field, text in [("question stem", stem), *((f"choice {label}", text) for label, text in pairs)]:
+        if not isinstance(text, str) or not text.strip():
+            raise ValueError(f"{where}: the {field} must be a non-empty string, got {text!r}")
     return Question(stem=stem, choices=[text for _, text in pairs], answer=answer)
 
 
@@ -65,7 +68,10 @@ def load(path: str = HUB_ID, split: str = "validation") -> list[Question]:
         if not os.path.isfile(path):
             raise FileNotFoundError(f"CommonsenseQA file not found: {path}; give a local jsonl (e.g. "
                                     "../shared/data/commonsense_qa/dev_rand_split.jsonl) or the hub id tau/commonsense_qa")
-        return [_question(record, where) for where, record in jsonl.records(path)]
+        questions = [_question(record, where) for where, record in jsonl.records(path)]
+        if not questions:
+            raise ValueError(f"{path} holds no CommonsenseQA records")
+        return questions
     import datasets
 
     return [_question(r, f"{path}[{i}]") for i, r in enumerate(datasets.load_dataset(path, split=split))]

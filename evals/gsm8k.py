@@ -37,7 +37,10 @@ def load(path: str = HUB_ID, split: str = "test") -> list[dict[str, str]]:
         import datasets
 
         rows = ((f"{path}[{i}]", r) for i, r in enumerate(datasets.load_dataset(path, "main", split=split)))
-    return [_problem(record, where) for where, record in rows]
+    problems = [_problem(record, where) for where, record in rows]
+    if not problems:
+        raise ValueError(f"{path} holds no GSM8K problems")
+    return problems
 
 
 def _problem(record: Any, where: str) -> dict[str, str]:

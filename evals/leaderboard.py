@@ -1,8 +1,9 @@
 """The leaderboard: one CSV of result rows that every run appends to, rendered as Markdown and HTML
 (lm-eval's long table and a wide per-model summary), and as a W&B Table when a run is active.
 
-A row is one metric of one task for one model under one decoding. A re-run appends its rows; a row
-equal to one already there in everything but date, commit and speed is not added again.
+A row is one metric of one task for one model (its source, weights hash and dtype) under one decoding.
+A re-run appends its rows; a row equal to one already there in everything but date, commit and speed
+is not added again.
 """
 
 from __future__ import annotations
@@ -14,8 +15,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-COLUMNS = ["model", "decoding", "task", "version", "filter", "n_shot", "metric", "value", "stderr", "n",
-           "tokens_per_s", "capacity", "thought_length", "prompts_hash", "commit", "date"]
+COLUMNS = ["model", "weights_sha256", "dtype", "decoding", "task", "version", "filter", "n_shot", "metric", "value",
+           "stderr", "n", "max_new_tokens", "tokens_per_s", "capacity", "thought_length", "prompts_hash", "commit", "date"]
 _NOT_IDENTITY = {"tokens_per_s", "commit", "date"}
 LONG_HEADER = ["Model", "Decoding", "Tasks", "Version", "Filter", "n-shot", "Metric", "Value", "± Stderr", "n"]
 
@@ -32,8 +33,8 @@ def read_rows(path: str | Path) -> list[dict[str, str]]:
     with path.open(newline="") as f:
         reader = csv.DictReader(f)
         if reader.fieldnames != COLUMNS:
-            raise ValueError(f"{path} is not a quietdepth leaderboard (columns {reader.fieldnames}, expected {COLUMNS}); "
-                             "point --leaderboard at another folder")
+            raise ValueError(f"{path} is not a leaderboard of this quietdepth version (columns {reader.fieldnames}, "
+                             f"expected {COLUMNS}); point --leaderboard at another folder")
         return list(reader)
 
 
@@ -77,21 +78,21 @@ def long_table(rows: Sequence[dict[str, str]]) -> list[list[str]]:
 
 
 def wide_table(rows: Sequence[dict[str, str]]) -> tuple[list[str], list[list[str]]]:
-    """(header, rows): one row per model and decoding — GSM8K strict/flexible per n-shot, CommonsenseQA
-    acc, and the generation speed; the latest value wins."""
+    """(header, rows): one row per model (source, weights, dtype) and decoding — GSM8K strict/flexible
+    per n-shot, CommonsenseQA acc, and the generation speed; the latest value wins."""
     shots = sorted({int(r["n_shot"]) for r in rows if r["task"] == "gsm8k"})
     columns = [f"gsm8k {s}-shot {f}" for s in shots for f in ("strict", "flexible")] + ["csqa acc", "tokens/s"]
-    table: dict[tuple[str, str], dict[str, str]] = {}
+    table: dict[tuple[str, ...], dict[str, str]] = {}
     for r in rows:
-        cells = table.setdefault((r["model"], r["decoding"]), {})
+        cells = table.setdefault((r["model"], r["weights_sha256"][:8], r["dtype"], r["decoding"]), {})
         if r["task"] == "gsm8k":
             name = "strict" if r["filter"] == "strict-match" else "flexible"
             cells[f"gsm8k {r['n_shot']}-shot {name}"] = _number(r["value"])
             cells["tokens/s"] = _number(r["tokens_per_s"], 1)
         elif r["task"] == "csqa" and r["metric"] == "acc":
             cells["csqa acc"] = _number(r["value"])
-    header = ["model", "decoding", *columns]
-    return header, [[model, decoding, *(cells.get(c, "") for c in columns)] for (model, decoding), cells in table.items()]
+    header = ["model", "weights", "dtype", "decoding", *columns]
+    return header, [[*key, *(cells.get(c, "") for c in columns)] for key, cells in table.items()]
 
 
 def _markdown_table(header: Sequence[str], body: Sequence[Sequence[str]]) -> str:

@@ -14,6 +14,7 @@ scores are comparable with `--model hf` on the same weights.
 from __future__ import annotations
 
 import sys
+import warnings
 from typing import Any
 
 try:
@@ -31,6 +32,15 @@ from evals.model import EvalModel, load_eval_model
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def _device(requested: str | None) -> str:
+    """The device to load on: `requested`, or the CPU where it is a CUDA device this machine lacks."""
+    if requested is None or (requested.startswith("cuda") and not torch.cuda.is_available()):
+        if requested is not None:
+            warnings.warn(f"device={requested!r} but CUDA is not available: running on the CPU", stacklevel=3)
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return requested
+
+
 @register_model("quietdepth")
 class QuietdepthLM(LM):
     """lm-eval `LM` over a quietdepth model (dense, Mixture-of-Depths or Quiet-STaR).
@@ -41,12 +51,15 @@ class QuietdepthLM(LM):
     a Quiet-STaR model thinks when it generates and when it scores), `max_gen_toks` (the default when a
     task sets none), `pack_tokens` (log-likelihood scoring: most tokens per packed row, see
     `evals.scoring.loglikelihood`). `--batch_size` is the number of prompts (generation) or packed
-    rows (scoring) per forward pass; `--device` is honoured.
+    rows (scoring) per forward pass; `--device` is honoured, except that a CUDA device on a machine
+    without one falls back to the CPU with a warning, as lm-eval's `hf` backend does (lm-eval's default
+    device is cuda:0). `max_batch_size`, which lm-eval passes to every model type, has no use here.
     """
 
     def __init__(self, pretrained: str | EvalModel = "smollm2-135m-instruct", tokenizer: str | None = None,
                  device: str | None = None, dtype: str = "float32", batch_size: int | str = 16,
-                 decoding: str = "greedy", max_gen_toks: int = 256, pack_tokens: int = 512, **unused: Any) -> None:
+                 decoding: str = "greedy", max_gen_toks: int = 256, pack_tokens: int = 512,
+                 max_batch_size: int | None = None) -> None:
         super().__init__()
         if dtype not in _DTYPES:
             raise ValueError(f"dtype={dtype!r}: use one of {sorted(_DTYPES)}")
@@ -55,12 +68,10 @@ class QuietdepthLM(LM):
                              "(CoT-decoding needs a task's answer format: use quietdepth-eval)")
         if not str(batch_size).isdigit() or int(batch_size) < 1:
             raise ValueError(f"batch_size={batch_size!r}: give a positive number (automatic sizing is not supported)")
-        # lm-eval passes its own settings (max_batch_size, ...) to every model type; none changes ours.
         if isinstance(pretrained, EvalModel):
             self.model = pretrained
         else:
-            self.model = load_eval_model(pretrained, tokenizer, device or ("cuda" if torch.cuda.is_available() else "cpu"),
-                                         _DTYPES[dtype])
+            self.model = load_eval_model(pretrained, tokenizer, _device(device), _DTYPES[dtype])
         if decoding == "thoughts" and not self.model.has_thoughts:
             raise ValueError(f"decoding=thoughts needs a Quiet-STaR checkpoint; {self.model.source} is a plain model")
         self.batch_size = int(batch_size)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -88,8 +89,14 @@ def load_checkpoint(path: str | os.PathLike) -> Transformer | QuietStar:
     `QuietStar` where the checkpoint has a ``thought_config``, else a `Transformer`."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    if "model_config" not in checkpoint:
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as error:
+        # torch's own message suggests weights_only=False; for a file of unknown origin that runs its code
+        raise ValueError(f"{path} is not a checkpoint quietdepth can read: torch.load(weights_only=True) failed "
+                         f"({type(error).__name__}). quietdepth checkpoints hold tensors and plain values only, and "
+                         "files that need arbitrary unpickling are refused") from error
+    if not isinstance(checkpoint, dict) or "model_config" not in checkpoint:
         raise ValueError(f"{path} has no 'model_config': not a checkpoint written by quietdepth training")
     model: Transformer | QuietStar = Transformer(ModelConfig.from_dict(checkpoint["model_config"]))
     if "thought_config" in checkpoint:

@@ -60,7 +60,7 @@ def test_end_to_end_run_writes_results_samples_and_leaderboard(
     assert len(rows) == 2 * 2 + 1 + 2 + 1 + 2 * 2 + 1  # gsm8k has two filters per shot count; cloze acc + acc_norm
     markdown = (board / "leaderboard.md").read_text()
     assert "| Tasks | Version | Filter | n-shot | Metric | Value | ± Stderr |" in markdown
-    assert "| model | decoding | gsm8k 0-shot strict | gsm8k 0-shot flexible | gsm8k 1-shot strict" in markdown
+    assert "| model | weights | dtype | decoding | gsm8k 0-shot strict | gsm8k 0-shot flexible | gsm8k 1-shot strict" in markdown
     assert "<table>" in (board / "leaderboard.html").read_text()
     out = capsys.readouterr().out
     assert "quietdepth-eval results" in out and f"{len(rows)} new row(s) of {len(rows)}" in out
@@ -107,7 +107,13 @@ def test_leaderboard_appends_new_rows_and_skips_identical_ones(tmp_path):
     assert added == 1 and [r["value"] for r in rows] == ["0.5", "0.75"]
     assert (tmp_path / "leaderboard.csv").read_text().count("\n") == 3
     header, wide = leaderboard.wide_table(rows)
-    assert header == ["model", "decoding", "csqa acc", "tokens/s"] and wide == [["m", "greedy", "0.7500", ""]]
+    assert header == ["model", "weights", "dtype", "decoding", "csqa acc", "tokens/s"]
+    assert wide == [["m", "", "", "greedy", "0.7500", ""]]
+    # the same scores from other weights, in another dtype, or under another token budget are other rows
+    others = [{**row, "weights_sha256": "abcdef0123456789"}, {**row, "dtype": "bfloat16"}, {**row, "max_new_tokens": 64}]
+    rows, added = leaderboard.append_rows(tmp_path, others)
+    assert added == 3
+    assert [cells[:3] for cells in leaderboard.wide_table(rows)[1]] == [["m", "", ""], ["m", "abcdef01", ""], ["m", "", "bfloat16"]]
 
 
 def test_unknown_task_is_a_clear_error(capsys):
@@ -126,12 +132,67 @@ def test_missing_data_file_is_a_clear_error(tiny_checkpoint, tmp_path, capsys):
 def test_model_that_cannot_be_loaded_is_a_clear_error(tmp_path, capsys):
     bad = tmp_path / "broken.ckpt"
     torch.save({"state_dict": {}}, bad)
-    for source in (str(tmp_path / "missing.ckpt"), str(bad), str(tmp_path)):
+    garbage = tmp_path / "garbage.ckpt"
+    garbage.write_bytes(b"\x80\x04not a checkpoint")
+    for source in (str(tmp_path / "missing.ckpt"), str(bad), str(garbage), str(tmp_path)):
         with pytest.raises(SystemExit) as exit_info:
             main(["--model", source, "--tasks", "csqa", *data_args(), "--limit", "1", "--output", str(tmp_path / "o"),
                   "--leaderboard", str(tmp_path / "b")])
         assert exit_info.value.code == 2
-        assert f"cannot load model {source!r}" in capsys.readouterr().err
+        err = capsys.readouterr().err
+        assert f"cannot load model {source!r}" in err and "weights_only=False" not in err
+
+
+def test_settings_that_cannot_run_fail_before_any_model_is_evaluated(
+        tiny_checkpoint, smollm2_tokenizer_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # a machine without CUDA, also on a GPU machine
+    (tmp_path / "afile").write_text("")
+    (tmp_path / "foreign").mkdir()
+    (tmp_path / "foreign" / "leaderboard.csv").write_text("name,score\nx,1\n")
+    for extra, message in [(["--model", str(tiny_checkpoint), str(tmp_path / "nope.ckpt")], "cannot load model"),
+                           (["--output", str(tmp_path / "afile")], "--output"),
+                           (["--leaderboard", str(tmp_path / "afile")], "--leaderboard"),
+                           (["--leaderboard", str(tmp_path / "foreign")], "is not a leaderboard of this quietdepth version"),
+                           (["--device", "cuda"], "--device cuda: this machine has no CUDA device"),
+                           (["--cot-k", "5"], "--cot-k and --cot-aggregate set CoT-decoding"),
+                           (["--tasks", "csqa", "--shots", "5"], "--shots sets GSM8K's few-shot count")]:
+        with pytest.raises(SystemExit) as exit_info:
+            main([*run_args(tiny_checkpoint, smollm2_tokenizer_dir, tmp_path, "--tasks", "csqa"), *extra])
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err
+        assert not (tmp_path / "run").exists() and not (tmp_path / "board").exists()
+    assert (tmp_path / "foreign" / "leaderboard.csv").read_text() == "name,score\nx,1\n"
+
+
+def test_a_model_that_fails_its_checks_keeps_the_results_of_the_models_before_it(
+        tiny_checkpoint, smollm2_tokenizer_dir, tmp_path, capsys):
+    short = Transformer(ModelConfig.from_name("tiny", n_layer=1, block_size=32))
+    short_checkpoint = tmp_path / "short.ckpt"
+    torch.save({"model_config": short.config.to_dict(),
+                "state_dict": {f"model.{k}": v for k, v in short.state_dict().items()}}, short_checkpoint)
+    args = run_args(tiny_checkpoint, smollm2_tokenizer_dir, tmp_path, "--tasks", "csqa", "gsm8k", "--shots", "0",
+                    "--max-new-tokens", "40")
+    with pytest.raises(SystemExit) as exit_info:
+        main([*args, "--model", str(tiny_checkpoint), str(short_checkpoint)])
+    assert exit_info.value.code == 2
+    assert "--max-new-tokens 40 leaves no room for a prompt" in capsys.readouterr().err
+    (entry,) = json.loads((tmp_path / "run" / "results.json").read_text())["models"]
+    assert entry["source"] == str(tiny_checkpoint) and len(entry["results"]) == 2
+    rows = list(csv.DictReader((tmp_path / "board" / "leaderboard.csv").open()))
+    assert len(rows) == 3 and {r["model"] for r in rows} == {str(tiny_checkpoint)}
+    assert {(r["task"], r["max_new_tokens"], r["dtype"]) for r in rows} == {("csqa", "", "float32"), ("gsm8k", "40", "float32")}
+
+
+def test_each_task_runs_once_per_variant_and_cot_scores_log_likelihood_tasks_greedily():
+    from evals.cli import check_args, plan, run_parser
+
+    def planned(*argv: str) -> list[tuple[str, str]]:
+        args = run_parser().parse_args(list(argv))
+        check_args(args)
+        return [(task, decoding.label) for task, decoding in plan(args)]
+
+    assert planned("--tasks", "csqa", "gsm8k", "--decoding", "cot") == [("csqa", "greedy"), ("gsm8k", "cot-k10")]
+    assert planned("--tasks", "csqa", "csqa", "csqa_gen", "--decoding", "greedy", "cot", "cot", "--cot-k", "3", "3", "5") == [
+        ("csqa", "greedy"), ("csqa_gen", "greedy"), ("csqa_gen", "cot-k3"), ("csqa_gen", "cot-k5")]
 
 
 def test_thoughts_on_a_plain_model_is_a_clear_error(tiny_checkpoint, smollm2_tokenizer_dir, tmp_path, capsys):
@@ -149,20 +210,21 @@ def test_quietstar_checkpoint_runs_with_thoughts_and_records_the_thought_length(
     checkpoint = tmp_path / "qs.ckpt"
     torch.save({"model_config": lm.config.to_dict(), "thought_config": net.thought_config.to_dict(),
                 "state_dict": {f"model.{k}": v for k, v in net.state_dict().items()}}, checkpoint)
-    main(run_args(checkpoint, smollm2_tokenizer_dir, tmp_path, "--tasks", "csqa", "csqa_gen", "--decoding", "thoughts"))
+    main(run_args(checkpoint, smollm2_tokenizer_dir, tmp_path, "--tasks", "csqa", "csqa_gen", "--decoding", "greedy", "thoughts"))
     (entry,) = json.loads((tmp_path / "run" / "results.json").read_text())["models"]
     assert entry["class"] == "QuietStar" and entry["thought_config"]["n_ahead"] == 4
-    assert {(r["task"], r["decoding"]) for r in entry["results"]} == {("csqa", "thoughts"), ("csqa_gen", "thoughts")}
+    assert {(r["task"], r["decoding"]) for r in entry["results"]} == {
+        ("csqa", "greedy"), ("csqa_gen", "greedy"), ("csqa", "thoughts"), ("csqa_gen", "thoughts")}
     rows = list(csv.DictReader((tmp_path / "board" / "leaderboard.csv").open()))
-    assert {r["thought_length"] for r in rows} == {"4"}
+    assert {(r["decoding"], r["thought_length"]) for r in rows} == {("greedy", ""), ("thoughts", "4")}  # greedy did not think
 
 
 def test_leaderboard_goes_to_the_active_wandb_run_as_tables(tmp_path, monkeypatch):
     wandb = pytest.importorskip("wandb")
     monkeypatch.setenv("WANDB_MODE", "offline")
-    row = dict(model="m", decoding="greedy", task="csqa", version="N/A", filter="none", n_shot="0", metric="acc",
-               value="0.5", stderr="0.1", n="4", tokens_per_s="3.0", capacity="", thought_length="", prompts_hash="h",
-               commit="c", date="d")
+    row = dict(model="m", weights_sha256="0123456789abcdef", dtype="float32", decoding="greedy", task="csqa",
+               version="N/A", filter="none", n_shot="0", metric="acc", value="0.5", stderr="0.1", n="4",
+               max_new_tokens="", tokens_per_s="3.0", capacity="", thought_length="", prompts_hash="h", commit="c", date="d")
     assert not leaderboard.log_to_wandb([row])  # no active run
     run = wandb.init(project="quietdepth-test", dir=str(tmp_path))
     try:

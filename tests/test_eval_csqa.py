@@ -129,6 +129,14 @@ def test_missing_file_and_unlabelled_records_are_clear_errors(tmp_path):
     (tmp_path / "broken.jsonl").write_text('{"question": ')
     with pytest.raises(ValueError, match="broken.jsonl:1: malformed JSON"):
         csqa.load(str(tmp_path / "broken.jsonl"))
+    with pytest.raises(ValueError, match=r"null.jsonl:1: the question stem must be a non-empty string, got None"):
+        csqa.load(write_jsonl(tmp_path / "null.jsonl", [{**HUB, "question": None}]))
+    choices = {"label": list("ABCDE"), "text": ["shelf", "", "car", "bed", "sky"]}
+    with pytest.raises(ValueError, match="blank.jsonl:2: the choice B must be a non-empty string"):
+        csqa.load(write_jsonl(tmp_path / "blank.jsonl", [HUB, {**HUB, "choices": choices}]))
+    (tmp_path / "empty.jsonl").write_text("\n")
+    with pytest.raises(ValueError, match="empty.jsonl holds no CommonsenseQA records"):
+        csqa.load(str(tmp_path / "empty.jsonl"))
 
 
 @pytest.mark.parametrize("completion,letter", [(" B", "B"), (" The answer is C.", "C"), (" (E) sky", "E"),

@@ -73,6 +73,9 @@ def test_missing_file_and_bad_rows_are_clear_errors_naming_the_line(tmp_path):
         path.write_text(f"{good}\n\n{bad}\n")
         with pytest.raises(ValueError, match=f"rows.jsonl:3: .*{message}"):
             gsm8k.load(str(path))
+    (tmp_path / "empty.jsonl").write_text("")
+    with pytest.raises(ValueError, match="empty.jsonl holds no GSM8K problems"):
+        gsm8k.load(str(tmp_path / "empty.jsonl"))
 
 
 def test_mean_and_stderr():

@@ -122,3 +122,18 @@ def test_lm_eval_runs_the_local_commonsense_qa_task_through_the_adapter(model):
                           task_manager=TaskManager(include_path=str(TASKS), include_defaults=False))
     assert out["results"]["commonsense_qa_local"]["acc,none"] in {i / 6 for i in range(7)}
     assert set(out["results"]["commonsense_qa_cloze_local"]) >= {"acc,none", "acc_norm,none"}
+
+
+def test_lm_eval_default_cuda_device_falls_back_to_the_cpu_and_misspelled_model_args_are_refused(
+        tmp_path, smollm2_tokenizer_dir, monkeypatch):
+    net = Transformer(ModelConfig.from_name("tiny", n_layer=1, block_size=64))
+    checkpoint = tmp_path / "tiny.ckpt"
+    torch.save({"model_config": net.config.to_dict(),
+                "state_dict": {f"model.{k}": v for k, v in net.state_dict().items()}}, checkpoint)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # also on a GPU machine: the case of one without
+    extra = {"batch_size": 2, "max_batch_size": None, "device": "cuda:0"}  # what lm-eval passes by default
+    with pytest.warns(UserWarning, match="device='cuda:0' but CUDA is not available: running on the CPU"):
+        lm = get_model("quietdepth").create_from_arg_string(f"pretrained={checkpoint},tokenizer={smollm2_tokenizer_dir}", extra)
+    assert lm.model.device.type == "cpu" and next(lm.model.net.parameters()).device.type == "cpu"
+    with pytest.raises(TypeError, match="pretrianed"):
+        get_model("quietdepth").create_from_arg_string(f"pretrianed={checkpoint}", extra)
