@@ -52,7 +52,7 @@ def run_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", nargs="+", default=["smollm2-135m-instruct"],
                    help="model sources: a quietdepth .ckpt, an HF directory or hub id, a .gguf file, or "
                         "smollm2-135m-instruct (offline default)")
-    p.add_argument("--tokenizer", default=None, help="tokenizer source (default: the model's; smollm2 for a .ckpt)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer source (default: the model's; for a .ckpt its training data's)")
     p.add_argument("--tasks", nargs="+", default=["gsm8k", "csqa"], choices=TASKS, metavar="TASK",
                    help=f"any of {', '.join(TASKS)} (csqa = lm-eval's commonsense_qa; *_answer_prob = "
                         f"{answer_prob.LABEL}, 0-shot)")

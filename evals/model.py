@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from modeldefs.model import Transformer
-from modeldefs.pretrained import OFFLINE_DEFAULT, load_pretrained, load_tokenizer
+from modeldefs.pretrained import load_pretrained, load_tokenizer, tokenizer_source
 
 
 class ModelLoadError(RuntimeError):
@@ -66,23 +66,23 @@ def load_eval_model(source: str, tokenizer: str | None = None, device: str | tor
     """Load `source` (anything `modeldefs.pretrained.load_pretrained` takes: a quietdepth .ckpt, an HF
     directory or hub id, a .gguf file, ``smollm2-135m-instruct``) for evaluation.
 
-    tokenizer: tokenizer source; defaults to `source` itself, or to ``smollm2-135m-instruct`` for a
-    quietdepth checkpoint (training's default tokenizer).
+    tokenizer: tokenizer source; defaults to `source` itself, or for a quietdepth checkpoint to the
+    tokenizer of its training data (`modeldefs.pretrained.tokenizer_source`).
     """
-    tokenizer_source = tokenizer or (OFFLINE_DEFAULT if source.endswith(".ckpt") else source)
     try:
         net = load_pretrained(source)
     except (OSError, ValueError, KeyError, RuntimeError) as error:
         hint = "" if os.path.exists(source) else " (no such file or directory; for a hub id the hub must be reachable)"
         raise ModelLoadError(f"cannot load model {source!r}{hint}: {error}") from error
+    tokenizer = tokenizer or tokenizer_source(source)
     try:
-        tok = load_tokenizer(tokenizer_source)
+        tok = load_tokenizer(tokenizer)
     except (OSError, ValueError, KeyError, RuntimeError) as error:
-        raise ModelLoadError(f"cannot load tokenizer {tokenizer_source!r} for model {source!r}: {error}; "
+        raise ModelLoadError(f"cannot load tokenizer {tokenizer!r} for model {source!r}: {error}; "
                              "pass tokenizer=<source> (--tokenizer on the command line)") from error
     vocab = (net.lm if hasattr(net, "lm") else net).config.vocab_size
     if len(tok) > vocab:
-        raise ModelLoadError(f"tokenizer {tokenizer_source!r} has {len(tok)} tokens but model {source!r} only "
+        raise ModelLoadError(f"tokenizer {tokenizer!r} has {len(tok)} tokens but model {source!r} only "
                              f"{vocab} embedding rows; pass the tokenizer the model was trained with")
     net = net.to(device=device, dtype=dtype).eval()
     return EvalModel(net=net, tokenizer=tok, device=torch.device(device), dtype=dtype, source=source)

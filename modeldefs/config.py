@@ -83,7 +83,7 @@ class ModelConfig:
         """A named config (see `NAMED_CONFIGS`), with fields overridden."""
         if name not in NAMED_CONFIGS:
             raise ValueError(f"unknown model config {name!r}; choose one of {sorted(NAMED_CONFIGS)}")
-        return cls(**{**NAMED_CONFIGS[name], **overrides})
+        return dataclass_from_dict(cls, {**NAMED_CONFIGS[name], **overrides})
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> ModelConfig:
@@ -94,12 +94,17 @@ class ModelConfig:
         return asdict(self)
 
 
-def dataclass_from_dict(cls: type, values: dict[str, Any]) -> Any:
-    """`cls(**values)` for a config dataclass, with an error that names unknown keys and the known fields."""
+def check_fields(cls: type, values: dict[str, Any]) -> None:
+    """Raise a ValueError naming the keys of `values` that are not fields of the dataclass `cls`, and the known fields."""
     known = {f.name for f in fields(cls)}
     unknown = sorted(set(values) - known)
     if unknown:
         raise ValueError(f"unknown {cls.__name__} field(s) {unknown}; known fields: {sorted(known)}")
+
+
+def dataclass_from_dict(cls: type, values: dict[str, Any]) -> Any:
+    """`cls(**values)` for a config dataclass, with an error that names unknown keys and the known fields."""
+    check_fields(cls, values)
     return cls(**values)
 
 

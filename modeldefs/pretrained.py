@@ -73,7 +73,14 @@ def load_hf_model(source: str) -> torch.nn.Module:
     path, kwargs = _from_pretrained_args(source)
     if os.path.isdir(path) and not kwargs and not os.path.isfile(os.path.join(path, "config.json")):
         raise FileNotFoundError(f"{source} is a directory without config.json; not an HF model directory")
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **kwargs)
+    try:
+        return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **kwargs)
+    except OSError as error:
+        if os.path.exists(path):
+            raise
+        raise OSError(f"{source!r} is no local file or folder, and as a hub id it did not load ({error}). A source "
+                      f"is {OFFLINE_DEFAULT!r} (offline), a .gguf file, an HF model directory or hub id, or a "
+                      "quietdepth .ckpt") from error
 
 
 def from_hf_model(hf_model: torch.nn.Module, name: str = "custom") -> Transformer:
@@ -138,6 +145,16 @@ def _load_thoughts(lm: Transformer, directory: Path) -> QuietStar:
     if missing or unexpected:
         raise ValueError(f"{weights} does not match the Quiet-STaR model: missing {missing}, unexpected {unexpected}")
     return model
+
+
+def tokenizer_source(source: str) -> str:
+    """Where the tokenizer of model `source` comes from: for a quietdepth .ckpt, the tokenizer its training
+    data used (Lightning stores the data module's settings in the checkpoint; the offline default when
+    they are absent); for any other source, the source itself."""
+    if not source.endswith(".ckpt"):
+        return source
+    checkpoint = torch.load(source, map_location="cpu", weights_only=True, mmap=True)
+    return (checkpoint.get("datamodule_hyper_parameters") or {}).get("tokenizer") or OFFLINE_DEFAULT
 
 
 def load_tokenizer(source: str) -> Any:

@@ -12,7 +12,7 @@ import torch
 import yaml
 from transformers import AutoModelForCausalLM
 
-from modeldefs.pretrained import load_pretrained
+from modeldefs.pretrained import load_pretrained, tokenizer_source
 from tests.conftest import REPO, requires_smollm2
 from training.cli import main, run
 from training.export import main as export_main
@@ -58,11 +58,13 @@ def test_fit_smoke_writes_checkpoints_metrics_wandb_run_and_summary(in_tmp, gsm8
     assert "quietdepth run summary" in out and "wandb sync" in out and "last.ckpt" in out
 
 
-def test_validate_and_export_from_a_checkpoint(in_tmp, gsm8k_train, smollm2_tokenizer):
-    main(["fit", *smoke_args(gsm8k_train, steps=3)])
+def test_validate_and_export_from_a_checkpoint(in_tmp, gsm8k_train, smollm2_tokenizer, smollm2_tokenizer_dir):
+    main(["fit", *smoke_args(gsm8k_train, "--data.init_args.tokenizer", str(smollm2_tokenizer_dir), steps=3)])
     ckpt = in_tmp / "runs" / "smoke" / "checkpoints" / "last.ckpt"
     main(["validate", *smoke_args(gsm8k_train), "--ckpt_path", str(ckpt)])
+    assert tokenizer_source(str(ckpt)) == str(smollm2_tokenizer_dir)  # the run's data tokenizer goes with its weights
     export_main([str(ckpt), str(in_tmp / "hf")])
+    assert (in_tmp / "hf" / "tokenizer.json").is_file()
     ours = load_pretrained(str(ckpt)).eval()
     hf = AutoModelForCausalLM.from_pretrained(in_tmp / "hf").eval()
     ids = smollm2_tokenizer("Question: 2+2?", return_tensors="pt").input_ids
@@ -105,6 +107,24 @@ def test_sequence_longer_than_context_stops_before_training(in_tmp, gsm8k_train)
     with pytest.raises(ValueError, match=r"data.seq_len=2048 .*block_size=1024"):
         main(["fit", *smoke_args(gsm8k_train, "--data.init_args.seq_len", "2048")])
     assert not (in_tmp / "runs" / "smoke" / "checkpoints").exists()
+
+
+def test_a_tokenizer_larger_than_the_vocabulary_and_a_misspelled_override_stop_before_training(in_tmp, gsm8k_train):
+    with pytest.raises(ValueError, match=r"data.tokenizer has 49152 tokens but the model's vocab_size is 256"):
+        main(["fit", *smoke_args(gsm8k_train, "--model.init_args.model", "micro", "--data.init_args.seq_len", "64")])
+    with pytest.raises(ValueError, match=r"unknown ModelConfig field\(s\) \['n_layerz'\]"):
+        main(["fit", *smoke_args(gsm8k_train, "--model.init_args.model_overrides", "{n_layerz: 3}")])
+    assert not (in_tmp / "runs" / "smoke" / "checkpoints").exists()
+
+
+def test_resuming_another_architecture_names_the_fields_that_differ(in_tmp, gsm8k_train):
+    main(["fit", *smoke_args(gsm8k_train, steps=3)])
+    last = in_tmp / "runs" / "smoke" / "checkpoints" / "last.ckpt"
+    saved = last.read_bytes()
+    with pytest.raises(ValueError, match=r"n_layer: 4 in the checkpoint, 2 here.*init_from=<checkpoint>"):
+        main(["fit", *smoke_args(gsm8k_train, "--model.init_args.model_overrides", "{n_layer: 2}", "--ckpt_path", "last",
+                                 steps=6)])
+    assert last.read_bytes() == saved
 
 
 def test_missing_data_file_names_the_field(in_tmp, gsm8k_train):

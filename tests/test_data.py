@@ -203,6 +203,11 @@ def test_txt_and_parquet_files_load(make, tmp_path):
     (tmp_path / "book.txt").write_text("\n".join(DOCS))
     txt = make(tmp_path / "book.txt")
     assert txt.documents("train") == ["\n".join(DOCS)]  # a text file is one document
+    held_out = make(tmp_path / "book.txt", val_fraction=0.25)
+    held_out.setup()
+    whole = torch.cat([held_out._splits["train"].tokens, held_out._splits["val"].tokens]).tolist()
+    assert whole == token_stream(txt, ["\n".join(DOCS)])  # its last quarter of tokens validates
+    assert len(held_out._splits["val"].tokens) == round(len(whole) * 0.25)
     datasets.Dataset.from_dict({"body": DOCS}).to_parquet(str(tmp_path / "docs.parquet"))
     parquet = make(tmp_path / "docs.parquet", text_field="body")
     assert parquet.documents("train") == DOCS
@@ -232,6 +237,14 @@ def test_max_documents_takes_the_first_n(make, text_file):
 
 
 # -- bad input -----------------------------------------------------------------------------------
+
+def test_a_text_field_missing_from_the_first_row_points_at_the_field_setting(make, tmp_path):
+    path = write_jsonl(tmp_path / "body.jsonl", [{"body": "one"}, {"body": "two"}])
+    with pytest.raises(ValueError, match=r"body\.jsonl:1: missing field 'text' \(found \['body'\]\); set "
+                                         r"data\.init_args\.text_field"):
+        make(path).documents("train")
+    assert make(path, text_field="body").documents("train") == ["one", "two"]
+
 
 def test_malformed_jsonl_row_names_file_and_line(make, tmp_path):
     path = write_jsonl(tmp_path / "bad.jsonl", [{"text": "one"}, {"text": "two"}, '{"text": "thr', {"text": "four"}])

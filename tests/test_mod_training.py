@@ -23,7 +23,7 @@ def write_config(tmp: Path, name: str, **trainer) -> Path:
     for callback in config["trainer"]["callbacks"]:
         if callback["class_path"].endswith("RoutingMonitor"):
             callback["init_args"].update(stats_every_n_steps=1, heatmap_every_n_steps=2)
-        if callback["class_path"].endswith("ModelCheckpoint"):
+        if callback["class_path"].endswith("StepCheckpoint"):
             callback["init_args"]["every_n_train_steps"] = 2
     path = tmp / name
     path.write_text(yaml.safe_dump(config))

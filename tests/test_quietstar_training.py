@@ -34,7 +34,7 @@ def write_config(tmp: Path, name: str, wandb: bool = False, **trainer) -> Path:
         config["trainer"]["logger"] = [lg for lg in config["trainer"]["logger"] if "Wandb" not in lg["class_path"]]
     for callback in config["trainer"]["callbacks"]:
         kind = callback["class_path"].rsplit(".", 1)[-1]
-        if kind == "ModelCheckpoint":
+        if kind == "StepCheckpoint":
             callback["init_args"]["every_n_train_steps"] = 2
         if kind == "ThoughtMonitor":
             callback["init_args"]["every_n_steps"] = 2

@@ -108,3 +108,22 @@ def test_resuming_with_a_larger_batch_trains_the_rest_of_the_epoch(tmp_path, gsm
     epoch0 = [b for epoch, b in recorder.seen if epoch == 0]
     assert len(epoch0) == (sequences - 4 * 2) // 4 and set(epoch0) == {4}
     assert any(epoch == 1 for epoch, _ in recorder.seen)
+
+
+def test_extending_a_finished_run_continues_step_for_step(tmp_path, gsm8k_train, monkeypatch):
+    """A run that max_steps ends between periodic checkpoints (every 4 steps) leaves its final step in
+    last.ckpt, inside its epoch: extended with a larger max_steps it trains what the longer run would have."""
+    monkeypatch.chdir(tmp_path)
+    straight = run(["fit", "--config", str(write_config(tmp_path / "straight", gsm8k_train))])
+    steps_per_epoch = len(straight.datamodule.train_dataloader())
+    # the first run ends in its second epoch, between two periodic checkpoints
+    first = next(s for s in range(steps_per_epoch + 1, STEPS) if s % 4 and s % steps_per_epoch)
+    config = write_config(tmp_path / "extended", gsm8k_train)
+    run(["fit", "--config", str(config), "--trainer.max_steps", str(first)])
+    last = torch.load(tmp_path / "extended" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert last["global_step"] == first
+    assert last["loops"]["fit_loop"]["epoch_progress"]["current"]["completed"] == first // steps_per_epoch
+    run(["fit", "--config", str(config), "--ckpt_path", "last"])
+    expected, got = losses(tmp_path / "straight"), losses(tmp_path / "extended")
+    assert sorted(got) == sorted(expected) == list(range(STEPS))
+    assert [got[s] for s in range(first, STEPS)] == [expected[s] for s in range(first, STEPS)]

@@ -1,4 +1,5 @@
-"""Callbacks: token throughput/MFU, RNG state in checkpoints, and the end-of-run summary."""
+"""Callbacks: token throughput/MFU, the final step in `last.ckpt`, RNG state in checkpoints, and the
+end-of-run summary."""
 
 from __future__ import annotations
 
@@ -88,6 +89,22 @@ def compute_dtype(trainer: L.Trainer, pl_module: L.LightningModule) -> torch.dty
 def _synchronize(trainer: L.Trainer) -> None:
     if trainer.strategy.root_device.type == "cuda":
         torch.cuda.synchronize(trainer.strategy.root_device)
+
+
+class StepCheckpoint(ModelCheckpoint):
+    """`ModelCheckpoint` whose `save_last` also holds the run's final step when `trainer.max_steps` ends it.
+
+    Lightning itself writes "last" at the end of fit only when it has saved nothing yet, and then after
+    the loop has counted the interrupted epoch as finished: `last.ckpt` can miss the final steps, and a
+    run extended from it (a larger max_steps, `--ckpt_path last`) would skip the rest of that epoch's data.
+    This writes it at the final optimizer step instead, inside the epoch, as every periodic checkpoint is.
+    """
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        if self.save_last and trainer.global_step == trainer.max_steps and not self._should_skip_saving_checkpoint(trainer):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
 
 class RNGState(L.Callback):

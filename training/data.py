@@ -112,7 +112,8 @@ class TextDataModule(L.LightningDataModule):
             split: hub split to train on (a local file is a single split).
             val_split: hub (or directory) split to validate on; None holds out ``val_fraction`` of the
                 documents instead. Refused for a single local file.
-            val_fraction: share of documents held out for validation when ``val_split`` is None (0: none).
+            val_fraction: share of documents held out for validation when ``val_split`` is None (0: none);
+                of a single document (a plain .txt file), the share of its tokens at its end.
             format: ``text`` (the ``text_field`` as it is), ``gsm8k`` (question + worked answer) or
                 ``csqa`` (question, lettered choices, answer letter).
             text_field: the record field holding the text for ``format: text``.
@@ -163,7 +164,10 @@ class TextDataModule(L.LightningDataModule):
                 docs.append(fmt(record))
             except BadRecord as e:
                 if hp.on_bad_row == "error":
-                    raise ValueError(f"{where}: {e}; fix the row or set data.init_args.on_bad_row=skip") from None
+                    fix = ("set data.init_args.text_field (format text) or data.init_args.format to match the "
+                           "file's fields, or fix the row" if not docs and not skipped else  # the very first row
+                           "fix the row or set data.init_args.on_bad_row=skip")
+                    raise ValueError(f"{where}: {e}; {fix}") from None
                 skipped.append(where)
             if hp.max_documents is not None and len(docs) >= hp.max_documents:
                 break
@@ -218,9 +222,11 @@ class TextDataModule(L.LightningDataModule):
         train = self.tokenized(hp.split)
         if hp.val_split is not None:
             streams = {"train": self._stream(train), "val": self._stream(self.tokenized(hp.val_split))}
+        elif hp.val_fraction > 0 and len(train) == 1:  # one document (a whole .txt file): hold out its end
+            tokens = self._stream(train)
+            cut = len(tokens) - max(1, round(len(tokens) * hp.val_fraction))
+            streams = {"train": tokens[:cut], "val": tokens[cut:]}
         elif hp.val_fraction > 0:
-            if len(train) < 2:
-                raise ValueError("data: one document cannot be split into train and validation; set data.val_fraction=0")
             order = np.random.default_rng(hp.seed).permutation(len(train))
             n_val = max(1, round(len(train) * hp.val_fraction))
             streams = {"train": self._stream(train, np.sort(order[n_val:])),

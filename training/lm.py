@@ -12,6 +12,7 @@ from torch.distributed.tensor import DTensor
 from torch.optim.lr_scheduler import LambdaLR
 
 from modeldefs import ModelConfig, Transformer
+from modeldefs.config import check_fields
 from modeldefs.pretrained import load_pretrained
 from training.loss import linear_cross_entropy
 from training.parallelize import (ActivationCheckpointing, DType, apply_activation_checkpointing, apply_compile,
@@ -90,6 +91,11 @@ class CausalLM(L.LightningModule):
         if loss_chunk_size is not None and loss_chunk_size < 1:
             raise ValueError(f"model.init_args.loss_chunk_size={loss_chunk_size} must be >= 1, or null for the "
                              "unfused loss")
+        # A bad name or override fails now, not after the data is tokenised (configure_model builds the model).
+        if model is not None:
+            ModelConfig.from_name(model, **(model_overrides or {}))
+        else:
+            check_fields(ModelConfig, model_overrides or {})
         self.save_hyperparameters()
         self.model: Transformer | None = None
         self._nonfinite: torch.Tensor | None = None  # any non-finite loss since the last host check (on device)
@@ -104,6 +110,7 @@ class CausalLM(L.LightningModule):
                 self.model = self._with_overrides(self.model, overrides)
         else:
             self.model = Transformer(ModelConfig.from_name(self.hparams.model, **overrides))
+        self._check_vocab()
         self._check_seq_len()
         hp = self.hparams
         apply_activation_checkpointing(self.model, hp.activation_checkpointing)
@@ -132,9 +139,19 @@ class CausalLM(L.LightningModule):
             raise ValueError(f"{refusal} (missing {new}, unexpected {result.unexpected_keys})")
         return model
 
+    def _datamodule(self) -> Any:
+        return getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+
+    def _check_vocab(self) -> None:
+        """Refuse a data tokenizer with more tokens than the model has embedding rows (a crash at step 0 else)."""
+        tokenizer, vocab_size = getattr(self._datamodule(), "tokenizer", None), self._architecture()["vocab_size"]
+        if tokenizer is not None and len(tokenizer) > vocab_size:
+            raise ValueError(f"data.tokenizer has {len(tokenizer)} tokens but the model's vocab_size is {vocab_size}; "
+                             "use the model's tokenizer (data.init_args.tokenizer) or raise "
+                             "model.init_args.model_overrides.vocab_size")
+
     def _check_seq_len(self) -> None:
-        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
-        seq_len = getattr(datamodule, "seq_len", None)
+        seq_len = getattr(self._datamodule(), "seq_len", None)
         if seq_len is not None and seq_len > self.model.config.block_size:
             raise ValueError(
                 f"data.seq_len={seq_len} is longer than the model's context (block_size="
@@ -250,10 +267,24 @@ class CausalLM(L.LightningModule):
                 grad_norm = grad_norm.full_tensor()
             self.log("train/grad_norm", grad_norm)
 
+    def _architecture(self) -> dict[str, Any]:
+        """The decoder's `ModelConfig` as a dict, as checkpoints store it."""
+        return self.model.config.to_dict()
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self._refuse_nonfinite_weights()
         # The architecture travels with the weights so a checkpoint loads without its YAML.
-        checkpoint["model_config"] = self.model.config.to_dict()
+        checkpoint["model_config"] = self._architecture()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Refuse, naming the fields, a checkpoint of another architecture (before its weights are loaded)."""
+        saved, ours = checkpoint.get("model_config") or {}, self._architecture()
+        changed = {k: (saved[k], v) for k, v in ours.items() if k in saved and saved[k] != v}
+        if changed:
+            fields = ", ".join(f"{k}: {old} in the checkpoint, {new} here" for k, (old, new) in sorted(changed.items()))
+            raise ValueError(f"--ckpt_path resumes the same architecture, and this one differs ({fields}). Give the "
+                             "checkpoint's settings, or start a new run from its weights with "
+                             "model.init_args.init_from=<checkpoint> (plus model_overrides to MoD-ify it)")
 
     def _refuse_nonfinite_weights(self) -> None:
         """Raise before a checkpoint with NaN/inf weights is written (every rank's shards are checked)."""

@@ -108,6 +108,7 @@ class QuietStarLM(CausalLM):
         if previous is not None:  # continue from a Quiet-STaR checkpoint: keep its meta tokens and mixing head
             thought_state = {k: v for k, v in previous.state_dict().items() if not k.startswith("lm.")}
             self.model.load_state_dict(thought_state, strict=False)
+        self._check_vocab()
         self._check_seq_len()
         if hp.activation_checkpointing == "mlp":
             recompute_mlps(lm)
@@ -118,7 +119,7 @@ class QuietStarLM(CausalLM):
                        cpu_offload=hp.fsdp_cpu_offload)
 
     def _init_token_id(self) -> int:
-        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        datamodule = self._datamodule()
         source = self.hparams.thought_init_tokenizer
         if source is not None:
             tokenizer = load_tokenizer(source)
@@ -135,8 +136,7 @@ class QuietStarLM(CausalLM):
         return ids[0]
 
     def _check_seq_len(self) -> None:
-        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
-        seq_len = getattr(datamodule, "seq_len", None)
+        seq_len = getattr(self._datamodule(), "seq_len", None)
         block_size = self.model.lm.config.block_size
         # The last thought chain's tokens take rotary positions up to n_ahead + n_ahead_talk - 2 past the sequence.
         c = self.thought_config
@@ -186,9 +186,11 @@ class QuietStarLM(CausalLM):
         self.log("test/base_nll", out.base_nll, sync_dist=True)
         self.log("test/mixed_nll", out.mixed_nll, sync_dist=True)
 
+    def _architecture(self) -> dict[str, Any]:
+        return self.model.lm.config.to_dict()
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self._refuse_nonfinite_weights()
-        checkpoint["model_config"] = self.model.lm.config.to_dict()
+        super().on_save_checkpoint(checkpoint)
         checkpoint["thought_config"] = self.model.thought_config.to_dict()
 
     def flops_per_token(self, seq_len: int) -> int:
