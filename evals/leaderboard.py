@@ -77,22 +77,35 @@ def long_table(rows: Sequence[dict[str, str]]) -> list[list[str]]:
              _number(r["value"]), _number(r["stderr"]), r["n"]] for r in rows]
 
 
+_TASK_ORDER = ["gsm8k", "gsm8k_chat", "csqa", "csqa_cloze", "csqa_gen", "gsm8k_answer_prob", "csqa_answer_prob"]
+
+
+def _summary_column(row: dict[str, str]) -> tuple[tuple[int, int, int, str], str]:
+    """(sort key, name) of the summary column a row fills: GSM8K per shot count and filter, else task and metric."""
+    task, order = row["task"], _TASK_ORDER.index(row["task"]) if row["task"] in _TASK_ORDER else len(_TASK_ORDER)
+    filters = ["strict-match", "flexible-extract"]
+    if row["filter"] in filters:
+        name = "strict" if row["filter"] == "strict-match" else "flexible"
+        return (order, int(row["n_shot"]), filters.index(row["filter"]), ""), f"{task} {row['n_shot']}-shot {name}"
+    return (order, 0, 0, row["metric"]), f"{task} {row['metric']}"
+
+
 def wide_table(rows: Sequence[dict[str, str]]) -> tuple[list[str], list[list[str]]]:
-    """(header, rows): one row per model (source, weights, dtype) and decoding — GSM8K strict/flexible
-    per n-shot, CommonsenseQA acc, and the generation speed; the latest value wins."""
-    shots = sorted({int(r["n_shot"]) for r in rows if r["task"] == "gsm8k"})
-    columns = [f"gsm8k {s}-shot {f}" for s in shots for f in ("strict", "flexible")] + ["csqa acc", "tokens/s"]
+    """(header, rows): one row per model (source, weights, dtype) and decoding, one column per task and
+    metric (GSM8K: per n-shot and filter), and `tokens/s`, the generation speed of its latest GSM8K
+    row; the latest value wins."""
+    columns: dict[str, tuple[int, int, int, str]] = {}
     table: dict[tuple[str, ...], dict[str, str]] = {}
     for r in rows:
+        key, column = _summary_column(r)
+        columns[column] = key
         cells = table.setdefault((r["model"], r["weights_sha256"][:8], r["dtype"], r["decoding"]), {})
+        cells[column] = _number(r["value"])
         if r["task"] == "gsm8k":
-            name = "strict" if r["filter"] == "strict-match" else "flexible"
-            cells[f"gsm8k {r['n_shot']}-shot {name}"] = _number(r["value"])
             cells["tokens/s"] = _number(r["tokens_per_s"], 1)
-        elif r["task"] == "csqa" and r["metric"] == "acc":
-            cells["csqa acc"] = _number(r["value"])
-    header = ["model", "weights", "dtype", "decoding", *columns]
-    return header, [[*key, *(cells.get(c, "") for c in columns)] for key, cells in table.items()]
+    names = [*sorted(columns, key=columns.__getitem__), "tokens/s"]
+    header = ["model", "weights", "dtype", "decoding", *names]
+    return header, [[*key, *(cells.get(c, "") for c in names)] for key, cells in table.items()]
 
 
 def _markdown_table(header: Sequence[str], body: Sequence[Sequence[str]]) -> str:

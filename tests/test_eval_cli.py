@@ -116,6 +116,22 @@ def test_leaderboard_appends_new_rows_and_skips_identical_ones(tmp_path):
     assert [cells[:3] for cells in leaderboard.wide_table(rows)[1]] == [["m", "", ""], ["m", "abcdef01", ""], ["m", "", "bfloat16"]]
 
 
+def test_the_summary_has_a_column_per_task_and_metric_in_a_fixed_order():
+    base = dict(model="m", weights_sha256="0123456789abcdef", dtype="float32", decoding="greedy", version="1.0",
+                n="4", max_new_tokens="", tokens_per_s="5.0", capacity="", thought_length="", prompts_hash="h",
+                commit="c", date="d", stderr="0.1")
+    rows = [{**base, "task": "csqa_gen", "filter": "none", "n_shot": "0", "metric": "acc", "value": "0.2"},
+            {**base, "task": "csqa_cloze", "filter": "none", "n_shot": "0", "metric": "acc_norm", "value": "0.3"},
+            {**base, "task": "gsm8k_chat", "filter": "flexible-extract", "n_shot": "5", "metric": "exact_match", "value": "0.4"},
+            {**base, "task": "gsm8k", "filter": "flexible-extract", "n_shot": "0", "metric": "exact_match", "value": "0.5"},
+            {**base, "task": "gsm8k", "filter": "strict-match", "n_shot": "0", "metric": "exact_match", "value": "0.6"},
+            {**base, "task": "csqa_cloze", "filter": "none", "n_shot": "0", "metric": "acc", "value": "0.7"}]
+    header, wide = leaderboard.wide_table(rows)
+    assert header[4:] == ["gsm8k 0-shot strict", "gsm8k 0-shot flexible", "gsm8k_chat 5-shot flexible",
+                          "csqa_cloze acc", "csqa_cloze acc_norm", "csqa_gen acc", "tokens/s"]
+    assert wide == [["m", "01234567", "float32", "greedy", "0.6000", "0.5000", "0.4000", "0.7000", "0.3000", "0.2000", "5.0"]]
+
+
 def test_unknown_task_is_a_clear_error(capsys):
     with pytest.raises(SystemExit):
         main(["--tasks", "mmlu"])
