@@ -14,7 +14,7 @@ import hashlib
 import json
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -164,23 +164,22 @@ def _named(option: str, load: Callable[..., list[Any]], *args: str) -> list[Any]
         raise FileNotFoundError(f"{option}: {error}") from error
 
 
-def evaluate_model(model: EvalModel, args: argparse.Namespace, data: dict[str, Any]) -> list[TaskResult]:
+def evaluate_model(model: EvalModel, args: argparse.Namespace, data: dict[str, Any]) -> Iterator[TaskResult]:
+    """Each planned task's result (GSM8K: one per shot count), as soon as it is done."""
     progress = not args.no_progress
-    results = []
     for task, decoding in plan(args):
-        if task in answer_prob.TASKS:
-            items = ([answer_prob.gsm8k_item(row) for row in data["gsm8k"]] if task == "gsm8k_answer_prob"
-                     else [answer_prob.csqa_item(q) for q in data["csqa"]])
-            done = [answer_prob.evaluate(model, items, task, decoding, progress)]
-        elif task in ("gsm8k", "gsm8k_chat"):
-            done = [gsm8k.evaluate(model, data["gsm8k"], data["gsm8k_train"], decoding, shots, args.seed,
-                                   chat=task == "gsm8k_chat", progress=progress) for shots in args.shots]
-        else:
-            done = [csqa.evaluate(model, data["csqa"], task, decoding, progress)]
-        for result in done:
+        for shots in args.shots if task in ("gsm8k", "gsm8k_chat") else [0]:
+            if task in answer_prob.TASKS:
+                items = ([answer_prob.gsm8k_item(row) for row in data["gsm8k"]] if task == "gsm8k_answer_prob"
+                         else [answer_prob.csqa_item(q) for q in data["csqa"]])
+                result = answer_prob.evaluate(model, items, task, decoding, progress)
+            elif task in ("gsm8k", "gsm8k_chat"):
+                result = gsm8k.evaluate(model, data["gsm8k"], data["gsm8k_train"], decoding, shots, args.seed,
+                                        chat=task == "gsm8k_chat", progress=progress)
+            else:
+                result = csqa.evaluate(model, data["csqa"], task, decoding, progress)
             print(_one_line(model, result), flush=True)
-        results += done
-    return results
+            yield result
 
 
 def _one_line(model: EvalModel, r: TaskResult) -> str:
@@ -243,7 +242,7 @@ def _save(report: dict[str, Any], output: Path, rows: list[dict[str, Any]], lead
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    """Evaluate every model; each model's results are saved (results.json, leaderboard) as soon as it is done."""
+    """Evaluate every model; each result is saved (results.json, leaderboard) as soon as it is done."""
     started = time.perf_counter()
     now = datetime.now(timezone.utc)
     check_args(args)
@@ -261,20 +260,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         load_start = time.perf_counter()
         model = load_eval_model(source, args.tokenizer, args.device, DTYPES[args.dtype])
         check_model(model, args)
-        entry = {**model_info(model), "load_seconds": round(time.perf_counter() - load_start, 2)}
-        results = evaluate_model(model, args, data)
-        entry["results"] = [r.to_dict() for r in results]
+        entry = {**model_info(model), "load_seconds": round(time.perf_counter() - load_start, 2), "results": []}
         report["models"].append(entry)
-        new = leaderboard_rows(model, results, entry["weights_sha256"], args, commit, report["created"])
-        if args.log_samples:
-            output.mkdir(parents=True, exist_ok=True)
-            for r in results:
+        for r in evaluate_model(model, args, data):
+            entry["results"].append(r.to_dict())
+            if args.log_samples:
+                output.mkdir(parents=True, exist_ok=True)
                 name = f"samples_{len(report['models'])}_{Path(source).name}_{r.task}_{r.n_shot}shot_{r.decoding}.jsonl"
                 with (output / name).open("w") as f:
                     f.writelines(json.dumps(s) + "\n" for s in r.samples)
-        report["wall_seconds"] = round(time.perf_counter() - started, 2)
-        added += _save(report, output, new, args.leaderboard)
-        rows += new
+            new = leaderboard_rows(model, [r], entry["weights_sha256"], args, commit, report["created"])
+            report["wall_seconds"] = round(time.perf_counter() - started, 2)
+            added += _save(report, output, new, args.leaderboard)
+            rows += new
         del model
     logged = log_to_wandb([{c: str(r[c]) if r[c] is not None else "" for c in COLUMNS} for r in rows])
     print(summary(rows, output, args.leaderboard, added, logged, report["wall_seconds"]))

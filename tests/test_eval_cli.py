@@ -198,6 +198,22 @@ def test_a_model_that_fails_its_checks_keeps_the_results_of_the_models_before_it
     assert {(r["task"], r["max_new_tokens"], r["dtype"]) for r in rows} == {("csqa", "", "float32"), ("gsm8k", "40", "float32")}
 
 
+def test_a_task_that_fails_midway_keeps_the_results_of_the_tasks_before_it(
+        tiny_checkpoint, smollm2_tokenizer_dir, tmp_path, monkeypatch):
+    from evals import cli
+
+    def out_of_memory(*args, **kwargs):
+        raise MemoryError("injected: the GSM8K task fails")
+
+    monkeypatch.setattr(cli.gsm8k, "evaluate", out_of_memory)
+    with pytest.raises(MemoryError):
+        main(run_args(tiny_checkpoint, smollm2_tokenizer_dir, tmp_path, "--tasks", "csqa", "gsm8k", "--shots", "0"))
+    (entry,) = json.loads((tmp_path / "run" / "results.json").read_text())["models"]
+    assert [r["task"] for r in entry["results"]] == ["csqa"]
+    rows = list(csv.DictReader((tmp_path / "board" / "leaderboard.csv").open()))
+    assert [(r["task"], r["metric"]) for r in rows] == [("csqa", "acc")]
+
+
 def test_each_task_runs_once_per_variant_and_cot_scores_log_likelihood_tasks_greedily():
     from evals.cli import check_args, plan, run_parser
 
