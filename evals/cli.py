@@ -96,7 +96,7 @@ def plot_parser() -> argparse.ArgumentParser:
 
 def check_args(args: argparse.Namespace) -> None:
     """Fill the defaults that depend on other options, drop repeated values, and refuse options that
-    would have no effect (a ValueError naming them)."""
+    would have no effect or cannot run here (a ValueError naming them)."""
     for name in ("tasks", "decoding", "shots", "cot_k"):
         if getattr(args, name) is not None:
             setattr(args, name, list(dict.fromkeys(getattr(args, name))))
@@ -286,7 +286,7 @@ def summary(rows: list[dict[str, Any]], output: Path, leaderboard: str, added: i
 
     def table(header: list[str], body: list[list[str]]) -> str:
         widths = [max(len(h), *(len(row[i]) for row in body)) if body else len(h) for i, h in enumerate(header)]
-        fmt = lambda cells: "|" + "|".join(f" {c:<{w}} " for c, w in zip(cells, widths)) + "|"
+        fmt = lambda cells: "|" + "|".join(f" {c:<{w}} " for c, w in zip(cells, widths)) + "|"  # noqa: E731
         return "\n".join([fmt(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(fmt, body)])
 
     header, wide = wide_table(text_rows)
