@@ -3,7 +3,9 @@
     python benchmarks/quietstar_curves.py runs/quietstar-smollm2-135m-cpu/csv/version_0/metrics.csv \
         benchmarks/results/quietstar_cpu_curves.png --every 25
 
-Train curves are means over windows of `--every` logged steps; validation points are plotted as they are.
+A run resumed with `--ckpt_path` logs each part to a new `version_N`: give every part's CSV, in order
+(a step logged twice keeps the later file's value). Train curves are means over windows of `--every`
+logged steps; validation points are plotted as they are.
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ def read(path: Path) -> list[dict[str, str]]:
 
 
 def series(rows: list[dict[str, str]], key: str) -> list[tuple[int, float]]:
-    return [(int(r["step"]), float(r[key])) for r in rows if r.get(key)]
+    """(step, value) of `key` in step order; a step that appears again keeps its last value."""
+    return sorted({int(r["step"]): float(r[key]) for r in rows if r.get(key)}.items())
 
 
 def windows(points: list[tuple[int, float]], every: int) -> list[tuple[int, float]]:
@@ -40,11 +43,13 @@ def windows(points: list[tuple[int, float]], every: int) -> list[tuple[int, floa
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("metrics", type=Path)
+    parser.add_argument("metrics", type=Path, nargs="+", help="the run's metrics.csv (every part of a resumed run)")
     parser.add_argument("png", type=Path)
     parser.add_argument("--every", type=int, default=25, help="steps per window of the train means and table rows")
     args = parser.parse_args()
-    rows = read(args.metrics)
+    rows = [row for path in args.metrics for row in read(path)]
+    if not series(rows, "train/base_nll"):
+        parser.error(f"no train/base_nll in {', '.join(map(str, args.metrics))}: not the metrics of a Quiet-STaR run")
 
     import matplotlib
 

@@ -94,7 +94,7 @@ def main() -> None:
         raise SystemExit("the two attention paths disagree: the timing compares different computations")
     for name, seconds in results.items():
         print(f"{name:>10}: {seconds:7.2f} s/step ({seconds / results['plain']:.1f}x plain)")
-    print(f"compact attention is {results['dense_mask'] / results['compact']:.2f}x faster than the dense mask")
+    print(f"compact attention takes {results['compact'] / results['dense_mask']:.2f}x the dense mask's time per step")
     emit(dict(shape=args.shape, batch=args.batch, seq=args.seq, n_ahead=args.n_ahead, n_ahead_talk=args.n_ahead_talk,
               n_passes=config.n_passes, seconds_per_step=results, compact_loss=compact_loss, dense_loss=dense_loss,
               speedup=results["dense_mask"] / results["compact"], device=device_name(torch.device("cpu")),

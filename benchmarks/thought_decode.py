@@ -58,10 +58,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--source", default="smollm2-135m-instruct", help="a pretrained source, or 'micro'")
     parser.add_argument("--n-ahead", type=int, default=12, help="thought length (official meaning; default official)")
-    parser.add_argument("--new-tokens", type=int, default=24)
+    parser.add_argument("--new-tokens", type=int, default=24, help="tokens per timed run (>= 2: the per-token "
+                        "time is the difference between this run and a one-token run)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args()
+    if args.new_tokens < 2:
+        parser.error(f"--new-tokens {args.new_tokens}: give at least 2")
 
     model, prompt = load(args.source, args.n_ahead)
     with torch.inference_mode():

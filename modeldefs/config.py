@@ -65,12 +65,17 @@ class ModelConfig:
             raise ValueError(f"head_dim={self.head_dim} must be even for rotary embeddings")
         if self.mod_capacity is not None and not 0 < self.mod_capacity <= 1:
             raise ValueError(f"mod_capacity={self.mod_capacity} must be in (0, 1], or None for a dense model")
-        if self.mod_route_every < 1:
-            raise ValueError(f"mod_route_every={self.mod_route_every} must be >= 1")
+        if not isinstance(self.mod_route_every, int) or self.mod_route_every < 1:
+            raise ValueError(f"mod_route_every={self.mod_route_every!r} must be an integer >= 1")
         if self.mod_causal_rule not in ("router", "predictor"):
             raise ValueError(f"mod_causal_rule={self.mod_causal_rule!r} must be 'router' or 'predictor'")
         if self.mod_causal_rule == "predictor" and not self.mod_predictor:
             raise ValueError("mod_causal_rule='predictor' needs mod_predictor=True")
+        if self.mod_capacity is not None and not any(map(self.is_routed, range(self.n_layer))):
+            raise ValueError(f"mod_capacity={self.mod_capacity} routes none of the {self.n_layer} layers "
+                             f"(mod_route_every={self.mod_route_every}, mod_exempt_first={self.mod_exempt_first}, "
+                             f"mod_exempt_last={self.mod_exempt_last}); lower mod_route_every, exempt fewer layers "
+                             "or add layers")
 
     def is_routed(self, layer: int) -> bool:
         """Whether decoder layer `layer` is a Mixture-of-Depths routed block."""

@@ -12,8 +12,6 @@ def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_k: int | Non
     """Pick the next token (B,) from logits (B, V): argmax when temperature is 0."""
     if temperature <= 0:
         return logits.argmax(dim=-1)
-    if top_k is not None and top_k < 1:
-        raise ValueError(f"top_k={top_k} must be >= 1 (or None for no top-k filter)")
     logits = logits.float() / temperature
     if top_k is not None:
         kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
@@ -26,6 +24,21 @@ def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_k: int | Non
     return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
 
 
+def check_request(prompt: torch.Tensor, max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None,
+                  top_p: float | None = None) -> None:
+    """Refuse a malformed prompt or decoding setting with a ValueError naming it."""
+    if prompt.dim() != 2 or prompt.size(1) < 1:
+        raise ValueError(f"prompt must hold token ids of shape (batch, length >= 1), got shape {tuple(prompt.shape)}")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
+    if temperature < 0:
+        raise ValueError(f"temperature={temperature} must be >= 0 (0 decodes greedily)")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k={top_k} must be >= 1 (or None for no top-k filter)")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"top_p={top_p} must be in (0, 1] (or None for no nucleus filter)")
+
+
 @torch.inference_mode()
 def generate(model: Transformer, prompt: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
              top_k: int | None = None, top_p: float | None = None, eos_id: int | None = None,
@@ -34,6 +47,10 @@ def generate(model: Transformer, prompt: torch.Tensor, max_new_tokens: int, temp
 
     Rows that produced `eos_id` are padded with it; decoding stops when every row has.
     """
+    if not isinstance(model, Transformer):
+        raise TypeError(f"generate decodes a Transformer; a {type(model).__name__} decodes with "
+                        "modeldefs.thought_generate.generate_with_thoughts")
+    check_request(prompt, max_new_tokens, temperature, top_k, top_p)
     B, T = prompt.shape
     total = T + max_new_tokens
     if total > model.config.block_size:

@@ -189,9 +189,9 @@ def export_hf(model: Transformer | QuietStar, out_dir: str | os.PathLike, tokeni
     """Write an HF directory (config.json + model.safetensors [+ tokenizer]) that
     `transformers.AutoModelForCausalLM.from_pretrained` loads. For a `QuietStar` that is its base LM,
     plus thoughts.safetensors and thought_config.json, which `load_pretrained(out_dir)` reads back."""
+    hf_model = to_hf_model(model.lm if isinstance(model, QuietStar) else model)  # refuses a MoD model first
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    hf_model = to_hf_model(model.lm if isinstance(model, QuietStar) else model)
     if tokenizer is not None:
         for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
             setattr(hf_model.config, key, getattr(tokenizer, key))

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from modeldefs.generate import sample_next
+from modeldefs.generate import check_request, sample_next
 from modeldefs.quietstar import QuietStar
 
 
@@ -63,6 +63,10 @@ def generate_with_thoughts(model: QuietStar, prompt: torch.Tensor, max_new_token
     `temperature` is for the produced tokens, thoughts use the model's eval_thought_temperature.
     think=False decodes with the plain LM (identical to `generate`).
     """
+    if not isinstance(model, QuietStar):
+        raise TypeError(f"generate_with_thoughts needs a QuietStar model; a {type(model).__name__} decodes with "
+                        "modeldefs.generate.generate")
+    check_request(prompt, max_new_tokens, temperature)
     B, T = prompt.shape
     total = T + max_new_tokens
     scratch = model.thought_config.n_ahead - 2 if think else 0  # thought slots past the last token

@@ -37,7 +37,7 @@ def test_thought_attention_paths_agree_and_are_timed(tmp_path):
                         "--n-ahead-talk", "2", "--steps", "1", "--json", str(tmp_path / "attn.json"))
     record = json.loads((tmp_path / "attn.json").read_text())
     assert record["compact_loss"] == record["dense_loss"]  # the script also refuses to time otherwise
-    assert set(record["seconds_per_step"]) == {"plain", "compact", "dense_mask"} and "faster than" in out
+    assert set(record["seconds_per_step"]) == {"plain", "compact", "dense_mask"} and "the dense mask's time per step" in out
 
 
 def test_mod_throughput_interleaved_times_every_variant_at_each_step(tmp_path):
@@ -137,3 +137,18 @@ def test_largest_batch_search_finds_the_boundary(monkeypatch, fits_up_to_gib, li
     batch, gib = largest_batch(fits, limit=limit)
     assert batch == expected and gib == (10.0 + 3 * expected if expected else None)
     assert max(probes) <= limit and len(probes) == len(set(probes))  # no batch tried twice
+
+
+def test_quietstar_curves_joins_the_parts_of_a_resumed_run_and_refuses_other_metrics(tmp_path):
+    header = "step,train/base_nll,train/mixed_nll,train/nll_gain,train/mixing_weight_mean,val/base_nll,val/mixed_nll\n"
+    first, second = tmp_path / "version_0.csv", tmp_path / "version_1.csv"
+    first.write_text(header + "".join(f"{s},3.0,2.5,0.5,0.1,,\n" for s in range(6)) + "5,,,,,2.9,2.8\n")
+    second.write_text(header + "".join(f"{s},2.0,1.0,1.0,0.2,,\n" for s in range(4, 10)))  # resumed from step 4
+    table = run_benchmark("quietstar_curves.py", str(first), str(second), str(tmp_path / "curves.png"), "--every", "5")
+    assert "| 4 | 2.8000 | 2.2000 | +0.6000 | 0.1200 |" in table  # steps 0-3 from the first part, step 4 from the second
+    assert "| 9 | 2.0000 | 1.0000 | +1.0000 | 0.2000 |" in table and "| 5 | 2.9000 | 2.8000 |" in table
+    assert (tmp_path / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    (tmp_path / "mod.csv").write_text("step,train/loss\n0,3.0\n")
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "quietstar_curves.py"), str(tmp_path / "mod.csv"),
+                           str(tmp_path / "x.png")], cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 2 and "not the metrics of a Quiet-STaR run" in proc.stderr

@@ -56,6 +56,7 @@ def test_fit_smoke_writes_checkpoints_metrics_wandb_run_and_summary(in_tmp, gsm8
     assert (run / "csv").exists() and list(run.rglob("config.yaml"))
     out = capsys.readouterr().out
     assert "quietdepth run summary" in out and "wandb sync" in out and "last.ckpt" in out
+    assert "\ntrain/loss: " in out and "\nloss: " not in out  # one final loss: not also the progress bar's copy
 
 
 def test_validate_and_export_from_a_checkpoint(in_tmp, gsm8k_train, smollm2_tokenizer, smollm2_tokenizer_dir):

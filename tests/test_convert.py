@@ -87,3 +87,18 @@ def test_missing_sources_name_the_path(tmp_path):
         load_pretrained(str(tmp_path))
     with pytest.raises(FileNotFoundError, match="x.ckpt"):
         load_pretrained(str(tmp_path / "x.ckpt"))
+
+
+def test_exporting_a_mixture_of_depths_checkpoint_is_refused_and_writes_nothing(tmp_path, capsys):
+    from modeldefs import ModelConfig, Transformer
+    from training.export import main as export_main
+
+    model = Transformer(ModelConfig.from_name("micro", n_layer=4, mod_capacity=0.5))
+    checkpoint = tmp_path / "mod.ckpt"
+    torch.save({"model_config": model.config.to_dict(),
+                "state_dict": {f"model.{k}": v for k, v in model.state_dict().items()}}, checkpoint)
+    with pytest.raises(SystemExit) as exit_info:
+        export_main([str(checkpoint), str(tmp_path / "out"), "--tokenizer", "none"])
+    assert exit_info.value.code == 2
+    assert "quietdepth-export: error: a Mixture-of-Depths model has no transformers equivalent" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

@@ -121,8 +121,27 @@ def test_top_p_keeps_only_the_nucleus():
     logits = torch.log(torch.tensor([[0.6, 0.3, 0.05, 0.05]]))
     draws = {int(sample_next(logits, 1.0, top_p=0.8, generator=torch.Generator().manual_seed(s))) for s in range(50)}
     assert draws == {0, 1}
-    with pytest.raises(ValueError, match="top_k=0"):
-        sample_next(logits, 1.0, top_k=0)
+
+
+@pytest.mark.parametrize("prompt_shape, settings, message", [
+    ((4,), {}, r"shape \(batch, length >= 1\), got shape \(4,\)"), ((1, 0), {}, "got shape"),
+    ((1, 4), {"max_new_tokens": 0}, "max_new_tokens=0"), ((1, 4), {"temperature": -1.0}, "temperature=-1.0"),
+    ((1, 4), {"temperature": 1.0, "top_k": 0}, "top_k=0"), ((1, 4), {"top_p": 0.0}, r"top_p=0.0 must be in \(0, 1\]")])
+def test_malformed_generation_requests_are_refused_naming_the_setting(prompt_shape, settings, message):
+    settings = {"max_new_tokens": 4, **settings}
+    with pytest.raises(ValueError, match=message):
+        generate(micro(), torch.zeros(prompt_shape, dtype=torch.long), **settings)
+
+
+def test_generate_names_the_function_for_the_other_model_kind():
+    from modeldefs.quietstar import QuietStar, ThoughtConfig
+    from modeldefs.thought_generate import generate_with_thoughts
+
+    lm, prompt = micro(), torch.zeros(1, 4, dtype=torch.long)
+    with pytest.raises(TypeError, match="decodes with modeldefs.thought_generate.generate_with_thoughts"):
+        generate(QuietStar(lm, ThoughtConfig(n_ahead=4, n_ahead_talk=2), init_token_id=1), prompt, 2)
+    with pytest.raises(TypeError, match="decodes with modeldefs.generate.generate"):
+        generate_with_thoughts(lm, prompt, 2)
 
 
 def test_sequence_longer_than_context_is_refused_with_the_fix():
@@ -142,6 +161,10 @@ def test_config_round_trips_and_names_unknown_fields():
         ModelConfig.from_name("gpt-5")
     with pytest.raises(ValueError, match="mod_causal_rule='predicter'"):
         ModelConfig.from_name("micro", mod_capacity=0.5, mod_causal_rule="predicter")
+    with pytest.raises(ValueError, match=r"mod_capacity=0.5 routes none of the 6 layers \(mod_route_every=10"):
+        ModelConfig.from_name("tiny", n_layer=6, mod_capacity=0.5, mod_route_every=10)
+    with pytest.raises(ValueError, match="mod_route_every=2.5 must be an integer"):
+        ModelConfig.from_name("tiny", mod_capacity=0.5, mod_route_every=2.5)
 
 
 def test_bf16_forward_is_close_to_fp32():

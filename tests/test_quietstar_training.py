@@ -88,7 +88,8 @@ def test_smoke_fit_logs_thought_metrics_with_a_finite_policy_loss(smoke_run):
 @requires_smollm2
 def test_smoke_fit_writes_decoded_thought_samples_to_csv_and_wandb(smoke_run):
     run = smoke_run / "runs" / "quietstar-smoke"
-    with (run / "thoughts" / "thoughts.csv").open() as f:
+    (path,) = run.glob("csv/version_*/thoughts.csv")
+    with path.open() as f:
         rows = list(csv.DictReader(f))
     assert {r["step"] for r in rows} == {"0", "2"} and len(rows) == 8  # 4 samples at steps 0 and 2
     assert all(r["context"] and r["thought"] and r["continuation"] for r in rows)
@@ -213,3 +214,14 @@ def test_flops_count_every_token_that_goes_through_the_decoder(thoughts, smollm2
     module.model.lm.blocks[0].register_forward_hook(lambda block, args, out: seen.append(out.shape[0] * out.shape[1]))
     module.model(torch.randint(0, 1000, (1, T)))
     assert module.flops_per_token(T) * T == pytest.approx(module.model.lm.flops_per_token(T) * sum(seen), rel=1e-6)
+
+
+def test_monitors_refuse_the_module_they_cannot_watch():
+    from training.lm import CausalLM
+    from training.routing_monitor import RoutingMonitor
+    from training.thought_monitor import ThoughtMonitor
+
+    with pytest.raises(ValueError, match="RoutingMonitor draws top-k routing, which Quiet-STaR training does not use"):
+        RoutingMonitor().setup(None, QuietStarLM(model="micro"), "fit")
+    with pytest.raises(ValueError, match="ThoughtMonitor shows Quiet-STaR thoughts; CausalLM does not think"):
+        ThoughtMonitor().setup(None, CausalLM(model="micro"), "fit")

@@ -159,7 +159,8 @@ class RunSummary(L.Callback):
 
     @rank_zero_only
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+        bar_only = set(trainer.progress_bar_metrics) - set(trainer.logged_metrics)  # e.g. the bar's copy of the loss
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1 and k not in bar_only}
         lines = [f"steps: {trainer.global_step}   wall time: {time.perf_counter() - self._t0:.1f} s"]
         lines += [f"{k}: {v:.4g}" for k, v in sorted(metrics.items())]
         for cb in trainer.checkpoint_callbacks:
@@ -169,7 +170,7 @@ class RunSummary(L.Callback):
         for logger in trainer.loggers:
             if isinstance(logger, CSVLogger):
                 lines.append(f"metrics CSV: {Path(logger.log_dir) / 'metrics.csv'}")
-            elif isinstance(logger, WandbLogger):
+            elif isinstance(logger, WandbLogger) and not getattr(logger.experiment, "disabled", False):
                 run_dir = Path(logger.experiment.dir).parent
                 lines.append(f"W&B run: {run_dir}" + ("   (offline: `wandb sync " + str(run_dir) + "`)"
                                                      if "offline" in run_dir.name else ""))

@@ -8,15 +8,18 @@ from modeldefs.pretrained import export_hf, load_pretrained, load_tokenizer, tok
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(prog="quietdepth-export", description=__doc__)
     parser.add_argument("source", help="a quietdepth .ckpt, a .gguf file, an HF directory or hub id")
     parser.add_argument("out_dir", help="directory to write config.json + model.safetensors (+ tokenizer)")
     parser.add_argument("--tokenizer", default=None,
                         help="tokenizer source saved beside the weights (default: the source's own; for a .ckpt its "
                              "training data's) or 'none' to skip")
     args = parser.parse_args(argv)
-    tokenizer = None if args.tokenizer == "none" else load_tokenizer(args.tokenizer or tokenizer_source(args.source))
-    out = export_hf(load_pretrained(args.source), args.out_dir, tokenizer)
+    try:
+        tokenizer = None if args.tokenizer == "none" else load_tokenizer(args.tokenizer or tokenizer_source(args.source))
+        out = export_hf(load_pretrained(args.source), args.out_dir, tokenizer)
+    except (OSError, ValueError) as error:
+        parser.exit(2, f"{parser.prog}: error: {error}\n")
     print(f"wrote {out} (load with transformers.AutoModelForCausalLM.from_pretrained({str(out)!r}))")
 
 

@@ -10,6 +10,7 @@ import torch
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 
+from training.quietstar_lm import QuietStarLM
 from training.routing import routing_stats
 
 
@@ -20,8 +21,9 @@ class RoutingMonitor(L.Callback):
     agreement with top-k, fraction routed by the causal rule, router-scale mean/std) to the loggers.
     Every `heatmap_every_n_steps` steps it draws which of the first `max_tokens` tokens of one training
     sequence each routed layer processed — by top-k (what training did, shaded by the router scale)
-    and by the causal rule (what inference would do) — to `<default_root_dir>/routing/step_NNNNNN.png`,
-    also logged to W&B when a WandbLogger is attached. Nothing happens for a dense model.
+    and by the causal rule (what inference would do) — to `<log_dir>/routing/step_NNNNNN.png` (the first
+    logger's version folder, so runs in one folder keep their own), also logged to W&B when a WandbLogger
+    is attached. Nothing happens for a dense model; a Quiet-STaR module is refused (no top-k routing).
     """
 
     def __init__(self, stats_every_n_steps: int = 10, heatmap_every_n_steps: int = 100, max_tokens: int = 64) -> None:
@@ -35,6 +37,12 @@ class RoutingMonitor(L.Callback):
         self.heatmap_every_n_steps = heatmap_every_n_steps
         self.max_tokens = max_tokens
         self._last_step = -1  # with gradient accumulation several micro-batches see one global step
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if isinstance(pl_module, QuietStarLM):
+            raise ValueError("RoutingMonitor draws top-k routing, which Quiet-STaR training does not use (its Mixture-"
+                             "of-Depths layers route by the causal rule; val/causal_fraction is logged): drop the "
+                             "callback from trainer.callbacks")
 
     @rank_zero_only
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
@@ -61,7 +69,7 @@ class RoutingMonitor(L.Callback):
         tokenizer = getattr(trainer.datamodule, "tokenizer", None) if trainer.datamodule is not None else None
         ids = batch["input_ids"][0, :n].tolist()
         labels = [tokenizer.decode([t]) for t in ids] if tokenizer is not None else [str(t) for t in ids]
-        path = Path(trainer.default_root_dir) / "routing" / f"step_{step:06d}.png"
+        path = Path(trainer.log_dir) / "routing" / f"step_{step:06d}.png"
         draw(torch.stack(top_k), torch.stack(causal), list(blocks), labels, path, step)
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):

@@ -11,6 +11,8 @@ import torch
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 
+from training.quietstar_lm import QuietStarLM
+
 COLUMNS = ["step", "sequence", "position", "context", "thought", "continuation", "reward", "mixing_weight"]
 
 
@@ -20,9 +22,10 @@ class ThoughtMonitor(L.Callback):
     Every `every_n_steps` optimizer steps it draws `samples` (sequence, position) pairs from the step's
     `ThoughtOutput` (the fields `QuietStarLM.training_step` returns) and appends, per pair, the
     last `context_tokens` tokens up to the position, the thought, the true continuation the thought was
-    scored on, its reward and mixing weight, to `<default_root_dir>/thoughts/thoughts.csv`; with a
-    WandbLogger attached the same rows go to a W&B table `quietstar/thoughts`. The draws use their own
-    generator, so monitoring does not change the training run's randomness.
+    scored on, its reward and mixing weight, to `<log_dir>/thoughts.csv` (`trainer.log_dir`: the first
+    logger's version folder, so each run, and each resumed part of one, has its own file beside its
+    metrics.csv); with a WandbLogger attached the same rows go to a W&B table `quietstar/thoughts`. The
+    draws use their own generator, so monitoring does not change the training run's randomness.
     """
 
     def __init__(self, every_n_steps: int = 50, samples: int = 4, context_tokens: int = 24, seed: int = 0) -> None:
@@ -41,6 +44,11 @@ class ThoughtMonitor(L.Callback):
         self.seed = seed
         self._last_step = -1
 
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if not isinstance(pl_module, QuietStarLM):
+            raise ValueError(f"ThoughtMonitor shows Quiet-STaR thoughts; {type(pl_module).__name__} does not think "
+                             "(use training.quietstar_lm.QuietStarLM as the model, or drop the callback)")
+
     @rank_zero_only
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
@@ -50,7 +58,7 @@ class ThoughtMonitor(L.Callback):
         self._last_step = step
         tokenizer = getattr(trainer.datamodule, "tokenizer", None) if trainer.datamodule is not None else None
         rows = self.rows(step, batch["input_ids"], outputs, pl_module.model.thought_config.n_ahead_talk, tokenizer)
-        path = Path(trainer.default_root_dir) / "thoughts" / "thoughts.csv"
+        path = Path(trainer.log_dir) / "thoughts.csv"
         path.parent.mkdir(parents=True, exist_ok=True)
         new = not path.exists()
         with path.open("a", newline="") as f:
