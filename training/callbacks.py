@@ -97,7 +97,9 @@ class StepCheckpoint(ModelCheckpoint):
     Lightning itself writes "last" at the end of fit only when it has saved nothing yet, and then after
     the loop has counted the interrupted epoch as finished: `last.ckpt` can miss the final steps, and a
     run extended from it (a larger max_steps, `--ckpt_path last`) would skip the rest of that epoch's data.
-    This writes it at the final optimizer step instead, inside the epoch, as every periodic checkpoint is.
+    This writes it at the final optimizer step instead, inside the epoch, as every periodic checkpoint is,
+    through `ModelCheckpoint`'s own save path (its private helpers, as of Lightning 2.6; the resume test in
+    tests/test_resume.py guards the behaviour).
     """
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,

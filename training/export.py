@@ -16,8 +16,9 @@ def main(argv: list[str] | None = None) -> None:
                              "training data's) or 'none' to skip")
     args = parser.parse_args(argv)
     try:
+        model = load_pretrained(args.source)
         tokenizer = None if args.tokenizer == "none" else load_tokenizer(args.tokenizer or tokenizer_source(args.source))
-        out = export_hf(load_pretrained(args.source), args.out_dir, tokenizer)
+        out = export_hf(model, args.out_dir, tokenizer)
     except (OSError, ValueError) as error:
         parser.exit(2, f"{parser.prog}: error: {error}\n")
     print(f"wrote {out} (load with transformers.AutoModelForCausalLM.from_pretrained({str(out)!r}))")
