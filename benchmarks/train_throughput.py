@@ -55,7 +55,7 @@ SHAPES = {
                 intermediate_size=1376, tie_embeddings=False, block_size=2048),
     "smollm2-135m": ModelConfig.from_name("smollm2-135m").to_dict(),
     "llama-1b": ModelConfig.from_name("llama-1b").to_dict(),
-    "tiny": ModelConfig.from_name("micro").to_dict(),
+    "micro": ModelConfig.from_name("micro").to_dict(),  # a smoke-test shape (vocab 256)
 }
 MOD = dict(mod_capacity=0.125, mod_route_every=2, mod_exempt_last=False)
 

@@ -205,7 +205,7 @@ def test_bad_finite_check_interval_names_the_field():
 
 def test_throughput_benchmark_prints_its_tables_on_cpu():
     script = REPO / "benchmarks" / "train_throughput.py"
-    common = ["--shape", "tiny", "--seq", "32", "--batch", "2", "--threads", "1"]
+    common = ["--shape", "micro", "--seq", "32", "--batch", "2", "--threads", "1"]
     runs = [[*common, "--steps", "1", "--rounds", "1", "--warmup", "1", "--variants", "hf", "qd", "mod", "qd-acblock"],
             [*common, "--max-batch", "--memory-budget-gib", "0.002", "--batch-limit", "2", "--default-heap"]]
     outputs = []
