@@ -32,7 +32,7 @@ class ThoughtMonitor(L.Callback):
         """
         Args:
             every_n_steps: optimizer steps between samples (step 0 included).
-            samples: thoughts written each time.
+            samples: thoughts written each time (at most the batch size times n_passes, the thoughts a step samples).
             context_tokens: tokens of context shown before each thought.
             seed: seed of the choice of sequences and positions.
         """
