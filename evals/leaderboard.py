@@ -78,15 +78,15 @@ def long_table(rows: Sequence[dict[str, str]]) -> list[list[str]]:
 
 
 _TASK_ORDER = ["gsm8k", "gsm8k_chat", "csqa", "csqa_cloze", "csqa_gen", "gsm8k_answer_prob", "csqa_answer_prob"]
+_GSM8K_FILTERS = {"strict-match": "strict", "flexible-extract": "flexible"}  # in column order
 
 
 def _summary_column(row: dict[str, str]) -> tuple[tuple[int, int, int, str], str]:
     """(sort key, name) of the summary column a row fills: GSM8K per shot count and filter, else task and metric."""
     task, order = row["task"], _TASK_ORDER.index(row["task"]) if row["task"] in _TASK_ORDER else len(_TASK_ORDER)
-    filters = ["strict-match", "flexible-extract"]
-    if row["filter"] in filters:
-        name = "strict" if row["filter"] == "strict-match" else "flexible"
-        return (order, int(row["n_shot"]), filters.index(row["filter"]), ""), f"{task} {row['n_shot']}-shot {name}"
+    if row["filter"] in _GSM8K_FILTERS:
+        rank = list(_GSM8K_FILTERS).index(row["filter"])
+        return (order, int(row["n_shot"]), rank, ""), f"{task} {row['n_shot']}-shot {_GSM8K_FILTERS[row['filter']]}"
     return (order, 0, 0, row["metric"]), f"{task} {row['metric']}"
 
 

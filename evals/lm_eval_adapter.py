@@ -34,10 +34,12 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 def _device(requested: str | None) -> str:
     """The device to load on: `requested`, or the CPU where it is a CUDA device this machine lacks."""
-    if requested is None or (requested.startswith("cuda") and not torch.cuda.is_available()):
-        if requested is not None:
-            warnings.warn(f"device={requested!r} but CUDA is not available: running on the CPU", stacklevel=3)
-        return "cuda" if torch.cuda.is_available() else "cpu"
+    available = "cuda" if torch.cuda.is_available() else "cpu"
+    if requested is None:
+        return available
+    if requested.startswith("cuda") and available == "cpu":
+        warnings.warn(f"device={requested!r} but CUDA is not available: running on the CPU", stacklevel=3)
+        return "cpu"
     return requested
 
 
