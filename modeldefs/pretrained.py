@@ -7,7 +7,8 @@ A *source* is one of:
   `modeldefs.gguf_cache`);
 - a directory holding an HF checkpoint (config.json + weights);
 - a hub id such as ``HuggingFaceTB/SmolLM2-135M`` (needs network access);
-- a quietdepth ``.ckpt`` written by training (read with ``weights_only=True``).
+- a quietdepth ``.ckpt`` written by training (read with ``weights_only=True``): one file, or the
+  folder of a distributed (sharded) checkpoint that FSDP training writes.
 
 A Quiet-STaR model (`QuietStar`) round-trips too: its checkpoint carries ``thought_config`` beside
 ``model_config``; its HF export is the base LM plus ``thoughts.safetensors`` (<start>/<end> vectors,
@@ -21,6 +22,7 @@ import importlib.util
 import json
 import os
 import pickle
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +38,7 @@ OFFLINE_DEFAULT = "smollm2-135m-instruct"
 _SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 THOUGHT_WEIGHTS = "thoughts.safetensors"
 THOUGHT_CONFIG = "thought_config.json"
+_DCP_META = "meta.pt"  # Lightning's name for the non-tensor part of a distributed checkpoint
 
 
 def smollm2_gguf_path() -> Path:
@@ -91,26 +94,55 @@ def from_hf_model(hf_model: torch.nn.Module, name: str = "custom") -> Transforme
     return model
 
 
-def load_checkpoint(path: str | os.PathLike) -> Transformer | QuietStar:
-    """Our model from a quietdepth Lightning checkpoint (architecture stored beside the weights): a
-    `QuietStar` where the checkpoint has a ``thought_config``, else a `Transformer`."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint not found: {path}")
+def _torch_load(path: Path, **kwargs: Any) -> Any:
+    """`torch.load(weights_only=True)` on the CPU, with an error that names the file when that fails."""
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True, **kwargs)
     except (pickle.UnpicklingError, RuntimeError, EOFError) as error:
         # torch's own message suggests weights_only=False; for a file of unknown origin that runs its code
         raise ValueError(f"{path} is not a checkpoint quietdepth can read: torch.load(weights_only=True) failed "
                          f"({type(error).__name__}). quietdepth checkpoints hold tensors and plain values only, and "
                          "files that need arbitrary unpickling are refused") from error
+
+
+def _checkpoint_meta(path: Path) -> dict[str, Any]:
+    """A checkpoint's dict (memory-mapped: tensors are read when used): the whole file, or for a distributed checkpoint folder its ``meta.pt`` (all but
+    the tensors, which sit in the folder's shards)."""
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    if path.is_dir():
+        if not (path / _DCP_META).is_file() or not (path / ".metadata").is_file():
+            raise ValueError(f"{path} is a folder without {_DCP_META} and .metadata: not a distributed checkpoint "
+                             "written by quietdepth training")
+        path = path / _DCP_META
+    checkpoint = _torch_load(path, mmap=True)
     if not isinstance(checkpoint, dict) or "model_config" not in checkpoint:
         raise ValueError(f"{path} has no 'model_config': not a checkpoint written by quietdepth training")
+    return checkpoint
+
+
+def load_checkpoint(path: str | os.PathLike) -> Transformer | QuietStar:
+    """Our model from a quietdepth Lightning checkpoint (architecture stored beside the weights): a
+    `QuietStar` where the checkpoint has a ``thought_config``, else a `Transformer`. `path` is a .ckpt file
+    or the folder of a distributed checkpoint (`ModelParallelStrategy(save_distributed_checkpoint=True)`),
+    whose model shards are read without a process group and without the optimizer's."""
+    path = Path(path)
+    checkpoint = _checkpoint_meta(path)
     model: Transformer | QuietStar = Transformer(ModelConfig.from_dict(checkpoint["model_config"]))
     if "thought_config" in checkpoint:
         # init_token_id only seeds <start>/<end>; the strict load below replaces them with the trained ones
         model = QuietStar(model, ThoughtConfig.from_dict(checkpoint["thought_config"]), init_token_id=0)
     prefix = "model."
-    model.load_state_dict({k[len(prefix):]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)})
+    if path.is_dir():
+        import torch.distributed.checkpoint as dcp
+
+        state = {prefix + k: v for k, v in model.state_dict().items()}
+        with warnings.catch_warnings():  # no_dist: every process reads the whole model, as intended here
+            warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
+            dcp.load({"state_dict": state}, checkpoint_id=path, no_dist=True)  # fills these tensors in place
+    else:
+        state = checkpoint["state_dict"]
+    model.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
     return model
 
 
@@ -153,7 +185,7 @@ def tokenizer_source(source: str) -> str:
     they are absent); for any other source, the source itself."""
     if not source.endswith(".ckpt"):
         return source
-    checkpoint = torch.load(source, map_location="cpu", weights_only=True, mmap=True)
+    checkpoint = _checkpoint_meta(Path(source))
     return (checkpoint.get("datamodule_hyper_parameters") or {}).get("tokenizer") or OFFLINE_DEFAULT
 
 

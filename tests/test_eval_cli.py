@@ -150,7 +150,9 @@ def test_model_that_cannot_be_loaded_is_a_clear_error(tmp_path, capsys):
     torch.save({"state_dict": {}}, bad)
     garbage = tmp_path / "garbage.ckpt"
     garbage.write_bytes(b"\x80\x04not a checkpoint")
-    for source in (str(tmp_path / "missing.ckpt"), str(bad), str(garbage), str(tmp_path)):
+    folder = tmp_path / "folder.ckpt"  # a folder named like a distributed checkpoint, without its files
+    folder.mkdir()
+    for source in (str(tmp_path / "missing.ckpt"), str(bad), str(garbage), str(folder), str(tmp_path)):
         with pytest.raises(SystemExit) as exit_info:
             main(["--model", source, "--tasks", "csqa", *data_args(), "--limit", "1", "--output", str(tmp_path / "o"),
                   "--leaderboard", str(tmp_path / "b")])

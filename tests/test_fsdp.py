@@ -16,10 +16,11 @@ import pytest
 import torch
 import yaml
 
-from modeldefs.pretrained import load_checkpoint, load_pretrained
+from modeldefs.pretrained import load_checkpoint, load_pretrained, tokenizer_source
 from modeldefs.quietstar import QuietStar
 from tests.conftest import REPO, requires_smollm2
 from training.cli import main
+from training.export import main as export_main
 
 pytestmark = [requires_smollm2, pytest.mark.slow]
 CPU, FSDP, SINGLE_GPU = (str(REPO / "configs" / "trainer" / f"{n}.yaml") for n in ("cpu", "fsdp", "single-gpu"))
@@ -157,6 +158,23 @@ def test_full_checkpoint_from_two_processes_loads_in_one_process(runs):
     for (name, a), b in zip(two.state_dict().items(), one.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-4, msg=lambda m: f"{name}: {m}")
 
+
+
+def test_sharded_checkpoint_loads_in_one_process_and_exports(runs, smollm2_tokenizer_dir, tmp_path):
+    """What FSDP training writes by default (a folder of shards) is a model source like a .ckpt file:
+    `load_pretrained`, `quietdepth-export` and the evals read it without a process group."""
+    sharded = runs["dense-2"] / "checkpoints" / "epoch=0-step=2.ckpt"
+    assert sharded.is_dir()
+    two = load_pretrained(str(sharded))
+    one = load_checkpoint(runs["dense-1"] / "checkpoints" / "epoch=0-step=2.ckpt")
+    assert two.config == one.config
+    for (name, a), b in zip(two.state_dict().items(), one.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-4, msg=lambda m: f"{name}: {m}")
+    assert tokenizer_source(str(sharded)) == str(smollm2_tokenizer_dir)  # the run's data tokenizer
+    export_main([str(sharded), str(tmp_path / "hf")])
+    hf = load_pretrained(str(tmp_path / "hf"))
+    for (name, a), b in zip(hf.state_dict().items(), two.state_dict().values()):
+        assert torch.equal(a, b), name
 
 def test_quietstar_two_process_fsdp_matches_one_process_and_its_full_checkpoint_loads(
         tmp_path, monkeypatch, gsm8k_train, smollm2_tokenizer_dir):
