@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import shlex
 import time
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import torch
 import yaml
 from transformers import AutoModelForCausalLM
 
+from evals.sample import main as sample_main
 from modeldefs.pretrained import load_pretrained, tokenizer_source
 from tests.conftest import REPO, requires_smollm2
 from training.cli import main, run
@@ -57,6 +59,11 @@ def test_fit_smoke_writes_checkpoints_metrics_wandb_run_and_summary(in_tmp, gsm8
     out = capsys.readouterr().out
     assert "quietdepth run summary" in out and "wandb sync" in out and "last.ckpt" in out
     assert "\ntrain/loss: " in out and "\nloss: " not in out  # one final loss: not also the progress bar's copy
+    (suggested,) = [line.split("try it: ")[1] for line in out.splitlines() if line.startswith("try it: ")]
+    program, *args = shlex.split(suggested)
+    assert program == "quietdepth-generate"
+    sample_main([*args, "--max-new-tokens", "3"])  # the suggested command runs on the run's checkpoint
+    assert "3 tokens in" in capsys.readouterr().out
 
 
 def test_validate_and_export_from_a_checkpoint(in_tmp, gsm8k_train, smollm2_tokenizer, smollm2_tokenizer_dir):

@@ -4,6 +4,7 @@ end-of-run summary."""
 from __future__ import annotations
 
 import random
+import shlex
 import time
 from pathlib import Path
 from typing import Any
@@ -169,6 +170,8 @@ class RunSummary(L.Callback):
             if isinstance(cb, ModelCheckpoint) and cb.dirpath:
                 last = cb.last_model_path or cb.best_model_path
                 lines.append(f"checkpoints: {cb.dirpath}" + (f"   (latest: {Path(last).name})" if last else ""))
+                if last:
+                    lines.append(f"try it: quietdepth-generate --model {shlex.quote(last)} --prompt 'Once upon a time'")
         for logger in trainer.loggers:
             if isinstance(logger, CSVLogger):
                 lines.append(f"metrics CSV: {Path(logger.log_dir) / 'metrics.csv'}")
