@@ -4,6 +4,7 @@ load in one process; the presets parse."""
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import socket
@@ -48,7 +49,9 @@ class RecordLoss(L.Callback):
 
 
 def write_config(run_dir: Path, data: Path, tokenizer: Path, steps: int, every: int,
-                 model_overrides: dict | None = None, base: str = "smoke.yaml") -> Path:
+                 model_overrides: dict | None = None, base: str = "smoke.yaml", monitor: dict | None = None) -> Path:
+    """`base` for a short run into `run_dir`, with checkpoints every `every` steps, per-rank losses recorded,
+    and `monitor` (a callback entry) added."""
     config = yaml.safe_load((REPO / "configs" / base).read_text())
     config["trainer"].update(max_steps=steps, limit_val_batches=0, log_every_n_steps=1, enable_progress_bar=False,
                              default_root_dir=str(run_dir), enable_model_summary=False)
@@ -59,6 +62,7 @@ def write_config(run_dir: Path, data: Path, tokenizer: Path, steps: int, every: 
          "init_args": {"dirpath": str(run_dir / "checkpoints"), "every_n_train_steps": every, "save_top_k": -1}},
         {"class_path": "training.callbacks.RNGState"},
         {"class_path": "tests.test_fsdp.RecordLoss", "init_args": {"dirpath": str(run_dir / "losses")}},
+        *([monitor] if monitor else []),
     ]
     config["model"]["init_args"].update(model_overrides=model_overrides, warmup_steps=1)
     config["data"]["init_args"].update(path=str(data), tokenizer=str(tokenizer), max_documents=200, batch_size=GLOBAL_BATCH)
@@ -123,7 +127,9 @@ def runs(tmp_path_factory, gsm8k_train, smollm2_tokenizer_dir) -> dict[str, Path
     # Also: 2 micro-batches of 1 per rank and optimizer step (gradients reduce-scattered once per step), and
     # FSDP2's CPU offload (on a CPU mesh this checks the wiring, not the host-device copies).
     out["mod-2"] = root / "mod-2"
-    fit_two_processes(write_config(out["mod-2"], gsm8k_train, tok, 2, 2, mod),
+    routing = {"class_path": "training.routing_monitor.RoutingMonitor",
+               "init_args": {"stats_every_n_steps": 1, "heatmap_every_n_steps": 1}}
+    fit_two_processes(write_config(out["mod-2"], gsm8k_train, tok, 2, 2, mod, monitor=routing),
                       "--trainer.strategy.init_args.save_distributed_checkpoint", "false",
                       "--model.init_args.fsdp_cpu_offload", "true", "--trainer.accumulate_grad_batches", "2",
                       "--data.init_args.batch_size", str(GLOBAL_BATCH // 4))
@@ -147,6 +153,12 @@ def test_sharded_checkpoint_resumes_on_two_processes_step_for_step(runs, gsm8k_t
     expected, got = losses(runs["dense-2"], 2), losses(resumed, 2)
     assert sorted(got) == [2, 3]
     assert [got[s] for s in got] == [expected[s] for s in got]
+
+
+def test_routing_monitor_draws_once_under_fsdp(runs):
+    """Its hooks run on rank 0 only: what they need from every rank (the log folder) is read in setup."""
+    assert sorted(p.name for p in runs["mod-2"].glob("csv/version_*/routing/*.png")) == ["step_000000.png",
+                                                                                         "step_000001.png"]
 
 
 def test_full_checkpoint_from_two_processes_loads_in_one_process(runs):
@@ -182,7 +194,9 @@ def test_quietstar_two_process_fsdp_matches_one_process_and_its_full_checkpoint_
     (thought_temperature 0) so that both runs think the same tokens whatever the per-rank random state."""
     runs = {}
     for n in (1, 2):
-        runs[n] = write_config(tmp_path / f"qs-{n}", gsm8k_train, smollm2_tokenizer_dir, 2, 2, base="quietstar-smoke.yaml")
+        runs[n] = write_config(tmp_path / f"qs-{n}", gsm8k_train, smollm2_tokenizer_dir, 2, 2, base="quietstar-smoke.yaml",
+                               monitor={"class_path": "training.thought_monitor.ThoughtMonitor",
+                                        "init_args": {"every_n_steps": 1, "samples": 2}})
         config = yaml.safe_load(runs[n].read_text())
         config["model"]["init_args"]["thoughts"]["thought_temperature"] = 0.0
         runs[n].write_text(yaml.safe_dump(config))
@@ -193,6 +207,8 @@ def test_quietstar_two_process_fsdp_matches_one_process_and_its_full_checkpoint_
     assert sorted(one) == sorted(two) == [0, 1]
     for step in one:
         assert two[step] == pytest.approx(one[step], abs=LOSS_TOL), f"step {step}: {two} vs {one}"
+    (thoughts,) = (tmp_path / "qs-2").glob("csv/version_*/thoughts.csv")  # ThoughtMonitor, on rank 0 only
+    assert [r["step"] for r in csv.DictReader(thoughts.open())] == ["0", "0", "1", "1"]
     full = tmp_path / "qs-2" / "checkpoints" / "epoch=0-step=2.ckpt"
     loaded, reference = load_pretrained(str(full)), load_pretrained(str(tmp_path / "qs-1" / "checkpoints" / full.name))
     assert isinstance(loaded, QuietStar) and loaded.thought_config == reference.thought_config

@@ -43,13 +43,15 @@ class RoutingMonitor(L.Callback):
             raise ValueError("RoutingMonitor draws top-k routing, which Quiet-STaR training does not use (its Mixture-"
                              "of-Depths layers route by the causal rule; val/causal_fraction is logged): drop the "
                              "callback from trainer.callbacks")
+        # trainer.log_dir is a broadcast from rank 0: read here, on every rank, not in the rank-0-only hook
+        self._folder = Path(trainer.log_dir) / "routing"
 
     @rank_zero_only
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         blocks = pl_module.model.routed_blocks
-        step = trainer.global_step
-        if not blocks or step == self._last_step:
+        step = trainer.global_step - 1  # the optimizer step this batch completed, as train/loss is logged
+        if not blocks or step < 0 or step == self._last_step:  # < 0 or the same: within gradient accumulation
             return
         self._last_step = step
         if step % self.stats_every_n_steps == 0:
@@ -69,7 +71,7 @@ class RoutingMonitor(L.Callback):
         tokenizer = getattr(trainer.datamodule, "tokenizer", None) if trainer.datamodule is not None else None
         ids = batch["input_ids"][0, :n].tolist()
         labels = [tokenizer.decode([t]) for t in ids] if tokenizer is not None else [str(t) for t in ids]
-        path = Path(trainer.log_dir) / "routing" / f"step_{step:06d}.png"
+        path = self._folder / f"step_{step:06d}.png"
         draw(torch.stack(top_k), torch.stack(causal), list(blocks), labels, path, step)
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):

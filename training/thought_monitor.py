@@ -48,17 +48,19 @@ class ThoughtMonitor(L.Callback):
         if not isinstance(pl_module, QuietStarLM):
             raise ValueError(f"ThoughtMonitor shows Quiet-STaR thoughts; {type(pl_module).__name__} does not think "
                              "(use training.quietstar_lm.QuietStarLM as the model, or drop the callback)")
+        # trainer.log_dir is a broadcast from rank 0: read here, on every rank, not in the rank-0-only hook
+        self._path = Path(trainer.log_dir) / "thoughts.csv"
 
     @rank_zero_only
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        step = trainer.global_step - 1  # the optimizer step this batch belonged to (global_step has advanced)
-        if step % self.every_n_steps != 0 or step == self._last_step:
+        step = trainer.global_step - 1  # the optimizer step this batch completed (global_step has advanced)
+        if step < 0 or step % self.every_n_steps != 0 or step == self._last_step:  # < 0: accumulating for step 0
             return
         self._last_step = step
         tokenizer = getattr(trainer.datamodule, "tokenizer", None) if trainer.datamodule is not None else None
         rows = self.rows(step, batch["input_ids"], outputs, pl_module.model.thought_config.n_ahead_talk, tokenizer)
-        path = Path(trainer.log_dir) / "thoughts.csv"
+        path = self._path
         path.parent.mkdir(parents=True, exist_ok=True)
         new = not path.exists()
         with path.open("a", newline="") as f:
