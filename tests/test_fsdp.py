@@ -78,11 +78,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def fit_two_processes(config: Path, *extra: str, timeout: float = 240) -> None:
-    """`quietdepth fit` with FSDP2 over 2 CPU processes (Lightning starts the second), each with half the batch."""
+def run_fsdp(config: Path, *extra: str, timeout: float = 240, subcommand: str = "fit") -> None:
+    """`quietdepth <subcommand>` with FSDP2 over 2 CPU processes (Lightning starts the second), each with half
+    the batch (`extra` arguments come last and override these)."""
     env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1",
            "MASTER_PORT": str(free_port()), "PYTHONPATH": str(REPO)}
-    args = [sys.executable, "-m", "training", "fit", "--config", str(config), "--config", FSDP,
+    args = [sys.executable, "-m", "training", subcommand, "--config", str(config), "--config", FSDP,
             "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy.init_args.data_parallel_size",
             "2", "--model.init_args.compile", "false", "--model.init_args.fsdp_param_dtype", "float32",
             "--data.init_args.batch_size", str(GLOBAL_BATCH // 2), *extra]
@@ -123,13 +124,13 @@ def runs(tmp_path_factory, gsm8k_train, smollm2_tokenizer_dir) -> dict[str, Path
             out[f"{name}-1"] = root / f"{name}-1"
             fit_one_process(write_config(out[f"{name}-1"], gsm8k_train, tok, steps, 2, overrides), mp)
     out["dense-2"] = root / "dense-2"  # sharded checkpoints (the preset's default)
-    fit_two_processes(write_config(out["dense-2"], gsm8k_train, tok, 4, 2))
+    run_fsdp(write_config(out["dense-2"], gsm8k_train, tok, 4, 2))
     # Also: 2 micro-batches of 1 per rank and optimizer step (gradients reduce-scattered once per step), and
     # FSDP2's CPU offload (on a CPU mesh this checks the wiring, not the host-device copies).
     out["mod-2"] = root / "mod-2"
     routing = {"class_path": "training.routing_monitor.RoutingMonitor",
                "init_args": {"stats_every_n_steps": 1, "heatmap_every_n_steps": 1}}
-    fit_two_processes(write_config(out["mod-2"], gsm8k_train, tok, 2, 2, mod, monitor=routing),
+    run_fsdp(write_config(out["mod-2"], gsm8k_train, tok, 2, 2, mod, monitor=routing),
                       "--trainer.strategy.init_args.save_distributed_checkpoint", "false",
                       "--model.init_args.fsdp_cpu_offload", "true", "--trainer.accumulate_grad_batches", "2",
                       "--data.init_args.batch_size", str(GLOBAL_BATCH // 4))
@@ -149,7 +150,7 @@ def test_sharded_checkpoint_resumes_on_two_processes_step_for_step(runs, gsm8k_t
     sharded = runs["dense-2"] / "checkpoints" / "epoch=0-step=2.ckpt"
     assert sharded.is_dir() and list(sharded.glob("*.distcp")), "expected a distributed-checkpoint folder"
     resumed = tmp_path / "resumed"
-    fit_two_processes(write_config(resumed, gsm8k_train, smollm2_tokenizer_dir, 4, 2), "--ckpt_path", str(sharded))
+    run_fsdp(write_config(resumed, gsm8k_train, smollm2_tokenizer_dir, 4, 2), "--ckpt_path", str(sharded))
     expected, got = losses(runs["dense-2"], 2), losses(resumed, 2)
     assert sorted(got) == [2, 3]
     assert [got[s] for s in got] == [expected[s] for s in got]
@@ -188,6 +189,17 @@ def test_sharded_checkpoint_loads_in_one_process_and_exports(runs, smollm2_token
     for (name, a), b in zip(hf.state_dict().items(), two.state_dict().values()):
         assert torch.equal(a, b), name
 
+def test_a_sharded_folder_resumes_only_under_model_parallel_and_says_so(runs, tmp_path, capsys):
+    sharded = runs["dense-2"] / "checkpoints" / "epoch=0-step=2.ckpt"
+    config = runs["dense-2"] / "config.in.yaml"
+    with pytest.raises(ValueError, match="distributed \\(sharded\\) checkpoint folder.*configs/trainer/fsdp.yaml"):
+        main(["validate", "--config", str(config), "--config", CPU, "--ckpt_path", str(sharded)])
+    # what the message suggests for one device works
+    run_fsdp(config, "--ckpt_path", str(sharded), "--trainer.devices", "1",
+                      "--trainer.strategy.init_args.data_parallel_size", "1", "--data.init_args.batch_size", "4",
+                      "--trainer.default_root_dir", str(tmp_path), subcommand="validate")
+
+
 def test_quietstar_two_process_fsdp_matches_one_process_and_its_full_checkpoint_loads(
         tmp_path, monkeypatch, gsm8k_train, smollm2_tokenizer_dir):
     """Quiet-STaR's wrapper is one FSDP unit whose blocks run once per thought pass. Thoughts are greedy
@@ -202,7 +214,7 @@ def test_quietstar_two_process_fsdp_matches_one_process_and_its_full_checkpoint_
         runs[n].write_text(yaml.safe_dump(config))
     monkeypatch.chdir(tmp_path)
     fit_one_process(runs[1], monkeypatch)
-    fit_two_processes(runs[2], "--trainer.strategy.init_args.save_distributed_checkpoint", "false")
+    run_fsdp(runs[2], "--trainer.strategy.init_args.save_distributed_checkpoint", "false")
     one, two = losses(tmp_path / "qs-1", 1), losses(tmp_path / "qs-2", 2)
     assert sorted(one) == sorted(two) == [0, 1]
     for step in one:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.strategies import ModelParallelStrategy
 
 # Imported so their classes resolve by short name in YAML (class_path: CausalLM).
 from training import callbacks, data, lm, quietstar_lm, routing_monitor, thought_monitor  # noqa: F401
@@ -28,6 +29,32 @@ class QuietDepthCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         # The sampler in training.data shards by rank itself, so Lightning must not wrap it.
         parser.set_defaults({"trainer.precision": default_precision(), "trainer.use_distributed_sampler": False})
+
+    def before_fit(self) -> None:
+        self._check_ckpt_path()
+
+    def before_validate(self) -> None:
+        self._check_ckpt_path()
+
+    def before_test(self) -> None:
+        self._check_ckpt_path()
+
+    def _check_ckpt_path(self) -> None:
+        """Refuse a sharded checkpoint folder where the strategy reads only files (Lightning would end in an
+        IsADirectoryError), naming the ways that work."""
+        ckpt = self.config_init[self.subcommand].get("ckpt_path")
+        if ckpt is None or isinstance(self.trainer.strategy, ModelParallelStrategy):
+            return
+        paths = [Path(ckpt)]
+        if ckpt == "last":
+            paths = [Path(cb.dirpath) / "last.ckpt" for cb in self.trainer.checkpoint_callbacks if cb.dirpath]
+        for path in paths:
+            if path.is_dir():
+                raise ValueError(
+                    f"--ckpt_path {path} is a distributed (sharded) checkpoint folder, which only ModelParallelStrategy "
+                    f"reads: add --config configs/trainer/fsdp.yaml (on one device also --trainer.devices 1 "
+                    f"--trainer.strategy.init_args.data_parallel_size 1), or start a new run from its weights with "
+                    f"--model.init_args.init_from {path}")
 
 
 def main(args: list[str] | None = None) -> None:
