@@ -234,3 +234,12 @@ def test_every_shipped_config_parses(name, capsys):
     assert exit_info.value.code in (0, None)
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed["model"]["class_path"].startswith("training.") and printed["trainer"]["max_steps"] > 0
+
+
+def test_a_resumed_run_keeps_its_command_line_settings_not_the_checkpoints(in_tmp, gsm8k_train):
+    """LightningCLI would parse a checkpoint's stored hyperparameters over the command line on resume."""
+    run(["fit", *smoke_args(gsm8k_train, steps=2)])
+    last = in_tmp / "runs" / "smoke" / "checkpoints" / "last.ckpt"  # a file path: "last" is not parsed for hparams
+    cli = run(["fit", *smoke_args(gsm8k_train, "--ckpt_path", str(last), "--model.init_args.finite_check_interval", "7",
+                                  steps=3)])
+    assert cli.model.hparams.finite_check_interval == 7 and cli.trainer.global_step == 3

@@ -94,9 +94,9 @@ def run_fsdp(config: Path, *extra: str, timeout: float = 240, subcommand: str = 
     assert proc.returncode == 0, f"2-process run failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
 
 
-def fit_one_process(config: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def fit_one_process(config: Path, monkeypatch: pytest.MonkeyPatch, *extra: str) -> None:
     monkeypatch.setenv("WANDB_MODE", "offline")
-    main(["fit", "--config", str(config), "--config", CPU])
+    main(["fit", "--config", str(config), "--config", CPU, *extra])
 
 
 def losses(run_dir: Path, ranks: int) -> dict[int, float]:
@@ -154,6 +154,31 @@ def test_sharded_checkpoint_resumes_on_two_processes_step_for_step(runs, gsm8k_t
     expected, got = losses(runs["dense-2"], 2), losses(resumed, 2)
     assert sorted(got) == [2, 3]
     assert [got[s] for s in got] == [expected[s] for s in got]
+
+
+def test_full_checkpoints_resume_step_for_step_across_strategies(runs, gsm8k_train, smollm2_tokenizer_dir, tmp_path,
+                                                                 monkeypatch):
+    """One process -> FSDP -> one process through full checkpoints: the losses, and the weights that the
+    restored optimizer moments lead to, are those of the uninterrupted one-process run. (Lightning numbers
+    a plain optimizer's state in another order than FSDP's: keyed by name it moves; and the resumed run
+    keeps its own command line's settings, not the checkpoint's.)"""
+    tok = smollm2_tokenizer_dir
+    fsdp, back = tmp_path / "fsdp", tmp_path / "back"
+    run_fsdp(write_config(fsdp, gsm8k_train, tok, 4, 1), "--ckpt_path",
+             str(runs["dense-1"] / "checkpoints" / "epoch=0-step=2.ckpt"),
+             "--trainer.strategy.init_args.save_distributed_checkpoint", "false")
+    monkeypatch.chdir(tmp_path)
+    fit_one_process(write_config(back, gsm8k_train, tok, 4, 1), monkeypatch,
+                    "--ckpt_path", str(fsdp / "checkpoints" / "epoch=0-step=3.ckpt"))
+    expected = losses(runs["dense-1"], 1)
+    for got in (losses(fsdp, 2), losses(back, 1)):
+        assert got and all(got[s] == pytest.approx(expected[s], abs=LOSS_TOL) for s in got), f"{got} vs {expected}"
+    assert sorted(losses(fsdp, 2)) == [2, 3] and sorted(losses(back, 1)) == [3]
+    straight = load_checkpoint(runs["dense-1"] / "checkpoints" / "epoch=0-step=4.ckpt").state_dict()
+    for run in (fsdp, back):
+        resumed = load_checkpoint(run / "checkpoints" / "epoch=0-step=4.ckpt")
+        for (name, a), b in zip(resumed.state_dict().items(), straight.values()):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-4, msg=lambda m: f"{run.name} {name}: {m}")
 
 
 def test_routing_monitor_draws_once_under_fsdp(runs):

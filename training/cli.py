@@ -30,6 +30,12 @@ class QuietDepthCLI(LightningCLI):
         # The sampler in training.data shards by rank itself, so Lightning must not wrap it.
         parser.set_defaults({"trainer.precision": default_precision(), "trainer.use_distributed_sampler": False})
 
+    def _parse_ckpt_path(self) -> None:
+        """Keep the run's configuration as given. LightningCLI would parse a --ckpt_path file's stored
+        hyperparameters over it, so that on resume the command line's model settings are silently undone
+        (fsdp_param_dtype, compile, finite_check_interval, ...; Lightning issue #20801, PR #21455). The
+        checkpoint's architecture is still checked against the configured one (`CausalLM.on_load_checkpoint`)."""
+
     def before_fit(self) -> None:
         self._check_ckpt_path()
 

@@ -8,6 +8,7 @@ from typing import Any
 import lightning as L
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.strategies import ModelParallelStrategy
 from torch.distributed.tensor import DTensor
 from torch.optim.lr_scheduler import LambdaLR
 
@@ -15,6 +16,7 @@ from modeldefs import ModelConfig, Transformer
 from modeldefs.config import check_fields
 from modeldefs.pretrained import load_pretrained
 from training.loss import linear_cross_entropy
+from training.optim_state import by_name, by_number
 from training.parallelize import (ActivationCheckpointing, DType, apply_activation_checkpointing, apply_compile,
                                   apply_fsdp, data_parallel_mesh)
 from training.routing import causal_fraction, routing_losses
@@ -232,10 +234,22 @@ class CausalLM(L.LightningModule):
     def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         self.log("test/loss", self.loss(batch), sync_dist=True)
 
+    def _param_groups(self) -> tuple[list[torch.nn.Parameter], list[torch.nn.Parameter]]:
+        """AdamW's two groups: matrices (weight decay) and vectors (none: norms, biases)."""
+        trained = [p for p in self.model.parameters() if p.requires_grad]
+        return [p for p in trained if p.dim() >= 2], [p for p in trained if p.dim() < 2]
+
+    def _optimizer_order(self) -> list[str]:
+        """Parameter names in the order this run's optimizer state numbers them: the param groups' order, or
+        under `ModelParallelStrategy` (whose full checkpoints Lightning numbers so) `named_parameters()`'."""
+        if isinstance(self.trainer.strategy, ModelParallelStrategy):
+            return [name for name, _ in self.named_parameters()]
+        name_of = {id(p): name for name, p in self.named_parameters()}
+        return [name_of[id(p)] for group in self._param_groups() for p in group]
+
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams
-        decay = [p for p in self.model.parameters() if p.requires_grad and p.dim() >= 2]
-        no_decay = [p for p in self.model.parameters() if p.requires_grad and p.dim() < 2]
+        decay, no_decay = self._param_groups()
         optimizer = torch.optim.AdamW(
             [{"params": decay, "weight_decay": hp.weight_decay, "name": "decay"},
              {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"}],
@@ -275,6 +289,9 @@ class CausalLM(L.LightningModule):
         self._refuse_nonfinite_weights()
         # The architecture travels with the weights so a checkpoint loads without its YAML.
         checkpoint["model_config"] = self._architecture()
+        if "optimizer_states" in checkpoint:  # keyed by name, the optimizer state resumes under any strategy
+            order = self._optimizer_order()
+            checkpoint["optimizer_states"] = [by_name(s, order) for s in checkpoint["optimizer_states"]]
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuse, naming the fields, a checkpoint of another architecture (before its weights are loaded)."""
@@ -285,6 +302,9 @@ class CausalLM(L.LightningModule):
             raise ValueError(f"--ckpt_path resumes the same architecture, and this one differs ({fields}). Give the "
                              "checkpoint's settings, or start a new run from its weights with "
                              "model.init_args.init_from=<checkpoint> (plus model_overrides to MoD-ify it)")
+        if "optimizer_states" in checkpoint and not isinstance(self.trainer.strategy, ModelParallelStrategy):
+            order = self._optimizer_order()  # (ModelParallelStrategy reads state keyed by name itself)
+            checkpoint["optimizer_states"] = [by_number(s, order) for s in checkpoint["optimizer_states"]]
 
     def _refuse_nonfinite_weights(self) -> None:
         """Raise before a checkpoint with NaN/inf weights is written (every rank's shards are checked)."""
