@@ -62,13 +62,15 @@ def loglikelihood(model: EvalModel, requests: Sequence[tuple[Sequence[int], Sequ
                          f"{type(model.net).__name__}")
     if batch_size < 1 or pack_tokens < 1:
         raise ValueError(f"batch_size={batch_size} and pack_tokens={pack_tokens} must both be >= 1")
-    L = model.block_size
+    # Thinking reads a context plus n_ahead - 1 thought positions: long contexts keep that much less of their start.
+    L = model.block_size - (model.net.thought_config.n_ahead - 1 if think else 0)
     normalised = []
     for i, (context, continuation) in enumerate(requests):
         if len(continuation) == 0:
             raise ValueError(f"request {i} has an empty continuation; there is nothing to score")
         if len(continuation) > L:
-            raise ValueError(f"request {i}: continuation of {len(continuation)} tokens exceeds block_size={L}")
+            raise ValueError(f"request {i}: continuation of {len(continuation)} tokens exceeds block_size="
+                             f"{model.block_size}" + (" less the thought positions" if think else ""))
         context = list(context) or [model.prefix_token_id]
         normalised.append((tuple(context[-(L - len(continuation) + 1):]), tuple(continuation)))
     if think:

@@ -289,6 +289,16 @@ def test_thought_scoring_uses_the_thought_mixed_logits():
         loglikelihood(tiny_model(), [(context, continuation)], think=True)
 
 
+def test_thought_scoring_keeps_the_end_of_a_context_too_long_for_its_thought_positions():
+    model = quietstar_model()
+    L, thought = model.block_size, model.net.thought_config.n_ahead - 1
+    context, continuation = [(7 * i) % 250 + 1 for i in range(L + 10)], [65, 66]
+    ((score, _),) = loglikelihood(model, [(context, continuation)], think=True)  # used to exceed block_size
+    kept = context[-(L - thought - len(continuation) + 1):]
+    ((want, _),) = loglikelihood(model, [(kept, continuation)], think=True)
+    assert score == want and len(kept) + len(continuation) - 1 + thought == L
+
+
 def test_thoughts_variant_on_a_plain_model_is_a_clear_error():
     with pytest.raises(ValueError, match="needs a Quiet-STaR model.*plain Transformer"):
         generate_thoughts(tiny_model(), PROMPTS, 4)

@@ -150,6 +150,11 @@ def test_mod_and_quietstar_train_together(tmp_path, monkeypatch, gsm8k_train, sm
         assert any(r.get(key) for r in rows), key
     model = load_pretrained(str(run / "checkpoints" / "last.ckpt"))
     assert isinstance(model, QuietStar) and list(model.lm.routed_blocks) == [1, 3]
+    # Every parameter AdamW holds was trained (FSDP resumes only such a state); the MoD predictors, which
+    # Quiet-STaR's causal routing never trains, are not among them.
+    (optimizer,) = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["optimizer_states"]
+    held = [name for group in optimizer["param_groups"] for name in group["params"]]
+    assert sorted(held) == sorted(optimizer["state"]) and not any(".predictor." in name for name in held)
 
 
 @requires_smollm2

@@ -105,6 +105,9 @@ class QuietStarLM(CausalLM):
         else:
             lm = Transformer(ModelConfig.from_name(hp.model, **overrides))
         self.model = QuietStar(lm, self.thought_config, init_token_id=self._init_token_id())
+        for block in lm.routed_blocks.values():  # Quiet-STaR routes by the causal rule, never by top-k, so the
+            if block.predictor is not None:      # MoD predictors get no gradient: frozen, they stay out of AdamW
+                block.predictor.requires_grad_(False)  # (under FSDP every parameter it holds needs a state)
         if previous is not None:  # continue from a Quiet-STaR checkpoint: keep its meta tokens and mixing head
             thought_state = {k: v for k, v in previous.state_dict().items() if not k.startswith("lm.")}
             self.model.load_state_dict(thought_state, strict=False)
