@@ -27,6 +27,7 @@ from evals.leaderboard import COLUMNS, LONG_HEADER, append_rows, log_to_wandb, l
 from evals.model import EvalModel, ModelLoadError, load_eval_model
 from evals.plots import plot_accuracy
 from evals.results import TaskResult, git_commit
+from modeldefs.pretrained import is_checkpoint
 
 TASKS = ("gsm8k", "gsm8k_chat", "csqa", "csqa_cloze", "csqa_gen", *answer_prob.TASKS)
 GENERATIVE = ("gsm8k", "gsm8k_chat", "csqa_gen")
@@ -220,7 +221,7 @@ def leaderboard_rows(model: EvalModel, results: list[TaskResult], weights: str, 
 
 def _local_source_missing(source: str) -> bool:
     """A model source that names a local file or folder (a .ckpt / .gguf, or a path from . / ~) that does not exist."""
-    looks_local = source.endswith((".ckpt", ".gguf")) or source.startswith((".", "/", "~"))
+    looks_local = is_checkpoint(source) or source.endswith(".gguf") or source.startswith((".", "/", "~"))
     return looks_local and not Path(source).expanduser().exists()
 
 

@@ -146,9 +146,14 @@ def load_checkpoint(path: str | os.PathLike) -> Transformer | QuietStar:
     return model
 
 
+def is_checkpoint(source: str) -> bool:
+    """Whether `source` names a quietdepth checkpoint: a .ckpt file or sharded folder (a trailing slash too)."""
+    return Path(source).suffix == ".ckpt"
+
+
 def load_pretrained(source: str) -> Transformer | QuietStar:
     """Our model with the weights of `source` (see the module docstring), in fp32, train mode."""
-    if source.endswith(".ckpt"):
+    if is_checkpoint(source):
         return load_checkpoint(source)
     name = Path(source).stem if source.endswith(".gguf") else source
     entry = _gguf_cache(*_from_pretrained_args(source))
@@ -183,7 +188,7 @@ def tokenizer_source(source: str) -> str:
     """Where the tokenizer of model `source` comes from: for a quietdepth .ckpt, the tokenizer its training
     data used (Lightning stores the data module's settings in the checkpoint; the offline default when
     they are absent); for any other source, the source itself."""
-    if not source.endswith(".ckpt"):
+    if not is_checkpoint(source):
         return source
     checkpoint = _checkpoint_meta(Path(source))
     return (checkpoint.get("datamodule_hyper_parameters") or {}).get("tokenizer") or OFFLINE_DEFAULT

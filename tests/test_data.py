@@ -285,3 +285,13 @@ def test_too_little_data_for_one_sequence_is_an_error(make, tmp_path):
 def test_too_few_sequences_for_a_batch_is_an_error(make, text_file):
     with pytest.raises(ValueError, match="no full batch of data.batch_size=4096"):
         make(text_file, batch_size=4096).train_dataloader()
+
+
+def test_a_local_tokenizer_is_stored_with_its_absolute_path(smollm2_tokenizer_dir, monkeypatch):
+    """Checkpoints carry the data module's settings; quietdepth-eval/-generate read the tokenizer from them
+    in whatever folder they run."""
+    monkeypatch.chdir(smollm2_tokenizer_dir.parent)
+    data = TextDataModule(path="train.jsonl", tokenizer=smollm2_tokenizer_dir.name)
+    assert data.hparams.tokenizer == str(smollm2_tokenizer_dir.resolve())
+    assert TextDataModule(path="train.jsonl", tokenizer="HuggingFaceTB/SmolLM2-135M").hparams.tokenizer == (
+        "HuggingFaceTB/SmolLM2-135M")  # a hub id stays a hub id

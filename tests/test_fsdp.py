@@ -209,6 +209,8 @@ def test_sharded_checkpoint_loads_in_one_process_and_exports(runs, smollm2_token
     for (name, a), b in zip(two.state_dict().items(), one.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-4, msg=lambda m: f"{name}: {m}")
     assert tokenizer_source(str(sharded)) == str(smollm2_tokenizer_dir)  # the run's data tokenizer
+    assert tokenizer_source(str(sharded) + "/") == str(smollm2_tokenizer_dir)  # as shell completion writes it
+    assert load_pretrained(str(sharded) + "/").config == two.config
     export_main([str(sharded), str(tmp_path / "hf")])
     hf = load_pretrained(str(tmp_path / "hf"))
     for (name, a), b in zip(hf.state_dict().items(), two.state_dict().values()):

@@ -134,6 +134,8 @@ class TextDataModule(L.LightningDataModule):
             raise ValueError(f"data.val_split={val_split!r} names a split of a hub dataset or a directory, but {path} "
                              "is a single file with one split (validating on it would validate on the training "
                              "data): drop val_split and hold out data.init_args.val_fraction instead")
+        if os.path.exists(os.path.expanduser(tokenizer)):  # stored absolute, so a checkpoint names it from anywhere
+            tokenizer = os.path.abspath(os.path.expanduser(tokenizer))
         self.save_hyperparameters()
         self.seq_len = seq_len
         self._tokenizer: Any | None = None

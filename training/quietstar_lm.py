@@ -7,7 +7,7 @@ from typing import Any, Literal
 import torch
 
 from modeldefs import ModelConfig, Transformer
-from modeldefs.pretrained import load_pretrained, load_tokenizer
+from modeldefs.pretrained import is_checkpoint, load_pretrained, load_tokenizer
 from modeldefs.quietstar import QuietStar, ThoughtConfig, ThoughtOutput
 from training.lm import CausalLM
 from training.parallelize import DType, apply_compile, apply_fsdp, checkpointed, data_parallel_mesh
@@ -128,7 +128,7 @@ class QuietStarLM(CausalLM):
             tokenizer = load_tokenizer(source)
         elif getattr(datamodule, "tokenizer", None) is not None:
             tokenizer = datamodule.tokenizer
-        elif self.hparams.init_from is not None and not self.hparams.init_from.endswith(".ckpt"):
+        elif self.hparams.init_from is not None and not is_checkpoint(self.hparams.init_from):
             tokenizer = load_tokenizer(self.hparams.init_from)
         else:
             raise ValueError("no tokenizer to encode thought_init_text: set model.init_args.thought_init_tokenizer "
