@@ -34,7 +34,8 @@ GENERATIVE = ("gsm8k", "gsm8k_chat", "csqa_gen")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def _positive(text: str) -> int:
+def positive_int(text: str) -> int:
+    """An argparse type: an integer >= 1."""
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"{value} is not a positive integer")
@@ -61,15 +62,15 @@ def run_parser() -> argparse.ArgumentParser:
                    help="GSM8K few-shot counts (default 5; CommonsenseQA is 0-shot)")
     p.add_argument("--decoding", nargs="+", default=["greedy"], choices=("greedy", "cot", "thoughts"),
                    help="decoding variants; log-likelihood tasks run under greedy (for cot too) and thoughts")
-    p.add_argument("--cot-k", nargs="+", type=_positive, default=None,
+    p.add_argument("--cot-k", nargs="+", type=positive_int, default=None,
                    help="CoT-decoding branch counts, one variant each (default 10)")
     p.add_argument("--cot-aggregate", action="store_true", help="CoT-decoding: sum confidence per answer (paper's agg)")
-    p.add_argument("--max-new-tokens", type=_positive, default=256)
-    p.add_argument("--batch-size", type=_positive, default=16, help="rows per forward: completions being generated (each CoT branch is one) or packed rows (scoring)")
-    p.add_argument("--prefill-chunk", type=_positive, default=2048, help="tokens per forward when reading prompts")
-    p.add_argument("--pack-tokens", type=_positive, default=512,
+    p.add_argument("--max-new-tokens", type=positive_int, default=256)
+    p.add_argument("--batch-size", type=positive_int, default=16, help="rows per forward: completions being generated (each CoT branch is one) or packed rows (scoring)")
+    p.add_argument("--prefill-chunk", type=positive_int, default=2048, help="tokens per forward when reading prompts")
+    p.add_argument("--pack-tokens", type=positive_int, default=512,
                    help="log-likelihood scoring: most tokens per packed row (rows are as long as the longest context group)")
-    p.add_argument("--limit", type=_positive, default=None, help="evaluate the first N items of each task only")
+    p.add_argument("--limit", type=positive_int, default=None, help="evaluate the first N items of each task only")
     p.add_argument("--seed", type=int, default=1234, help="few-shot draw seed (a fixed draw per test item, not lm-eval's sampler)")
     p.add_argument("--gsm8k-path", default=gsm8k.HUB_ID, help="hub id or local test jsonl")
     p.add_argument("--gsm8k-train-path", default=None, help="few-shot pool: hub id or local train jsonl "

@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from evals.cli import DTYPES, _positive
+from evals.cli import DTYPES, positive_int
 from evals.model import EvalModel, ModelLoadError, load_eval_model
 from modeldefs.generate import generate
 from modeldefs.thought_generate import generate_with_thoughts
@@ -32,11 +32,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", action="append", default=None, help="a prompt (repeat for several)")
     p.add_argument("--prompt-file", default=None, help="a text file read whole as one more prompt")
     p.add_argument("--chat", action="store_true", help="wrap each prompt as a user turn in the tokenizer's chat template")
-    p.add_argument("--max-new-tokens", type=_positive, default=128)
+    p.add_argument("--max-new-tokens", type=positive_int, default=128)
     p.add_argument("--temperature", type=float, default=0.0, help="0 decodes greedily (the default)")
-    p.add_argument("--top-k", type=_positive, default=None)
+    p.add_argument("--top-k", type=positive_int, default=None)
     p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--num-samples", type=_positive, default=1, help="completions per prompt (sampled: --temperature > 0)")
+    p.add_argument("--num-samples", type=positive_int, default=1, help="completions per prompt (sampled: --temperature > 0)")
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--no-thoughts", action="store_true", help="a Quiet-STaR model decodes without thinking")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -48,6 +48,9 @@ def check_args(args: argparse.Namespace) -> None:
     """Refuse settings that would be ignored or cannot run here (a ValueError naming them)."""
     if not args.prompt and args.prompt_file is None:
         raise ValueError("give a prompt: --prompt TEXT (repeatable) or --prompt-file PATH")
+    if args.temperature <= 0 and (args.top_k is not None or args.top_p is not None):
+        raise ValueError("--top-k/--top-p filter what sampling draws from; greedy decoding (--temperature 0, the "
+                         "default) ignores them: set --temperature > 0 (e.g. 0.8)")
     if args.num_samples > 1 and args.temperature <= 0:
         raise ValueError(f"--num-samples {args.num_samples} with greedy decoding gives {args.num_samples} equal "
                          "completions: set --temperature > 0 (e.g. 0.8)")

@@ -118,6 +118,7 @@ def test_chat_wraps_the_prompt_in_the_template(checkpoints, smollm2_tokenizer_di
 @pytest.mark.parametrize("extra, message", [
     ([], "give a prompt"),
     (["--prompt", "x", "--num-samples", "2"], "equal completions: set --temperature > 0"),
+    (["--prompt", "x", "--top-k", "5"], "greedy decoding (--temperature 0, the default) ignores them"),
     (["--prompt", "x", "--model", "{thoughts}", "--top-k", "5", "--temperature", "1"], "add --no-thoughts"),
     (["--prompt", "x", "--max-new-tokens", "300"], "exceeds block_size=256"),
     (["--prompt", "x", "--model", "{missing}"], "cannot load model"),
