@@ -108,8 +108,13 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError("--shots sets GSM8K's few-shot count; the tasks asked for are 0-shot: add gsm8k "
                          "(or gsm8k_chat) to --tasks, or drop --shots")
     args.shots, args.cot_k = args.shots or [5], args.cot_k or [10]
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {args.device}: this machine has no CUDA device; use --device cpu")
+    check_device(args.device)
+
+
+def check_device(device: str) -> None:
+    """Refuse `--device cuda...` on a machine without CUDA (a ValueError naming the fix)."""
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: this machine has no CUDA device; use --device cpu")
 
 
 def plan(args: argparse.Namespace) -> list[tuple[str, DecodingConfig]]:

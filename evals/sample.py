@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from evals.cli import DTYPES, positive_int
+from evals.cli import DTYPES, check_device, positive_int
 from evals.model import EvalModel, ModelLoadError, load_eval_model
 from modeldefs.generate import generate
 from modeldefs.thought_generate import generate_with_thoughts
@@ -54,8 +54,7 @@ def check_args(args: argparse.Namespace) -> None:
     if args.num_samples > 1 and args.temperature <= 0:
         raise ValueError(f"--num-samples {args.num_samples} with greedy decoding gives {args.num_samples} equal "
                          "completions: set --temperature > 0 (e.g. 0.8)")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {args.device}: this machine has no CUDA device; use --device cpu")
+    check_device(args.device)
 
 
 def prompts(args: argparse.Namespace, model: EvalModel) -> list[tuple[str, str]]:

@@ -106,8 +106,8 @@ def _torch_load(path: Path, **kwargs: Any) -> Any:
 
 
 def _checkpoint_meta(path: Path) -> dict[str, Any]:
-    """A checkpoint's dict (memory-mapped: tensors are read when used): the whole file, or for a distributed checkpoint folder its ``meta.pt`` (all but
-    the tensors, which sit in the folder's shards)."""
+    """A checkpoint's dict, memory-mapped (tensors are read when used): the whole file, or for a distributed
+    checkpoint folder its ``meta.pt`` (all but the tensors, which sit in the folder's shards)."""
     if not path.exists():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     if path.is_dir():
