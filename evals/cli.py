@@ -24,14 +24,13 @@ import torch
 from evals import answer_prob, csqa, gsm8k
 from evals.decoding import DecodingConfig
 from evals.leaderboard import COLUMNS, LONG_HEADER, append_rows, log_to_wandb, long_table, read_rows, wide_table
-from evals.model import EvalModel, ModelLoadError, load_eval_model
+from evals.model import DTYPES, EvalModel, ModelLoadError, load_eval_model
 from evals.plots import plot_accuracy
 from evals.results import TaskResult, git_commit
 from modeldefs.pretrained import is_checkpoint
 
 TASKS = ("gsm8k", "gsm8k_chat", "csqa", "csqa_cloze", "csqa_gen", *answer_prob.TASKS)
 GENERATIVE = ("gsm8k", "gsm8k_chat", "csqa_gen")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def positive_int(text: str) -> int:

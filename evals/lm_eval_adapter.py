@@ -27,9 +27,7 @@ except ImportError as error:  # lm-eval is an optional extra
 import torch
 
 from evals import decoding, scoring
-from evals.model import EvalModel, load_eval_model
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from evals.model import DTYPES, EvalModel, load_eval_model
 
 
 def _device(requested: str | None) -> str:
@@ -63,8 +61,8 @@ class QuietdepthLM(LM):
                  decoding: str = "greedy", max_gen_toks: int = 256, pack_tokens: int = 512,
                  max_batch_size: int | None = None) -> None:
         super().__init__()
-        if dtype not in _DTYPES:
-            raise ValueError(f"dtype={dtype!r}: use one of {sorted(_DTYPES)}")
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype={dtype!r}: use one of {sorted(DTYPES)}")
         if decoding not in ("greedy", "thoughts"):
             raise ValueError(f"decoding={decoding!r}: use greedy, or thoughts for a Quiet-STaR model "
                              "(CoT-decoding needs a task's answer format: use quietdepth-eval)")
@@ -73,7 +71,7 @@ class QuietdepthLM(LM):
         if isinstance(pretrained, EvalModel):
             self.model = pretrained
         else:
-            self.model = load_eval_model(pretrained, tokenizer, _device(device), _DTYPES[dtype])
+            self.model = load_eval_model(pretrained, tokenizer, _device(device), DTYPES[dtype])
         if decoding == "thoughts" and not self.model.has_thoughts:
             raise ValueError(f"decoding=thoughts needs a Quiet-STaR checkpoint; {self.model.source} is a plain model")
         self.batch_size = int(batch_size)

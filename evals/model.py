@@ -11,6 +11,9 @@ import torch
 from modeldefs.model import Transformer
 from modeldefs.pretrained import load_pretrained, load_tokenizer, tokenizer_source
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+"""The dtypes an evaluation can run in, by the name the command lines and the lm-eval adapter take."""
+
 
 class ModelLoadError(RuntimeError):
     """A model or tokenizer source that could not be loaded (the message names the source and why)."""

@@ -17,8 +17,8 @@ import time
 
 import torch
 
-from evals.cli import DTYPES, check_device, positive_int
-from evals.model import EvalModel, ModelLoadError, load_eval_model
+from evals.cli import check_device, positive_int
+from evals.model import DTYPES, EvalModel, ModelLoadError, load_eval_model
 from modeldefs.generate import generate
 from modeldefs.thought_generate import generate_with_thoughts
 
