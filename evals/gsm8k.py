@@ -51,11 +51,21 @@ def _problem(record: Any, where: str) -> dict[str, str]:
     return {"question": record["question"], "answer": record["answer"]}
 
 
-def fewshot_examples(train: list[dict[str, str]], k: int, seed: int, item: int, exclude: str) -> list[dict[str, str]]:
-    """`k` training problems for test item `item`: a fixed draw per (seed, item), never the test question."""
-    rng = random.Random(seed * 1_000_003 + item)
-    pool = rng.sample(range(len(train)), min(len(train), k + 1))
-    return [train[i] for i in pool if train[i]["question"] != exclude][:k]
+def fewshot_draws(train: list[dict[str, str]], k: int, seed: int, questions: list[str]) -> list[list[dict[str, str]]]:
+    """`k` training problems for each test question, drawn as lm-eval's default sampler draws them: one
+    `Random(seed)` for the task, `k` problems per question in the questions' order, so that the prompts
+    equal lm-eval's at the same seed (its `--fewshot_random_seed`, 1234 by default). A draw that holds the
+    test question itself is drawn again without it (lm-eval would keep it; GSM8K's splits share none)."""
+    if k > len(train):
+        raise ValueError(f"{k}-shot GSM8K needs at least {k} training problems; the train split holds {len(train)}")
+    rng = random.Random(seed)
+    draws = []
+    for question in questions:
+        picked = rng.sample(range(len(train)), k)
+        if any(train[i]["question"] == question for i in picked):
+            picked = rng.sample([i for i in range(len(train)) if train[i]["question"] != question], k)
+        draws.append([train[i] for i in picked])
+    return draws
 
 
 def prompt(question: str, shots: list[dict[str, str]]) -> str:
@@ -113,15 +123,14 @@ def exact_match(prediction: str, answer: str) -> bool:
 
 def evaluate(model: EvalModel, rows: list[dict[str, str]], train: list[dict[str, str]], decoding: DecodingConfig,
              shots: int = 5, seed: int = 1234, chat: bool = False, progress: bool = True) -> TaskResult:
-    """GSM8K exact match under strict-match and flexible-extract, `shots` examples drawn from `train`
-    per problem (fixed by `seed` and the problem's index), plain or chat-template prompts."""
+    """GSM8K exact match under strict-match and flexible-extract, `shots` examples per problem drawn from
+    `train` as lm-eval draws them (`fewshot_draws`), plain or chat-template prompts."""
     if shots and not train:
         raise ValueError(f"{shots}-shot GSM8K needs training problems to draw examples from; pass the train split")
-    prompts = []
-    for i, row in enumerate(rows):
-        examples = fewshot_examples(train, shots, seed, i, row["question"]) if shots else []
-        prompts.append(chat_prompt(row["question"], examples, model.tokenizer) if chat
-                       else prompt(row["question"], examples))
+    questions = [row["question"] for row in rows]
+    draws = fewshot_draws(train, shots, seed, questions) if shots else [[] for _ in rows]
+    prompts = [chat_prompt(q, examples, model.tokenizer) if chat else prompt(q, examples)
+               for q, examples in zip(questions, draws)]
     with timed() as clock:
         completions, generated = decode_completions(model, [model.encode(p) for p in prompts], decoding,
                                                     list(STOP_SEQUENCES), flexible_span, progress=progress)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from evals import gsm8k
@@ -46,12 +48,31 @@ def test_chat_prompt_puts_shots_in_turns(smollm2_tokenizer):
 
 def test_fewshot_draw_is_deterministic_and_excludes_the_test_question():
     train = [{"question": f"q{i}", "answer": f"a{i}"} for i in range(50)]
-    first = gsm8k.fewshot_examples(train, 5, seed=1234, item=7, exclude="q3")
-    assert first == gsm8k.fewshot_examples(train, 5, seed=1234, item=7, exclude="q3")
-    assert len(first) == 5 and all(s["question"] != "q3" for s in first)
-    assert first != gsm8k.fewshot_examples(train, 5, seed=1234, item=8, exclude="q3")
-    for item in range(50):  # the excluded question never appears, whatever the draw
-        assert all(s["question"] != f"q{item}" for s in gsm8k.fewshot_examples(train, 5, 1, item, f"q{item}"))
+    questions = [f"q{i}" for i in range(50)]  # each test question is also a training one here
+    first = gsm8k.fewshot_draws(train, 5, seed=1234, questions=questions)
+    assert first == gsm8k.fewshot_draws(train, 5, seed=1234, questions=questions)
+    assert first != gsm8k.fewshot_draws(train, 5, seed=1235, questions=questions)
+    assert all(len(shots) == 5 for shots in first)
+    assert all(s["question"] != q for q, shots in zip(questions, first) for s in shots)
+    with pytest.raises(ValueError, match="at least 51 training problems"):
+        gsm8k.fewshot_draws(train, 51, seed=1234, questions=questions)
+
+
+def test_fewshot_prompts_equal_lm_evals_gsm8k_prompts_at_the_same_seed():
+    pytest.importorskip("lm_eval", reason="lm-eval is an optional extra: pip install -e '.[lmeval]'")
+    from lm_eval.tasks import TaskManager, get_task_dict
+
+    from tests.conftest import shared_file
+
+    test = gsm8k.load(str(shared_file("gsm8k/test.jsonl")))[:8]
+    train = gsm8k.load(str(shared_file("gsm8k/train.jsonl")))
+    tasks = TaskManager(include_path=str(Path(gsm8k.__file__).parent / "lm_eval_tasks"), include_defaults=False)
+    task = get_task_dict(["gsm8k_local"], tasks)["gsm8k_local"]
+    task.set_fewshot_seed(seed=1234)  # what lm_eval.simple_evaluate does with its default seed
+    task.build_all_requests(limit=len(test))
+    theirs = [request.args[0] for request in sorted(task.instances, key=lambda request: request.doc_id)]
+    draws = gsm8k.fewshot_draws(train, 5, seed=1234, questions=[row["question"] for row in test])
+    assert [gsm8k.prompt(row["question"], shots) for row, shots in zip(test, draws)] == theirs
 
 
 def test_local_test_file_loads_with_its_answers():
