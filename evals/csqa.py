@@ -4,7 +4,7 @@
   the letters " A" … " E" are scored by log-likelihood; `acc`.
 - `csqa_cloze`: prompt `Question: {stem}\\nAnswer:`, the five choice texts scored; `acc`, and
   `acc_norm` (log-likelihood divided by the choice's length, as lm-eval computes it: characters).
-- `csqa_gen`: the lettered prompt, a generated answer, its first standalone letter A–E; `acc`.
+- `csqa_gen`: the lettered prompt, a generated answer, the letter A–E it states (`extract_letter`); `acc`.
   This is the one decoding variants (CoT-decoding, thoughts) change.
 """
 
@@ -26,6 +26,7 @@ from evals.scoring import encode_pair, loglikelihood
 HUB_ID = "tau/commonsense_qa"
 LETTERS = ("A", "B", "C", "D", "E")
 GEN_STOP = ("\n\n", "Question:", "</s>", "<|im_end|>")
+_STATED = re.compile(r"\banswer(?: is|:)?\s*\(?([A-E])\b", re.IGNORECASE)
 _LETTER = re.compile(r"\b([A-E])\b")
 
 
@@ -87,15 +88,21 @@ def cloze_prompt(q: Question) -> str:
     return f"Question: {q.stem.strip()}\nAnswer:"
 
 
+def _letter_match(completion: str) -> re.Match[str] | None:
+    """The letter an answer states ("the answer is C", "Answer: (C)"), else its first standalone
+    capital A–E, so that an article ("A person would ...") before a stated answer is not taken."""
+    return _STATED.search(completion) or _LETTER.search(completion)
+
+
 def extract_letter(completion: str) -> str | None:
-    """The first standalone capital letter A–E of a generated answer."""
-    match = _LETTER.search(completion)
+    """The answer letter A–E of a generated answer, or None (`_letter_match`)."""
+    match = _letter_match(completion)
     return match.group(1) if match else None
 
 
 def letter_span(completion: str) -> tuple[int, int] | None:
     """Character span of the extracted letter (the answer CoT-decoding measures confidence on)."""
-    match = _LETTER.search(completion)
+    match = _letter_match(completion)
     return match.span(1) if match else None
 
 

@@ -44,10 +44,10 @@ class ThoughtConfig:
 
     Official switches kept at their paper values rather than exposed: <start>/<end> are used; hard
     samples carry no gradient (gumbel_detach); the mixing head is the concatenated, weighted,
-    3-layer "talk head"; the plain LM term covers every position (first_and_last_mode). One
-    difference: the reward is the paper's, the NLL reduction on the talk tokens only; the official
-    code also adds the change in mixed NLL between the first and last thought token (a telescoped
-    sum over the thinking passes).
+    3-layer "talk head"; the plain LM term covers every position. The reward is the NLL reduction
+    on the talk tokens only, as in the paper and the official code, whose per-thinking-pass reward
+    (the change in mixed NLL from one thought token to the next) is multiplied by 0 under its
+    default `first_and_last_mode = True`.
     """
 
     n_ahead: int = 12

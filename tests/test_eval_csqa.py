@@ -139,9 +139,12 @@ def test_missing_file_and_unlabelled_records_are_clear_errors(tmp_path):
         csqa.load(str(tmp_path / "empty.jsonl"))
 
 
-@pytest.mark.parametrize("completion,letter", [(" B", "B"), (" The answer is C.", "C"), (" (E) sky", "E"),
-                                               (" A fridge", "A"), (" I think so", None)])
-def test_generated_letter_is_the_first_standalone_a_to_e(completion, letter):
+@pytest.mark.parametrize("completion,letter", [
+    (" B", "B"), (" The answer is C.", "C"), (" (E) sky", "E"), (" A fridge", "A"), (" I think so", None),
+    (" A person would go to the store, so the answer is C.", "C"), (" A shelf holds it. Answer: (D)", "D"),
+    (" Answer: B. A bed is soft.", "B"),
+])
+def test_generated_letter_is_the_stated_answer_else_the_first_standalone_a_to_e(completion, letter):
     assert csqa.extract_letter(completion) == letter
     span = csqa.letter_span(completion)
     assert (completion[slice(*span)] if span else None) == letter

@@ -50,9 +50,13 @@ def test_mod_smoke_fit_logs_routing_and_draws_heatmaps(tmp_path, monkeypatch, gs
     # once per optimizer step, though 2 micro-batches make each step, on the row of the step's train/loss
     assert [r["step"] for r in rows if r.get("mod/layer01/predictor_acc")] == ["0", "1", "2", "3"]
     assert [r["step"] for r in rows if r.get("train/loss")] == ["0", "1", "2", "3"]
-    assert sorted(p.name for p in run.glob("csv/version_*/routing/*.png")) == [f"step_{s:06d}.png" for s in (0, 2)]
+    assert sorted(p.name for p in run.glob("csv/version_*/routing/*.png")) == [
+        *(f"router_logits_step_{s:06d}.png" for s in (0, 2)), *(f"step_{s:06d}.png" for s in (0, 2))]
     (offline,) = (run / "wandb").glob("offline-run-*")
     assert list(offline.rglob("media/images/mod/routing_heatmap*.png"))
+    assert list(offline.rglob("media/images/mod/router_logits*.png"))
+    (history,) = offline.glob("*.wandb")  # the W&B histograms, in the run's record log
+    assert b"mod/layer01/router_logits" in history.read_bytes() and b"histogram" in history.read_bytes()
 
 
 @pytest.mark.slow

@@ -22,8 +22,9 @@ class RoutingMonitor(L.Callback):
     Every `heatmap_every_n_steps` steps it draws which of the first `max_tokens` tokens of one training
     sequence each routed layer processed — by top-k (what training did, shaded by the router scale)
     and by the causal rule (what inference would do) — to `<log_dir>/routing/step_NNNNNN.png` (the first
-    logger's version folder, so runs in one folder keep their own), also logged to W&B when a WandbLogger
-    is attached. Nothing happens for a dense model; a Quiet-STaR module is refused (no top-k routing).
+    logger's version folder, so runs in one folder keep their own), and the histograms of every layer's
+    router logits over the batch, top-k tokens apart from the others, to `router_logits_step_NNNNNN.png`;
+    both also go to W&B when a WandbLogger is attached, the logits as W&B histograms too. Nothing happens for a dense model; a Quiet-STaR module is refused (no top-k routing).
     """
 
     def __init__(self, stats_every_n_steps: int = 10, heatmap_every_n_steps: int = 100, max_tokens: int = 64) -> None:
@@ -73,9 +74,18 @@ class RoutingMonitor(L.Callback):
         labels = [tokenizer.decode([t]) for t in ids] if tokenizer is not None else [str(t) for t in ids]
         path = self._folder / f"step_{step:06d}.png"
         draw(torch.stack(top_k), torch.stack(causal), list(blocks), labels, path, step)
+        logits = {i: (b.routing.router_logits.detach().float().cpu(), b.routing.topk.cpu()) for i, b in blocks.items()}
+        histogram_path = self._folder / f"router_logits_step_{step:06d}.png"
+        draw_router_logits(logits, histogram_path, step)
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
+                import wandb
+
                 logger.log_image(key="mod/routing_heatmap", images=[str(path)], step=step)
+                logger.log_image(key="mod/router_logits", images=[str(histogram_path)], step=step)
+                histograms = {f"mod/layer{i:02d}/router_logits": wandb.Histogram(values.numpy())
+                              for i, (values, _) in logits.items()}
+                logger.experiment.log({**histograms, "trainer/global_step": step})
 
 
 def draw(top_k: torch.Tensor, causal: torch.Tensor, layers: list[int], tokens: list[str], path: Path,
@@ -96,6 +106,37 @@ def draw(top_k: torch.Tensor, causal: torch.Tensor, layers: list[int], tokens: l
         fig.colorbar(image, ax=ax, fraction=0.02, pad=0.01)
     axes[-1].set_xticks(range(len(tokens)), [repr(t)[1:-1] for t in tokens], rotation=90, fontsize=6)
     fig.suptitle(f"Mixture-of-Depths routing at step {step}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def draw_router_logits(logits: dict[int, tuple[torch.Tensor, torch.Tensor]], path: Path, step: int) -> None:
+    """Per routed layer, the histogram of its router logits over a batch, for the tokens top-k selected and
+    for the others, with the causal rule's threshold (logit 0) marked; written to `path`."""
+    import matplotlib
+
+    import numpy
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    cols = min(4, len(logits))
+    rows = -(-len(logits) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.4 * rows), squeeze=False)
+    for ax, (layer, (values, topk)) in zip(axes.flat, logits.items()):
+        bins = numpy.histogram_bin_edges(values.numpy(), bins=40)
+        ax.hist(values[topk].numpy(), bins=bins, alpha=0.6, label="top-k")
+        ax.hist(values[~topk].numpy(), bins=bins, alpha=0.6, label="skipped")
+        ax.axvline(0.0, color="black", linewidth=0.8, linestyle="--")
+        ax.set_title(f"layer {layer}: {(values > 0).float().mean():.0%} above 0", fontsize=8)
+        ax.set_xlabel("router logit", fontsize=7)
+        ax.tick_params(labelsize=6)
+    for ax in list(axes.flat)[len(logits):]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=6)
+    fig.suptitle(f"Router logits at step {step} (dashed: the causal rule's threshold)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
