@@ -110,19 +110,22 @@ class Transformer(nn.Module):
         n = sum(p.numel() for p in self.parameters())
         return n - self.embed.weight.numel() if exclude_embeddings else n
 
-    def flops_per_token(self, seq_len: int) -> int:
+    def flops_per_token(self, seq_len: int, top_k: bool = True) -> int:
         """Training FLOPs per token (forward + backward = 3x forward), PaLM appendix B accounting.
 
-        A routed block processes a `capacity` share of the tokens, and its attention spans that share
-        of the keys; its router and predictor run on every token.
+        With `top_k`, a routed block processes a `capacity` share of the tokens, and its attention spans
+        that share of the keys; without it (the causal rule over a whole sequence, as Quiet-STaR's passes
+        route), it computes every token and masks the skipped ones' updates. Its router and predictor
+        run on every token.
         """
         c = self.config
         forward = 2 * self.lm_head.weight.numel()
         for block in self.blocks:
             block_params = sum(p.numel() for p in block.parameters() if p.dim() == 2)
-            share = block.capacity_k(seq_len) / seq_len if isinstance(block, RoutedBlock) else 1.0
+            routed = isinstance(block, RoutedBlock)
+            share = block.capacity_k(seq_len) / seq_len if routed and top_k else 1.0
             routing = 0
-            if isinstance(block, RoutedBlock):
+            if routed:
                 routing = sum(p.numel() for m in (block.router, block.predictor) if m is not None
                               for p in m.parameters() if p.dim() == 2)
                 block_params -= routing

@@ -176,3 +176,9 @@ def test_flops_per_token_falls_with_capacity():
     full = Transformer(ModelConfig.from_name("micro", n_layer=8, mod_capacity=1.0)).flops_per_token(512)
     eighth = Transformer(ModelConfig.from_name("micro", n_layer=8, mod_capacity=0.125)).flops_per_token(512)
     assert eighth < dense < full  # routers and predictors cost a little at capacity 1
+
+
+def test_flops_per_token_without_top_k_counts_every_token_through_routed_blocks():
+    full = Transformer(ModelConfig.from_name("micro", n_layer=8, mod_capacity=1.0)).flops_per_token(512)
+    eighth = Transformer(ModelConfig.from_name("micro", n_layer=8, mod_capacity=0.125))
+    assert eighth.flops_per_token(512, top_k=False) == full  # the causal rule's masked path computes all tokens

@@ -221,6 +221,17 @@ def test_flops_count_every_token_that_goes_through_the_decoder(thoughts, smollm2
     assert module.flops_per_token(T) * T == pytest.approx(module.model.lm.flops_per_token(T) * sum(seen), rel=1e-6)
 
 
+def test_flops_of_a_routed_model_count_its_routed_layers_in_full(smollm2_tokenizer_dir):
+    overrides = {"mod_capacity": 0.125, "mod_route_every": 2}
+    routed = QuietStarLM(model="tiny", model_overrides=overrides, thought_init_tokenizer=str(smollm2_tokenizer_dir))
+    full = QuietStarLM(model="tiny", model_overrides={**overrides, "mod_capacity": 1.0},
+                       thought_init_tokenizer=str(smollm2_tokenizer_dir))
+    routed.configure_model()
+    full.configure_model()
+    # every pass routes by the causal rule, which runs each token through the block and masks the skipped
+    assert routed.flops_per_token(64) == full.flops_per_token(64)
+
+
 def test_monitors_refuse_the_module_they_cannot_watch():
     from training.lm import CausalLM
     from training.routing_monitor import RoutingMonitor

@@ -202,12 +202,13 @@ class QuietStarLM(CausalLM):
         A sequence of T tokens runs through the decoder once (pass 0), then each of its `n_passes` thought
         samples runs (n_ahead + n_ahead_talk - 2) passes of P tokens, P = the thought positions (every
         `stride`-th with n_ahead_talk tokens after it). The mixing head is not counted, and thought tokens
-        are charged the attention of a T-token sequence.
+        are charged the attention of a T-token sequence. Mixture-of-Depths layers count in full: every pass
+        routes by the causal rule, which computes each token and masks the updates of those it skips.
         """
         c = self.model.thought_config
         positions = -(-(seq_len - c.n_ahead_talk) // c.stride)
         tokens = seq_len + c.n_passes * (c.n_ahead + c.n_ahead_talk - 2) * positions
-        return int(self.model.lm.flops_per_token(seq_len) * tokens / seq_len)
+        return int(self.model.lm.flops_per_token(seq_len, top_k=False) * tokens / seq_len)
 
 
 def recompute_mlps(lm: Transformer) -> None:
