@@ -51,6 +51,8 @@ class KVCache(nn.Module):
 
 
 class CausalSelfAttention(nn.Module):
+    """Causal grouped-query self-attention with rotary positions (SDPA), optionally through a `KVCache`."""
+
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim

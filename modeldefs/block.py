@@ -11,6 +11,8 @@ from modeldefs.mlp import SwiGLU
 
 
 class Block(nn.Module):
+    """Pre-norm decoder block: attention then SwiGLU MLP, each added to the residual stream."""
+
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.attn_norm = nn.RMSNorm(config.n_embd, eps=config.norm_eps)

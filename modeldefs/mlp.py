@@ -8,6 +8,8 @@ from modeldefs.config import ModelConfig
 
 
 class SwiGLU(nn.Module):
+    """Llama's feed-forward block (see the module docstring)."""
+
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.gate_up = nn.Linear(config.n_embd, 2 * config.intermediate_size, bias=False)

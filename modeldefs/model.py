@@ -15,6 +15,9 @@ from modeldefs.rope import rope_cache
 
 
 class Transformer(nn.Module):
+    """A decoder-only LM (Llama layout: RoPE, RMSNorm, SwiGLU, grouped-query attention) whose blocks are
+    plain `Block`s or, where `config.is_routed`, Mixture-of-Depths `RoutedBlock`s."""
+
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config

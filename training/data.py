@@ -86,6 +86,9 @@ def _records(path: str, name: str | None, split: str) -> Iterator[tuple[str, Any
 
 
 class TextDataModule(L.LightningDataModule):
+    """Tokenised documents (hub dataset or local files) packed into fixed-length sequences, sharded by
+    rank, with a resumable position (`state_dict`)."""
+
     def __init__(
         self,
         path: str,

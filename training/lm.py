@@ -33,6 +33,11 @@ def _local(t: torch.Tensor) -> torch.Tensor:
 
 
 class CausalLM(L.LightningModule):
+    """Next-token training of a quietdepth `Transformer` (dense or Mixture-of-Depths), from scratch or from
+    pretrained weights, with AdamW, warm-up + cosine schedule and the fused chunked loss. `configure_model`
+    applies activation checkpointing, `torch.compile` and, under ModelParallelStrategy, FSDP2 per block
+    (`training.parallelize`)."""
+
     def __init__(
         self,
         model: str | None = "tiny",
