@@ -70,7 +70,8 @@ def run_parser() -> argparse.ArgumentParser:
     p.add_argument("--pack-tokens", type=positive_int, default=512,
                    help="log-likelihood scoring: most tokens per packed row (rows are as long as the longest context group)")
     p.add_argument("--limit", type=positive_int, default=None, help="evaluate the first N items of each task only")
-    p.add_argument("--seed", type=int, default=1234, help="few-shot draw seed, as lm-eval's --fewshot_random_seed (the same seed gives lm-eval's prompts)")
+    p.add_argument("--seed", type=int, default=1234,
+                   help="few-shot draw seed, as lm-eval's --fewshot_random_seed (the same seed gives lm-eval's prompts)")
     p.add_argument("--gsm8k-path", default=gsm8k.HUB_ID, help="hub id or local test jsonl")
     p.add_argument("--gsm8k-train-path", default=None, help="few-shot pool: hub id or local train jsonl "
                    "(default: the train split of --gsm8k-path when it is a hub id)")

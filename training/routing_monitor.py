@@ -24,7 +24,8 @@ class RoutingMonitor(L.Callback):
     and by the causal rule (what inference would do) — to `<log_dir>/routing/step_NNNNNN.png` (the first
     logger's version folder, so runs in one folder keep their own), and the histograms of every layer's
     router logits over the batch, top-k tokens apart from the others, to `router_logits_step_NNNNNN.png`;
-    both also go to W&B when a WandbLogger is attached, the logits as W&B histograms too. Nothing happens for a dense model; a Quiet-STaR module is refused (no top-k routing).
+    both also go to W&B when a WandbLogger is attached, the logits as W&B histograms too. Nothing happens
+    for a dense model; a Quiet-STaR module is refused (no top-k routing).
     """
 
     def __init__(self, stats_every_n_steps: int = 10, heatmap_every_n_steps: int = 100, max_tokens: int = 64) -> None:
