@@ -19,6 +19,7 @@ from tests.conftest import REPO, requires_smollm2
 from training.cli import main, run
 from training.export import main as export_main
 from training.lm import NonFiniteLossError
+from training.schedule import warmup_cosine
 
 pytestmark = requires_smollm2
 SMOKE = str(REPO / "configs" / "smoke.yaml")
@@ -234,6 +235,23 @@ def test_every_shipped_config_parses(name, capsys):
     assert exit_info.value.code in (0, None)
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed["model"]["class_path"].startswith("training.") and printed["trainer"]["max_steps"] > 0
+
+
+def test_a_resumed_run_trains_with_its_own_optimizer_settings_not_the_checkpoints(in_tmp, gsm8k_train):
+    """Lightning restores the optimizer's param groups and the schedule's base lr from the checkpoint."""
+    run(["fit", *smoke_args(gsm8k_train, steps=2)])
+    last = in_tmp / "runs" / "smoke" / "checkpoints" / "last.ckpt"
+    cli = run(["fit", *smoke_args(gsm8k_train, "--ckpt_path", str(last), "--model.init_args.lr", "0.01",
+                                  "--model.init_args.weight_decay", "0.5", "--model.init_args.betas", "[0.8, 0.9]",
+                                  steps=3)])
+    hp = cli.model.hparams
+    with (in_tmp / "runs" / "smoke" / "csv" / "version_1" / "metrics.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    (used,) = [float(r["lr-AdamW/decay"]) for r in rows if r.get("lr-AdamW/decay")]  # the resumed step, step 2
+    assert used == pytest.approx(0.01 * warmup_cosine(2, hp.warmup_steps, 3, hp.min_lr_ratio))
+    saved = torch.load(last, weights_only=True)["optimizer_states"][0]["param_groups"]
+    assert [(g["weight_decay"], tuple(g["betas"]), g["initial_lr"]) for g in saved] == [
+        (0.5, (0.8, 0.9), 0.01), (0.0, (0.8, 0.9), 0.01)]
 
 
 def test_a_resumed_run_keeps_its_command_line_settings_not_the_checkpoints(in_tmp, gsm8k_train):

@@ -9,6 +9,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.strategies import ModelParallelStrategy
+from lightning.pytorch.utilities import rank_zero_info
 from torch.distributed.tensor import DTensor
 from torch.optim.lr_scheduler import LambdaLR
 
@@ -263,6 +264,23 @@ class CausalLM(L.LightningModule):
         max_steps = self.trainer.max_steps if self.trainer.max_steps > 0 else int(self.trainer.estimated_stepping_batches)
         schedule = partial(warmup_cosine, warmup_steps=hp.warmup_steps, max_steps=max_steps, min_lr_ratio=hp.min_lr_ratio)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": LambdaLR(optimizer, schedule), "interval": "step"}}
+
+    def on_train_start(self) -> None:
+        """Apply this run's optimizer settings over those a resumed checkpoint restored (its param groups
+        and the schedule's base learning rate), so that a resume with, say, a new lr trains with it."""
+        hp, (optimizer,), (config,) = self.hparams, self.trainer.optimizers, self.trainer.lr_scheduler_configs
+        scheduler = config.scheduler
+        changed = set()
+        for i, group in enumerate(optimizer.param_groups):
+            wanted = {"initial_lr": hp.lr, "betas": tuple(hp.betas), "eps": hp.eps,
+                      "weight_decay": hp.weight_decay if group.get("name") == "decay" else 0.0}
+            changed |= {key for key, value in wanted.items() if group.get(key) != value}
+            group.update(wanted)
+            scheduler.base_lrs[i] = hp.lr
+            group["lr"] = hp.lr * scheduler.lr_lambdas[i](scheduler.last_epoch)
+        scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+        if changed and self.trainer.ckpt_path:
+            rank_zero_info(f"resumed with this run's {', '.join(sorted(changed))} (the checkpoint's differed)")
 
     def _loss_scaler(self) -> Any:
         """The fp16 loss scaler of Lightning's precision plugin (None for fp32 and bf16)."""
