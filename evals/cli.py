@@ -235,6 +235,9 @@ def _check_outputs(output: Path, leaderboard: str) -> None:
     """Refuse, before anything runs, an output folder or a leaderboard the results could not be written to."""
     if output.exists() and not output.is_dir():
         raise ValueError(f"--output {output} is a file; give a folder (results.json goes inside it)")
+    if (output / "results.json").exists():
+        raise ValueError(f"--output {output} already holds an earlier run's results.json; give a new folder, or drop "
+                         "--output (each run then gets its own eval-results/<UTC time>)")
     board = Path(leaderboard)
     if board.exists() and not board.is_dir():
         raise ValueError(f"--leaderboard {board} is a file; give a folder (leaderboard.csv goes inside it)")

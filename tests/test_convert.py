@@ -102,3 +102,26 @@ def test_exporting_a_mixture_of_depths_checkpoint_is_refused_and_writes_nothing(
     assert exit_info.value.code == 2
     assert "quietdepth-export: error: a Mixture-of-Depths model has no transformers equivalent" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_exporting_over_an_earlier_export_is_refused_unless_overwrite(tmp_path, capsys):
+    from modeldefs import ModelConfig, Transformer
+    from training.export import main as export_main
+
+    checkpoints = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        model = Transformer(ModelConfig.from_name("micro", n_layer=2))
+        checkpoints.append(tmp_path / f"dense{seed}.ckpt")
+        torch.save({"model_config": model.config.to_dict(),
+                    "state_dict": {f"model.{k}": v for k, v in model.state_dict().items()}}, checkpoints[-1])
+    out = tmp_path / "out"
+    export_main([str(checkpoints[0]), str(out), "--tokenizer", "none"])
+    first = (out / "model.safetensors").read_bytes()
+    with pytest.raises(SystemExit) as exit_info:
+        export_main([str(checkpoints[1]), str(out), "--tokenizer", "none"])
+    assert exit_info.value.code == 2
+    assert "already holds an exported model (config.json, model.safetensors)" in capsys.readouterr().err
+    assert (out / "model.safetensors").read_bytes() == first
+    export_main([str(checkpoints[1]), str(out), "--tokenizer", "none", "--overwrite"])
+    assert (out / "model.safetensors").read_bytes() != first

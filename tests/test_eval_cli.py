@@ -69,9 +69,9 @@ def test_end_to_end_run_writes_results_samples_and_leaderboard(
 def test_a_rerun_appends_only_rows_that_changed(tiny_checkpoint, smollm2_tokenizer_dir, tmp_path, capsys):
     args = run_args(tiny_checkpoint, smollm2_tokenizer_dir, tmp_path, "--tasks", "csqa", "csqa_cloze")
     main(args)
-    main(args)  # identical results: nothing appended
+    main([*args, "--output", str(tmp_path / "run2")])  # identical results: nothing appended
     assert "0 new row(s) of 3" in capsys.readouterr().out
-    main([*args, "--limit", "3"])  # other items: new rows
+    main([*args, "--limit", "3", "--output", str(tmp_path / "run3")])  # other items: new rows
     rows = list(csv.DictReader((tmp_path / "board" / "leaderboard.csv").open()))
     assert [r["n"] for r in rows] == ["2", "2", "2", "3", "3", "3"]
 
@@ -165,10 +165,13 @@ def test_settings_that_cannot_run_fail_before_any_model_is_evaluated(
         tiny_checkpoint, smollm2_tokenizer_dir, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # a machine without CUDA, also on a GPU machine
     (tmp_path / "afile").write_text("")
+    (tmp_path / "earlier").mkdir()
+    (tmp_path / "earlier" / "results.json").write_text("{}")
     (tmp_path / "foreign").mkdir()
     (tmp_path / "foreign" / "leaderboard.csv").write_text("name,score\nx,1\n")
     for extra, message in [(["--model", str(tiny_checkpoint), str(tmp_path / "nope.ckpt")], "cannot load model"),
                            (["--output", str(tmp_path / "afile")], "--output"),
+                           (["--output", str(tmp_path / "earlier")], "already holds an earlier run's results.json"),
                            (["--leaderboard", str(tmp_path / "afile")], "--leaderboard"),
                            (["--leaderboard", str(tmp_path / "foreign")], "is not a leaderboard of this quietdepth version"),
                            (["--device", "cuda"], "--device cuda: this machine has no CUDA device"),
@@ -179,6 +182,7 @@ def test_settings_that_cannot_run_fail_before_any_model_is_evaluated(
         assert exit_info.value.code == 2 and message in capsys.readouterr().err
         assert not (tmp_path / "run").exists() and not (tmp_path / "board").exists()
     assert (tmp_path / "foreign" / "leaderboard.csv").read_text() == "name,score\nx,1\n"
+    assert (tmp_path / "earlier" / "results.json").read_text() == "{}"
 
 
 def test_a_model_that_fails_its_checks_keeps_the_results_of_the_models_before_it(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from modeldefs.pretrained import export_hf, load_pretrained, load_tokenizer, tokenizer_source
 
@@ -14,7 +15,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tokenizer", default=None,
                         help="tokenizer source saved beside the weights (default: the source's own; for a .ckpt its "
                              "training data's) or 'none' to skip")
+    parser.add_argument("--overwrite", action="store_true", help="replace the model files of an earlier export in out_dir")
     args = parser.parse_args(argv)
+    earlier = sorted(p.name for p in Path(args.out_dir).glob("*") if p.name == "config.json" or p.suffix == ".safetensors")
+    if earlier and not args.overwrite:
+        parser.exit(2, f"{parser.prog}: error: {args.out_dir} already holds an exported model ({', '.join(earlier)}); "
+                       "give a new folder, or --overwrite to replace it\n")
     try:
         model = load_pretrained(args.source)
         tokenizer = None if args.tokenizer == "none" else load_tokenizer(args.tokenizer or tokenizer_source(args.source))
