@@ -136,6 +136,23 @@ def test_resuming_another_architecture_names_the_fields_that_differ(in_tmp, gsm8
     assert last.read_bytes() == saved
 
 
+def test_a_ckpt_path_that_holds_no_checkpoint_or_another_kind_of_model_is_refused_before_training(in_tmp, gsm8k_train):
+    main(["fit", *smoke_args(gsm8k_train, steps=2)])
+    last = in_tmp / "runs" / "smoke" / "checkpoints" / "last.ckpt"
+    saved = last.read_bytes()
+    truncated = in_tmp / "truncated.ckpt"
+    truncated.write_bytes(saved[: len(saved) // 2])
+    (in_tmp / "empty.ckpt").mkdir()
+    for path, message in [(truncated, "is not a checkpoint quietdepth can read"),
+                          (in_tmp / "empty.ckpt", "is a folder without a distributed checkpoint")]:
+        with pytest.raises(ValueError, match=message):
+            main(["fit", *smoke_args(gsm8k_train, "--ckpt_path", str(path), steps=3)])
+    with pytest.raises(ValueError, match="holds a plain language-model checkpoint and this run trains a Quiet-STaR"):
+        main(["validate", *smoke_args(gsm8k_train, "--ckpt_path", str(last), config=str(REPO / "configs" /
+                                                                                         "quietstar-smoke.yaml"))])
+    assert last.read_bytes() == saved
+
+
 def test_missing_data_file_names_the_field(in_tmp, gsm8k_train):
     with pytest.raises(FileNotFoundError, match="data.path"):
         main(["fit", *smoke_args(in_tmp / "missing.jsonl")])

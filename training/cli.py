@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import sys
 import warnings
+import zipfile
 from pathlib import Path
 
 import torch
@@ -46,16 +47,24 @@ class QuietDepthCLI(LightningCLI):
         self._check_ckpt_path()
 
     def _check_ckpt_path(self) -> None:
-        """Refuse a sharded checkpoint folder where the strategy reads only files (Lightning would end in an
+        """Refuse, before the run starts, a --ckpt_path that is no checkpoint (a folder without a distributed
+        checkpoint's .metadata, a file that is not a torch archive: truncated, or something else) and a
+        sharded checkpoint folder where the strategy reads only files (Lightning would end in an
         IsADirectoryError), naming the ways that work."""
         ckpt = self.config_init[self.subcommand].get("ckpt_path")
-        if ckpt is None or isinstance(self.trainer.strategy, ModelParallelStrategy):
+        if ckpt is None:
             return
         paths = [Path(ckpt)]
         if ckpt == "last":
             paths = [Path(cb.dirpath) / "last.ckpt" for cb in self.trainer.checkpoint_callbacks if cb.dirpath]
         for path in paths:
-            if path.is_dir():
+            if path.is_dir() and not (path / ".metadata").is_file():
+                raise ValueError(f"--ckpt_path {path} is a folder without a distributed checkpoint (no .metadata "
+                                 "file): give a .ckpt file or a folder an FSDP run saved")
+            if path.is_file() and not zipfile.is_zipfile(path):
+                raise ValueError(f"--ckpt_path {path} is not a checkpoint quietdepth can read (not a torch archive: "
+                                 "truncated, or another kind of file); give an intact .ckpt")
+            if path.is_dir() and not isinstance(self.trainer.strategy, ModelParallelStrategy):
                 raise ValueError(
                     f"--ckpt_path {path} is a distributed (sharded) checkpoint folder, which only ModelParallelStrategy "
                     f"reads: add --config configs/trainer/fsdp.yaml (on one device also --trainer.devices 1 "
