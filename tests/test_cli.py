@@ -153,6 +153,13 @@ def test_a_ckpt_path_that_holds_no_checkpoint_or_another_kind_of_model_is_refuse
     assert last.read_bytes() == saved
 
 
+def test_resuming_a_run_that_reached_max_steps_is_refused_with_the_step_to_raise_it_to(in_tmp, gsm8k_train):
+    main(["fit", *smoke_args(gsm8k_train, steps=2)])
+    with pytest.raises(ValueError, match=r"last.ckpt is at step 2 and trainer.max_steps is 2: .* \(e.g. to 4\)"):
+        main(["fit", *smoke_args(gsm8k_train, "--ckpt_path", "last", steps=2)])
+    assert sorted(p.name for p in (in_tmp / "runs" / "smoke" / "csv").iterdir()) == ["version_0"]
+
+
 def test_missing_data_file_names_the_field(in_tmp, gsm8k_train):
     with pytest.raises(FileNotFoundError, match="data.path"):
         main(["fit", *smoke_args(in_tmp / "missing.jsonl")])

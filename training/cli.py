@@ -39,6 +39,7 @@ class QuietDepthCLI(LightningCLI):
 
     def before_fit(self) -> None:
         self._check_ckpt_path()
+        self._check_steps_left()
 
     def before_validate(self) -> None:
         self._check_ckpt_path()
@@ -70,6 +71,26 @@ class QuietDepthCLI(LightningCLI):
                     f"reads: add --config configs/trainer/fsdp.yaml (on one device also --trainer.devices 1 "
                     f"--trainer.strategy.init_args.data_parallel_size 1), or start a new run from its weights with "
                     f"--model.init_args.init_from {path}")
+
+
+    def _check_steps_left(self) -> None:
+        """Refuse to resume a checkpoint at or past trainer.max_steps: Lightning would train nothing and leave
+        an empty run folder behind."""
+        ckpt, max_steps = self.config_init["fit"].get("ckpt_path"), self.trainer.max_steps
+        if ckpt is None or max_steps < 0:
+            return
+        paths = [Path(ckpt)]
+        if ckpt == "last":
+            paths = [Path(cb.dirpath) / "last.ckpt" for cb in self.trainer.checkpoint_callbacks if cb.dirpath]
+        for path in paths:
+            source = path / "meta.pt" if path.is_dir() else path
+            if not source.is_file():
+                continue
+            step = torch.load(source, map_location="cpu", weights_only=True, mmap=not path.is_dir()).get("global_step", 0)
+            if step >= max_steps:
+                raise ValueError(f"--ckpt_path {path} is at step {step} and trainer.max_steps is {max_steps}: there is "
+                                 f"nothing left to train. Raise --trainer.max_steps (e.g. to {step + max(step, 1)}) "
+                                 "to train on from it")
 
 
 def main(args: list[str] | None = None) -> None:
