@@ -49,7 +49,9 @@ def _non_negative(text: str) -> int:
 
 
 def run_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="quietdepth-eval", description="Evaluate models on GSM8K and CommonsenseQA.")
+    p = argparse.ArgumentParser(prog="quietdepth-eval", description="Evaluate models on GSM8K and CommonsenseQA.",
+                                epilog="quietdepth-eval plot --help: accuracy against CoT-decoding's k, thought "
+                                       "length or capacity, from the leaderboard")
     p.add_argument("--model", nargs="+", default=["smollm2-135m-instruct"],
                    help="model sources: a quietdepth .ckpt, an HF directory or hub id, a .gguf file, or "
                         "smollm2-135m-instruct (offline default)")

@@ -8,8 +8,11 @@ import warnings
 import zipfile
 from pathlib import Path
 
+import lightning as L
 import torch
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+import yaml
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.strategies import ModelParallelStrategy
 
 # Imported so their classes resolve by short name in YAML (class_path: CausalLM).
@@ -24,6 +27,17 @@ def default_precision() -> str:
 def _wandb_has_key() -> bool:
     netrc = Path.home() / ".netrc"
     return bool(os.environ.get("WANDB_API_KEY")) or (netrc.is_file() and "api.wandb.ai" in netrc.read_text())
+
+
+class SaveConfigToWandb(SaveConfigCallback):
+    """Writes the resolved config to the run folder (config.yaml, as Lightning does) and also into each W&B
+    run's config, which otherwise gets only the model's and the data's hyperparameters."""
+
+    def save_config(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        config = yaml.safe_load(self.parser.dump(self.config, skip_none=False))
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                logger.log_hyperparams({"config": config})
 
 
 class QuietDepthCLI(LightningCLI):
@@ -108,6 +122,7 @@ def run(args: list[str] | None = None) -> QuietDepthCLI:
         return QuietDepthCLI(
             subclass_mode_model=True,
             subclass_mode_data=True,
+            save_config_callback=SaveConfigToWandb,
             save_config_kwargs={"overwrite": True},
             args=args,
         )
