@@ -48,6 +48,9 @@ def _problem(record: Any, where: str) -> dict[str, str]:
     for field in ("question", "answer"):
         if not isinstance(record, dict) or not isinstance(record.get(field), str) or not record[field].strip():
             raise ValueError(f"{where}: a GSM8K row needs a non-empty string field {field!r}")
+    if "#### " not in record["answer"]:
+        raise ValueError(f"{where}: a GSM8K answer ends with '#### <number>', the final answer exact match compares "
+                         "with; this one has none")
     return {"question": record["question"], "answer": record["answer"]}
 
 

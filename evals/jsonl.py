@@ -8,9 +8,15 @@ from typing import Any
 
 
 def records(path: str) -> Iterator[tuple[str, Any]]:
-    """(`file:line`, parsed record) for every non-blank line; malformed JSON is a ValueError naming the line."""
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    """(`file:line`, parsed record) for every non-blank line; malformed JSON or text that is not UTF-8 is a
+    ValueError naming the line."""
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as error:
+                raise ValueError(f"{path}:{lineno}: not UTF-8 text (byte {raw[error.start]:#04x} at column "
+                                 f"{error.start + 1}); save the file as UTF-8") from error
             if line.strip():
                 try:
                     yield f"{path}:{lineno}", json.loads(line)

@@ -254,6 +254,15 @@ def test_malformed_jsonl_row_names_file_and_line(make, tmp_path):
         assert make(path, on_bad_row="skip").documents("train") == ["one", "two", "four"]
 
 
+def test_a_row_that_is_not_utf8_names_file_and_line(make, tmp_path):
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes(b'{"text": "one"}\n{"text": "caf\xe9"}\n{"text": "three"}\n')
+    with pytest.raises(ValueError, match=r"latin1\.jsonl:2: not UTF-8 text \(byte 0xe9 at column 14\).*on_bad_row=skip"):
+        make(str(path)).documents("train")
+    with pytest.warns(UserWarning, match=r"skipped 1 malformed rows"):
+        assert make(str(path), on_bad_row="skip").documents("train") == ["one", "three"]
+
+
 def test_row_missing_a_field_names_the_field_and_line(make, tmp_path):
     path = write_jsonl(tmp_path / "q.jsonl", [{"question": "q", "answer": "a"}, {"question": "q2"}])
     with pytest.raises(ValueError, match=r"q\.jsonl:2: missing field 'answer'"):

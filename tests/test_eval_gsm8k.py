@@ -89,9 +89,11 @@ def test_missing_file_and_bad_rows_are_clear_errors_naming_the_line(tmp_path):
         gsm8k.load(str(tmp_path / "nope.jsonl"))
     good = '{"question": "1+1?", "answer": "#### 2"}'
     for bad, message in [('{"question": "2+2?"}', "field 'answer'"), ('{"answer": "#### 4"}', "field 'question'"),
-                         ('{"question": "2+2?", "answer": ', "malformed JSON")]:
+                         ('{"question": "2+2?", "answer": ', "malformed JSON"),
+                         ('{"question": "2+2?", "answer": "four"}', "answer ends with '#### <number>'"),
+                         ('{"question": "caf\xe9?", "answer": "#### 4"}', "not UTF-8 text \\(byte 0xe9 at column 18\\)")]:
         path = tmp_path / "rows.jsonl"
-        path.write_text(f"{good}\n\n{bad}\n")
+        path.write_bytes(f"{good}\n\n".encode() + bad.encode("latin-1") + b"\n")  # latin-1: the one non-UTF-8 row
         with pytest.raises(ValueError, match=f"rows.jsonl:3: .*{message}"):
             gsm8k.load(str(path))
     (tmp_path / "empty.jsonl").write_text("")

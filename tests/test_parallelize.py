@@ -198,9 +198,12 @@ def test_unknown_activation_checkpointing_policy_is_named():
         apply_activation_checkpointing(Transformer(ModelConfig.from_name("micro")), "everything")
 
 
-def test_bad_finite_check_interval_names_the_field():
+def test_bad_finite_check_interval_and_schedule_settings_name_the_field():
     with pytest.raises(ValueError, match="finite_check_interval=0"):
         CausalLM(model="micro", finite_check_interval=0)
+    for bad in ({"min_lr_ratio": 5.0}, {"warmup_steps": -5}, {"lr": -1.0}):
+        with pytest.raises(ValueError, match=f"{next(iter(bad))}={next(iter(bad.values()))}"):
+            CausalLM(model="micro", **bad)
 
 
 def test_throughput_benchmark_prints_its_tables_on_cpu():

@@ -51,9 +51,14 @@ def _is_local(path: str) -> bool:
 
 
 def jsonl_records(path: str) -> Iterator[tuple[str, Any]]:
-    """(file:line, record or the JSON error) for every non-blank line."""
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    """(file:line, record or the JSON or UTF-8 error) for every non-blank line."""
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                yield f"{path}:{lineno}", BadRecord(f"not UTF-8 text (byte {raw[e.start]:#04x} at column {e.start + 1})")
+                continue
             if line.strip():
                 try:
                     yield f"{path}:{lineno}", json.loads(line)

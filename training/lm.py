@@ -96,6 +96,9 @@ class CausalLM(L.LightningModule):
         if finite_check_interval < 1:
             raise ValueError(f"model.init_args.finite_check_interval={finite_check_interval} must be >= 1 "
                              "(switch the check off with check_finite_loss: false)")
+        if not lr > 0 or not 0 <= min_lr_ratio <= 1 or warmup_steps < 0:
+            raise ValueError(f"model.init_args: lr={lr} must be > 0, min_lr_ratio={min_lr_ratio} in [0, 1] (the cosine "
+                             f"ends at lr * min_lr_ratio) and warmup_steps={warmup_steps} >= 0")
         if loss_chunk_size is not None and loss_chunk_size < 1:
             raise ValueError(f"model.init_args.loss_chunk_size={loss_chunk_size} must be >= 1, or null for the "
                              "unfused loss")
