@@ -10,6 +10,7 @@ tokens just produced: that check is the only host synchronisation per token.
 
 from __future__ import annotations
 
+import warnings
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -132,6 +133,12 @@ def _decode_rows(model: EvalModel, prompts: Sequence[Sequence[int]], max_new_tok
     """
     scratch = 0 if thinker is None else thinker.thought_config.n_ahead - 1  # a thought's slots past the newest token
     limit = _prompt_limit(model, max_new_tokens + scratch)
+    cut = sum(len(p) > limit for p in prompts)
+    if cut:
+        warnings.warn(f"{cut} of {len(prompts)} prompts are longer than the {limit} tokens the context leaves "
+                      f"(block_size {model.block_size} - {max_new_tokens} new tokens"
+                      f"{f' - {scratch} thought slots' if scratch else ''}) and keep only their last {limit}; fewer "
+                      "shots or fewer new tokens keep them whole", stacklevel=3)
     prompts = [list(p)[-limit:] for p in prompts]
     if not prompts:
         return [], []

@@ -165,7 +165,8 @@ def test_compacting_the_cache_moves_only_the_alive_rows_past_the_kept_prefix():
 def test_prompts_longer_than_the_context_keep_their_last_tokens():
     model = tiny_model()  # block_size 128
     long_prompt = list(range(1, 200))
-    (tokens,) = generate_tokens(model, [long_prompt], max_new_tokens=8)
+    with pytest.warns(UserWarning, match=r"1 of 2 prompts are longer than the 120 tokens .* keep only their last 120"):
+        tokens, _ = generate_tokens(model, [long_prompt, [1, 2, 3]], max_new_tokens=8)
     assert tokens == reference(model, long_prompt[-120:], 8)
 
 
