@@ -161,6 +161,18 @@ def test_resuming_a_run_that_reached_max_steps_is_refused_with_the_step_to_raise
     assert sorted(p.name for p in (in_tmp / "runs" / "smoke" / "csv").iterdir()) == ["version_0"]
 
 
+def test_validate_on_random_weights_warns_and_a_checkpoint_folder_that_is_a_file_stops_fit(in_tmp, gsm8k_train):
+    with pytest.warns(UserWarning, match="validate runs on randomly initialised weights: give --ckpt_path"):
+        main(["validate", *smoke_args(gsm8k_train)])
+    config = yaml.safe_load(Path(SMOKE).read_text())
+    (checkpoint,) = [c for c in config["trainer"]["callbacks"] if c["class_path"].endswith("StepCheckpoint")]
+    checkpoint["init_args"]["dirpath"] = str(in_tmp / "afile")
+    (in_tmp / "afile").write_text("")
+    (in_tmp / "smoke.yaml").write_text(yaml.safe_dump(config))
+    with pytest.raises(ValueError, match=r"checkpoint folder .*afile is a file: set the checkpoint callback"):
+        main(["fit", *smoke_args(gsm8k_train, config=str(in_tmp / "smoke.yaml"))])
+
+
 def test_missing_data_file_names_the_field(in_tmp, gsm8k_train):
     with pytest.raises(FileNotFoundError, match="data.path"):
         main(["fit", *smoke_args(in_tmp / "missing.jsonl")])

@@ -14,6 +14,7 @@ import yaml
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.strategies import ModelParallelStrategy
+from lightning.pytorch.utilities import rank_zero_warn
 
 # Imported so their classes resolve by short name in YAML (class_path: CausalLM).
 from training import callbacks, data, lm, quietstar_lm, routing_monitor, thought_monitor  # noqa: F401
@@ -54,12 +55,24 @@ class QuietDepthCLI(LightningCLI):
     def before_fit(self) -> None:
         self._check_ckpt_path()
         self._check_steps_left()
+        for callback in self.trainer.checkpoint_callbacks:  # a file there would fail only at the first save
+            if callback.dirpath and Path(callback.dirpath).is_file():
+                raise ValueError(f"the checkpoint folder {callback.dirpath} is a file: set the checkpoint callback's "
+                                 "init_args.dirpath (trainer.callbacks) to a folder")
 
     def before_validate(self) -> None:
         self._check_ckpt_path()
+        self._warn_random_weights()
 
     def before_test(self) -> None:
         self._check_ckpt_path()
+        self._warn_random_weights()
+
+    def _warn_random_weights(self) -> None:
+        """validate/test without --ckpt_path or init_from scores the freshly initialised weights: say so."""
+        if self.config_init[self.subcommand].get("ckpt_path") is None and self.model.hparams.get("init_from") is None:
+            rank_zero_warn(f"{self.subcommand} runs on randomly initialised weights: give --ckpt_path <checkpoint> "
+                           "(or model.init_args.init_from) to score a trained model")
 
     def _check_ckpt_path(self) -> None:
         """Refuse, before the run starts, a --ckpt_path that is no checkpoint (a folder without a distributed
