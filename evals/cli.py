@@ -314,7 +314,10 @@ def plot(args: argparse.Namespace) -> Path:
     rows = read_rows(Path(args.leaderboard) / "leaderboard.csv")
     if not rows:
         raise FileNotFoundError(f"no leaderboard rows in {Path(args.leaderboard) / 'leaderboard.csv'}; run an evaluation first")
-    out = args.out or Path(args.leaderboard) / f"{args.task}_vs_{args.x}.png"
+    out = Path(args.out or Path(args.leaderboard) / f"{args.task}_vs_{args.x}.png")
+    blocking = next((p for p in out.parents if p.is_file()), None)
+    if blocking is not None or out.is_dir():
+        raise ValueError(f"--out {out}: {blocking or out} is a {'file' if blocking else 'folder'}; give a .png path in a folder")
     path = plot_accuracy(rows, args.x, args.task, args.metric, args.filter, out)
     print(f"wrote {path}")
     return path

@@ -304,3 +304,10 @@ def test_a_local_tokenizer_is_stored_with_its_absolute_path(smollm2_tokenizer_di
     assert data.hparams.tokenizer == str(smollm2_tokenizer_dir.resolve())
     assert TextDataModule(path="train.jsonl", tokenizer="HuggingFaceTB/SmolLM2-135M").hparams.tokenizer == (
         "HuggingFaceTB/SmolLM2-135M")  # a hub id stays a hub id
+
+
+def test_a_tokenizer_that_cannot_be_loaded_names_the_field(make, text_file, tmp_path):
+    (tmp_path / "no-tokenizer").mkdir()
+    message = r"(?s)data\.tokenizer=.*no-tokenizer. cannot be loaded .*set data\.init_args\.tokenizer"
+    with pytest.raises(ValueError, match=message):
+        make(text_file, tokenizer=str(tmp_path / "no-tokenizer")).tokenizer

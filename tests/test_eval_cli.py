@@ -76,7 +76,7 @@ def test_a_rerun_appends_only_rows_that_changed(tiny_checkpoint, smollm2_tokeniz
     assert [r["n"] for r in rows] == ["2", "2", "2", "3", "3", "3"]
 
 
-def test_plot_writes_a_png_of_accuracy_against_cot_k(tmp_path):
+def test_plot_writes_a_png_of_accuracy_against_cot_k(tmp_path, capsys):
     base = dict(model="m", task="gsm8k", version="3.0", filter="flexible-extract", n_shot=0, metric="exact_match",
                 n=10, tokens_per_s=1.0, capacity=None, thought_length=None, prompts_hash="h", commit="c", date="d")
     rows = [{**base, "decoding": d, "value": v, "stderr": 0.1} for d, v in [("greedy", 0.1), ("cot-k3", 0.2), ("cot-k5", 0.3)]]
@@ -89,6 +89,10 @@ def test_plot_writes_a_png_of_accuracy_against_cot_k(tmp_path):
         "m, 0-shot, aggregated": {1.0: 0.1, 5.0: 0.25},
         "m, 5-shot": {1.0: 0.4},
     }
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["plot", "--leaderboard", str(tmp_path), "--x", "k", "--out", str(tmp_path / "afile" / "x.png")])
+    assert exit_info.value.code == 2 and "afile is a file; give a .png path" in capsys.readouterr().err
     main(["plot", "--leaderboard", str(tmp_path), "--x", "k"])
     png = tmp_path / "gsm8k_vs_k.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -137,3 +137,16 @@ def test_lm_eval_default_cuda_device_falls_back_to_the_cpu_and_misspelled_model_
     assert lm.model.device.type == "cpu" and next(lm.model.net.parameters()).device.type == "cpu"
     with pytest.raises(TypeError, match="pretrianed"):
         get_model("quietdepth").create_from_arg_string(f"pretrianed={checkpoint}", extra)
+
+
+def test_a_data_folder_given_for_the_local_tasks_must_hold_their_files(tmp_path, monkeypatch):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("local_task_data", TASKS / "data.py")
+    data = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(data)
+    with pytest.raises(FileNotFoundError, match=f"{tmp_path}/gsm8k/train.jsonl, .*test.jsonl not found"):
+        data.gsm8k(data_dir=str(tmp_path))
+    monkeypatch.setenv("QUIETDEPTH_SHARED_DATA", str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="dev_rand_split.jsonl not found: .*QUIETDEPTH_SHARED_DATA"):
+        data.commonsense_qa()

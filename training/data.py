@@ -155,7 +155,12 @@ class TextDataModule(L.LightningDataModule):
     def tokenizer(self) -> Any:
         """The HF tokenizer (loaded on first use)."""
         if self._tokenizer is None:
-            self._tokenizer = load_tokenizer(self.hparams.tokenizer)
+            try:
+                self._tokenizer = load_tokenizer(self.hparams.tokenizer)
+            except (OSError, ValueError) as error:
+                raise ValueError(f"data.tokenizer={self.hparams.tokenizer!r} cannot be loaded ({error}); set "
+                                 "data.init_args.tokenizer to smollm2-135m-instruct, a .gguf file, an HF tokenizer "
+                                 "folder or a hub id") from error
             if self._tokenizer.eos_token_id is None:
                 raise ValueError(f"data.tokenizer={self.hparams.tokenizer!r} has no EOS token to end documents with")
         return self._tokenizer

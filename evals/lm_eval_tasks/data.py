@@ -23,16 +23,23 @@ def _data_dir(data_dir: str | None) -> Path:
     return Path(data_dir or os.environ.get("QUIETDEPTH_SHARED_DATA", _DEFAULT_DATA_DIR))
 
 
-def _local_or_none(folder: Path, files: dict[str, str]) -> dict[str, str] | None:
+def _local_or_none(folder: Path, files: dict[str, str], data_dir: str | None) -> dict[str, str] | None:
+    """The local files by split; None (read the hub) where they are absent from the default folder. A folder
+    given in --metadata or $QUIETDEPTH_SHARED_DATA must hold them."""
     paths = {split: folder / name for split, name in files.items()}
     if all(p.is_file() for p in paths.values()):
         return {split: str(p) for split, p in paths.items()}
+    if data_dir or os.environ.get("QUIETDEPTH_SHARED_DATA"):
+        missing = ", ".join(str(p) for p in paths.values() if not p.is_file())
+        raise FileNotFoundError(f"{missing} not found: the data folder comes from --metadata data_dir or "
+                                "$QUIETDEPTH_SHARED_DATA; point it at the folder holding gsm8k/ and commonsense_qa/, "
+                                "or unset it to read the hub datasets")
     return None
 
 
 def gsm8k(data_dir: str | None = None, **_: Any) -> datasets.DatasetDict:
     """GSM8K train (few-shot pool) and test: `<data_dir>/gsm8k/{train,test}.jsonl`, or hub `openai/gsm8k`."""
-    files = _local_or_none(_data_dir(data_dir) / "gsm8k", {"train": "train.jsonl", "test": "test.jsonl"})
+    files = _local_or_none(_data_dir(data_dir) / "gsm8k", {"train": "train.jsonl", "test": "test.jsonl"}, data_dir)
     if files is None:
         return datasets.load_dataset("openai/gsm8k", "main")
     return datasets.load_dataset("json", data_files=files)
@@ -53,7 +60,7 @@ def commonsense_qa(data_dir: str | None = None, **_: Any) -> datasets.DatasetDic
     """CommonsenseQA train and validation in the hub schema: `<data_dir>/commonsense_qa/{train,dev}_rand_split.jsonl`
     (official nested schema, flattened), or hub `tau/commonsense_qa`."""
     files = _local_or_none(_data_dir(data_dir) / "commonsense_qa",
-                           {"train": "train_rand_split.jsonl", "validation": "dev_rand_split.jsonl"})
+                           {"train": "train_rand_split.jsonl", "validation": "dev_rand_split.jsonl"}, data_dir)
     if files is None:
         return datasets.load_dataset("tau/commonsense_qa")
     raw = datasets.load_dataset("json", data_files=files)
