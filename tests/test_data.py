@@ -311,3 +311,9 @@ def test_a_tokenizer_that_cannot_be_loaded_names_the_field(make, text_file, tmp_
     message = r"(?s)data\.tokenizer=.*no-tokenizer. cannot be loaded .*set data\.init_args\.tokenizer"
     with pytest.raises(ValueError, match=message):
         make(text_file, tokenizer=str(tmp_path / "no-tokenizer")).tokenizer
+
+
+@pytest.mark.parametrize("field", ["seq_len", "batch_size", "max_documents"])
+def test_a_size_below_one_names_its_field_and_value(make, text_file, field):
+    with pytest.raises(ValueError, match=rf"data\.{field}=0 must be >= 1"):
+        make(text_file, **{field: 0})

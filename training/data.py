@@ -134,8 +134,10 @@ class TextDataModule(L.LightningDataModule):
             cache_dir: where tokenised documents are cached (default: the `datasets` cache).
         """
         super().__init__()
-        if seq_len < 1 or batch_size < 1:
-            raise ValueError("data.seq_len and data.batch_size must be positive")
+        for name, value in (("seq_len", seq_len), ("batch_size", batch_size), ("max_documents", max_documents)):
+            if value is not None and value < 1:
+                raise ValueError(f"data.{name}={value} must be >= 1" + (" (null uses every document)"
+                                                                         if name == "max_documents" else ""))
         if not 0 <= val_fraction < 1:
             raise ValueError(f"data.val_fraction={val_fraction} must be in [0, 1)")
         if val_split is not None and _is_local(path) and not os.path.isdir(os.path.expanduser(path)):
