@@ -117,9 +117,9 @@ def _decode_rows(model: EvalModel, prompts: Sequence[Sequence[int]], max_new_tok
     """Greedy continuations of every prompt, and per token the top-1 minus top-2 probability of the
     distribution it came from (CoT-decoding only; zeros otherwise).
 
-    Continuous batching: up to `rows` continuations decode in lockstep, one token each per forward. A
-    row whose continuation ends (EOS, a stop string, max_new_tokens) takes the next waiting one at
-    once: its prompt, prefilled with the next waiting ones (`chunk` padded tokens per forward), is
+    Continuous batching (`_Rows`): up to `rows` continuations decode in lockstep, one token each per
+    forward. A row whose continuation ends (EOS, a stop string, max_new_tokens) takes the next waiting one
+    at once: its prompt, prefilled with the next waiting ones (`chunk` padded tokens per forward), is
     copied in to end just before the slot the step writes.
     Prompts start longest first, so a prompt always fits in front of that slot; when every row's
     prompt starts `max_new_tokens // 2` slots or more into the cache, the rows move to its front.
@@ -129,7 +129,7 @@ def _decode_rows(model: EvalModel, prompts: Sequence[Sequence[int]], max_new_tok
     plain hidden state and a thought's, the thought written in the slots after the newest token
     (`thought_hidden`), which the next token overwrites.
     Prompts longer than the context leaves room for (block_size - max_new_tokens - a thought's slots)
-    keep their last tokens.
+    keep their last tokens, with a warning.
     """
     scratch = 0 if thinker is None else thinker.thought_config.n_ahead - 1  # a thought's slots past the newest token
     limit = _prompt_limit(model, max_new_tokens + scratch)
@@ -139,124 +139,151 @@ def _decode_rows(model: EvalModel, prompts: Sequence[Sequence[int]], max_new_tok
                       f"(block_size {model.block_size} - {max_new_tokens} new tokens"
                       f"{f' - {scratch} thought slots' if scratch else ''}) and keep only their last {limit}; fewer "
                       "shots or fewer new tokens keep them whole", stacklevel=3)
-    prompts = [list(p)[-limit:] for p in prompts]
     if not prompts:
         return [], []
-    lm, device, n = model.lm, model.device, max_new_tokens
-    work = deque((i, j) for i in sorted(range(len(prompts)), key=lambda i: -len(prompts[i])) for j in range(branches))
-    width = min(rows, len(work))
-    slot = len(prompts[work[0][0]])  # the slot the next forward writes
-    # A row alive at slot s started its prompt at s - n + 2 - (longest prompt) or later, so at this capacity
-    # every row's prompt starts `shift_at` slots in, and the rows move to the front, before the cache overflows.
-    shift_at = max(1, n // 2)
-    capacity = min(slot + n + shift_at, model.block_size - scratch)
-    cache = lm.make_kv_cache(width, capacity + scratch)
-    key_valid = torch.zeros(width, capacity + scratch, dtype=torch.bool, device=device)
-    next_pos = torch.zeros(width, dtype=torch.long, device=device)
-    token = torch.zeros(width, dtype=torch.long, device=device)
-    owner: list[int | None] = [None] * width  # per cache row: its output row (prompt * branches + branch)
-    first_slot = [0] * width
-    tokens: list[list[int]] = [[] for _ in range(len(prompts) * branches)]
-    margins: list[list[float]] = [[] for _ in tokens]
-    unfinished = [branches] * len(prompts)
-    stops, eos = _StopChecker(model, stop), model.eos_id
-    bar = tqdm(total=len(prompts), desc=desc, disable=not progress)
-    # Prefilled prompts not yet started: prompt -> (its prefill cache, its row there, first tokens, margin).
-    ready: dict[int, tuple[list[torch.nn.Module], int, list[int], float]] = {}
+    with tqdm(total=len(prompts), desc=desc, disable=not progress) as bar:
+        batch = _Rows(model, [list(p)[-limit:] for p in prompts], max_new_tokens, stop, chunk, rows, branches,
+                      thinker, scratch, bar)
+        while batch.step():
+            pass
+    return batch.tokens, batch.margins
 
-    def next_logits(h: torch.Tensor, kv_cache: list[torch.nn.Module], thought_slot: int,
+
+class _Rows:
+    """The rows of `_decode_rows`' continuous batching: a KV cache of `width` rows, the continuation each
+    row is writing (`owner`), where its prompt starts (`first_slot`), the slot the next forward writes
+    (`slot`, the same for every row), and the prompts still waiting (`work`, longest first)."""
+
+    def __init__(self, model: EvalModel, prompts: list[list[int]], max_new_tokens: int, stop: Sequence[str],
+                 chunk: int, rows: int, branches: int, thinker: QuietStar | None, scratch: int, bar: tqdm) -> None:
+        self.model, self.prompts, self.n, self.chunk, self.branches = model, prompts, max_new_tokens, chunk, branches
+        self.thinker, self.scratch, self.lm, self.device = thinker, scratch, model.lm, model.device
+        self.work = deque((i, j) for i in sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+                          for j in range(branches))
+        self.width = min(rows, len(self.work))
+        self.slot = len(prompts[self.work[0][0]])  # the slot the next forward writes
+        # A row alive at slot s started its prompt at s - n + 2 - (longest prompt) or later, so at this capacity
+        # every row's prompt starts `shift_at` slots in, and the rows move to the front, before the cache overflows.
+        self.shift_at = max(1, max_new_tokens // 2)
+        self.capacity = min(self.slot + max_new_tokens + self.shift_at, model.block_size - scratch)
+        self.cache = self.lm.make_kv_cache(self.width, self.capacity + scratch)
+        self.key_valid = torch.zeros(self.width, self.capacity + scratch, dtype=torch.bool, device=self.device)
+        self.next_pos = torch.zeros(self.width, dtype=torch.long, device=self.device)
+        self.token = torch.zeros(self.width, dtype=torch.long, device=self.device)
+        self.owner: list[int | None] = [None] * self.width  # per cache row: its output row (prompt * branches + branch)
+        self.first_slot = [0] * self.width
+        self.tokens: list[list[int]] = [[] for _ in range(len(prompts) * branches)]
+        self.margins: list[list[float]] = [[] for _ in self.tokens]
+        self.unfinished = [branches] * len(prompts)
+        self.stops, self.eos = _StopChecker(model, stop), model.eos_id
+        self.bar = bar  # one tick per finished prompt
+        # Prefilled prompts not yet started: prompt -> (its prefill cache, its row there, first tokens, margin).
+        self.ready: dict[int, tuple[list[torch.nn.Module], int, list[int], float]] = {}
+
+    def next_logits(self, h: torch.Tensor, kv_cache: list[torch.nn.Module], thought_slot: int,
                     positions: torch.Tensor | None = None, keys: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (B, V) of the next tokens from the hidden states h (B, C) of the newest ones (in slot
         thought_slot - 1): the LM's head, or Quiet-STaR's mix of h and a thought written from thought_slot
         on (`thought_hidden`'s positions and key mask)."""
-        if thinker is None:
-            return lm.lm_head(h)
-        return thinker.mix(h, thought_hidden(thinker, kv_cache, thought_slot, positions=positions, key_valid=keys))[0]
+        if self.thinker is None:
+            return self.lm.lm_head(h)
+        thought = thought_hidden(self.thinker, kv_cache, thought_slot, positions=positions, key_valid=keys)
+        return self.thinker.mix(h, thought)[0]
 
-    def record(row: int, t: int, m: float) -> None:
+    def record(self, row: int, t: int, m: float) -> None:
         """Append row's new token to its continuation; free the row when the continuation ends."""
-        out = owner[row]
-        if t != eos:
-            tokens[out].append(t)
-            margins[out].append(m)
-        if t == eos or len(tokens[out]) == n or stops(tokens[out]):
-            owner[row] = None
-            unfinished[out // branches] -= 1
-            if not unfinished[out // branches]:
-                bar.update()
+        out = self.owner[row]
+        if t != self.eos:
+            self.tokens[out].append(t)
+            self.margins[out].append(m)
+        if t == self.eos or len(self.tokens[out]) == self.n or self.stops(self.tokens[out]):
+            self.owner[row] = None
+            self.unfinished[out // self.branches] -= 1
+            if not self.unfinished[out // self.branches]:
+                self.bar.update()
 
-    def prefill(i: int) -> None:
+    def prefill(self, i: int) -> None:
         """Prefill prompt i and the prompts waiting after it, as many as fit `chunk` tokens padded to
         i's length (it is the longest), in one forward, and choose each one's first tokens."""
-        group = [i]
-        for k, _ in work:
+        prompts, group = self.prompts, [i]
+        for k, _ in self.work:
             if k not in group:
-                if (len(group) + 1) * len(prompts[i]) > chunk:
+                if (len(group) + 1) * len(prompts[i]) > self.chunk:
                     break
                 group.append(k)
-        own, h = prefill_prompts(lm, [prompts[k] for k in group], chunk, spare_slots=scratch)
-        lengths = torch.tensor([len(prompts[k]) for k in group], device=device)
-        keys = torch.arange(len(prompts[i]) + scratch, device=device) < lengths[:, None]  # not the padding
-        logits = next_logits(h, own, len(prompts[i]), lengths, keys)
-        if branches > 1:  # the first tokens to force, and their distribution's margin: one transfer
-            both = torch.cat([logits.topk(branches).indices.float(), _top2_margin(logits)[:, None]], 1).tolist()
+        own, h = prefill_prompts(self.lm, [prompts[k] for k in group], self.chunk, spare_slots=self.scratch)
+        lengths = torch.tensor([len(prompts[k]) for k in group], device=self.device)
+        keys = torch.arange(len(prompts[i]) + self.scratch, device=self.device) < lengths[:, None]  # not the padding
+        logits = self.next_logits(h, own, len(prompts[i]), lengths, keys)
+        if self.branches > 1:  # the first tokens to force, and their distribution's margin: one transfer
+            both = torch.cat([logits.topk(self.branches).indices.float(), _top2_margin(logits)[:, None]], 1).tolist()
             for source, (k, chosen) in enumerate(zip(group, both)):
-                ready[k] = (own, source, [int(t) for t in chosen[:-1]], chosen[-1])
+                self.ready[k] = (own, source, [int(t) for t in chosen[:-1]], chosen[-1])
         else:
             for source, (k, t) in enumerate(zip(group, logits.argmax(-1).tolist())):
-                ready[k] = (own, source, [t], 0.0)
+                self.ready[k] = (own, source, [t], 0.0)
 
-    def start(row: int) -> None:
+    def start(self, row: int) -> None:
         """Give a free row the next waiting continuation and choose its first token."""
-        i, j = work.popleft()
-        if i not in ready:
-            prefill(i)
-        own, source, first, margin = ready[i] if j < branches - 1 else ready.pop(i)
-        first_slot[row] = slot - len(prompts[i])
-        copy_into_row(own, source, cache, row, first_slot[row], len(prompts[i]))
-        key_valid[row] = False
-        key_valid[row, first_slot[row]:slot] = True
-        next_pos[row] = len(prompts[i])
-        owner[row] = i * branches + j
-        record(row, first[j], margin)
-        if owner[row] is not None:
-            token[row] = first[j]
+        i, j = self.work.popleft()
+        if i not in self.ready:
+            self.prefill(i)
+        own, source, first, margin = self.ready[i] if j < self.branches - 1 else self.ready.pop(i)
+        length = len(self.prompts[i])
+        self.first_slot[row] = self.slot - length
+        copy_into_row(own, source, self.cache, row, self.first_slot[row], length)
+        self.key_valid[row] = False
+        self.key_valid[row, self.first_slot[row]:self.slot] = True
+        self.next_pos[row] = length
+        self.owner[row] = i * self.branches + j
+        self.record(row, first[j], margin)
+        if self.owner[row] is not None:
+            self.token[row] = first[j]
 
-    while True:
-        for row in range(width):
-            while owner[row] is None and work:
-                start(row)
-        alive = [row for row in range(width) if owner[row] is not None]
+    def drop_finished_rows(self, alive: list[int]) -> None:
+        """With nothing left to start, the rows whose continuations ended leave the batch."""
+        order = compact_cache_rows(self.cache, alive)
+        index = torch.tensor(order, device=self.device)
+        self.token, self.next_pos, self.key_valid = self.token[index], self.next_pos[index], self.key_valid[index]
+        self.owner, self.first_slot = [self.owner[j] for j in order], [self.first_slot[j] for j in order]
+        self.width = len(order)
+
+    def shift_to_front(self, front: int) -> None:
+        """Drop the `front` cache slots that precede every row's prompt."""
+        shift_cache_slots(self.cache, front, self.slot)
+        self.key_valid[:, :self.slot - front] = self.key_valid[:, front:self.slot].clone()
+        self.first_slot = [s - front for s in self.first_slot]
+        self.slot -= front
+
+    def step(self) -> bool:
+        """Fill the free rows, then decode one token in every row; False once every continuation has ended."""
+        for row in range(self.width):
+            while self.owner[row] is None and self.work:
+                self.start(row)
+        alive = [row for row in range(self.width) if self.owner[row] is not None]
         if not alive:
-            break
-        if not work and len(alive) < width:  # nothing left to start: finished rows leave the batch
-            order = compact_cache_rows(cache, alive)
-            index = torch.tensor(order, device=device)
-            token, next_pos, key_valid = token[index], next_pos[index], key_valid[index]
-            owner, first_slot = [owner[j] for j in order], [first_slot[j] for j in order]
-            width = len(order)
-        front = min(first_slot[row] for row in range(width))
-        if front >= shift_at or slot == capacity:  # slots in front of every row's prompt: drop them
-            shift_cache_slots(cache, front, slot)
-            key_valid[:, :slot - front] = key_valid[:, front:slot].clone()
-            first_slot = [s - front for s in first_slot]
-            slot -= front
-        key_valid[:, slot] = True
-        h = lm.hidden(lm.embed(token[:, None]), position_ids=next_pos[:, None], mask=key_valid[:, None, None, :slot + 1],
-                      kv_cache=cache, start_pos=slot)[:, -1]
-        slot, next_pos = slot + 1, next_pos + 1
-        logits = next_logits(h, cache, slot, next_pos, key_valid)
-        token = logits.argmax(-1)
-        if branches > 1:  # CoT-decoding's confidence; one transfer for tokens and margins
-            both = torch.stack([token.float(), _top2_margin(logits)]).tolist()
+            return False
+        if not self.work and len(alive) < self.width:
+            self.drop_finished_rows(alive)
+        front = min(self.first_slot[row] for row in range(self.width))
+        if front >= self.shift_at or self.slot == self.capacity:
+            self.shift_to_front(front)
+        self.key_valid[:, self.slot] = True
+        h = self.lm.hidden(self.lm.embed(self.token[:, None]), position_ids=self.next_pos[:, None],
+                           mask=self.key_valid[:, None, None, :self.slot + 1], kv_cache=self.cache,
+                           start_pos=self.slot)[:, -1]
+        self.slot, self.next_pos = self.slot + 1, self.next_pos + 1
+        logits = self.next_logits(h, self.cache, self.slot, self.next_pos, self.key_valid)
+        self.token = logits.argmax(-1)
+        if self.branches > 1:  # CoT-decoding's confidence; one transfer for tokens and margins
+            both = torch.stack([self.token.float(), _top2_margin(logits)]).tolist()
             produced, margin = [int(t) for t in both[0]], both[1]
         else:
-            produced, margin = token.tolist(), [0.0] * width
-        for row in range(width):
-            if owner[row] is not None:
-                record(row, produced[row], margin[row])
-    bar.close()
-    return tokens, margins
+            produced, margin = self.token.tolist(), [0.0] * self.width
+        for row in range(self.width):
+            if self.owner[row] is not None:
+                self.record(row, produced[row], margin[row])
+        return True
 
 
 @torch.inference_mode()
