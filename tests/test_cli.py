@@ -16,6 +16,7 @@ from transformers import AutoModelForCausalLM
 from evals.sample import main as sample_main
 from modeldefs.pretrained import load_pretrained, tokenizer_source
 from tests.conftest import REPO, requires_smollm2
+from training.callbacks import StepProgressBar
 from training.cli import main, run
 from training.export import main as export_main
 from training.lm import NonFiniteLossError
@@ -171,6 +172,16 @@ def test_validate_on_random_weights_warns_and_a_checkpoint_folder_that_is_a_file
     (in_tmp / "smoke.yaml").write_text(yaml.safe_dump(config))
     with pytest.raises(ValueError, match=r"checkpoint folder .*afile is a file: set the checkpoint callback"):
         main(["fit", *smoke_args(gsm8k_train, config=str(in_tmp / "smoke.yaml"))])
+
+
+def test_the_progress_bar_counts_steps_towards_max_steps_across_a_resume(in_tmp, gsm8k_train):
+    pytest.importorskip("rich", reason="the step bar is a rich progress bar")
+    run(["fit", *smoke_args(gsm8k_train, "--trainer.enable_progress_bar", "true", steps=2)])
+    cli = run(["fit", *smoke_args(gsm8k_train, "--trainer.enable_progress_bar", "true", "--ckpt_path", "last", steps=3)])
+    bar = cli.trainer.progress_bar_callback
+    assert isinstance(bar, StepProgressBar)
+    task = bar.progress.tasks[bar.train_progress_bar_id]  # Lightning's read "Epoch 0/-2", 1/<epoch batches left>
+    assert (task.completed, task.total) == (3, 3) and task.description.endswith("Steps")
 
 
 def test_missing_data_file_names_the_field(in_tmp, gsm8k_train):

@@ -13,7 +13,7 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.fabric.utilities.throughput import Throughput, get_available_flops
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.trainer.states import TrainerFn
@@ -181,3 +181,35 @@ class RunSummary(L.Callback):
                                                      if "offline" in run_dir.name else ""))
         width = max(len(line) for line in lines)
         print("\n" + "=" * width + "\nquietdepth run summary\n" + "\n".join(lines) + "\n" + "=" * width, flush=True)
+
+
+class StepProgressBar(RichProgressBar):
+    """Lightning's rich progress bar counting optimizer steps towards `trainer.max_steps`, the length of a
+    quietdepth run. Lightning's own reads "Epoch 0/-2" for a run bounded by steps, and after a resume counts
+    the epoch's batches from 0 against a total that ignores the resume. The CLI uses it where `rich` is
+    installed and the run shows a progress bar; a run without `max_steps` gets Lightning's epoch bar."""
+
+    @property
+    def total_train_batches(self) -> int | float:
+        return self.trainer.max_steps if self.trainer.max_steps > 0 else super().total_train_batches
+
+    def _get_train_description(self, current_epoch: int) -> str:
+        return "Steps" if self.trainer.max_steps > 0 else super()._get_train_description(current_epoch)
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_train_epoch_start(trainer, pl_module)
+        self._show_step(trainer)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if trainer.max_steps <= 0:
+            return super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        if not self.is_disabled and self.train_progress_bar_id is None:  # resumed inside an epoch
+            self._initialize_train_progress_bar_id()
+        self._show_step(trainer)
+        self._update_metrics(trainer, pl_module)
+        self.refresh()
+
+    def _show_step(self, trainer: L.Trainer) -> None:
+        if trainer.max_steps > 0 and self.progress is not None and self.train_progress_bar_id is not None:
+            self.progress.update(self.train_progress_bar_id, completed=trainer.global_step)

@@ -2,22 +2,27 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import warnings
 import zipfile
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import torch
 import yaml
+from lightning.pytorch.callbacks.progress import ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities.imports import _RICH_AVAILABLE
 
 # Imported so their classes resolve by short name in YAML (class_path: CausalLM).
 from training import callbacks, data, lm, quietstar_lm, routing_monitor, thought_monitor  # noqa: F401
+from training.callbacks import StepProgressBar
 
 
 def default_precision() -> str:
@@ -45,6 +50,15 @@ class QuietDepthCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         # The sampler in training.data shards by rank itself, so Lightning must not wrap it.
         parser.set_defaults({"trainer.precision": default_precision(), "trainer.use_distributed_sampler": False})
+
+    def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
+        """The trainer, with `StepProgressBar` where it shows a progress bar (rich installed, none configured)."""
+        config = {**self.config_init[self.subcommand].get("trainer", {}), **kwargs}
+        given = list(config.get("callbacks") or [])
+        if (config.get("enable_progress_bar") is not False and _RICH_AVAILABLE
+                and not any(isinstance(c, ProgressBar) for c in given)):
+            kwargs["callbacks"] = [*given, StepProgressBar()]
+        return super().instantiate_trainer(**kwargs)
 
     def _parse_ckpt_path(self) -> None:
         """Keep the run's configuration as given. LightningCLI would parse a --ckpt_path file's stored
@@ -120,6 +134,11 @@ class QuietDepthCLI(LightningCLI):
                                  "to train on from it")
 
 
+def _not_an_advert(record: logging.LogRecord) -> bool:
+    """Drops Lightning's "💡 Tip" adverts for its cloud services from its log output."""
+    return not record.getMessage().startswith("💡 Tip")
+
+
 def main(args: list[str] | None = None) -> None:
     """Entry point of the `quietdepth` console script."""
     run(args)
@@ -131,6 +150,11 @@ def run(args: list[str] | None = None) -> QuietDepthCLI:
         os.environ.setdefault("WANDB_MODE", "offline")  # a real, `wandb sync`-able run folder; no login prompt
     # TextDataModule restores the data position itself (its state_dict), which Lightning cannot see.
     warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
+    # Lightning 2.6 builds torch's deprecated LeafSpec on every step; nothing a user can act on.
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning)
+    for handler in logging.getLogger("lightning.pytorch").handlers:
+        if _not_an_advert not in handler.filters:
+            handler.addFilter(_not_an_advert)
     try:
         return QuietDepthCLI(
             subclass_mode_model=True,
