@@ -226,6 +226,15 @@ def test_hub_ids_go_to_datasets_with_config_and_split(make, monkeypatch):
     assert calls == [("openai/gsm8k", "main", "train")]
 
 
+def test_an_unreachable_hub_names_the_field_and_the_offline_fix(make, monkeypatch):
+    def offline(*args, **kwargs):
+        raise ConnectionError("Couldn't reach 'openai/gsm8k' on the Hub (LocalEntryNotFoundError)")
+
+    monkeypatch.setattr(data_module.datasets, "load_dataset", offline)  # as datasets fails with no network
+    with pytest.raises(ConnectionError, match=r"data\.path='openai/gsm8k' is a hub dataset .*set data\.init_args\.path"):
+        make("openai/gsm8k", name="main", format="gsm8k").documents("train")
+
+
 def test_the_real_gsm8k_train_file(make, gsm8k_train):
     docs = make(gsm8k_train, format="gsm8k").documents("train")
     assert len(docs) == 7473

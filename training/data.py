@@ -85,7 +85,11 @@ def _records(path: str, name: str | None, split: str) -> Iterator[tuple[str, Any
             extra = {"sample_by": "document"} if builder == "text" else {}
             dataset = datasets.load_dataset(builder, data_files=path, split="train", **extra)
     else:
-        dataset = datasets.load_dataset(path, name=name, split=split)
+        try:
+            dataset = datasets.load_dataset(path, name=name, split=split)
+        except ConnectionError as error:
+            raise ConnectionError(f"data.path={path!r} is a hub dataset and the hub is out of reach ({error}); "
+                                  "offline, set data.init_args.path to a local jsonl/json/txt/parquet/csv file") from error
     for i, record in enumerate(dataset):
         yield f"{path} ({split}) row {i}", record
 
@@ -134,10 +138,10 @@ class TextDataModule(L.LightningDataModule):
             cache_dir: where tokenised documents are cached (default: the `datasets` cache).
         """
         super().__init__()
-        for name, value in (("seq_len", seq_len), ("batch_size", batch_size), ("max_documents", max_documents)):
+        for field, value in (("seq_len", seq_len), ("batch_size", batch_size), ("max_documents", max_documents)):
             if value is not None and value < 1:
-                raise ValueError(f"data.{name}={value} must be >= 1" + (" (null uses every document)"
-                                                                         if name == "max_documents" else ""))
+                raise ValueError(f"data.{field}={value} must be >= 1" + (" (null uses every document)"
+                                                                          if field == "max_documents" else ""))
         if not 0 <= val_fraction < 1:
             raise ValueError(f"data.val_fraction={val_fraction} must be in [0, 1)")
         if val_split is not None and _is_local(path) and not os.path.isdir(os.path.expanduser(path)):
