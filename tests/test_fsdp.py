@@ -183,8 +183,8 @@ def test_full_checkpoints_resume_step_for_step_across_strategies(runs, gsm8k_tra
 
 def test_routing_monitor_draws_once_under_fsdp(runs):
     """Its hooks run on rank 0 only: what they need from every rank (the log folder) is read in setup."""
-    assert sorted(p.name for p in runs["mod-2"].glob("csv/version_*/routing/*.png")) == ["step_000000.png",
-                                                                                         "step_000001.png"]
+    assert sorted(p.name for p in runs["mod-2"].glob("csv/version_*/routing/*.png")) == [
+        "router_logits_step_000000.png", "router_logits_step_000001.png", "step_000000.png", "step_000001.png"]
 
 
 def test_full_checkpoint_from_two_processes_loads_in_one_process(runs):

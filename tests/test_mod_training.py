@@ -55,8 +55,6 @@ def test_mod_smoke_fit_logs_routing_and_draws_heatmaps(tmp_path, monkeypatch, gs
     (offline,) = (run / "wandb").glob("offline-run-*")
     assert list(offline.rglob("media/images/mod/routing_heatmap*.png"))
     assert list(offline.rglob("media/images/mod/router_logits*.png"))
-    (history,) = offline.glob("*.wandb")  # the W&B histograms, in the run's record log
-    assert b"mod/layer01/router_logits" in history.read_bytes() and b"histogram" in history.read_bytes()
 
 
 @pytest.mark.slow
