@@ -73,7 +73,7 @@ def run_parser() -> argparse.ArgumentParser:
                    help="log-likelihood scoring: most tokens per packed row (rows are as long as the longest context group)")
     p.add_argument("--limit", type=positive_int, default=None, help="evaluate the first N items of each task only")
     p.add_argument("--seed", type=int, default=1234,
-                   help="few-shot draw seed, as lm-eval's --fewshot_random_seed (the same seed gives lm-eval's prompts)")
+                   help="few-shot draw seed, as lm-eval's --fewshot_random_seed (the same seed: lm-eval's prompts)")
     p.add_argument("--gsm8k-path", default=gsm8k.HUB_ID, help="hub id or local test jsonl")
     p.add_argument("--gsm8k-train-path", default=None, help="few-shot pool: hub id or local train jsonl "
                    "(default: the train split of --gsm8k-path when it is a hub id)")
@@ -317,7 +317,8 @@ def plot(args: argparse.Namespace) -> Path:
     out = Path(args.out or Path(args.leaderboard) / f"{args.task}_vs_{args.x}.png")
     blocking = next((p for p in out.parents if p.is_file()), None)
     if blocking is not None or out.is_dir():
-        raise ValueError(f"--out {out}: {blocking or out} is a {'file' if blocking else 'folder'}; give a .png path in a folder")
+        kind = "file" if blocking else "folder"
+        raise ValueError(f"--out {out}: {blocking or out} is a {kind}; give a .png path in a folder")
     path = plot_accuracy(rows, args.x, args.task, args.metric, args.filter, out)
     print(f"wrote {path}")
     return path

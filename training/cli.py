@@ -113,7 +113,6 @@ class QuietDepthCLI(LightningCLI):
                     f"--trainer.strategy.init_args.data_parallel_size 1), or start a new run from its weights with "
                     f"--model.init_args.init_from {path}")
 
-
     def _check_steps_left(self) -> None:
         """Refuse to resume a checkpoint at or past trainer.max_steps: Lightning would train nothing and leave
         an empty run folder behind."""
@@ -127,7 +126,8 @@ class QuietDepthCLI(LightningCLI):
             source = path / "meta.pt" if path.is_dir() else path
             if not source.is_file():
                 continue
-            step = torch.load(source, map_location="cpu", weights_only=True, mmap=not path.is_dir()).get("global_step", 0)
+            state = torch.load(source, map_location="cpu", weights_only=True, mmap=not path.is_dir())
+            step = state.get("global_step", 0)
             if step >= max_steps:
                 raise ValueError(f"--ckpt_path {path} is at step {step} and trainer.max_steps is {max_steps}: there is "
                                  f"nothing left to train. Raise --trainer.max_steps (e.g. to {step + max(step, 1)}) "
@@ -151,7 +151,8 @@ def run(args: list[str] | None = None) -> QuietDepthCLI:
     # TextDataModule restores the data position itself (its state_dict), which Lightning cannot see.
     warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
     # Lightning 2.6 builds torch's deprecated LeafSpec on every step; nothing a user can act on.
-    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+                            category=FutureWarning)
     for handler in logging.getLogger("lightning.pytorch").handlers:
         if _not_an_advert not in handler.filters:
             handler.addFilter(_not_an_advert)

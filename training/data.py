@@ -57,7 +57,8 @@ def jsonl_records(path: str) -> Iterator[tuple[str, Any]]:
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as e:
-                yield f"{path}:{lineno}", BadRecord(f"not UTF-8 text (byte {raw[e.start]:#04x} at column {e.start + 1})")
+                byte = f"byte {raw[e.start]:#04x} at column {e.start + 1}"
+                yield f"{path}:{lineno}", BadRecord(f"not UTF-8 text ({byte})")
                 continue
             if line.strip():
                 try:
@@ -89,7 +90,8 @@ def _records(path: str, name: str | None, split: str) -> Iterator[tuple[str, Any
             dataset = datasets.load_dataset(path, name=name, split=split)
         except ConnectionError as error:
             raise ConnectionError(f"data.path={path!r} is a hub dataset and the hub is out of reach ({error}); "
-                                  "offline, set data.init_args.path to a local jsonl/json/txt/parquet/csv file") from error
+                                  "offline, set data.init_args.path to a local jsonl/json/txt/parquet/csv file"
+                                  ) from error
     for i, record in enumerate(dataset):
         yield f"{path} ({split}) row {i}", record
 

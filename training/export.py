@@ -15,9 +15,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tokenizer", default=None,
                         help="tokenizer source saved beside the weights (default: the source's own; for a .ckpt its "
                              "training data's) or 'none' to skip")
-    parser.add_argument("--overwrite", action="store_true", help="replace the model files of an earlier export in out_dir")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the model files of an earlier export in out_dir")
     args = parser.parse_args(argv)
-    earlier = sorted(p.name for p in Path(args.out_dir).glob("*") if p.name == "config.json" or p.suffix == ".safetensors")
+    earlier = sorted(p.name for p in Path(args.out_dir).glob("*")
+                     if p.name == "config.json" or p.suffix == ".safetensors")
     if earlier and not args.overwrite:
         parser.exit(2, f"{parser.prog}: error: {args.out_dir} already holds an exported model ({', '.join(earlier)}); "
                        "give a new folder, or --overwrite to replace it\n")

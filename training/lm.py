@@ -323,7 +323,8 @@ class CausalLM(L.LightningModule):
         """Refuse, naming the fields, a checkpoint of another architecture (before its weights are loaded)."""
         thinks, thought = "thought_config" in checkpoint, hasattr(self.model, "thought_config")
         if thinks != thought:
-            kinds = ("a Quiet-STaR", "a plain language model") if thinks else ("a plain language-model", "a Quiet-STaR")
+            kinds = (("a Quiet-STaR", "a plain language model") if thinks
+                     else ("a plain language-model", "a Quiet-STaR model"))
             raise ValueError(f"--ckpt_path holds {kinds[0]} checkpoint and this run trains {kinds[1]} "
                              f"({type(self).__name__}): give the config it was trained with, or start a new run from "
                              "its weights with model.init_args.init_from=<checkpoint>")

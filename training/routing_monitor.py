@@ -117,8 +117,6 @@ def draw_router_logits(logits: dict[int, tuple[torch.Tensor, torch.Tensor]], pat
     for the others, with the causal rule's threshold (logit 0) marked; written to `path`."""
     import matplotlib
 
-    import numpy
-
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -127,7 +125,7 @@ def draw_router_logits(logits: dict[int, tuple[torch.Tensor, torch.Tensor]], pat
     rows = -(-len(logits) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.4 * rows), squeeze=False)
     for ax, (layer, (values, topk)) in zip(axes.flat, logits.items()):
-        bins = numpy.histogram_bin_edges(values.numpy(), bins=40)
+        bins = torch.histogram(values.flatten(), bins=40).bin_edges.numpy()
         ax.hist(values[topk].numpy(), bins=bins, alpha=0.6, label="top-k")
         ax.hist(values[~topk].numpy(), bins=bins, alpha=0.6, label="skipped")
         ax.axvline(0.0, color="black", linewidth=0.8, linestyle="--")
