@@ -88,18 +88,22 @@ class QuietDepthCLI(LightningCLI):
             rank_zero_warn(f"{self.subcommand} runs on randomly initialised weights: give --ckpt_path <checkpoint> "
                            "(or model.init_args.init_from) to score a trained model")
 
+    def _ckpt_paths(self) -> list[Path]:
+        """Where the subcommand's --ckpt_path points: nothing, the path, or for `last` each checkpoint
+        callback's last.ckpt."""
+        ckpt = self.config_init[self.subcommand].get("ckpt_path")
+        if ckpt is None:
+            return []
+        if ckpt == "last":
+            return [Path(cb.dirpath) / "last.ckpt" for cb in self.trainer.checkpoint_callbacks if cb.dirpath]
+        return [Path(ckpt)]
+
     def _check_ckpt_path(self) -> None:
         """Refuse, before the run starts, a --ckpt_path that is no checkpoint (a folder without a distributed
         checkpoint's .metadata, a file that is not a torch archive: truncated, or something else) and a
         sharded checkpoint folder where the strategy reads only files (Lightning would end in an
         IsADirectoryError), naming the ways that work."""
-        ckpt = self.config_init[self.subcommand].get("ckpt_path")
-        if ckpt is None:
-            return
-        paths = [Path(ckpt)]
-        if ckpt == "last":
-            paths = [Path(cb.dirpath) / "last.ckpt" for cb in self.trainer.checkpoint_callbacks if cb.dirpath]
-        for path in paths:
+        for path in self._ckpt_paths():
             if path.is_dir() and not (path / ".metadata").is_file():
                 raise ValueError(f"--ckpt_path {path} is a folder without a distributed checkpoint (no .metadata "
                                  "file): give a .ckpt file or a folder an FSDP run saved")
@@ -116,13 +120,10 @@ class QuietDepthCLI(LightningCLI):
     def _check_steps_left(self) -> None:
         """Refuse to resume a checkpoint at or past trainer.max_steps: Lightning would train nothing and leave
         an empty run folder behind."""
-        ckpt, max_steps = self.config_init["fit"].get("ckpt_path"), self.trainer.max_steps
-        if ckpt is None or max_steps < 0:
+        max_steps = self.trainer.max_steps
+        if max_steps < 0:
             return
-        paths = [Path(ckpt)]
-        if ckpt == "last":
-            paths = [Path(cb.dirpath) / "last.ckpt" for cb in self.trainer.checkpoint_callbacks if cb.dirpath]
-        for path in paths:
+        for path in self._ckpt_paths():
             source = path / "meta.pt" if path.is_dir() else path
             if not source.is_file():
                 continue
