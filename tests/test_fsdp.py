@@ -197,6 +197,15 @@ def test_full_checkpoint_from_two_processes_loads_in_one_process(runs):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-4, msg=lambda m: f"{name}: {m}")
 
 
+def test_a_full_checkpoint_from_two_processes_stores_the_tied_embedding_once(runs):
+    """FSDP gathers the tied output and embedding weights as two tensors; the file holds one matrix, as a
+    one-process checkpoint does (the tiny model's 49,152 x 64 embedding would add a third to the file)."""
+    full = runs["mod-2"] / "checkpoints" / "epoch=0-step=2.ckpt"
+    state = torch.load(full, weights_only=True, map_location="cpu")["state_dict"]
+    head, embed = state["model.lm_head.weight"], state["model.embed.weight"]
+    assert head.untyped_storage().data_ptr() == embed.untyped_storage().data_ptr()
+    assert full.stat().st_size < 1.1 * (runs["mod-1"] / "checkpoints" / full.name).stat().st_size
+
 
 def test_sharded_checkpoint_loads_in_one_process_and_exports(runs, smollm2_tokenizer_dir, tmp_path):
     """What FSDP training writes by default (a folder of shards) is a model source like a .ckpt file:

@@ -33,6 +33,17 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if isinstance(t, DTensor) else t
 
 
+def _store_tied_weight_once(state: dict[str, Any]) -> None:
+    """Point each `lm_head.weight` at its tied `embed.weight`, so `torch.save` writes the matrix once.
+
+    FSDP2's full state dict gathers the two names into two tensors (one process's state dict shares
+    one); sharded (DTensor) state is left as it is, since distributed checkpoints store by name."""
+    for head in [k for k in state if k.endswith("lm_head.weight")]:
+        embed = head.removesuffix("lm_head.weight") + "embed.weight"
+        if embed in state and not isinstance(state[head], DTensor):
+            state[head] = state[embed]
+
+
 class CausalLM(L.LightningModule):
     """Next-token training of a quietdepth `Transformer` (dense or Mixture-of-Depths), from scratch or from
     pretrained weights, with AdamW, warm-up + cosine schedule and the fused chunked loss. `configure_model`
@@ -315,6 +326,8 @@ class CausalLM(L.LightningModule):
         self._refuse_nonfinite_weights()
         # The architecture travels with the weights so a checkpoint loads without its YAML.
         checkpoint["model_config"] = self._architecture()
+        if checkpoint["model_config"]["tie_embeddings"]:
+            _store_tied_weight_once(checkpoint.get("state_dict", {}))
         if "optimizer_states" in checkpoint:  # keyed by name, the optimizer state resumes under any strategy
             order = self._optimizer_order()
             checkpoint["optimizer_states"] = [by_name(s, order) for s in checkpoint["optimizer_states"]]
