@@ -54,6 +54,8 @@ def test_fit_smoke_writes_checkpoints_metrics_wandb_run_and_summary(in_tmp, gsm8
     assert any(r.get("val/loss") for r in rows)
     tokens_per_s = [float(r["train/device/items_per_sec"]) for r in rows if r.get("train/device/items_per_sec")]
     assert tokens_per_s and all(t > 0 for t in tokens_per_s)
+    flops_per_s = [float(r["train/device/flops_per_sec"]) for r in rows if r.get("train/device/items_per_sec")]
+    assert len(flops_per_s) == len(tokens_per_s) and all(f > 0 for f in flops_per_s)  # from the first interval
     assert not any(r.get("train/device/mfu") for r in rows)  # no known peak FLOP/s for a CPU
     (offline,) = (run / "wandb").glob("offline-run-*")
     (history,) = offline.glob("*.wandb")
@@ -160,6 +162,15 @@ def test_resuming_a_run_that_reached_max_steps_is_refused_with_the_step_to_raise
     with pytest.raises(ValueError, match=r"last.ckpt is at step 2 and trainer.max_steps is 2: .* \(e.g. to 4\)"):
         main(["fit", *smoke_args(gsm8k_train, "--ckpt_path", "last", steps=2)])
     assert sorted(p.name for p in (in_tmp / "runs" / "smoke" / "csv").iterdir()) == ["version_0"]
+
+
+def test_ckpt_path_last_checks_the_newest_last_checkpoint_the_one_lightning_resumes(in_tmp, gsm8k_train):
+    """A second run into the folder writes last-v1.ckpt; `last` resumes it, not the older last.ckpt."""
+    main(["fit", *smoke_args(gsm8k_train, steps=4)])
+    main(["fit", *smoke_args(gsm8k_train, steps=1)])
+    assert (in_tmp / "runs" / "smoke" / "checkpoints" / "last-v1.ckpt").is_file()
+    cli = run(["fit", *smoke_args(gsm8k_train, "--ckpt_path", "last", steps=3)])  # last.ckpt is at step 4
+    assert cli.trainer.global_step == 3
 
 
 def test_validate_on_random_weights_warns_and_a_checkpoint_folder_that_is_a_file_stops_fit(in_tmp, gsm8k_train):

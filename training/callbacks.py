@@ -40,7 +40,7 @@ class TokenThroughput(L.Callback):
         self._batches = self._samples = self._tokens = self._flops = 0
         self._flops_per_token: dict[int, int] = {}
         self._logged_step = trainer.global_step
-        self._throughput.update(time=0.0, batches=0, samples=0, lengths=0)
+        self._throughput.update(time=0.0, batches=0, samples=0, lengths=0, flops=0)  # FLOP/s from the 1st interval
         self._t0 = time.perf_counter()
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,

@@ -13,6 +13,7 @@ from typing import Any
 import lightning as L
 import torch
 import yaml
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.callbacks.progress import ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger
@@ -89,13 +90,15 @@ class QuietDepthCLI(LightningCLI):
                            "(or model.init_args.init_from) to score a trained model")
 
     def _ckpt_paths(self) -> list[Path]:
-        """Where the subcommand's --ckpt_path points: nothing, the path, or for `last` each checkpoint
-        callback's last.ckpt."""
+        """Where the subcommand's --ckpt_path points: nothing, the path, or for `last` the file Lightning
+        resumes: the newest `last*.ckpt` (`last-v1.ckpt`, ... included) of the checkpoint callbacks."""
         ckpt = self.config_init[self.subcommand].get("ckpt_path")
         if ckpt is None:
             return []
         if ckpt == "last":
-            return [Path(cb.dirpath) / "last.ckpt" for cb in self.trainer.checkpoint_callbacks if cb.dirpath]
+            found = [Path(p) for cb in self.trainer.checkpoint_callbacks if isinstance(cb, ModelCheckpoint)
+                     for p in cb._find_last_checkpoints(self.trainer)]
+            return [max(found, key=lambda p: p.stat().st_mtime)] if found else []
         return [Path(ckpt)]
 
     def _check_ckpt_path(self) -> None:
