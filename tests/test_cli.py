@@ -85,12 +85,30 @@ def test_validate_and_export_from_a_checkpoint(in_tmp, gsm8k_train, smollm2_toke
         torch.testing.assert_close(hf(ids).logits, ours(ids), rtol=0, atol=1e-5)
 
 
+class RecordStepGradNorm(L.Callback):
+    """Records the total norm of the gradients that each optimizer step used (after any clipping)."""
+
+    def __init__(self) -> None:
+        self.norms: list[float] = []
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        def record(optimizer, args, kwargs) -> None:
+            grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+            self.norms.append(float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))))
+
+        trainer.optimizers[0].register_step_post_hook(record)  # (Lightning runs backward inside `step`)
+
+
 def test_bf16_mixed_training_clips_gradients_with_the_fused_optimizer(in_tmp, gsm8k_train):
     # Lightning's AMP plugin refuses to clip for fused optimizers; CausalLM clips itself where no loss scaler runs.
-    main(["fit", *smoke_args(gsm8k_train, "--trainer.precision", "bf16-mixed", steps=3)])
+    clip = 1e-3
+    cli = run(["fit", *smoke_args(gsm8k_train, "--trainer.precision", "bf16-mixed", "--trainer.gradient_clip_val",
+                                  str(clip), "--trainer.callbacks+=tests.test_cli.RecordStepGradNorm", steps=3)])
     rows = read_metrics(in_tmp / "runs" / "smoke")
-    norms = [float(r["train/grad_norm"]) for r in rows if r.get("train/grad_norm")]
-    assert len(norms) == 3 and all(0 < n < float("inf") for n in norms)
+    norms = [float(r["train/grad_norm"]) for r in rows if r.get("train/grad_norm")]  # logged before clipping
+    assert len(norms) == 3 and all(clip < n < float("inf") for n in norms)
+    (recorder,) = [c for c in cli.trainer.callbacks if isinstance(c, RecordStepGradNorm)]
+    assert len(recorder.norms) == 3 and all(n == pytest.approx(clip, rel=1e-3) for n in recorder.norms)
 
 
 def test_print_config_shows_the_resolved_config(in_tmp, gsm8k_train, capsys):

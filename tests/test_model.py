@@ -169,8 +169,9 @@ def test_config_round_trips_and_names_unknown_fields():
 
 def test_bf16_forward_is_close_to_fp32():
     model = micro()
-    x = torch.randint(0, 256, (2, 12))
+    x = torch.randint(0, 256, (2, model.config.block_size))  # the far positions too (bf16 rotary angles)
     with torch.no_grad():
         ref = model(x)
         low = model.to(torch.bfloat16)(x).float()
-    assert (low - ref).abs().max() < 0.1 * ref.abs().max()
+    assert (low - ref).abs().max() < 0.02 * ref.abs().max()  # measured 0.8%
+    assert (low.argmax(-1) == ref.argmax(-1)).float().mean() > 0.95  # measured 98%

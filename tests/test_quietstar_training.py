@@ -175,18 +175,24 @@ def test_unknown_thought_field_is_named():
         QuietStarLM(model="micro", thoughts={"n_ahaed": 8})
 
 
-def test_activation_checkpointing_gives_the_same_loss_and_gradients():
+def test_activation_checkpointing_recomputes_the_mlps_in_backward_with_the_same_loss_and_gradients():
     torch.manual_seed(0)
     config = ThoughtConfig(n_ahead=4, n_ahead_talk=2, n_passes=2)
     plain = QuietStar(Transformer(ModelConfig.from_name("micro")), config, init_token_id=3)
     recomputed = copy.deepcopy(plain)
     recompute_mlps(recomputed.lm)
     x = torch.randint(0, 256, (2, 24))
-    losses = []
+    losses, backward_calls = [], []
     for model in (plain, recomputed):
+        calls = []  # the MLP's first layer runs again when backward recomputes its activations
+        model.lm.blocks[0].mlp.gate_up.register_forward_hook(lambda *_: calls.append(1))
         loss = model(x, generator=torch.Generator().manual_seed(0)).loss
+        forward_calls = len(calls)
         loss.backward()
         losses.append(loss.detach())
+        backward_calls.append((len(calls) - forward_calls, forward_calls))
+    assert backward_calls[0] == (0, config.n_ahead + config.n_ahead_talk - 1)
+    assert backward_calls[1] == (backward_calls[0][1], backward_calls[0][1])  # each forward call recomputed once
     torch.testing.assert_close(losses[0], losses[1])
     for (name, a), b in zip(plain.named_parameters(), recomputed.parameters()):
         torch.testing.assert_close(a.grad, b.grad, msg=name)
