@@ -15,11 +15,11 @@ import torch
 import yaml
 
 from modeldefs import ModelConfig, Transformer
-from modeldefs.pretrained import load_pretrained
+from modeldefs.pretrained import export_hf, load_pretrained
 from modeldefs.quietstar import QuietStar, ThoughtConfig
 from tests.conftest import REPO, requires_smollm2, smollm2_available
 from training.cli import main
-from training.quietstar_lm import QuietStarLM, recompute_mlps
+from training.quietstar_lm import QuietStarLM, _refuse_untrained_predictors, recompute_mlps
 
 THOUGHT_METRICS = ("train/base_nll", "train/mixed_nll", "train/policy_loss", "train/mixing_weight_mean",
                    "train/mixing_weight_std", "train/reward_mean", "train/reward_std",
@@ -247,3 +247,20 @@ def test_monitors_refuse_the_module_they_cannot_watch():
         RoutingMonitor().setup(None, QuietStarLM(model="micro"), "fit")
     with pytest.raises(ValueError, match="ThoughtMonitor shows Quiet-STaR thoughts; CausalLM does not think"):
         ThoughtMonitor().setup(None, CausalLM(model="micro"), "fit")
+
+
+@pytest.mark.parametrize("init_from", [None, "a dense model"])
+def test_routing_by_predictors_this_run_creates_is_refused(init_from, tmp_path):
+    """Quiet-STaR freezes MoD predictors: new ones (from scratch, or MoD-ifying a dense model) would route
+    at random; a MoD model's own predictors, or the router rule, are accepted."""
+    overrides = {"mod_capacity": 0.5, "mod_causal_rule": "predictor", "mod_exempt_last": False}
+    if init_from is not None:
+        init_from = str(tmp_path / "dense")
+        export_hf(Transformer(ModelConfig.from_name("micro")), init_from)
+    module = QuietStarLM(model=None if init_from else "micro", init_from=init_from, model_overrides=overrides)
+    with pytest.raises(ValueError, match=r"predictors of layers \[1\], which this run creates"):
+        module.configure_model()
+    routed = Transformer(ModelConfig.from_name("micro", **overrides))
+    _refuse_untrained_predictors(routed, source=routed)  # continuing from a MoD model: its predictors
+    by_router = {**overrides, "mod_causal_rule": "router"}
+    _refuse_untrained_predictors(Transformer(ModelConfig.from_name("micro", **by_router)), source=None)

@@ -94,16 +94,18 @@ class QuietStarLM(CausalLM):
         hp = self.hparams
         overrides = hp.model_overrides or {}
         previous: QuietStar | None = None
+        source: Transformer | None = None  # the pretrained decoder, before any override
         if hp.init_from is not None:
             loaded = load_pretrained(hp.init_from)
             previous = loaded if isinstance(loaded, QuietStar) else None
-            lm = previous.lm if previous is not None else loaded
+            lm = source = previous.lm if previous is not None else loaded
             if previous is not None and not hp.thoughts:  # no thought settings given: keep the checkpoint's
                 self.thought_config = previous.thought_config
             if overrides:
                 lm = self._with_overrides(lm, overrides)
         else:
             lm = Transformer(ModelConfig.from_name(hp.model, **overrides))
+        _refuse_untrained_predictors(lm, source)
         self.model = QuietStar(lm, self.thought_config, init_token_id=self._init_token_id())
         for block in lm.routed_blocks.values():  # Quiet-STaR routes by the causal rule, never by top-k, so the
             if block.predictor is not None:      # MoD predictors get no gradient: frozen, they stay out of AdamW
@@ -210,6 +212,21 @@ class QuietStarLM(CausalLM):
         tokens = seq_len + c.n_passes * (c.n_ahead + c.n_ahead_talk - 2) * positions
         return int(self.model.lm.flops_per_token(seq_len, top_k=False) * tokens / seq_len)
 
+
+def _refuse_untrained_predictors(lm: Transformer, source: Transformer | None) -> None:
+    """Refuse routing by predictors that this run creates: Quiet-STaR gives them no targets and freezes
+    them, so they would decide every pass's routing at their random initialisation throughout."""
+    if lm.config.mod_causal_rule != "predictor":
+        return
+    trained = {i for i, block in (source.routed_blocks if source is not None else {}).items()
+               if block.predictor is not None}
+    new = sorted(i for i, block in lm.routed_blocks.items() if block.predictor is not None and i not in trained)
+    if new:
+        raise ValueError(
+            f"mod_causal_rule=predictor routes every Quiet-STaR pass by the predictors of layers {new}, which this "
+            "run creates and Quiet-STaR never trains (they would route at random): start from a Mixture-of-Depths "
+            "checkpoint whose predictors were trained (model.init_args.init_from=<a run of "
+            "configs/mod-smollm2-135m.yaml>), or set model_overrides.mod_causal_rule: router")
 
 def recompute_mlps(lm: Transformer) -> None:
     """Activation checkpointing of every block's MLP: it keeps only its input and recomputes the rest
