@@ -127,6 +127,15 @@ def test_unknown_config_key_is_named(in_tmp, gsm8k_train, capsys):
     assert "learning_rate" in capsys.readouterr().err
 
 
+def test_a_failed_check_of_ours_reads_as_its_own_message(in_tmp, gsm8k_train):
+    """Not inside jsonargparse's "Does not validate against any of the Union subtypes" with the Namespace."""
+    with pytest.raises(ValueError) as error:
+        main(["fit", *smoke_args(gsm8k_train, "--model.init_args.lr", "-1")])
+    assert str(error.value).startswith("model.init_args: lr=-1.0 must be > 0")
+    assert "Union" not in str(error.value) and "Namespace(" not in str(error.value)
+    with pytest.raises(ValueError, match=r"^data\.seq_len=0 must be >= 1$"):
+        main(["fit", *smoke_args(gsm8k_train, "--data.init_args.seq_len", "0")])
+
 def test_wrong_type_is_named(in_tmp, gsm8k_train, capsys):
     with pytest.raises(SystemExit):
         main(["fit", *smoke_args(gsm8k_train, "--model.init_args.lr", "fast")])

@@ -61,6 +61,18 @@ class QuietDepthCLI(LightningCLI):
             kwargs["callbacks"] = [*given, StepProgressBar()]
         return super().instantiate_trainer(**kwargs)
 
+    def instantiate_classes(self) -> None:
+        """As LightningCLI's, but a check of ours that fails while the model or data is built reads as its own
+        message: jsonargparse wraps it in a "Does not validate against any of the Union subtypes" error that
+        also lists the null alternative and prints the whole Namespace."""
+        try:
+            super().instantiate_classes()
+        except ValueError as e:
+            reasons = _union_reasons(str(e))
+            if not reasons:
+                raise
+            raise ValueError("\n".join(reasons)) from None
+
     def _parse_ckpt_path(self) -> None:
         """Keep the run's configuration as given. LightningCLI would parse a --ckpt_path file's stored
         hyperparameters over it, so that on resume the command line's model settings are silently undone
@@ -136,6 +148,15 @@ class QuietDepthCLI(LightningCLI):
                 raise ValueError(f"--ckpt_path {path} is at step {step} and trainer.max_steps is {max_steps}: there is "
                                  f"nothing left to train. Raise --trainer.max_steps (e.g. to {step + max(step, 1)}) "
                                  "to train on from it")
+
+
+def _union_reasons(message: str) -> list[str]:
+    """The errors listed in jsonargparse's Union message, without the null alternative's; [] for other messages."""
+    if not message.startswith("Does not validate against any of the Union subtypes") or "\nErrors:\n" not in message:
+        return []
+    errors = message.split("\nErrors:\n", 1)[1].split("\nGiven value type:", 1)[0]
+    return [line.strip().removeprefix("- ") for line in errors.splitlines()
+            if line.strip() and "Expected a <class 'NoneType'>" not in line]
 
 
 def _not_an_advert(record: logging.LogRecord) -> bool:
