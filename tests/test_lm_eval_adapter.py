@@ -13,8 +13,8 @@ pytest.importorskip("lm_eval", reason="lm-evaluation-harness is an optional extr
 from lm_eval.api.instance import Instance  # noqa: E402
 from lm_eval.api.registry import get_model  # noqa: E402
 
-from evals import scoring  # noqa: E402
-from evals.decoding import generate, generate_tokens  # noqa: E402
+from evals import csqa, scoring  # noqa: E402
+from evals.decoding import DecodingConfig, generate, generate_tokens  # noqa: E402
 from evals.lm_eval_adapter import QuietdepthLM  # noqa: E402
 from evals.model import EvalModel  # noqa: E402
 from modeldefs import ModelConfig, Transformer  # noqa: E402
@@ -112,16 +112,39 @@ def test_sampling_requests_are_refused_with_the_override(model):
         QuietdepthLM(model).generate_until(requests("generate_until", [("Hi", {"until": [], "do_sample": True})]))
 
 
-def test_lm_eval_runs_the_local_commonsense_qa_task_through_the_adapter(model):
-    shared_file("commonsense_qa/dev_rand_split.jsonl")
+def test_lm_eval_local_commonsense_qa_requests_are_our_letter_prompts_scoring_the_letters():
+    """The task YAML renders `evals.csqa`'s prompt, scores " A" ... " E" and takes the answer key as gold."""
+    from lm_eval.tasks import TaskManager, get_task_dict
+
+    questions = csqa.load(str(shared_file("commonsense_qa/dev_rand_split.jsonl")))[:6]
+    tasks = TaskManager(include_path=str(TASKS), include_defaults=False)
+    task = get_task_dict(["commonsense_qa_local"], tasks)["commonsense_qa_local"]
+    task.build_all_requests(limit=len(questions))
+    theirs = sorted(task.instances, key=lambda request: (request.doc_id, request.idx))
+    assert [request.args for request in theirs] == [
+        (csqa.letter_prompt(q), f" {letter}") for q in questions for letter in csqa.LETTERS]
+    docs = [request.doc for request in theirs[::len(csqa.LETTERS)]]
+    # lm-eval takes a target that is a choice's text or its index
+    gold = [task.doc_to_choice(doc).index(t) if isinstance(t := task.doc_to_target(doc), str) else t for doc in docs]
+    assert gold == [csqa.LETTERS.index(q.answer) for q in questions]
+
+
+def test_lm_eval_runs_the_local_commonsense_qa_tasks_through_the_adapter_to_our_own_results(model):
+    """lm-eval's letter and cloze tasks score each question as `evals.csqa` does, to the same accuracy."""
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
+    questions = csqa.load(str(shared_file("commonsense_qa/dev_rand_split.jsonl")))[:6]
     lm = QuietdepthLM(model, batch_size=4)
-    out = simple_evaluate(model=lm, tasks=["commonsense_qa_local", "commonsense_qa_cloze_local"], limit=6,
+    out = simple_evaluate(model=lm, tasks=["commonsense_qa_local", "commonsense_qa_cloze_local"], limit=len(questions),
                           task_manager=TaskManager(include_path=str(TASKS), include_defaults=False))
-    assert out["results"]["commonsense_qa_local"]["acc,none"] in {i / 6 for i in range(7)}
-    assert set(out["results"]["commonsense_qa_cloze_local"]) >= {"acc,none", "acc_norm,none"}
+    for task, ours in [("commonsense_qa_local", "csqa"), ("commonsense_qa_cloze_local", "csqa_cloze")]:
+        result = csqa.evaluate(model, questions, ours, DecodingConfig(batch_size=4), progress=False)
+        theirs = sorted(out["samples"][task], key=lambda sample: sample["doc_id"])
+        # per question, not just the mean: the same letters/choices scored to the same log-likelihoods
+        assert [[ll for ll, _ in sample["filtered_resps"]] for sample in theirs] == [s["scores"] for s in result.samples]
+        for metric in result.metrics:
+            assert out["results"][task][f"{metric.name},none"] == pytest.approx(metric.value)
 
 
 def test_lm_eval_default_cuda_device_falls_back_to_the_cpu_and_misspelled_model_args_are_refused(
