@@ -66,18 +66,27 @@ def test_prints_the_greedy_continuation_of_the_model(checkpoints, smollm2_tokeni
     assert want.strip() and printed_completions(capsys) == [want]
 
 
-def test_routed_layers_count_every_token_they_saw(checkpoints, smollm2_tokenizer_dir, capsys):
-    main(["--model", str(checkpoints["mod"]), "--tokenizer", str(smollm2_tokenizer_dir), "--prompt", PROMPT,
+@pytest.mark.parametrize("router_bias, routed_share", [(100.0, 1), (-100.0, 0)], ids=["every-token", "no-token"])
+def test_routed_layers_count_every_token_they_saw(checkpoints, smollm2_tokenizer_dir, tmp_path, capsys, router_bias,
+                                                  routed_share):
+    # A router bias of +-100 outweighs any logit of the tiny model: every token is routed, or none is,
+    # so the processed count is known exactly rather than only bounded.
+    state = torch.load(checkpoints["mod"], weights_only=True)
+    for name, value in state["state_dict"].items():
+        if name.endswith("router.bias"):
+            value.fill_(router_bias)
+    forced = tmp_path / "forced.ckpt"
+    torch.save(state, forced)
+    main(["--model", str(forced), "--tokenizer", str(smollm2_tokenizer_dir), "--prompt", PROMPT,
           "--prompt", "Weng earns", "--max-new-tokens", "5"])
     out = capsys.readouterr().out
     lines = [line for line in out.splitlines() if "routed layer" in line]
     assert len(lines) == 1 and "routed layer 1:" in lines[0]  # of tiny's 2 layers; the first is exempt
-    model = load_eval_model(str(checkpoints["mod"]), str(smollm2_tokenizer_dir))
+    model = load_eval_model(str(forced), str(smollm2_tokenizer_dir))
     # KV-cached decoding reads a prompt at once, then one token per step: prompt + 4 tokens through each layer
     seen = sum(len(model.encode(p)) + 4 for p in (PROMPT, "Weng earns"))
-    for line in lines:
-        routed, total = (int(w) for w in line.split("processed ")[1].split(" tokens")[0].split(" of "))
-        assert total == seen and 0 <= routed <= total
+    routed, total = (int(w) for w in lines[0].split("processed ")[1].split(" tokens")[0].split(" of "))
+    assert (routed, total) == (routed_share * seen, seen)
 
 
 def test_a_thought_model_thinks_unless_told_not_to(checkpoints, smollm2_tokenizer_dir, capsys):
