@@ -71,9 +71,14 @@ def test_sampled_thoughts_and_tokens_are_reproducible_with_a_generator():
     model = make_model()
     model.thought_config.eval_thought_temperature = 1.0
     x = prompt()
-    a = generate_with_thoughts(model, x, 6, temperature=1.0, generator=torch.Generator().manual_seed(5))
-    b = generate_with_thoughts(model, x, 6, temperature=1.0, generator=torch.Generator().manual_seed(5))
+    a, b, other = (generate_with_thoughts(model, x, 6, temperature=1.0, generator=torch.Generator().manual_seed(seed))
+                   for seed in (5, 5, 6))
     assert torch.equal(a, b)
+    # The random micro model's next-token distribution is flat (top probability ~0.1 of 256 tokens): 12 tokens
+    # drawn at temperature 1 all equal to the argmax, or to another seed's draws, would be a ~1e-11 chance.
+    assert not torch.equal(a, other)
+    greedy = generate_with_thoughts(model, x, 6, temperature=0.0, generator=torch.Generator().manual_seed(5))
+    assert not torch.equal(a, greedy)  # same seed: argmax tokens would have drawn the same thoughts, to this output
 
 
 def test_the_thought_must_fit_in_the_context():
