@@ -100,13 +100,25 @@ def test_chunked_cache_fill_equals_one_forward_and_overflow_or_a_slot_without_ca
             model(x, start_pos=3)
 
 
-def test_generation_stops_at_eos_and_pads_finished_rows():
+def test_generation_pads_a_row_that_produced_eos_while_the_others_go_on():
     model = micro()
     prompt = torch.randint(0, 256, (2, 4))
-    first = generate(model, prompt, max_new_tokens=1)[:, -1]
-    eos = int(first[0])
+    free = generate(model, prompt, max_new_tokens=6)
+    eos = int(free[0, 4])
     out = generate(model, prompt, max_new_tokens=6, eos_id=eos)
     assert (out[0, 4:] == eos).all()
+    row = free[1, 4:].tolist()
+    n = row.index(eos) + 1 if eos in row else len(row)  # row 1 decodes as alone, up to its own eos
+    assert torch.equal(out[1, :4 + n], free[1, :4 + n])
+
+
+def test_generation_stops_when_every_row_has_produced_eos():
+    model = micro()
+    prompt = torch.randint(0, 256, (1, 4)).repeat(2, 1)  # equal rows: both produce eos at the same step
+    free = generate(model, prompt, max_new_tokens=6)
+    eos = int(free[0, 6])  # the third new token
+    stop = free[0, 4:].tolist().index(eos) + 5  # at most 7: decoding must not run on to 4 + 6 = 10
+    assert torch.equal(generate(model, prompt, max_new_tokens=6, eos_id=eos), free[:, :stop])
 
 
 def test_sampling_is_reproducible_with_a_generator_and_top_k_one_is_greedy():
