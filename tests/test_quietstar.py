@@ -284,11 +284,16 @@ def test_mod_model_thinks_trains_and_routes_by_its_causal_rule():
 
 def test_mod_thought_pass_that_no_row_routes_skips_the_block_and_still_runs():
     model = make_model(mod_capacity=0.5)
+    (block,) = model.lm.routed_blocks.values()
     with torch.no_grad():
-        for block in model.lm.routed_blocks.values():
-            block.router.bias.fill_(-100.0)  # nothing routed: single-chain passes skip the block
+        block.router.bias.fill_(-100.0)  # nothing routed: single-chain passes skip the block
+    # Lengths of the passes that reach the block, and of those that run its attention (its computation's start).
+    reached, computed = [], []
+    block.register_forward_pre_hook(lambda module, args: reached.append(args[0].size(1)))
+    block.attn.register_forward_pre_hook(lambda module, args: computed.append(args[0].size(1)))
     out = model(ids(T=CONFIG.n_ahead_talk + 1), generator=gen())  # one thought position
     assert len(out.positions) == 1 and torch.isfinite(out.loss)
+    assert 1 in reached and computed == [n for n in reached if n > 1]  # only the multi-token prefix pass computes
 
 
 def test_thought_cache_refuses_a_pass_out_of_order_or_off_the_pass_grid():
