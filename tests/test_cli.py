@@ -22,7 +22,6 @@ from training.export import main as export_main
 from training.lm import NonFiniteLossError
 from training.schedule import warmup_cosine
 
-pytestmark = requires_smollm2
 SMOKE = str(REPO / "configs" / "smoke.yaml")
 
 
@@ -44,6 +43,7 @@ def in_tmp(tmp_path, monkeypatch) -> Path:
     return tmp_path
 
 
+@requires_smollm2  # loads the smoke config's SmolLM2 tokenizer
 def test_fit_smoke_writes_checkpoints_metrics_wandb_run_and_summary(in_tmp, gsm8k_train, capsys):
     main(["fit", *smoke_args(gsm8k_train, steps=12)])
     run = in_tmp / "runs" / "smoke"
@@ -99,6 +99,7 @@ class RecordStepGradNorm(L.Callback):
         trainer.optimizers[0].register_step_post_hook(record)  # (Lightning runs backward inside `step`)
 
 
+@requires_smollm2  # loads the smoke config's SmolLM2 tokenizer
 def test_bf16_mixed_training_clips_gradients_with_the_fused_optimizer(in_tmp, gsm8k_train):
     # Lightning's AMP plugin refuses to clip for fused optimizers; CausalLM clips itself where no loss scaler runs.
     clip = 1e-3
@@ -143,12 +144,14 @@ def test_wrong_type_is_named(in_tmp, gsm8k_train, capsys):
     assert "lr" in err and "fast" in err
 
 
+@requires_smollm2  # loads the smoke config's SmolLM2 tokenizer
 def test_sequence_longer_than_context_stops_before_training(in_tmp, gsm8k_train):
     with pytest.raises(ValueError, match=r"data.seq_len=2048 .*block_size=1024"):
         main(["fit", *smoke_args(gsm8k_train, "--data.init_args.seq_len", "2048")])
     assert not (in_tmp / "runs" / "smoke" / "checkpoints").exists()
 
 
+@requires_smollm2  # loads the smoke config's SmolLM2 tokenizer
 def test_a_tokenizer_larger_than_the_vocabulary_and_a_misspelled_override_stop_before_training(in_tmp, gsm8k_train):
     with pytest.raises(ValueError, match=r"data.tokenizer has 49152 tokens but the model's vocab_size is 256"):
         main(["fit", *smoke_args(gsm8k_train, "--model.init_args.model", "micro", "--data.init_args.seq_len", "64")])
@@ -157,6 +160,7 @@ def test_a_tokenizer_larger_than_the_vocabulary_and_a_misspelled_override_stop_b
     assert not (in_tmp / "runs" / "smoke" / "checkpoints").exists()
 
 
+@requires_smollm2  # loads the smoke config's SmolLM2 tokenizer
 def test_resuming_another_architecture_names_the_fields_that_differ(in_tmp, gsm8k_train):
     main(["fit", *smoke_args(gsm8k_train, steps=3)])
     last = in_tmp / "runs" / "smoke" / "checkpoints" / "last.ckpt"
@@ -167,6 +171,7 @@ def test_resuming_another_architecture_names_the_fields_that_differ(in_tmp, gsm8
     assert last.read_bytes() == saved
 
 
+@requires_smollm2  # loads the smoke config's SmolLM2 tokenizer
 def test_a_ckpt_path_that_holds_no_checkpoint_or_another_kind_of_model_is_refused_before_training(in_tmp, gsm8k_train):
     main(["fit", *smoke_args(gsm8k_train, steps=2)])
     last = in_tmp / "runs" / "smoke" / "checkpoints" / "last.ckpt"
@@ -184,6 +189,7 @@ def test_a_ckpt_path_that_holds_no_checkpoint_or_another_kind_of_model_is_refuse
     assert last.read_bytes() == saved
 
 
+@requires_smollm2  # loads the smoke config's SmolLM2 tokenizer
 def test_resuming_a_run_that_reached_max_steps_is_refused_with_the_step_to_raise_it_to(in_tmp, gsm8k_train):
     main(["fit", *smoke_args(gsm8k_train, steps=2)])
     with pytest.raises(ValueError, match=r"last.ckpt is at step 2 and trainer.max_steps is 2: .* \(e.g. to 4\)"):
@@ -191,6 +197,7 @@ def test_resuming_a_run_that_reached_max_steps_is_refused_with_the_step_to_raise
     assert sorted(p.name for p in (in_tmp / "runs" / "smoke" / "csv").iterdir()) == ["version_0"]
 
 
+@requires_smollm2  # loads the smoke config's SmolLM2 tokenizer
 def test_ckpt_path_last_checks_the_newest_last_checkpoint_the_one_lightning_resumes(in_tmp, gsm8k_train):
     """A second run into the folder writes last-v1.ckpt; `last` resumes it, not the older last.ckpt."""
     main(["fit", *smoke_args(gsm8k_train, steps=4)])
@@ -200,6 +207,7 @@ def test_ckpt_path_last_checks_the_newest_last_checkpoint_the_one_lightning_resu
     assert cli.trainer.global_step == 3
 
 
+@requires_smollm2  # loads the smoke config's SmolLM2 tokenizer
 def test_validate_on_random_weights_warns_and_a_checkpoint_folder_that_is_a_file_stops_fit(in_tmp, gsm8k_train):
     with pytest.warns(UserWarning, match="validate runs on randomly initialised weights: give --ckpt_path"):
         main(["validate", *smoke_args(gsm8k_train)])
@@ -212,6 +220,7 @@ def test_validate_on_random_weights_warns_and_a_checkpoint_folder_that_is_a_file
         main(["fit", *smoke_args(gsm8k_train, config=str(in_tmp / "smoke.yaml"))])
 
 
+@requires_smollm2  # loads the smoke config's SmolLM2 tokenizer
 def test_the_progress_bar_counts_steps_towards_max_steps_across_a_resume(in_tmp, gsm8k_train):
     pytest.importorskip("rich", reason="the step bar is a rich progress bar")
     run(["fit", *smoke_args(gsm8k_train, "--trainer.enable_progress_bar", "true", steps=2)])
@@ -240,6 +249,7 @@ class SlowValidationRecorder(L.Callback):
         time.sleep(self.sleep)
 
 
+@requires_smollm2  # loads the smoke config's SmolLM2 tokenizer
 def test_throughput_and_bar_loss_are_read_on_logging_steps_without_validation_time(in_tmp, gsm8k_train):
     config = yaml.safe_load(Path(SMOKE).read_text())
     config["trainer"]["callbacks"].append(
@@ -298,6 +308,7 @@ def assert_last_checkpoint_is_good(in_tmp: Path, step: int) -> None:
     assert all(torch.isfinite(t).all() for t in state["state_dict"].values())
 
 
+@requires_smollm2  # loads the smoke config's SmolLM2 tokenizer
 @pytest.mark.parametrize("interval, message", [(1, "training loss is nan at global step 3"),
                                                (4, "not finite at one of global steps 0-3")])
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(in_tmp, gsm8k_train, interval, message):
@@ -307,6 +318,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(in_tmp, gsm8k_
     assert_last_checkpoint_is_good(in_tmp, 3)
 
 
+@requires_smollm2  # loads the smoke config's SmolLM2 tokenizer
 def test_non_finite_weights_are_never_written_to_a_checkpoint(in_tmp, gsm8k_train):
     # Weights go bad after step 3's update, before its checkpoint: that save is refused.
     with pytest.raises(NonFiniteLossError, match="weights are not finite at global step 3"):
@@ -323,6 +335,7 @@ def test_every_shipped_config_parses(name, capsys):
     assert printed["model"]["class_path"].startswith("training.") and printed["trainer"]["max_steps"] > 0
 
 
+@requires_smollm2  # loads the smoke config's SmolLM2 tokenizer
 def test_a_resumed_run_trains_with_its_own_optimizer_settings_not_the_checkpoints(in_tmp, gsm8k_train):
     """Lightning restores the optimizer's param groups and the schedule's base lr from the checkpoint."""
     run(["fit", *smoke_args(gsm8k_train, steps=2)])
@@ -340,6 +353,7 @@ def test_a_resumed_run_trains_with_its_own_optimizer_settings_not_the_checkpoint
         (0.5, (0.8, 0.9), 0.01), (0.0, (0.8, 0.9), 0.01)]
 
 
+@requires_smollm2  # loads the smoke config's SmolLM2 tokenizer
 def test_a_resumed_run_keeps_its_command_line_settings_not_the_checkpoints(in_tmp, gsm8k_train):
     """LightningCLI would parse a checkpoint's stored hyperparameters over the command line on resume."""
     run(["fit", *smoke_args(gsm8k_train, steps=2)])
