@@ -142,7 +142,8 @@ def test_lm_eval_runs_the_local_commonsense_qa_tasks_through_the_adapter_to_our_
         result = csqa.evaluate(model, questions, ours, DecodingConfig(batch_size=4), progress=False)
         theirs = sorted(out["samples"][task], key=lambda sample: sample["doc_id"])
         # per question, not just the mean: the same letters/choices scored to the same log-likelihoods
-        assert [[ll for ll, _ in sample["filtered_resps"]] for sample in theirs] == [s["scores"] for s in result.samples]
+        scores = [[loglikelihood for loglikelihood, _ in sample["filtered_resps"]] for sample in theirs]
+        assert scores == [sample["scores"] for sample in result.samples]
         for metric in result.metrics:
             assert out["results"][task][f"{metric.name},none"] == pytest.approx(metric.value)
 
