@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -246,10 +247,22 @@ def _check_outputs(output: Path, leaderboard: str) -> None:
     read_rows(board / "leaderboard.csv")  # a foreign CSV there is refused now, not after the evaluation
 
 
+def _nan_to_none(value: Any) -> Any:
+    """`value` with every float NaN inside dicts and lists replaced by None."""
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _nan_to_none(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_nan_to_none(v) for v in value]
+    return value
+
+
 def _save(report: dict[str, Any], output: Path, rows: list[dict[str, Any]], leaderboard: str) -> int:
     """Write results.json (every model so far) and append `rows` to the leaderboard; returns rows added."""
     output.mkdir(parents=True, exist_ok=True)
-    (output / "results.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+    # NaN (the stderr of n = 1) as null: bare NaN is not JSON, and strict parsers refuse the file
+    (output / "results.json").write_text(json.dumps(_nan_to_none(report), indent=2, default=str, allow_nan=False) + "\n")
     return append_rows(leaderboard, rows)[1]
 
 

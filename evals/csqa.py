@@ -114,7 +114,9 @@ def _choice_scores(model: EvalModel, contexts: list[str], options: list[list[str
     scores = loglikelihood(model, requests, batch_size=decoding.batch_size, progress=progress,
                            think=decoding.variant == "thoughts", pack_tokens=decoding.pack_tokens)
     flat = iter(score for score, _ in scores)
-    tokens = sum(len(c) + len(k) for c, k in {(tuple(c), tuple(k)) for c, k in requests})
+    # what the model reads: each distinct context once (its options share it), then each option
+    pairs = {(tuple(c), tuple(k)) for c, k in requests}
+    tokens = sum(map(len, {c for c, _ in pairs})) + sum(len(k) for _, k in pairs)
     return [[next(flat) for _ in opts] for opts in options], tokens
 
 

@@ -18,7 +18,8 @@ from typing import Any
 COLUMNS = ["model", "weights_sha256", "dtype", "decoding", "task", "version", "filter", "n_shot", "metric", "value",
            "stderr", "n", "max_new_tokens", "tokens_per_s", "capacity", "thought_length", "prompts_hash", "commit", "date"]
 _NOT_IDENTITY = {"tokens_per_s", "commit", "date"}
-LONG_HEADER = ["Model", "Decoding", "Tasks", "Version", "Filter", "n-shot", "Metric", "Value", "± Stderr", "n"]
+LONG_HEADER = ["Model", "Weights", "dtype", "Decoding", "Tasks", "Version", "Filter", "n-shot", "Metric", "Value",
+               "± Stderr", "n", "Max new tokens"]
 
 
 def _key(row: dict[str, Any]) -> tuple[str, ...]:
@@ -72,9 +73,11 @@ def _number(text: str, digits: int = 4) -> str:
 
 
 def long_table(rows: Sequence[dict[str, str]]) -> list[list[str]]:
-    """lm-eval's results table (Tasks | Version | Filter | n-shot | Metric | Value | ± Stderr), per model and decoding."""
-    return [[r["model"], r["decoding"], r["task"], r["version"], r["filter"], r["n_shot"], r["metric"],
-             _number(r["value"]), _number(r["stderr"]), r["n"]] for r in rows]
+    """lm-eval's results table (Tasks | Version | Filter | n-shot | Metric | Value | ± Stderr), per model (source,
+    weights, dtype) and decoding, with n and the generation budget: the fields that tell two rows apart."""
+    return [[r["model"], r["weights_sha256"][:8], r["dtype"], r["decoding"], r["task"], r["version"], r["filter"],
+             r["n_shot"], r["metric"], _number(r["value"]), _number(r["stderr"]), r["n"], r["max_new_tokens"]]
+            for r in rows]
 
 
 _TASK_ORDER = ["gsm8k", "gsm8k_chat", "csqa", "csqa_cloze", "csqa_gen", "gsm8k_answer_prob", "csqa_answer_prob"]
@@ -91,21 +94,27 @@ def _summary_column(row: dict[str, str]) -> tuple[tuple[int, int, int, str], str
 
 
 def wide_table(rows: Sequence[dict[str, str]]) -> tuple[list[str], list[list[str]]]:
-    """(header, rows): one row per model (source, weights, dtype) and decoding, one column per task and
-    metric (GSM8K: per n-shot and filter), and `tokens/s`, the generation speed of its latest GSM8K
-    row; the latest value wins."""
+    """(header, rows): one row per evaluation run (its date) of a model (source, weights, dtype) under a
+    decoding, so that results of runs with another --limit, token budget or seed never share a row; one
+    column per task and metric (GSM8K: per n-shot and filter); n (items per task, "/"-joined where the
+    tasks differ), the generation budget, and `tokens/s`: the speed of the run's GSM8K evaluation with
+    the fewest shots."""
     columns: dict[str, tuple[int, int, int, str]] = {}
     table: dict[tuple[str, ...], dict[str, str]] = {}
     for r in rows:
         key, column = _summary_column(r)
         columns[column] = key
-        cells = table.setdefault((r["model"], r["weights_sha256"][:8], r["dtype"], r["decoding"]), {})
+        cells = table.setdefault((r["model"], r["weights_sha256"][:8], r["dtype"], r["decoding"], r["date"][:19]), {})
         cells[column] = _number(r["value"])
-        if r["task"] == "gsm8k":
-            cells["tokens/s"] = _number(r["tokens_per_s"], 1)
+        if r["n"] not in cells.setdefault("n", "").split("/"):
+            cells["n"] = "/".join(filter(None, [cells["n"], r["n"]]))
+        cells["max new tokens"] = cells.get("max new tokens") or r["max_new_tokens"]
+        if r["task"] == "gsm8k" and int(r["n_shot"]) <= int(cells.get("gsm8k shots", r["n_shot"])):
+            cells["gsm8k shots"], cells["tokens/s"] = r["n_shot"], _number(r["tokens_per_s"], 1)
     names = [*sorted(columns, key=columns.__getitem__), "tokens/s"]
-    header = ["model", "weights", "dtype", "decoding", *names]
-    return header, [[*key, *(cells.get(c, "") for c in names)] for key, cells in table.items()]
+    header = ["model", "weights", "dtype", "decoding", "date", "n", "max new tokens", *names]
+    return header, [[*key, cells["n"], cells["max new tokens"], *(cells.get(c, "") for c in names)]
+                    for key, cells in table.items()]
 
 
 def _markdown_table(header: Sequence[str], body: Sequence[Sequence[str]]) -> str:

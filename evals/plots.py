@@ -23,6 +23,15 @@ def x_value(row: dict[str, str], x: XAxis) -> float | None:
 Lines = dict[str, dict[float, tuple[float, float]]]
 
 
+def line_label(row: dict[str, str], x: XAxis) -> str:
+    """The line a row belongs to: for k one model (source, weights, dtype), otherwise one decoding; either
+    at one shot count, number of items and generation budget, so that no line joins other runs' settings."""
+    identity = ", ".join(filter(None, (row["weights_sha256"][:8], row["dtype"])))
+    who = f"{row['model']} ({identity})" if identity and x == "k" else row["model"] if x == "k" else row["decoding"]
+    budget = f", {row['max_new_tokens']} new tokens" if row["max_new_tokens"] else ""
+    return f"{who}, {row['n_shot']}-shot, n={row['n']}{budget}"
+
+
 def accuracy_lines(rows: Sequence[dict[str, str]], x: XAxis, task: str, metric: str, filter: str) -> Lines:
     """{line label: {x: (value, stderr)}} for `metric` (under `filter`) on `task`. A line holds one
     setting: for k one model at one shot count (aggregated CoT-decoding a line of its own, greedy its
@@ -36,7 +45,7 @@ def accuracy_lines(rows: Sequence[dict[str, str]], x: XAxis, task: str, metric: 
         if value is None:
             continue
         point = (float(row["value"]), float(row["stderr"]) if row["stderr"] not in ("", "nan") else 0.0)
-        setting = f"{row['model']}, {row['n_shot']}-shot" if x == "k" else f"{row['decoding']}, {row['n_shot']}-shot"
+        setting = line_label(row, x)
         if x == "k" and row["decoding"] == "greedy":
             greedy[setting] = point
             continue
@@ -58,14 +67,18 @@ def plot_accuracy(rows: Sequence[dict[str, str]], x: XAxis, task: str, metric: s
 
     matplotlib.use("Agg")  # files only: no display on servers
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     lines = accuracy_lines(rows, x, task, metric, filter)
     fig, ax = plt.subplots(figsize=(6, 4))
     for group, points in sorted(lines.items()):
         xs = sorted(points)
         ax.errorbar(xs, [points[v][0] for v in xs], yerr=[points[v][1] for v in xs], marker="o", capsize=3, label=group)
-    ax.set_xlabel({"k": "CoT-decoding k (1 = greedy)", "thought_length": "thought length (tokens)",
+    ax.set_xlabel({"k": "CoT-decoding k (1 = greedy)",
+                   "thought_length": "thought length n_ahead (<start>, n_ahead - 3 sampled tokens, <end>)",
                    "capacity": "Mixture-of-Depths capacity"}[x])
+    if x != "capacity":
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel(f"{task} {metric} ({filter})")
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small")

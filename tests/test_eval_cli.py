@@ -59,8 +59,9 @@ def test_end_to_end_run_writes_results_samples_and_leaderboard(
     rows = list(csv.DictReader((board / "leaderboard.csv").open()))
     assert len(rows) == 2 * 2 + 1 + 2 + 1 + 2 * 2 + 1  # gsm8k has two filters per shot count; cloze acc + acc_norm
     markdown = (board / "leaderboard.md").read_text()
-    assert "| Tasks | Version | Filter | n-shot | Metric | Value | ± Stderr |" in markdown
-    assert "| model | weights | dtype | decoding | gsm8k 0-shot strict | gsm8k 0-shot flexible | gsm8k 1-shot strict" in markdown
+    assert "| Tasks | Version | Filter | n-shot | Metric | Value | ± Stderr | n | Max new tokens |" in markdown
+    assert ("| model | weights | dtype | decoding | date | n | max new tokens | gsm8k 0-shot strict | gsm8k 0-shot "
+            "flexible | gsm8k 1-shot strict") in markdown
     assert "<table>" in (board / "leaderboard.html").read_text()
     out = capsys.readouterr().out
     assert "quietdepth-eval results" in out and f"{len(rows)} new row(s) of {len(rows)}" in out
@@ -76,6 +77,19 @@ def test_a_rerun_appends_only_rows_that_changed(tiny_checkpoint, smollm2_tokeniz
     assert [r["n"] for r in rows] == ["2", "2", "2", "3", "3", "3"]
 
 
+def test_results_json_is_strict_json_with_null_for_the_stderr_of_one_item(tiny_checkpoint, smollm2_tokenizer_dir,
+                                                                         tmp_path):
+    main(run_args(tiny_checkpoint, smollm2_tokenizer_dir, tmp_path, "--tasks", "csqa", "--limit", "1"))
+
+    def refuse(constant: str) -> None:
+        raise ValueError(f"{constant} is not JSON")
+
+    report = json.loads((tmp_path / "run" / "results.json").read_text(), parse_constant=refuse)
+    (result,) = report["models"][0]["results"]
+    assert result["n"] == 1 and [m["stderr"] for m in result["metrics"]] == [None]
+    (row,) = csv.DictReader((tmp_path / "board" / "leaderboard.csv").open())
+    assert leaderboard.long_table([row])[0][10] == "N/A"
+
 def test_plot_writes_a_png_of_accuracy_against_cot_k(tmp_path, capsys):
     base = dict(model="m", task="gsm8k", version="3.0", filter="flexible-extract", n_shot=0, metric="exact_match",
                 n=10, tokens_per_s=1.0, capacity=None, thought_length=None, prompts_hash="h", commit="c", date="d")
@@ -85,10 +99,16 @@ def test_plot_writes_a_png_of_accuracy_against_cot_k(tmp_path, capsys):
     stored, _ = leaderboard.append_rows(tmp_path, rows)
     assert {label: {k: v for k, (v, _) in points.items()} for label, points in
             accuracy_lines(stored, "k", "gsm8k", "exact_match", "flexible-extract").items()} == {
-        "m, 0-shot": {1.0: 0.1, 3.0: 0.2, 5.0: 0.3},  # 5-shot greedy and aggregated CoT stay off this line
-        "m, 0-shot, aggregated": {1.0: 0.1, 5.0: 0.25},
-        "m, 5-shot": {1.0: 0.4},
+        "m, 0-shot, n=10": {1.0: 0.1, 3.0: 0.2, 5.0: 0.3},  # 5-shot greedy and aggregated CoT stay off this line
+        "m, 0-shot, n=10, aggregated": {1.0: 0.1, 5.0: 0.25},
+        "m, 5-shot, n=10": {1.0: 0.4},
     }
+    # other weights (a checkpoint overwritten in place) or another --limit are other lines
+    other = [{**rows[2], "weights_sha256": "abcdef0123456789", "dtype": "float32"}, {**rows[1], "n": 20}]
+    stored, _ = leaderboard.append_rows(tmp_path, other)
+    assert set(accuracy_lines(stored, "k", "gsm8k", "exact_match", "flexible-extract")) == {
+        "m, 0-shot, n=10", "m, 0-shot, n=10, aggregated", "m, 5-shot, n=10", "m (abcdef01, float32), 0-shot, n=10",
+        "m, 0-shot, n=20"}
     (tmp_path / "afile").write_text("")
     with pytest.raises(SystemExit) as exit_info:
         main(["plot", "--leaderboard", str(tmp_path), "--x", "k", "--out", str(tmp_path / "afile" / "x.png")])
@@ -111,13 +131,37 @@ def test_leaderboard_appends_new_rows_and_skips_identical_ones(tmp_path):
     assert added == 1 and [r["value"] for r in rows] == ["0.5", "0.75"]
     assert (tmp_path / "leaderboard.csv").read_text().count("\n") == 3
     header, wide = leaderboard.wide_table(rows)
-    assert header == ["model", "weights", "dtype", "decoding", "csqa acc", "tokens/s"]
-    assert wide == [["m", "", "", "greedy", "0.7500", ""]]
+    assert header == ["model", "weights", "dtype", "decoding", "date", "n", "max new tokens", "csqa acc", "tokens/s"]
+    assert wide == [["m", "", "", "greedy", "d1", "4", "", "0.7500", ""]]  # one run: the latest value wins
     # the same scores from other weights, in another dtype, or under another token budget are other rows
     others = [{**row, "weights_sha256": "abcdef0123456789"}, {**row, "dtype": "bfloat16"}, {**row, "max_new_tokens": 64}]
     rows, added = leaderboard.append_rows(tmp_path, others)
     assert added == 3
-    assert [cells[:3] for cells in leaderboard.wide_table(rows)[1]] == [["m", "", ""], ["m", "abcdef01", ""], ["m", "", "bfloat16"]]
+    long = leaderboard.long_table(rows)
+    assert len({tuple(cells) for cells in long}) == len(long)  # the long table tells every row apart
+    assert [cells[:3] for cells in leaderboard.wide_table(rows)[1]] == [["m", "", ""], ["m", "abcdef01", ""],
+                                                                        ["m", "", "bfloat16"]]
+
+
+def test_the_summary_never_puts_results_of_two_runs_in_one_row():
+    """Another --limit, budget or seed is another run (its date): a summary row is never a mix of runs."""
+    base = dict(model="m", weights_sha256="0123456789abcdef", dtype="float32", decoding="greedy", version="3.0",
+                task="gsm8k", filter="strict-match", metric="exact_match", stderr="0.1", capacity="",
+                thought_length="", prompts_hash="h", commit="c")
+    rows = [{**base, "n": "8", "n_shot": "0", "max_new_tokens": "32", "value": "0.1", "tokens_per_s": "30",
+             "date": "2026-11-27T05:00:00+00:00"},
+            {**base, "n": "8", "n_shot": "5", "max_new_tokens": "32", "value": "0.2", "tokens_per_s": "20",
+             "date": "2026-11-27T05:00:00+00:00"},
+            {**base, "n": "16", "n_shot": "0", "max_new_tokens": "8", "value": "0.3", "tokens_per_s": "40",
+             "date": "2026-11-27T06:00:00+00:00"},
+            {**base, "task": "csqa", "filter": "none", "metric": "acc", "n": "9", "n_shot": "0", "max_new_tokens": "",
+             "value": "0.4", "tokens_per_s": "90", "date": "2026-11-27T06:00:00+00:00"}]
+    header, wide = leaderboard.wide_table(rows)
+    assert header[4:] == ["date", "n", "max new tokens", "gsm8k 0-shot strict", "gsm8k 5-shot strict", "csqa acc",
+                          "tokens/s"]
+    assert [cells[4:] for cells in wide] == [
+        ["2026-11-27T05:00:00", "8", "32", "0.1000", "0.2000", "", "30.0"],  # tokens/s: the 0-shot run's
+        ["2026-11-27T06:00:00", "16/9", "8", "0.3000", "", "0.4000", "40.0"]]
 
 
 def test_the_summary_has_a_column_per_task_and_metric_in_a_fixed_order():
@@ -131,9 +175,10 @@ def test_the_summary_has_a_column_per_task_and_metric_in_a_fixed_order():
             {**base, "task": "gsm8k", "filter": "strict-match", "n_shot": "0", "metric": "exact_match", "value": "0.6"},
             {**base, "task": "csqa_cloze", "filter": "none", "n_shot": "0", "metric": "acc", "value": "0.7"}]
     header, wide = leaderboard.wide_table(rows)
-    assert header[4:] == ["gsm8k 0-shot strict", "gsm8k 0-shot flexible", "gsm8k_chat 5-shot flexible",
+    assert header[7:] == ["gsm8k 0-shot strict", "gsm8k 0-shot flexible", "gsm8k_chat 5-shot flexible",
                           "csqa_cloze acc", "csqa_cloze acc_norm", "csqa_gen acc", "tokens/s"]
-    assert wide == [["m", "01234567", "float32", "greedy", "0.6000", "0.5000", "0.4000", "0.7000", "0.3000", "0.2000", "5.0"]]
+    assert wide == [["m", "01234567", "float32", "greedy", "d", "4", "", "0.6000", "0.5000", "0.4000", "0.7000", "0.3000",
+                     "0.2000", "5.0"]]
 
 
 def test_unknown_task_is_a_clear_error(capsys):

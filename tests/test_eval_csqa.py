@@ -173,4 +173,9 @@ def test_csqa_protocols_pick_the_argmax_of_hand_computed_log_likelihoods(smollm2
     accuracy = {m.name: m.value for m in cloze.metrics}
     assert set(accuracy) == {"acc", "acc_norm"}
     assert accuracy["acc"] == sum(s["pred"] == q.answer for s, q in zip(cloze.samples, questions)) / 2
-    assert letters.n == 2 and letters.scored_tokens > 0 and len(letters.prompts_hash) == 16
+    assert letters.n == 2 and len(letters.prompts_hash) == 16
+    # the tokens the model read: each question's context once (its five options share it), then the options
+    for result, prompt, options in ((letters, csqa.letter_prompt, lambda q: csqa.LETTERS),
+                                    (cloze, csqa.cloze_prompt, lambda q: q.choices)):
+        pairs = [encode_pair(model, prompt(q), " " + option) for q in questions for option in options(q)]
+        assert result.scored_tokens == sum(len(c) for c, _ in pairs[::5]) + sum(len(k) for _, k in pairs)
