@@ -11,6 +11,7 @@ import lightning as L
 import pytest
 import torch
 import yaml
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.loggers import WandbLogger
 from transformers import AutoModelForCausalLM
 
@@ -207,6 +208,23 @@ def test_ckpt_path_last_checks_the_newest_last_checkpoint_the_one_lightning_resu
     cli = run(["fit", *smoke_args(gsm8k_train, "--ckpt_path", "last", steps=3)])  # last.ckpt is at step 4
     assert cli.trainer.global_step == 3
 
+
+@requires_smollm2  # loads the smoke config's SmolLM2 tokenizer
+def test_a_save_that_fails_midway_leaves_the_previous_last_checkpoint_whole(in_tmp, gsm8k_train, monkeypatch):
+    main(["fit", *smoke_args(gsm8k_train, steps=2)])
+    last = in_tmp / "runs" / "smoke" / "checkpoints" / "last.ckpt"
+    saved = last.read_bytes()
+
+    def disk_full(self, checkpoint, path, storage_options=None) -> None:
+        Path(path).write_bytes(saved[:1000])  # what a write cut short leaves
+        raise OSError(28, "No space left on device")
+
+    with monkeypatch.context() as patch, pytest.raises(OSError, match="No space left"):
+        patch.setattr(TorchCheckpointIO, "save_checkpoint", disk_full)
+        main(["fit", *smoke_args(gsm8k_train, "--ckpt_path", "last", steps=3)])
+    assert last.read_bytes() == saved
+    cli = run(["fit", *smoke_args(gsm8k_train, "--ckpt_path", "last", steps=3)])  # and it resumes
+    assert cli.trainer.global_step == 3 and not list(last.parent.glob("*.partial"))
 
 @requires_smollm2  # loads the smoke config's SmolLM2 tokenizer
 def test_validate_on_random_weights_warns_and_a_checkpoint_folder_that_is_a_file_stops_fit(in_tmp, gsm8k_train):

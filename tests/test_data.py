@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
+from types import SimpleNamespace
 
 import datasets
 import pytest
@@ -121,6 +123,19 @@ def test_shuffle_is_deterministic_per_seed_and_changes_each_epoch(make, text_fil
     assert not torch.equal(first_batch(a, epoch=0), first_batch(a, epoch=1))
     assert not torch.equal(first_batch(a), first_batch(make(text_file, seed=2)))
 
+
+def test_validation_says_when_the_number_of_processes_drops_some_of_its_sequences(make, text_file):
+    dm = make(text_file, val_fraction=0.1)
+    dm.setup()
+    n = len(dm._splits["val"])
+    world = next(w for w in range(2, n + 2) if n % w)
+    dm.trainer = SimpleNamespace(global_rank=0, world_size=world)  # what the datamodule reads of its trainer
+    with pytest.warns(UserWarning, match=f"validation scores {n // world * world} of its {n} sequences on {world}"):
+        dm.val_dataloader()
+    dm.trainer = SimpleNamespace(global_rank=0, world_size=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        dm.val_dataloader()
 
 def test_ranks_get_disjoint_equal_shares():
     shares = [list(ResumableSampler(103, True, 0, rank, 3)) for rank in range(3)]

@@ -59,7 +59,7 @@ def write_config(run_dir: Path, data: Path, tokenizer: Path, steps: int, every: 
     config["trainer"]["logger"] = [{"class_path": "lightning.pytorch.loggers.CSVLogger",
                                     "init_args": {"save_dir": str(run_dir), "name": "csv"}}]
     config["trainer"]["callbacks"] = [
-        {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+        {"class_path": "training.callbacks.StepCheckpoint",
          "init_args": {"dirpath": str(run_dir / "checkpoints"), "every_n_train_steps": every, "save_top_k": -1}},
         {"class_path": "training.callbacks.RNGState"},
         {"class_path": "tests.test_fsdp.RecordLoss", "init_args": {"dirpath": str(run_dir / "losses")}},
@@ -212,7 +212,8 @@ def test_sharded_checkpoint_loads_in_one_process_and_exports(runs, smollm2_token
     """What FSDP training writes by default (a folder of shards) is a model source like a .ckpt file:
     `load_pretrained`, `quietdepth-export` and the evals read it without a process group."""
     sharded = runs["dense-2"] / "checkpoints" / "epoch=0-step=2.ckpt"
-    assert sharded.is_dir()
+    assert sharded.is_dir() and len(list(sharded.glob("*.distcp"))) == 2
+    assert sorted(p.name for p in sharded.parent.iterdir()) == ["epoch=0-step=2.ckpt", "epoch=0-step=4.ckpt"]
     two = load_pretrained(str(sharded))
     one = load_checkpoint(runs["dense-1"] / "checkpoints" / "epoch=0-step=2.ckpt")
     assert two.config == one.config

@@ -3,8 +3,10 @@ end-of-run summary."""
 
 from __future__ import annotations
 
+import os
 import random
 import shlex
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -92,8 +94,29 @@ def _synchronize(trainer: L.Trainer) -> None:
         torch.cuda.synchronize(trainer.strategy.root_device)
 
 
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def _move_into_place(staged: Path, target: Path) -> None:
+    """Put the finished checkpoint `staged` (a file or a folder) at `target`, replacing what is there."""
+    if staged.is_file() and not target.is_dir():
+        os.replace(staged, target)  # atomic
+        return
+    previous = target.with_name(target.name + ".previous")
+    if target.exists():
+        _remove(previous)
+        target.rename(previous)
+    staged.rename(target)
+    _remove(previous)
+
+
 class StepCheckpoint(ModelCheckpoint):
-    """`ModelCheckpoint` whose `save_last` also holds the run's final step when `trainer.max_steps` ends it.
+    """`ModelCheckpoint` whose `save_last` also holds the run's final step when `trainer.max_steps` ends it,
+    and whose saves never leave a half-written checkpoint under a checkpoint's name.
 
     Lightning itself writes "last" at the end of fit only when it has saved nothing yet, and then after
     the loop has counted the interrupted epoch as finished: `last.ckpt` can miss the final steps, and a
@@ -108,6 +131,22 @@ class StepCheckpoint(ModelCheckpoint):
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
         if self.save_last and trainer.global_step == trainer.max_steps and not self._should_skip_saving_checkpoint(trainer):
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+    def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
+        """Write beside the checkpoint's place (`<name>.partial`) and move it there once every rank is done,
+        so that a crash mid-save leaves the previous checkpoint of that name whole. A distributed checkpoint
+        is a folder whose shards each rank rewrote in place: after a crash, `last.ckpt` held one rank's new
+        shards beside another's old ones, and resumed from that mix without an error."""
+        staged = Path(filepath + ".partial")
+        if trainer.is_global_zero and staged.exists():  # left by an earlier crash
+            _remove(staged)
+        trainer.strategy.barrier()
+        super()._save_checkpoint(trainer, str(staged))
+        trainer.strategy.barrier()
+        if trainer.is_global_zero:
+            _move_into_place(staged, Path(filepath))
+        trainer.strategy.barrier()
+        self._last_checkpoint_saved = filepath
 
 
 class RNGState(L.Callback):

@@ -309,6 +309,10 @@ class TextDataModule(L.LightningDataModule):
             return []
         rank, world = self._rank()
         data = self._splits["val"]
+        if len(data) % world:
+            rank_zero_warn(f"data: validation scores {len(data) // world * world} of its {len(data)} sequences on "
+                           f"{world} processes (each rank gets as many, so ranks step together): val/loss differs a "
+                           "little from a run on another number of processes")
         return self._loader(data, ResumableSampler(len(data), False, 0, rank, world), False)
 
     def test_dataloader(self) -> DataLoader | list:
