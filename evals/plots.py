@@ -27,7 +27,10 @@ def line_label(row: dict[str, str], x: XAxis) -> str:
     """The line a row belongs to: for k one model (source, weights, dtype), otherwise one decoding; either
     at one shot count, number of items and generation budget, so that no line joins other runs' settings."""
     identity = ", ".join(filter(None, (row["weights_sha256"][:8], row["dtype"])))
-    who = f"{row['model']} ({identity})" if identity and x == "k" else row["model"] if x == "k" else row["decoding"]
+    if x != "k":
+        who = row["decoding"]
+    else:
+        who = f"{row['model']} ({identity})" if identity else row["model"]
     budget = f", {row['max_new_tokens']} new tokens" if row["max_new_tokens"] else ""
     return f"{who}, {row['n_shot']}-shot, n={row['n']}{budget}"
 
