@@ -225,6 +225,13 @@ def test_a_save_that_fails_midway_leaves_the_previous_last_checkpoint_whole(in_t
     assert last.read_bytes() == saved
     cli = run(["fit", *smoke_args(gsm8k_train, "--ckpt_path", "last", steps=3)])  # and it resumes
     assert cli.trainer.global_step == 3 and not list(last.parent.glob("*.partial"))
+    # a crash between the move's two renames leaves last.ckpt.previous and no last.ckpt: `last` still finds it
+    last.rename(last.with_name("last.ckpt.previous"))
+    main(["fit", *smoke_args(gsm8k_train, "--ckpt_path", "last", steps=4)])
+    newest = max(last.parents[1].glob("csv/version_*"), key=lambda p: int(p.name.split("_")[1]))
+    with (newest / "metrics.csv").open() as f:
+        assert [r["step"] for r in csv.DictReader(f) if r.get("train/loss")] == ["3"]  # resumed: one step trained
+    assert sorted(p.name for p in last.parent.iterdir()) == ["last.ckpt"]
 
 @requires_smollm2  # loads the smoke config's SmolLM2 tokenizer
 def test_validate_on_random_weights_warns_and_a_checkpoint_folder_that_is_a_file_stops_fit(in_tmp, gsm8k_train):

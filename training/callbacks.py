@@ -114,6 +114,18 @@ def _move_into_place(staged: Path, target: Path) -> None:
     _remove(previous)
 
 
+def finish_interrupted_moves(directory: Path) -> None:
+    """Put back each `<name>.previous` that has no `<name>` beside it: what a crash between
+    `_move_into_place`'s two renames leaves (ranks that race for one lose with FileNotFoundError)."""
+    for previous in directory.glob("*.previous"):
+        target = previous.with_suffix("")
+        if not target.exists():
+            try:
+                previous.rename(target)
+            except FileNotFoundError:
+                pass
+
+
 class StepCheckpoint(ModelCheckpoint):
     """`ModelCheckpoint` whose `save_last` also holds the run's final step when `trainer.max_steps` ends it,
     and whose saves never leave a half-written checkpoint under a checkpoint's name.

@@ -23,7 +23,7 @@ from lightning.pytorch.utilities.imports import _RICH_AVAILABLE
 
 # Imported so their classes resolve by short name in YAML (class_path: CausalLM).
 from training import callbacks, data, lm, quietstar_lm, routing_monitor, thought_monitor  # noqa: F401
-from training.callbacks import StepProgressBar
+from training.callbacks import StepProgressBar, finish_interrupted_moves
 
 
 def default_precision() -> str:
@@ -103,11 +103,15 @@ class QuietDepthCLI(LightningCLI):
 
     def _ckpt_paths(self) -> list[Path]:
         """Where the subcommand's --ckpt_path points: nothing, the path, or for `last` the file Lightning
-        resumes: the newest `last*.ckpt` (`last-v1.ckpt`, ... included) of the checkpoint callbacks."""
+        resumes: the newest `last*.ckpt` (`last-v1.ckpt`, ... included) of the checkpoint callbacks, after
+        putting back one that a crash left mid-move (`training.callbacks.finish_interrupted_moves`)."""
         ckpt = self.config_init[self.subcommand].get("ckpt_path")
         if ckpt is None:
             return []
         if ckpt == "last":
+            for callback in self.trainer.checkpoint_callbacks:  # before Lightning looks for the newest last*.ckpt
+                if isinstance(callback, ModelCheckpoint) and callback.dirpath and Path(callback.dirpath).is_dir():
+                    finish_interrupted_moves(Path(callback.dirpath))
             found = [Path(p) for cb in self.trainer.checkpoint_callbacks if isinstance(cb, ModelCheckpoint)
                      for p in cb._find_last_checkpoints(self.trainer)]
             return [max(found, key=lambda p: p.stat().st_mtime)] if found else []
