@@ -101,20 +101,23 @@ def wide_table(rows: Sequence[dict[str, str]]) -> tuple[list[str], list[list[str
     the fewest shots."""
     columns: dict[str, tuple[int, int, int, str]] = {}
     table: dict[tuple[str, ...], dict[str, str]] = {}
+    ns: dict[tuple[str, ...], list[str]] = {}
+    fewest_shots: dict[tuple[str, ...], int] = {}
     for r in rows:
         key, column = _summary_column(r)
         columns[column] = key
-        cells = table.setdefault((r["model"], r["weights_sha256"][:8], r["dtype"], r["decoding"], r["date"][:19]), {})
+        run = (r["model"], r["weights_sha256"][:8], r["dtype"], r["decoding"], r["date"][:19])
+        cells = table.setdefault(run, {"max new tokens": ""})
         cells[column] = _number(r["value"])
-        if r["n"] not in cells.setdefault("n", "").split("/"):
-            cells["n"] = "/".join(filter(None, [cells["n"], r["n"]]))
-        cells["max new tokens"] = cells.get("max new tokens") or r["max_new_tokens"]
-        if r["task"] == "gsm8k" and int(r["n_shot"]) <= int(cells.get("gsm8k shots", r["n_shot"])):
-            cells["gsm8k shots"], cells["tokens/s"] = r["n_shot"], _number(r["tokens_per_s"], 1)
+        if r["n"] not in ns.setdefault(run, []):
+            ns[run].append(r["n"])
+        cells["max new tokens"] = cells["max new tokens"] or r["max_new_tokens"]
+        if r["task"] == "gsm8k" and int(r["n_shot"]) <= fewest_shots.get(run, int(r["n_shot"])):
+            fewest_shots[run], cells["tokens/s"] = int(r["n_shot"]), _number(r["tokens_per_s"], 1)
     names = [*sorted(columns, key=columns.__getitem__), "tokens/s"]
     header = ["model", "weights", "dtype", "decoding", "date", "n", "max new tokens", *names]
-    return header, [[*key, cells["n"], cells["max new tokens"], *(cells.get(c, "") for c in names)]
-                    for key, cells in table.items()]
+    return header, [[*run, "/".join(ns[run]), cells["max new tokens"], *(cells.get(c, "") for c in names)]
+                    for run, cells in table.items()]
 
 
 def _markdown_table(header: Sequence[str], body: Sequence[Sequence[str]]) -> str:

@@ -80,19 +80,20 @@ class QuietDepthCLI(LightningCLI):
         checkpoint's architecture is still checked against the configured one (`CausalLM.on_load_checkpoint`)."""
 
     def before_fit(self) -> None:
-        self._check_ckpt_path()
-        self._check_steps_left()
+        paths = self._ckpt_paths()
+        self._check_ckpt_path(paths)
+        self._check_steps_left(paths)
         for callback in self.trainer.checkpoint_callbacks:  # a file there would fail only at the first save
             if callback.dirpath and Path(callback.dirpath).is_file():
                 raise ValueError(f"the checkpoint folder {callback.dirpath} is a file: set the checkpoint callback's "
                                  "init_args.dirpath (trainer.callbacks) to a folder")
 
     def before_validate(self) -> None:
-        self._check_ckpt_path()
+        self._check_ckpt_path(self._ckpt_paths())
         self._warn_random_weights()
 
     def before_test(self) -> None:
-        self._check_ckpt_path()
+        self._check_ckpt_path(self._ckpt_paths())
         self._warn_random_weights()
 
     def _warn_random_weights(self) -> None:
@@ -117,12 +118,12 @@ class QuietDepthCLI(LightningCLI):
             return [max(found, key=lambda p: p.stat().st_mtime)] if found else []
         return [Path(ckpt)]
 
-    def _check_ckpt_path(self) -> None:
+    def _check_ckpt_path(self, paths: list[Path]) -> None:
         """Refuse, before the run starts, a --ckpt_path that is no checkpoint (a folder without a distributed
         checkpoint's .metadata, a file that is not a torch archive: truncated, or something else) and a
         sharded checkpoint folder where the strategy reads only files (Lightning would end in an
-        IsADirectoryError), naming the ways that work."""
-        for path in self._ckpt_paths():
+        IsADirectoryError), naming the ways that work. `paths`: `_ckpt_paths()`."""
+        for path in paths:
             if path.is_dir() and not (path / ".metadata").is_file():
                 raise ValueError(f"--ckpt_path {path} is a folder without a distributed checkpoint (no .metadata "
                                  "file): give a .ckpt file or a folder an FSDP run saved")
@@ -136,13 +137,13 @@ class QuietDepthCLI(LightningCLI):
                     f"--trainer.strategy.init_args.data_parallel_size 1), or start a new run from its weights with "
                     f"--model.init_args.init_from {path}")
 
-    def _check_steps_left(self) -> None:
-        """Refuse to resume a checkpoint at or past trainer.max_steps: Lightning would train nothing and leave
-        an empty run folder behind."""
+    def _check_steps_left(self, paths: list[Path]) -> None:
+        """Refuse to resume a checkpoint (`paths`: `_ckpt_paths()`) at or past trainer.max_steps: Lightning
+        would train nothing and leave an empty run folder behind."""
         max_steps = self.trainer.max_steps
         if max_steps < 0:
             return
-        for path in self._ckpt_paths():
+        for path in paths:
             source = path / "meta.pt" if path.is_dir() else path
             if not source.is_file():
                 continue

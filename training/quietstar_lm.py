@@ -218,8 +218,7 @@ def _refuse_untrained_predictors(lm: Transformer, source: Transformer | None) ->
     them, so they would decide every pass's routing at their random initialisation throughout."""
     if lm.config.mod_causal_rule != "predictor":
         return
-    trained = {i for i, block in (source.routed_blocks if source is not None else {}).items()
-               if block.predictor is not None}
+    trained = {i for i, block in source.routed_blocks.items() if block.predictor is not None} if source else set()
     new = sorted(i for i, block in lm.routed_blocks.items() if block.predictor is not None and i not in trained)
     if new:
         raise ValueError(
@@ -227,6 +226,7 @@ def _refuse_untrained_predictors(lm: Transformer, source: Transformer | None) ->
             "run creates and Quiet-STaR never trains (they would route at random): start from a Mixture-of-Depths "
             "checkpoint whose predictors were trained (model.init_args.init_from=<a run of "
             "configs/mod-smollm2-135m.yaml>), or set model_overrides.mod_causal_rule: router")
+
 
 def recompute_mlps(lm: Transformer) -> None:
     """Activation checkpointing of every block's MLP: it keeps only its input and recomputes the rest
