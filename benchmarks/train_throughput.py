@@ -14,7 +14,9 @@ A variant is a base and modifiers:
         `+compile` compiles each block (`training.parallelize`) and the loss's per-chunk softmax and
         gradient; `-fusedce` computes full logits + F.cross_entropy instead; `-fusedadamw` uses the
         default (foreach) AdamW; `-acselective` / `-acblock` checkpoint activations
-        (`training.parallelize`, before compiling, as `CausalLM` does).
+        (`training.parallelize`, before compiling, as `CausalLM` does); `-bf16res` casts the embedding
+        output to the autocast dtype, so the residual stream between blocks is bf16 (as under FSDP's
+        bf16 parameter policy) instead of fp32.
   mod   qd with Mixture-of-Depths (capacity 0.125, every other block routed) and its auxiliary losses.
 Every variant steps fused AdamW unless `-fusedadamw`. The variants run in alternating rounds so drift
 in the machine's speed hits all alike (`--steps 1 --rounds N` interleaves them step by step, the
@@ -68,6 +70,7 @@ class Variant:
     fused_ce: bool = True
     fused_adamw: bool = True
     activation_checkpointing: str = "none"
+    bf16_residual: bool = False
 
     @classmethod
     def parse(cls, name: str) -> Variant:
@@ -77,8 +80,11 @@ class Variant:
         ac = next((p for p in ("selective", "block") if f"-ac{p}" in name), "none")
         if base == "hf" and ac != "none":
             raise ValueError(f"variant {name!r}: activation checkpointing (-acselective, -acblock) is quietdepth's")
+        if base == "hf" and "-bf16res" in name:
+            raise ValueError(f"variant {name!r}: -bf16res is quietdepth's")
         return cls(name, base, compile="+compile" in name, fused_ce="-fusedce" not in name and base != "hf",
-                   fused_adamw="-fusedadamw" not in name, activation_checkpointing=ac)
+                   fused_adamw="-fusedadamw" not in name, activation_checkpointing=ac,
+                   bf16_residual="-bf16res" in name)
 
 
 def build(variant: Variant, config: ModelConfig, seq: int, device: torch.device, dtype: torch.dtype,
@@ -107,11 +113,14 @@ def build(variant: Variant, config: ModelConfig, seq: int, device: torch.device,
 
         def loss_of(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
             with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+                embedded = model.embed(x)
+                if variant.bf16_residual:
+                    embedded = embedded.to(dtype)
                 if variant.fused_ce:
-                    loss = linear_cross_entropy(model.hidden(model.embed(x)), model.lm_head.weight, y, loss_chunk,
+                    loss = linear_cross_entropy(model.hidden(embedded), model.lm_head.weight, y, loss_chunk,
                                                 compiled=variant.compile)
                 else:
-                    loss = F.cross_entropy(model(x).flatten(0, 1).float(), y.flatten())
+                    loss = F.cross_entropy(model.lm_head(model.hidden(embedded)).flatten(0, 1).float(), y.flatten())
             return loss + routing_losses(model) if model.routed_blocks else loss
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=variant.fused_adamw)

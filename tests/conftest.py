@@ -13,7 +13,8 @@ import torch
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = Path(os.environ.get("QUIETDEPTH_SHARED_DATA", REPO.parent / "shared" / "data"))
+# absolute: a relative QUIETDEPTH_SHARED_DATA would not be found from the folders tests chdir into
+SHARED_DATA = Path(os.environ.get("QUIETDEPTH_SHARED_DATA", REPO.parent / "shared" / "data")).absolute()
 # GGUF conversions (modeldefs.gguf_cache) go to a folder of this session, which subprocesses inherit,
 # not to the user's cache; set QUIETDEPTH_CACHE to keep them between runs.
 _SESSION_CACHE = None if "QUIETDEPTH_CACHE" in os.environ else tempfile.mkdtemp(prefix="quietdepth-test-cache-")

@@ -152,3 +152,22 @@ def test_quietstar_curves_joins_the_parts_of_a_resumed_run_and_refuses_other_met
     proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "quietstar_curves.py"), str(tmp_path / "mod.csv"),
                            str(tmp_path / "x.png")], cwd=REPO, capture_output=True, text=True)
     assert proc.returncode == 2 and "not the metrics of a Quiet-STaR run" in proc.stderr
+
+
+@pytest.mark.parametrize("variant,dtype", [("qd", torch.float32), ("qd-bf16res", torch.bfloat16),
+                                           ("mod-bf16res", torch.bfloat16)])
+def test_bf16res_variant_runs_the_residual_stream_between_blocks_in_bf16(monkeypatch, variant, dtype):
+    """Under bf16 autocast the blocks take an fp32 stream (fp32 embedding rows), or bf16 with `-bf16res`."""
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    from train_throughput import SHAPES, Variant, build
+
+    model, step, _ = build(Variant.parse(variant), ModelConfig(**SHAPES["micro"]), 16, torch.device("cpu"),
+                           torch.bfloat16, loss_chunk=8)
+    seen = []
+    for block in model.blocks:
+        block.register_forward_pre_hook(lambda module, args: seen.append(args[0].dtype))
+    x = torch.randint(0, 256, (2, 16))
+    step(x, x)
+    assert seen == [dtype] * len(model.blocks)
+    with pytest.raises(ValueError, match="-bf16res is quietdepth's"):
+        Variant.parse("hf-bf16res")

@@ -18,8 +18,11 @@ class RoutingMonitor(L.Callback):
     """Watches the routed layers of a Mixture-of-Depths model during training.
 
     Every `stats_every_n_steps` steps it writes `routing_stats` (per layer: router/predictor BCE and
-    agreement with top-k, fraction routed by the causal rule, router-scale mean/std) to the loggers.
-    Every `heatmap_every_n_steps` steps it draws which of the first `max_tokens` tokens of one training
+    agreement with top-k, fraction routed by the causal rule, router-scale mean/std) to the loggers,
+    on the rows of `train/loss`. It counts steps as Lightning's logging does (step n, n = 1, 2, ...,
+    when n is a multiple), so with a multiple of `log_every_n_steps` it reads the GPU only on steps that
+    read the loss anyway and the steps between queue work without waiting for it.
+    After the first step and every `heatmap_every_n_steps` steps it draws which of the first `max_tokens` tokens of one training
     sequence each routed layer processed — by top-k (what training did, shaded by the router scale)
     and by the causal rule (what inference would do) — to `<log_dir>/routing/step_NNNNNN.png` (the first
     logger's version folder, so runs in one folder keep their own), and the histograms of every layer's
@@ -56,11 +59,11 @@ class RoutingMonitor(L.Callback):
         if not blocks or step < 0 or step == self._last_step:  # < 0 or the same: within gradient accumulation
             return
         self._last_step = step
-        if step % self.stats_every_n_steps == 0:
+        if trainer.global_step % self.stats_every_n_steps == 0:
             stats = routing_stats(pl_module.model)
             for logger in trainer.loggers:
                 logger.log_metrics(stats, step=step)
-        if step % self.heatmap_every_n_steps != 0:
+        if step > 0 and trainer.global_step % self.heatmap_every_n_steps != 0:
             return
         n = min(self.max_tokens, batch["input_ids"].size(1))
         top_k, causal = [], []
