@@ -91,7 +91,8 @@ def test_smoke_fit_writes_decoded_thought_samples_to_csv_and_wandb(smoke_run):
     (path,) = run.glob("csv/version_*/thoughts.csv")
     with path.open() as f:
         rows = list(csv.DictReader(f))
-    assert {r["step"] for r in rows} == {"0", "2"} and len(rows) == 8  # 4 samples at steps 0 and 2
+    # 4 samples after the first step and every 2nd, on the rows of train/loss of those steps
+    assert [r["step"] for r in rows] == ["0"] * 4 + ["1"] * 4 + ["3"] * 4
     assert all(r["context"] and r["thought"] and r["continuation"] for r in rows)
     assert not rows[0]["thought"].replace(" ", "").isdigit()  # decoded text, not ids
     (offline,) = (run / "wandb").glob("offline-run-*")

@@ -19,9 +19,9 @@ COLUMNS = ["step", "sequence", "position", "context", "thought", "continuation",
 class ThoughtMonitor(L.Callback):
     """Writes a few of the thoughts sampled in a training step, decoded, with what they were thinking about.
 
-    Every `every_n_steps` optimizer steps it draws `samples` (sequence, position) pairs from the step's
-    `ThoughtOutput` (the fields `QuietStarLM.training_step` returns) and appends, per pair, the
-    last `context_tokens` tokens up to the position, the thought, the true continuation the thought was
+    After the first optimizer step and every `every_n_steps` steps it draws `samples` (sequence, position)
+    pairs from the step's `ThoughtOutput` (the fields `QuietStarLM.training_step` returns) and appends, per
+    pair, the last `context_tokens` tokens up to the position, the thought, the true continuation the thought was
     scored on, its reward and mixing weight, to `<log_dir>/thoughts.csv` (`trainer.log_dir`: the first
     logger's version folder, so each run, and each resumed part of one, has its own file beside its
     metrics.csv); with a WandbLogger attached the same rows go to a W&B table `quietstar/thoughts`. The
@@ -31,7 +31,9 @@ class ThoughtMonitor(L.Callback):
     def __init__(self, every_n_steps: int = 50, samples: int = 4, context_tokens: int = 24, seed: int = 0) -> None:
         """
         Args:
-            every_n_steps: optimizer steps between samples (step 0 included).
+            every_n_steps: optimizer steps between samples, counted as Lightning's logging counts them (step n,
+                n = 1, 2, ..., when n is a multiple): with a multiple of `log_every_n_steps` the copies to the host
+                happen on steps that read the loss anyway.
             samples: thoughts written each time (at most the batch size times n_passes, the thoughts a step samples).
             context_tokens: tokens of context shown before each thought.
             seed: seed of the choice of sequences and positions.
@@ -54,8 +56,10 @@ class ThoughtMonitor(L.Callback):
     @rank_zero_only
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        step = trainer.global_step - 1  # the optimizer step this batch completed (global_step has advanced)
-        if step < 0 or step % self.every_n_steps != 0 or step == self._last_step:  # < 0: accumulating for step 0
+        step = trainer.global_step - 1  # the optimizer step this batch completed, as train/loss is logged
+        if step < 0 or step == self._last_step:  # < 0 or the same: within gradient accumulation
+            return
+        if step > 0 and trainer.global_step % self.every_n_steps != 0:
             return
         self._last_step = step
         tokenizer = getattr(trainer.datamodule, "tokenizer", None) if trainer.datamodule is not None else None
