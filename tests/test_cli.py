@@ -301,6 +301,38 @@ def test_throughput_and_bar_loss_are_read_on_logging_steps_without_validation_ti
         assert refreshed == 0 or float(shown) == pytest.approx(losses[refreshed], rel=1e-6)
 
 
+class RecordMicroBatchLosses(L.Callback):
+    """Records each micro-batch's training loss under the optimizer step it goes into."""
+
+    def __init__(self) -> None:
+        self.losses: dict[int, list[float]] = {}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._step = trainer.global_step  # advances only after the step's last micro-batch
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        # Lightning hands back the loss divided by the micro-batches per step (as backward saw it).
+        self.losses.setdefault(self._step, []).append(float(outputs["loss"]) * trainer.accumulate_grad_batches)
+
+
+@requires_smollm2  # loads the smoke config's SmolLM2 tokenizer
+def test_train_loss_is_the_mean_over_the_optimizer_steps_micro_batches(in_tmp, gsm8k_train):
+    """2 micro-batches per step, 5 batches an epoch (so every 3rd step has 1), logged every 2nd step: each
+    logged train/loss is its step's mean, with nothing left over from the steps between or the epoch before."""
+    cli = run(["fit", *smoke_args(gsm8k_train, "--trainer.accumulate_grad_batches", "2",
+                                  "--trainer.limit_train_batches", "5", "--trainer.log_every_n_steps", "2",
+                                  "--trainer.limit_val_batches", "0",
+                                  "--trainer.callbacks+=tests.test_cli.RecordMicroBatchLosses", steps=6)])
+    (recorder,) = [c for c in cli.trainer.callbacks if isinstance(c, RecordMicroBatchLosses)]
+    assert [len(recorder.losses[s]) for s in range(6)] == [2, 2, 1, 2, 2, 1]
+    rows = read_metrics(in_tmp / "runs" / "smoke")
+    logged = {int(r["step"]): float(r["train/loss"]) for r in rows if r.get("train/loss")}
+    assert sorted(logged) == [1, 3, 5]
+    for step, loss in logged.items():
+        micro = recorder.losses[step]
+        assert loss == pytest.approx(sum(micro) / len(micro), rel=1e-6), f"step {step}: {loss} vs {micro}"
+
+
 class PoisonWeights(L.Callback):
     """Fault injection: sets one weight to NaN at a given step and hook, as a diverging run would."""
 

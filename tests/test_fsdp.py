@@ -1,6 +1,6 @@
 """FSDP2 through the CLI on CPU (2 processes over gloo): same losses as one process with the same global
-batch (dense, Mixture-of-Depths, Quiet-STaR), sharded checkpoints resume step for step, full checkpoints
-load in one process; the presets parse."""
+batch (dense, Mixture-of-Depths, Quiet-STaR), train/loss logged as the mean over ranks and micro-batches,
+sharded checkpoints resume step for step, full checkpoints load in one process; the presets parse."""
 
 from __future__ import annotations
 
@@ -112,6 +112,12 @@ def losses(run_dir: Path, ranks: int) -> dict[int, float]:
     return {step: sum(r[step] for r in per_rank) / ranks for step in per_rank[0]}
 
 
+def logged(run_dir: Path, *keys: str) -> dict[int, float]:
+    """Per step row of the run's metrics CSVs that logs `keys[0]`, the sum of the values logged as `keys`."""
+    rows = [r for path in run_dir.glob("csv/version_*/metrics.csv") for r in csv.DictReader(path.open())]
+    return {int(r["step"]): sum(float(r[k]) for k in keys) for r in rows if r.get(keys[0])}
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, gsm8k_train, smollm2_tokenizer_dir) -> dict[str, Path]:
     """One set of training runs that the tests below read: dense and Mixture-of-Depths, 1 and 2 processes."""
@@ -145,6 +151,18 @@ def test_two_process_fsdp_matches_one_process_losses(runs, model):
     for step in one:
         assert two[step] == pytest.approx(one[step], abs=LOSS_TOL), f"step {step}: {two} vs {one}"
     assert one[max(one)] < one[0]  # it trains
+
+
+@pytest.mark.parametrize("model", ["dense", "mod"])
+def test_train_loss_is_logged_as_the_mean_over_ranks_and_micro_batches(runs, model):
+    """train/loss on 2 processes (MoD: 2 micro-batches each per step) is the loss of the step's global batch, not
+    rank 0's last micro-batch. The ranks recorded the loss they trained on: for MoD plus train/aux_loss, a step
+    mean too."""
+    keys = ("train/loss", "train/aux_loss") if model == "mod" else ("train/loss",)
+    expected, got = losses(runs[f"{model}-2"], 2), logged(runs[f"{model}-2"], *keys)
+    assert sorted(got) == sorted(expected)
+    for step in expected:
+        assert got[step] == pytest.approx(expected[step], rel=1e-6), f"step {step}: {got} vs {expected}"
 
 
 def test_sharded_checkpoint_resumes_on_two_processes_step_for_step(runs, gsm8k_train, smollm2_tokenizer_dir, tmp_path):
@@ -257,6 +275,8 @@ def test_quietstar_two_process_fsdp_matches_one_process_and_its_full_checkpoint_
     assert sorted(one) == sorted(two) == [0, 1]
     for step in one:
         assert two[step] == pytest.approx(one[step], abs=LOSS_TOL), f"step {step}: {two} vs {one}"
+        # as logged, the loss of the step's global batch (the mean over both ranks), not rank 0's
+        assert logged(tmp_path / "qs-2", "train/loss")[step] == pytest.approx(two[step], rel=1e-6)
     (thoughts,) = (tmp_path / "qs-2").glob("csv/version_*/thoughts.csv")  # ThoughtMonitor, on rank 0 only
     assert [r["step"] for r in csv.DictReader(thoughts.open())] == ["0", "0", "1", "1"]
     full = tmp_path / "qs-2" / "checkpoints" / "epoch=0-step=2.ckpt"

@@ -121,6 +121,8 @@ class CausalLM(L.LightningModule):
         self.save_hyperparameters()
         self.model: Transformer | None = None
         self._nonfinite: torch.Tensor | None = None  # any non-finite loss since the last host check (on device)
+        self._step_sums: dict[str, torch.Tensor] = {}  # this optimizer step's train scalars so far (on device)
+        self._step_micro_batches = 0
 
     def configure_model(self) -> None:
         if self.model is not None:
@@ -193,36 +195,53 @@ class CausalLM(L.LightningModule):
         return linear_cross_entropy(hidden, self.model.lm_head.weight, batch["labels"], self.hparams.loss_chunk_size,
                                     compiled=self.hparams.compile)
 
+    def _ends_optimizer_step(self, batch_idx: int) -> bool:
+        """Whether this micro-batch is the last of its optimizer step (the epoch's last batch steps too)."""
+        return (batch_idx + 1) % self.trainer.accumulate_grad_batches == 0 or self.trainer.is_last_batch
+
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
-        accumulate = self.trainer.accumulate_grad_batches
-        if self.device_mesh is not None and accumulate > 1:
+        if self.device_mesh is not None and self.trainer.accumulate_grad_batches > 1:
             # FSDP2 (Lightning's no_sync covers only DDP): keep micro-batch gradients unsharded and local,
             # and reduce-scatter once, in the backward of the optimizer step's last micro-batch.
-            last = (batch_idx + 1) % accumulate == 0 or self.trainer.is_last_batch
-            self.set_requires_gradient_sync(last)
+            self.set_requires_gradient_sync(self._ends_optimizer_step(batch_idx))
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         lm_loss = self.loss(batch)
-        loss = lm_loss
+        loss, scalars = lm_loss, {"loss": lm_loss}
         if self.model.routed_blocks:  # statistics: training.routing_monitor.RoutingMonitor
             aux_loss = routing_losses(self.model)
             loss = lm_loss + aux_loss
-            self.log("train/aux_loss", aux_loss)
+            scalars["aux_loss"] = aux_loss
         if self.hparams.check_finite_loss:
             self._check_finite(loss.detach())
-        self.log_train_loss(lm_loss)
+        self.log_step_means(scalars, batch_idx)
         return loss
 
-    def log_train_loss(self, loss: torch.Tensor) -> None:
-        """`train/loss` for the loggers, and a host copy for the progress bar taken on logging steps only.
+    def log_step_means(self, scalars: dict[str, torch.Tensor], batch_idx: int) -> None:
+        """Log each of `scalars` (0-d tensors, `loss` among them) as `train/<name>`: its mean over the optimizer
+        step's micro-batches and the data-parallel ranks (the whole step's loss, as torchtitan and litgpt log
+        it), and `loss` on the progress bar.
 
-        Lightning converts every progress-bar metric to a number after every batch, a host-device sync per
-        step for a device tensor; the bar's copy lives on the host, so between logging steps it costs nothing.
+        Each micro-batch adds to sums on the device. On steps that read values (the first and Lightning's
+        logging steps), the step's last micro-batch averages the means over the ranks (one collective) and
+        takes the bar's copy to the host: Lightning turns every progress-bar metric into a number after every
+        batch, a sync per step for a device tensor. Other steps log this rank's means with neither a sync nor
+        a collective; a logger writes those only on the row Lightning adds where a run stops early (max_time).
         """
-        self.log("train/loss", loss)
+        for name, value in scalars.items():
+            value = value.detach().float()
+            self._step_sums[name] = self._step_sums[name] + value if name in self._step_sums else value
+        self._step_micro_batches += 1
+        if not self._ends_optimizer_step(batch_idx):
+            return
+        means = torch.stack(list(self._step_sums.values())) / self._step_micro_batches
+        names = [f"train/{name}" for name in self._step_sums]
+        self._step_sums, self._step_micro_batches = {}, 0
         step = self.global_step + 1  # the step this batch completes, as Lightning counts logging steps
         if step == 1 or step % self.trainer.log_every_n_steps == 0:
-            self.log("loss", loss.detach().cpu(), prog_bar=True, logger=False)
+            means = self.trainer.strategy.reduce(means, reduce_op="mean")
+            self.log("loss", means[names.index("train/loss")].cpu(), prog_bar=True, logger=False)
+        self.log_dict(dict(zip(names, means)))
 
     def _check_finite(self, loss: torch.Tensor) -> None:
         bad = ~torch.isfinite(loss)
@@ -281,7 +300,9 @@ class CausalLM(L.LightningModule):
 
     def on_train_start(self) -> None:
         """Apply this run's optimizer settings over those a resumed checkpoint restored (its param groups
-        and the schedule's base learning rate), so that a resume with, say, a new lr trains with it."""
+        and the schedule's base learning rate), so that a resume with, say, a new lr trains with it. A fit
+        that stopped inside an optimizer step leaves no partial train/* sums to the next."""
+        self._step_sums, self._step_micro_batches = {}, 0
         hp, (optimizer,), (config,) = self.hparams, self.trainer.optimizers, self.trainer.lr_scheduler_configs
         scheduler = config.scheduler
         changed = set()

@@ -168,8 +168,7 @@ class QuietStarLM(CausalLM):
         loss = out.loss
         if self.hparams.check_finite_loss:
             self._check_finite(loss.detach())
-        self.log_train_loss(loss)
-        self.log_dict({f"train/{k}": v for k, v in thought_stats(out).items()})
+        self.log_step_means({"loss": loss, **thought_stats(out)}, batch_idx)
         # For training.thought_monitor.ThoughtMonitor; the logits are left out so they are freed after backward.
         return {"loss": loss, "thought_tokens": out.thought_tokens, "positions": out.positions, "reward": out.reward,
                 "mixing_weight": out.mixing_weight}
@@ -238,8 +237,9 @@ def recompute_mlps(lm: Transformer) -> None:
 
 
 def thought_stats(out: ThoughtOutput) -> dict[str, torch.Tensor]:
-    """Scalars to log from one Quiet-STaR step: NLL of the talk tokens without (base) and with (mixed) thought and
-    their difference, the plain LM's NLL over all positions, mixing weight, reward, policy loss."""
+    """Scalars to log from one Quiet-STaR micro-batch: NLL of the talk tokens without (base) and with (mixed) thought
+    and their difference, the plain LM's NLL over all positions, mixing weight, reward, policy loss. Logged as
+    means over the optimizer step (`CausalLM.log_step_means`): the std's are the micro-batches' std's, averaged."""
     w = out.mixing_weight.detach().float()
     r = out.reward.detach().float()
     return {
@@ -249,8 +249,8 @@ def thought_stats(out: ThoughtOutput) -> dict[str, torch.Tensor]:
         "nll_gain": (out.base_nll - out.mixed_nll).detach(),
         "policy_loss": out.policy_loss.detach(),
         "mixing_weight_mean": w.mean(),
-        "mixing_weight_std": w.std() if w.numel() > 1 else torch.zeros(()),
+        "mixing_weight_std": w.std() if w.numel() > 1 else w.new_zeros(()),
         "reward_mean": r.mean(),
-        "reward_std": r.std() if r.numel() > 1 else torch.zeros(()),
+        "reward_std": r.std() if r.numel() > 1 else r.new_zeros(()),
         "reward_positive_fraction": (r > 0).float().mean(),
     }
