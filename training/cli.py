@@ -24,6 +24,7 @@ from lightning.pytorch.utilities.imports import _RICH_AVAILABLE
 # Imported so their classes resolve by short name in YAML (class_path: CausalLM).
 from training import callbacks, data, lm, quietstar_lm, routing_monitor, thought_monitor  # noqa: F401
 from training.callbacks import StepProgressBar, finish_interrupted_moves
+from training.errors import ConfigError
 
 
 def default_precision() -> str:
@@ -62,16 +63,19 @@ class QuietDepthCLI(LightningCLI):
         return super().instantiate_trainer(**kwargs)
 
     def instantiate_classes(self) -> None:
-        """As LightningCLI's, but a check of ours that fails while the model or data is built reads as its own
-        message: jsonargparse wraps it in a "Does not validate against any of the Union subtypes" error that
-        also lists the null alternative and prints the whole Namespace."""
+        """As LightningCLI's, but an error raised while a class of the config is built comes out as itself, not
+        inside jsonargparse's "Does not validate against any of the Union subtypes" error that also prints the
+        whole Namespace; a ValueError (a value of the config refused, by our checks or a class's own) as a
+        `ConfigError`, other errors with their traceback."""
         try:
             super().instantiate_classes()
-        except ValueError as e:
-            reasons = _union_reasons(str(e))
-            if not reasons:
+        except ValueError as error:
+            raised = _raised_inside(error)
+            if raised is error:
                 raise
-            raise ValueError("\n".join(reasons)) from None
+            if isinstance(raised, ValueError) and not isinstance(raised, ConfigError):
+                raised = ConfigError(str(raised))
+            raise raised from None
 
     def _parse_ckpt_path(self) -> None:
         """Keep the run's configuration as given. LightningCLI would parse a --ckpt_path file's stored
@@ -85,8 +89,8 @@ class QuietDepthCLI(LightningCLI):
         self._check_steps_left(paths)
         for callback in self.trainer.checkpoint_callbacks:  # a file there would fail only at the first save
             if callback.dirpath and Path(callback.dirpath).is_file():
-                raise ValueError(f"the checkpoint folder {callback.dirpath} is a file: set the checkpoint callback's "
-                                 "init_args.dirpath (trainer.callbacks) to a folder")
+                raise ConfigError(f"the checkpoint folder {callback.dirpath} is a file: set the checkpoint callback's "
+                                  "init_args.dirpath (trainer.callbacks) to a folder")
 
     def before_validate(self) -> None:
         self._check_ckpt_path(self._ckpt_paths())
@@ -125,13 +129,13 @@ class QuietDepthCLI(LightningCLI):
         IsADirectoryError), naming the ways that work. `paths`: `_ckpt_paths()`."""
         for path in paths:
             if path.is_dir() and not (path / ".metadata").is_file():
-                raise ValueError(f"--ckpt_path {path} is a folder without a distributed checkpoint (no .metadata "
-                                 "file): give a .ckpt file or a folder an FSDP run saved")
+                raise ConfigError(f"--ckpt_path {path} is a folder without a distributed checkpoint (no .metadata "
+                                  "file): give a .ckpt file or a folder an FSDP run saved")
             if path.is_file() and not zipfile.is_zipfile(path):
-                raise ValueError(f"--ckpt_path {path} is not a checkpoint quietdepth can read (not a torch archive: "
-                                 "truncated, or another kind of file); give an intact .ckpt")
+                raise ConfigError(f"--ckpt_path {path} is not a checkpoint quietdepth can read (not a torch archive: "
+                                  "truncated, or another kind of file); give an intact .ckpt")
             if path.is_dir() and not isinstance(self.trainer.strategy, ModelParallelStrategy):
-                raise ValueError(
+                raise ConfigError(
                     f"--ckpt_path {path} is a distributed (sharded) checkpoint folder, which only ModelParallelStrategy "
                     f"reads: add --config configs/trainer/fsdp.yaml (on one device also --trainer.devices 1 "
                     f"--trainer.strategy.init_args.data_parallel_size 1), or start a new run from its weights with "
@@ -150,18 +154,18 @@ class QuietDepthCLI(LightningCLI):
             state = torch.load(source, map_location="cpu", weights_only=True, mmap=not path.is_dir())
             step = state.get("global_step", 0)
             if step >= max_steps:
-                raise ValueError(f"--ckpt_path {path} is at step {step} and trainer.max_steps is {max_steps}: there is "
-                                 f"nothing left to train. Raise --trainer.max_steps (e.g. to {step + max(step, 1)}) "
-                                 "to train on from it")
+                raise ConfigError(f"--ckpt_path {path} is at step {step} and trainer.max_steps is {max_steps}: "
+                                  f"there is nothing left to train. Raise --trainer.max_steps "
+                                  f"(e.g. to {step + max(step, 1)}) to train on from it")
 
 
-def _union_reasons(message: str) -> list[str]:
-    """The errors listed in jsonargparse's Union message, without the null alternative's; [] for other messages."""
-    if not message.startswith("Does not validate against any of the Union subtypes") or "\nErrors:\n" not in message:
-        return []
-    errors = message.split("\nErrors:\n", 1)[1].split("\nGiven value type:", 1)[0]
-    return [line.strip().removeprefix("- ") for line in errors.splitlines()
-            if line.strip() and "Expected a <class 'NoneType'>" not in line]
+def _raised_inside(error: BaseException) -> BaseException:
+    """The error that a class raised while jsonargparse built it, from inside the "Does not validate against any
+    of the Union subtypes" errors that jsonargparse raises from it; `error` itself where it is no such error."""
+    while str(error).startswith("Does not validate against any of the Union subtypes") and (
+            error.__cause__ or error.__context__) is not None:
+        error = error.__cause__ or error.__context__
+    return error
 
 
 def _not_an_advert(record: logging.LogRecord) -> bool:
@@ -170,8 +174,13 @@ def _not_an_advert(record: logging.LogRecord) -> bool:
 
 
 def main(args: list[str] | None = None) -> None:
-    """Entry point of the `quietdepth` console script."""
-    run(args)
+    """Entry point of the `quietdepth` console script. A run that a check of ours refuses (`ConfigError`) ends
+    with `error: <message>` on stderr and exit status 2, as a malformed command line does; `run` raises it."""
+    try:
+        run(args)
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
 
 
 def run(args: list[str] | None = None) -> QuietDepthCLI:

@@ -25,6 +25,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader, Dataset
 
 from modeldefs.pretrained import load_tokenizer
+from training.errors import ConfigError, ConfigFileNotFoundError
 from training.formatting import BadRecord, Format, formatter
 from training.sampler import ResumableSampler
 
@@ -72,7 +73,7 @@ def _records(path: str, name: str | None, split: str) -> Iterator[tuple[str, Any
     if _is_local(path):
         path = os.path.expanduser(path)
         if not os.path.exists(path):
-            raise FileNotFoundError(
+            raise ConfigFileNotFoundError(
                 f"data.path: {path} not found; set data.init_args.path to a jsonl/json/txt/parquet/csv file, "
                 "a directory of them, or a hub dataset id such as openai/gsm8k"
             )
@@ -142,14 +143,14 @@ class TextDataModule(L.LightningDataModule):
         super().__init__()
         for field, value in (("seq_len", seq_len), ("batch_size", batch_size), ("max_documents", max_documents)):
             if value is not None and value < 1:
-                raise ValueError(f"data.{field}={value} must be >= 1" + (" (null uses every document)"
-                                                                          if field == "max_documents" else ""))
+                raise ConfigError(f"data.{field}={value} must be >= 1" + (" (null uses every document)"
+                                                                           if field == "max_documents" else ""))
         if not 0 <= val_fraction < 1:
-            raise ValueError(f"data.val_fraction={val_fraction} must be in [0, 1)")
+            raise ConfigError(f"data.val_fraction={val_fraction} must be in [0, 1)")
         if val_split is not None and _is_local(path) and not os.path.isdir(os.path.expanduser(path)):
-            raise ValueError(f"data.val_split={val_split!r} names a split of a hub dataset or a directory, but {path} "
-                             "is a single file with one split (validating on it would validate on the training "
-                             "data): drop val_split and hold out data.init_args.val_fraction instead")
+            raise ConfigError(f"data.val_split={val_split!r} names a split of a hub dataset or a directory, but {path} "
+                              "is a single file with one split (validating on it would validate on the training "
+                              "data): drop val_split and hold out data.init_args.val_fraction instead")
         if os.path.exists(os.path.expanduser(tokenizer)):  # stored absolute, so a checkpoint names it from anywhere
             tokenizer = os.path.abspath(os.path.expanduser(tokenizer))
         self.save_hyperparameters()
@@ -166,11 +167,11 @@ class TextDataModule(L.LightningDataModule):
             try:
                 self._tokenizer = load_tokenizer(self.hparams.tokenizer)
             except (OSError, ValueError) as error:
-                raise ValueError(f"data.tokenizer={self.hparams.tokenizer!r} cannot be loaded ({error}); set "
-                                 "data.init_args.tokenizer to smollm2-135m-instruct, a .gguf file, an HF tokenizer "
-                                 "folder or a hub id") from error
+                raise ConfigError(f"data.tokenizer={self.hparams.tokenizer!r} cannot be loaded ({error}); set "
+                                  "data.init_args.tokenizer to smollm2-135m-instruct, a .gguf file, an HF tokenizer "
+                                  "folder or a hub id") from error
             if self._tokenizer.eos_token_id is None:
-                raise ValueError(f"data.tokenizer={self.hparams.tokenizer!r} has no EOS token to end documents with")
+                raise ConfigError(f"data.tokenizer={self.hparams.tokenizer!r} has no EOS token to end documents with")
         return self._tokenizer
 
     # -- documents and tokens ------------------------------------------------------------------
@@ -190,14 +191,14 @@ class TextDataModule(L.LightningDataModule):
                     fix = ("set data.init_args.text_field (format text) or data.init_args.format to match the "
                            "file's fields, or fix the row" if not docs and not skipped else  # the very first row
                            "fix the row or set data.init_args.on_bad_row=skip")
-                    raise ValueError(f"{where}: {e}; {fix}") from None
+                    raise ConfigError(f"{where}: {e}; {fix}") from None
                 skipped.append(where)
             if hp.max_documents is not None and len(docs) >= hp.max_documents:
                 break
         if skipped:
             rank_zero_warn(f"data: skipped {len(skipped)} malformed rows (first: {skipped[0]})")
         if not docs:
-            raise ValueError(f"data.path: {hp.path} ({split}) has no documents; check the file and data.format")
+            raise ConfigError(f"data.path: {hp.path} ({split}) has no documents; check the file and data.format")
         return docs
 
     def _cache_path(self, docs: list[str]) -> Path:
@@ -260,7 +261,7 @@ class TextDataModule(L.LightningDataModule):
         for name, data in splits.items():
             if len(data) == 0:
                 fix = "raise data.init_args.val_fraction" if name == "val" else "use more documents"
-                raise ValueError(
+                raise ConfigError(
                     f"data: the {name} split has {len(data.tokens)} tokens, fewer than one sequence of "
                     f"data.seq_len+1={self.seq_len + 1}; lower data.init_args.seq_len or {fix}"
                 )
@@ -293,7 +294,7 @@ class TextDataModule(L.LightningDataModule):
         data = self._splits["train"]
         rank, world = self._rank()
         if len(data) // world < self.hparams.batch_size:
-            raise ValueError(
+            raise ConfigError(
                 f"data: {len(data)} training sequences make no full batch of data.batch_size={self.hparams.batch_size}"
                 f" on each of {world} device(s); lower data.init_args.batch_size or seq_len, or use more data"
             )

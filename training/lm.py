@@ -16,6 +16,8 @@ from torch.optim.lr_scheduler import LambdaLR
 from modeldefs import ModelConfig, Transformer
 from modeldefs.config import check_fields
 from modeldefs.pretrained import load_pretrained
+from modeldefs.quietstar import QuietStar
+from training.errors import ConfigError, ConfigFileNotFoundError
 from training.loss import linear_cross_entropy
 from training.optim_state import by_name, by_number
 from training.parallelize import (ActivationCheckpointing, DType, apply_activation_checkpointing, apply_compile,
@@ -26,6 +28,14 @@ from training.schedule import warmup_cosine
 
 class NonFiniteLossError(RuntimeError):
     """Raised when the training loss is NaN or infinite (before the optimizer touches the weights)."""
+
+
+def load_init_from(source: str) -> Transformer | QuietStar:
+    """`load_pretrained(source)` for model.init_args.init_from, a source that is not there refused as that setting."""
+    try:
+        return load_pretrained(source)
+    except FileNotFoundError as error:
+        raise ConfigFileNotFoundError(f"model.init_args.init_from: {error}") from error
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
@@ -101,18 +111,18 @@ class CausalLM(L.LightningModule):
         """
         super().__init__()
         if init_from is None and model is None:
-            raise ValueError("set model.init_args.model (a named config) or model.init_args.init_from")
+            raise ConfigError("set model.init_args.model (a named config) or model.init_args.init_from")
         if init_from is not None and model is not None:
-            raise ValueError("set either model.init_args.model (random init) or model.init_args.init_from, not both")
+            raise ConfigError("set either model.init_args.model (random init) or model.init_args.init_from, not both")
         if finite_check_interval < 1:
-            raise ValueError(f"model.init_args.finite_check_interval={finite_check_interval} must be >= 1 "
-                             "(switch the check off with check_finite_loss: false)")
+            raise ConfigError(f"model.init_args.finite_check_interval={finite_check_interval} must be >= 1 "
+                              "(switch the check off with check_finite_loss: false)")
         if not lr > 0 or not 0 <= min_lr_ratio <= 1 or warmup_steps < 0:
-            raise ValueError(f"model.init_args: lr={lr} must be > 0, min_lr_ratio={min_lr_ratio} in [0, 1] (the cosine "
-                             f"ends at lr * min_lr_ratio) and warmup_steps={warmup_steps} >= 0")
+            raise ConfigError(f"model.init_args: lr={lr} must be > 0, min_lr_ratio={min_lr_ratio} in [0, 1] "
+                              f"(the cosine ends at lr * min_lr_ratio) and warmup_steps={warmup_steps} >= 0")
         if loss_chunk_size is not None and loss_chunk_size < 1:
-            raise ValueError(f"model.init_args.loss_chunk_size={loss_chunk_size} must be >= 1, or null for the "
-                             "unfused loss")
+            raise ConfigError(f"model.init_args.loss_chunk_size={loss_chunk_size} must be >= 1, or null for the "
+                              "unfused loss")
         # A bad name or override fails now, not after the data is tokenised (configure_model builds the model).
         if model is not None:
             ModelConfig.from_name(model, **(model_overrides or {}))
@@ -129,7 +139,7 @@ class CausalLM(L.LightningModule):
             return
         overrides = self.hparams.model_overrides or {}
         if self.hparams.init_from is not None:
-            self.model = load_pretrained(self.hparams.init_from)
+            self.model = load_init_from(self.hparams.init_from)
             if overrides:
                 self.model = self._with_overrides(self.model, overrides)
         else:
@@ -157,10 +167,10 @@ class CausalLM(L.LightningModule):
         try:
             result = model.load_state_dict(pretrained.state_dict(), strict=False)
         except RuntimeError as e:  # size mismatches
-            raise ValueError(refusal) from e
+            raise ConfigError(refusal) from e
         new = [k for k in result.missing_keys if ".router." not in k and ".predictor." not in k]
         if new or result.unexpected_keys:
-            raise ValueError(f"{refusal} (missing {new}, unexpected {result.unexpected_keys})")
+            raise ConfigError(f"{refusal} (missing {new}, unexpected {result.unexpected_keys})")
         return model
 
     def _datamodule(self) -> Any:
@@ -170,14 +180,14 @@ class CausalLM(L.LightningModule):
         """Refuse a data tokenizer with more tokens than the model has embedding rows (a crash at step 0 else)."""
         tokenizer, vocab_size = getattr(self._datamodule(), "tokenizer", None), self._architecture()["vocab_size"]
         if tokenizer is not None and len(tokenizer) > vocab_size:
-            raise ValueError(f"data.tokenizer has {len(tokenizer)} tokens but the model's vocab_size is {vocab_size}; "
-                             "use the model's tokenizer (data.init_args.tokenizer) or raise "
-                             "model.init_args.model_overrides.vocab_size")
+            raise ConfigError(f"data.tokenizer has {len(tokenizer)} tokens but the model's vocab_size is {vocab_size}; "
+                              "use the model's tokenizer (data.init_args.tokenizer) or raise "
+                              "model.init_args.model_overrides.vocab_size")
 
     def _check_seq_len(self) -> None:
         seq_len = getattr(self._datamodule(), "seq_len", None)
         if seq_len is not None and seq_len > self.model.config.block_size:
-            raise ValueError(
+            raise ConfigError(
                 f"data.seq_len={seq_len} is longer than the model's context (block_size="
                 f"{self.model.config.block_size}); lower data.init_args.seq_len or raise "
                 "model.init_args.model_overrides.block_size"
@@ -359,16 +369,16 @@ class CausalLM(L.LightningModule):
         if thinks != thought:
             kinds = (("a Quiet-STaR", "a plain language model") if thinks
                      else ("a plain language-model", "a Quiet-STaR model"))
-            raise ValueError(f"--ckpt_path holds {kinds[0]} checkpoint and this run trains {kinds[1]} "
-                             f"({type(self).__name__}): give the config it was trained with, or start a new run from "
-                             "its weights with model.init_args.init_from=<checkpoint>")
+            raise ConfigError(f"--ckpt_path holds {kinds[0]} checkpoint and this run trains {kinds[1]} "
+                              f"({type(self).__name__}): give the config it was trained with, or start a new run from "
+                              "its weights with model.init_args.init_from=<checkpoint>")
         saved, ours = checkpoint.get("model_config") or {}, self._architecture()
         changed = {k: (saved[k], v) for k, v in ours.items() if k in saved and saved[k] != v}
         if changed:
             fields = ", ".join(f"{k}: {old} in the checkpoint, {new} here" for k, (old, new) in sorted(changed.items()))
-            raise ValueError(f"--ckpt_path resumes the same architecture, and this one differs ({fields}). Give the "
-                             "checkpoint's settings, or start a new run from its weights with "
-                             "model.init_args.init_from=<checkpoint> (plus model_overrides to MoD-ify it)")
+            raise ConfigError(f"--ckpt_path resumes the same architecture, and this one differs ({fields}). Give the "
+                              "checkpoint's settings, or start a new run from its weights with "
+                              "model.init_args.init_from=<checkpoint> (plus model_overrides to MoD-ify it)")
         if "optimizer_states" in checkpoint and not isinstance(self.trainer.strategy, ModelParallelStrategy):
             order = self._optimizer_order()  # (ModelParallelStrategy reads state keyed by name itself)
             checkpoint["optimizer_states"] = [by_number(s, order) for s in checkpoint["optimizer_states"]]

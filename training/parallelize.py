@@ -19,6 +19,7 @@ from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, Offlo
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from modeldefs import Transformer
+from training.errors import ConfigError
 
 ActivationCheckpointing = Literal["none", "block", "selective"]
 DType = Literal["float32", "bfloat16", "float16"]
@@ -87,7 +88,7 @@ def data_parallel_mesh(mesh: DeviceMesh) -> DeviceMesh:
     """The data-parallel dimension of Lightning's `ModelParallelStrategy` mesh, refusing tensor parallelism."""
     names = mesh.mesh_dim_names or ()
     if "tensor_parallel" in names and mesh["tensor_parallel"].size() > 1:
-        raise ValueError(
+        raise ConfigError(
             f"quietdepth shards with FSDP only, but the device mesh has tensor_parallel_size="
             f"{mesh['tensor_parallel'].size()}: set trainer.strategy.init_args.tensor_parallel_size: 1 and "
             "data_parallel_size: <devices x num_nodes>"

@@ -7,9 +7,10 @@ from typing import Any, Literal
 import torch
 
 from modeldefs import ModelConfig, Transformer
-from modeldefs.pretrained import is_checkpoint, load_pretrained, load_tokenizer
+from modeldefs.pretrained import is_checkpoint, load_tokenizer
 from modeldefs.quietstar import QuietStar, ThoughtConfig, ThoughtOutput
-from training.lm import CausalLM
+from training.errors import ConfigError
+from training.lm import CausalLM, load_init_from
 from training.parallelize import DType, apply_compile, apply_fsdp, checkpointed, data_parallel_mesh
 from training.routing import causal_fraction
 
@@ -96,7 +97,7 @@ class QuietStarLM(CausalLM):
         previous: QuietStar | None = None
         source: Transformer | None = None  # the pretrained decoder, before any override
         if hp.init_from is not None:
-            loaded = load_pretrained(hp.init_from)
+            loaded = load_init_from(hp.init_from)
             previous = loaded if isinstance(loaded, QuietStar) else None
             lm = source = previous.lm if previous is not None else loaded
             if previous is not None and not hp.thoughts:  # no thought settings given: keep the checkpoint's
@@ -133,11 +134,11 @@ class QuietStarLM(CausalLM):
         elif self.hparams.init_from is not None and not is_checkpoint(self.hparams.init_from):
             tokenizer = load_tokenizer(self.hparams.init_from)
         else:
-            raise ValueError("no tokenizer to encode thought_init_text: set model.init_args.thought_init_tokenizer "
-                             "(e.g. smollm2-135m-instruct)")
+            raise ConfigError("no tokenizer to encode thought_init_text: set model.init_args.thought_init_tokenizer "
+                              "(e.g. smollm2-135m-instruct)")
         ids = tokenizer.encode(self.hparams.thought_init_text, add_special_tokens=False)
         if not ids:
-            raise ValueError(f"thought_init_text={self.hparams.thought_init_text!r} encodes to no tokens")
+            raise ConfigError(f"thought_init_text={self.hparams.thought_init_text!r} encodes to no tokens")
         return ids[0]
 
     def _check_seq_len(self) -> None:
@@ -147,7 +148,7 @@ class QuietStarLM(CausalLM):
         c = self.thought_config
         needed = None if seq_len is None else seq_len + c.n_ahead + c.n_ahead_talk - 2
         if needed is not None and needed > block_size:
-            raise ValueError(
+            raise ConfigError(
                 f"data.seq_len={seq_len} plus the thought and talk tokens ({needed - seq_len}) exceed the model's "
                 f"context (block_size={block_size}); lower data.init_args.seq_len or raise "
                 "model.init_args.model_overrides.block_size"
@@ -220,7 +221,7 @@ def _refuse_untrained_predictors(lm: Transformer, source: Transformer | None) ->
     trained = {i for i, block in source.routed_blocks.items() if block.predictor is not None} if source else set()
     new = sorted(i for i, block in lm.routed_blocks.items() if block.predictor is not None and i not in trained)
     if new:
-        raise ValueError(
+        raise ConfigError(
             f"mod_causal_rule=predictor routes every Quiet-STaR pass by the predictors of layers {new}, which this "
             "run creates and Quiet-STaR never trains (they would route at random): start from a Mixture-of-Depths "
             "checkpoint whose predictors were trained (model.init_args.init_from=<a run of "

@@ -10,6 +10,7 @@ import torch
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 
+from training.errors import ConfigError
 from training.quietstar_lm import QuietStarLM
 from training.routing import routing_stats
 
@@ -45,9 +46,9 @@ class RoutingMonitor(L.Callback):
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if isinstance(pl_module, QuietStarLM):
-            raise ValueError("RoutingMonitor draws top-k routing, which Quiet-STaR training does not use (its Mixture-"
-                             "of-Depths layers route by the causal rule; val/causal_fraction is logged): drop the "
-                             "callback from trainer.callbacks")
+            raise ConfigError("RoutingMonitor draws top-k routing, which Quiet-STaR training does not use (its Mixture-"
+                              "of-Depths layers route by the causal rule; val/causal_fraction is logged): drop the "
+                              "callback from trainer.callbacks")
         # trainer.log_dir is a broadcast from rank 0: read here, on every rank, not in the rank-0-only hook
         self._folder = Path(trainer.log_dir) / "routing"
 

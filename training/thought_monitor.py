@@ -11,6 +11,7 @@ import torch
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 
+from training.errors import ConfigError
 from training.quietstar_lm import QuietStarLM
 
 COLUMNS = ["step", "sequence", "position", "context", "thought", "continuation", "reward", "mixing_weight"]
@@ -39,7 +40,7 @@ class ThoughtMonitor(L.Callback):
             seed: seed of the choice of sequences and positions.
         """
         if every_n_steps < 1 or samples < 1:
-            raise ValueError("ThoughtMonitor every_n_steps and samples must be positive")
+            raise ConfigError("ThoughtMonitor every_n_steps and samples must be positive")
         self.every_n_steps = every_n_steps
         self.samples = samples
         self.context_tokens = context_tokens
@@ -48,8 +49,8 @@ class ThoughtMonitor(L.Callback):
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if not isinstance(pl_module, QuietStarLM):
-            raise ValueError(f"ThoughtMonitor shows Quiet-STaR thoughts; {type(pl_module).__name__} does not think "
-                             "(use training.quietstar_lm.QuietStarLM as the model, or drop the callback)")
+            raise ConfigError(f"ThoughtMonitor shows Quiet-STaR thoughts; {type(pl_module).__name__} does not think "
+                              "(use training.quietstar_lm.QuietStarLM as the model, or drop the callback)")
         # trainer.log_dir is a broadcast from rank 0: read here, on every rank, not in the rank-0-only hook
         self._path = Path(trainer.log_dir) / "thoughts.csv"
 
