@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import os
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -293,6 +294,35 @@ def test_the_command_shows_the_traceback_of_an_error_that_is_no_refusal(in_tmp, 
     result = quietdepth("fit", *smoke_args(gsm8k_train, "--trainer.callbacks+=tests.test_cli.FailsAtTrainStart"))
     assert result.returncode == 1
     assert "Traceback" in result.stderr and "ValueError: a bug, not a refusal" in result.stderr
+
+
+class CtrlCAtStep4(L.Callback):
+    """Ctrl-C as Lightning sees it, once the run has taken 4 steps."""
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == 4:
+            raise KeyboardInterrupt
+
+
+@requires_smollm2  # loads the smoke config's SmolLM2 tokenizer
+def test_ctrl_c_ends_the_fit_with_a_summary_that_says_how_to_resume_and_keeps_the_checkpoints(in_tmp, gsm8k_train,
+                                                                                                capsys):
+    run(["fit", *smoke_args(gsm8k_train, steps=2)])
+    folder = in_tmp / "runs" / "smoke" / "checkpoints"
+    saved = {path.name: path.read_bytes() for path in folder.iterdir()}
+    capsys.readouterr()
+    handler = signal.getsignal(signal.SIGINT)
+    try:
+        with pytest.raises(SystemExit) as exit_info:  # Lightning exits with status 1 after its graceful shutdown
+            run(["fit", *smoke_args(gsm8k_train, "--ckpt_path", "last",
+                                    "--trainer.callbacks+=tests.test_cli.CtrlCAtStep4", steps=6)])
+    finally:
+        signal.signal(signal.SIGINT, handler)  # which Lightning set to ignore Ctrl-C for the rest of the process
+    assert exit_info.value.code == 1
+    out = capsys.readouterr().out
+    assert "quietdepth run interrupted at step 4" in out and "\nsteps: 4 " in out
+    assert f"resume: the same command with --ckpt_path last   (continues from {folder / 'last.ckpt'}, step 2)" in out
+    assert {path.name: path.read_bytes() for path in folder.iterdir()} == saved
 
 
 class SlowValidationRecorder(L.Callback):

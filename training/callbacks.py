@@ -1,5 +1,5 @@
 """Callbacks: token throughput/MFU, the final step in `last.ckpt`, RNG state in checkpoints, and the
-end-of-run summary."""
+end-of-run summary (also after Ctrl-C)."""
 
 from __future__ import annotations
 
@@ -206,16 +206,30 @@ class RNGState(L.Callback):
 
 
 class RunSummary(L.Callback):
-    """Prints where the run's checkpoints, metrics and W&B files are, with the final losses."""
+    """Prints where the run's checkpoints, metrics and W&B files are, with the final losses; also when Ctrl-C
+    stops a fit (Lightning ends it on the KeyboardInterrupt), then with the step reached and how to resume."""
+
+    def __init__(self) -> None:
+        self._t0: float | None = None
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._t0 = time.perf_counter()
 
     @rank_zero_only
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._print("quietdepth run summary", self._lines(trainer))
+
+    @rank_zero_only
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        if isinstance(exception, KeyboardInterrupt) and trainer.state.fn == TrainerFn.FITTING:
+            self._print(f"quietdepth run interrupted at step {trainer.global_step}",
+                        self._lines(trainer) + _resume_lines(trainer))
+
+    def _lines(self, trainer: L.Trainer) -> list[str]:
         bar_only = set(trainer.progress_bar_metrics) - set(trainer.logged_metrics)  # e.g. the bar's copy of the loss
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1 and k not in bar_only}
-        lines = [f"steps: {trainer.global_step}   wall time: {time.perf_counter() - self._t0:.1f} s"]
+        wall = f"   wall time: {time.perf_counter() - self._t0:.1f} s" if self._t0 is not None else ""
+        lines = [f"steps: {trainer.global_step}{wall}"]
         lines += [f"{k}: {v:.4g}" for k, v in sorted(metrics.items())]
         for cb in trainer.checkpoint_callbacks:
             if isinstance(cb, ModelCheckpoint) and cb.dirpath:
@@ -230,8 +244,31 @@ class RunSummary(L.Callback):
                 run_dir = Path(logger.experiment.dir).parent
                 lines.append(f"W&B run: {run_dir}" + ("   (offline: `wandb sync " + str(run_dir) + "`)"
                                                      if "offline" in run_dir.name else ""))
-        width = max(len(line) for line in lines)
-        print("\n" + "=" * width + "\nquietdepth run summary\n" + "\n".join(lines) + "\n" + "=" * width, flush=True)
+        return lines
+
+    @staticmethod
+    def _print(title: str, lines: list[str]) -> None:
+        width = max(len(line) for line in [title, *lines])
+        print("\n" + "=" * width + f"\n{title}\n" + "\n".join(lines) + "\n" + "=" * width, flush=True)
+
+
+def _resume_lines(trainer: L.Trainer) -> list[str]:
+    """How to go on from the newest checkpoint on disk, which the interrupt left as it was."""
+    saved = [Path(path) for cb in trainer.checkpoint_callbacks if isinstance(cb, ModelCheckpoint)
+             for path in (cb.last_model_path, cb.best_model_path) if path and Path(path).exists()]
+    if not saved:
+        return ["no checkpoint written yet: rerunning the command starts from step 0"]
+    newest = max(saved, key=lambda path: path.stat().st_mtime)
+    ckpt_path = "last" if newest.name.startswith(ModelCheckpoint.CHECKPOINT_NAME_LAST) else shlex.quote(str(newest))
+    return [f"resume: the same command with --ckpt_path {ckpt_path}   (continues from {newest}, step "
+            f"{checkpoint_step(newest)})"]
+
+
+def checkpoint_step(path: Path) -> int:
+    """The global step a checkpoint (a file, or a sharded checkpoint's folder) was saved at."""
+    source = path / "meta.pt" if path.is_dir() else path
+    state = torch.load(source, map_location="cpu", weights_only=True, mmap=not path.is_dir())
+    return state.get("global_step", 0)
 
 
 class StepProgressBar(RichProgressBar):

@@ -23,7 +23,7 @@ from lightning.pytorch.utilities.imports import _RICH_AVAILABLE
 
 # Imported so their classes resolve by short name in YAML (class_path: CausalLM).
 from training import callbacks, data, lm, quietstar_lm, routing_monitor, thought_monitor  # noqa: F401
-from training.callbacks import StepProgressBar, finish_interrupted_moves
+from training.callbacks import StepProgressBar, checkpoint_step, finish_interrupted_moves
 from training.errors import ConfigError
 
 
@@ -148,11 +148,9 @@ class QuietDepthCLI(LightningCLI):
         if max_steps < 0:
             return
         for path in paths:
-            source = path / "meta.pt" if path.is_dir() else path
-            if not source.is_file():
+            if not (path / "meta.pt" if path.is_dir() else path).is_file():
                 continue
-            state = torch.load(source, map_location="cpu", weights_only=True, mmap=not path.is_dir())
-            step = state.get("global_step", 0)
+            step = checkpoint_step(path)
             if step >= max_steps:
                 raise ConfigError(f"--ckpt_path {path} is at step {step} and trainer.max_steps is {max_steps}: "
                                   f"there is nothing left to train. Raise --trainer.max_steps "
