@@ -13,6 +13,7 @@ scores are comparable with `--model hf` on the same weights.
 
 from __future__ import annotations
 
+import inspect
 import sys
 import warnings
 from typing import Any
@@ -59,7 +60,12 @@ class QuietdepthLM(LM):
     def __init__(self, pretrained: str | EvalModel = "smollm2-135m-instruct", tokenizer: str | None = None,
                  device: str | None = None, dtype: str = "float32", batch_size: int | str = 16,
                  decoding: str = "greedy", max_gen_toks: int = 256, pack_tokens: int = 512,
-                 max_batch_size: int | None = None) -> None:
+                 max_batch_size: int | None = None, **unknown: Any) -> None:
+        if unknown:  # Python's own TypeError names the first unknown arg only, and not the accepted ones
+            known = [name for name in inspect.signature(QuietdepthLM.__init__).parameters
+                     if name not in ("self", "unknown")]
+            raise TypeError(f"unknown model arg(s) {', '.join(sorted(unknown))} for --model quietdepth; it takes "
+                            f"{', '.join(known)}")
         super().__init__()
         if dtype not in DTYPES:
             raise ValueError(f"dtype={dtype!r}: use one of {sorted(DTYPES)}")

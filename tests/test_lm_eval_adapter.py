@@ -159,8 +159,11 @@ def test_lm_eval_default_cuda_device_falls_back_to_the_cpu_and_misspelled_model_
     with pytest.warns(UserWarning, match="device='cuda:0' but CUDA is not available: running on the CPU"):
         lm = get_model("quietdepth").create_from_arg_string(f"pretrained={checkpoint},tokenizer={smollm2_tokenizer_dir}", extra)
     assert lm.model.device.type == "cpu" and next(lm.model.net.parameters()).device.type == "cpu"
-    with pytest.raises(TypeError, match="pretrianed"):
-        get_model("quietdepth").create_from_arg_string(f"pretrianed={checkpoint}", extra)
+    with pytest.raises(TypeError, match=r"unknown model arg\(s\) batchsize, pretrianed for --model quietdepth; it "
+                                        r"takes pretrained, tokenizer, device, dtype, batch_size, decoding, "):
+        get_model("quietdepth").create_from_arg_string(f"pretrianed={checkpoint},batchsize=8", extra)
+    with pytest.raises(TypeError, match=r"unknown model arg\(s\) batchsize for --model quietdepth"):
+        get_model("quietdepth").create_from_arg_obj({"batchsize": 8}, extra)  # lm-eval's command line's way
 
 
 def test_a_data_folder_given_for_the_local_tasks_must_hold_their_files(tmp_path, monkeypatch):
