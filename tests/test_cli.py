@@ -50,6 +50,18 @@ def in_tmp(tmp_path, monkeypatch) -> Path:
 
 
 @requires_smollm2  # loads the smoke config's SmolLM2 tokenizer
+def test_each_run_in_one_process_writes_its_wandb_run_into_its_own_folder(tmp_path, monkeypatch, gsm8k_train):
+    """W&B's background service outlives a run and resolves a relative save_dir against the folder where the
+    process's first run started: the second run, started from another folder, must still land in its own."""
+    for name in ("first", "second"):
+        (tmp_path / name).mkdir()
+        monkeypatch.chdir(tmp_path / name)
+        run(["fit", *smoke_args(gsm8k_train, "--trainer.limit_val_batches", "0", steps=1)])
+    for name in ("first", "second"):
+        assert len(list((tmp_path / name / "runs" / "smoke" / "wandb").glob("offline-run-*/*.wandb"))) == 1, name
+
+
+@requires_smollm2  # loads the smoke config's SmolLM2 tokenizer
 def test_fit_smoke_writes_checkpoints_metrics_wandb_run_and_summary(in_tmp, gsm8k_train, capsys):
     cli = run(["fit", *smoke_args(gsm8k_train, steps=12)])
     run_dir = in_tmp / "runs" / "smoke"

@@ -15,6 +15,7 @@ import torch
 import yaml
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.callbacks.progress import ProgressBar
+from jsonargparse import Namespace
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.strategies import ModelParallelStrategy
@@ -61,6 +62,15 @@ class QuietDepthCLI(LightningCLI):
                 and not any(isinstance(c, ProgressBar) for c in given)):
             kwargs["callbacks"] = [*given, StepProgressBar()]
         return super().instantiate_trainer(**kwargs)
+
+    def before_instantiate_classes(self) -> None:
+        """Make each WandbLogger's save_dir absolute. W&B's background service outlives a run and resolves a
+        relative one against the folder where the process's first run started, so a second run in the same
+        process (a notebook, a sweep, the tests) started from another folder would write into the first's."""
+        loggers = self.config[self.subcommand].get("trainer", {}).get("logger")
+        for logger in loggers if isinstance(loggers, list) else [loggers]:
+            if isinstance(logger, Namespace) and logger.class_path.endswith("WandbLogger"):
+                logger.init_args.save_dir = os.path.abspath(logger.init_args.get("save_dir") or ".")
 
     def instantiate_classes(self) -> None:
         """As LightningCLI's, but an error raised while a class of the config is built comes out as itself, not
