@@ -234,11 +234,13 @@ class _Rows:
         copy_into_row(own, source, self.cache, row, self.first_slot[row], length)
         self.key_valid[row] = False
         self.key_valid[row, self.first_slot[row]:self.slot] = True
-        self.next_pos[row] = length
+        # fill_, not `t[row] = n`: that copies a host scalar into a 0-d slice, which on a GPU is a blocking
+        # host-to-device copy, a sync per started continuation
+        self.next_pos[row].fill_(length)
         self.owner[row] = i * self.branches + j
         self.record(row, first[j], margin)
         if self.owner[row] is not None:
-            self.token[row] = first[j]
+            self.token[row].fill_(first[j])
 
     def drop_finished_rows(self, alive: list[int]) -> None:
         """With nothing left to start, the rows whose continuations ended leave the batch."""

@@ -195,3 +195,26 @@ def test_continuous_batching_reads_the_new_tokens_once_per_step_and_the_first_to
     assert len(tokens) == len(MANY) and steps > len(MANY) * 11 / 3 and 1 < len(prefills) < len(MANY)
     assert [r.split(" at ")[0] for r in recorder.reads] == ["tolist"] * len(heads)
     assert all("evals/decoding.py" in r for r in recorder.reads), recorder.reads
+
+
+class _ScalarCopies(TorchDispatchMode):
+    """`t[i] = number` on a 1-d tensor: a copy of a host 0-d tensor into a 0-d slice. On a GPU that is a blocking
+    host-to-device copy (a sync), whereas `t[i].fill_(number)` passes the number to a kernel."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.copies: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is aten.copy_.default and args[1].dim() == 0 and args[1].device.type == "cpu":
+            self.copies.append(_caller())
+        return func(*args, **(kwargs or {}))
+
+
+def test_continuous_batching_starts_rows_without_copying_host_scalars_to_the_device():
+    from evals import decoding
+    from tests.test_eval_decoding import MANY, tiny_model
+
+    with _ScalarCopies() as recorder:
+        decoding.generate_tokens(tiny_model(), MANY, max_new_tokens=12, batch_size=3, prefill_chunk=24)
+    assert recorder.copies == []
