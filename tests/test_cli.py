@@ -447,7 +447,15 @@ def assert_last_checkpoint_is_good(in_tmp: Path, step: int) -> None:
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(in_tmp, gsm8k_train, interval, message):
     args = poisoned_run(in_tmp, gsm8k_train, "batch_start")
     with pytest.raises(NonFiniteLossError, match=message):
-        main([*args, "--model.init_args.finite_check_interval", str(interval)])
+        run([*args, "--model.init_args.finite_check_interval", str(interval)])
+    assert_last_checkpoint_is_good(in_tmp, 3)
+
+
+@requires_smollm2  # loads the smoke config's SmolLM2 tokenizer
+def test_the_command_shows_a_non_finite_loss_stop_as_one_error_line_with_exit_status_1(in_tmp, gsm8k_train):
+    result = quietdepth(*poisoned_run(in_tmp, gsm8k_train, "batch_start"))
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "error: training loss is nan at global step 3" in result.stderr and "Traceback" not in result.stderr
     assert_last_checkpoint_is_good(in_tmp, 3)
 
 
@@ -455,7 +463,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(in_tmp, gsm8k_
 def test_non_finite_weights_are_never_written_to_a_checkpoint(in_tmp, gsm8k_train):
     # Weights go bad after step 3's update, before its checkpoint: that save is refused.
     with pytest.raises(NonFiniteLossError, match="weights are not finite at global step 3"):
-        main(poisoned_run(in_tmp, gsm8k_train, "batch_end"))
+        run(poisoned_run(in_tmp, gsm8k_train, "batch_end"))
     assert_last_checkpoint_is_good(in_tmp, 2)
 
 

@@ -12,6 +12,7 @@ import yaml
 from modeldefs.pretrained import load_pretrained
 from tests.conftest import REPO, requires_smollm2
 from training.cli import main
+from training.errors import ConfigError
 from training.lm import CausalLM
 
 pytestmark = requires_smollm2
@@ -77,7 +78,15 @@ def test_mod_ified_smollm2_keeps_the_pretrained_weights_and_adds_routers(smollm2
 
 def test_overrides_that_reshape_pretrained_weights_are_refused(smollm2_dir):
     module = CausalLM(model=None, init_from=str(smollm2_dir), model_overrides={"n_embd": 128})
-    with pytest.raises(ValueError, match="change the shape of the pretrained weights"):
+    with pytest.raises(ConfigError, match="change the shape of the pretrained weights"):
+        module.configure_model()
+
+
+def test_an_override_value_out_of_range_is_refused_as_that_setting(smollm2_dir):
+    """The pretrained config is known only once init_from loads, so its overrides' values are checked then: as a
+    refusal of the setting (`quietdepth` prints one line), not as a traceback from ModelConfig."""
+    module = CausalLM(model=None, init_from=str(smollm2_dir), model_overrides={"mod_capacity": 2.0})
+    with pytest.raises(ConfigError, match=r"model.init_args.model_overrides: mod_capacity=2.0 must be in \(0, 1\]"):
         module.configure_model()
 
 

@@ -26,6 +26,7 @@ from lightning.pytorch.utilities.imports import _RICH_AVAILABLE
 from training import callbacks, data, lm, quietstar_lm, routing_monitor, thought_monitor  # noqa: F401
 from training.callbacks import StepProgressBar, checkpoint_step, finish_interrupted_moves
 from training.errors import ConfigError
+from training.lm import NonFiniteLossError
 
 
 def default_precision() -> str:
@@ -183,12 +184,14 @@ def _not_an_advert(record: logging.LogRecord) -> bool:
 
 def main(args: list[str] | None = None) -> None:
     """Entry point of the `quietdepth` console script. A run that a check of ours refuses (`ConfigError`) ends
-    with `error: <message>` on stderr and exit status 2, as a malformed command line does; `run` raises it."""
+    with `error: <message>` on stderr and exit status 2, as a malformed command line does; one that our
+    non-finite check stops (`NonFiniteLossError`, its checkpoints intact) with the same line and status 1.
+    `run` raises both."""
     try:
         run(args)
-    except ConfigError as error:
+    except (ConfigError, NonFiniteLossError) as error:
         print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(2 if isinstance(error, ConfigError) else 1)
 
 
 def run(args: list[str] | None = None) -> QuietDepthCLI:

@@ -160,7 +160,10 @@ class CausalLM(L.LightningModule):
     def _with_overrides(pretrained: Transformer, overrides: dict[str, Any]) -> Transformer:
         """The pretrained weights in a model with changed config fields: e.g. Mixture-of-Depths fields
         MoD-ify a dense model, whose routers and predictors then start from their initialisation."""
-        config = ModelConfig.from_dict({**pretrained.config.to_dict(), **overrides})
+        try:  # the values are checked here: the pretrained config they override is known only now
+            config = ModelConfig.from_dict({**pretrained.config.to_dict(), **overrides})
+        except ValueError as error:
+            raise ConfigError(f"model.init_args.model_overrides: {error}") from error
         model = Transformer(config)
         refusal = (f"model_overrides {sorted(overrides)} change the shape of the pretrained weights; only "
                    "Mixture-of-Depths and context fields (block_size, rope_theta, ...) can be overridden")
