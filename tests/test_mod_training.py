@@ -62,6 +62,20 @@ def test_mod_smoke_fit_logs_routing_and_draws_heatmaps(tmp_path, monkeypatch, gs
     assert list(offline.rglob("media/images/mod/router_logits*.png"))
 
 
+
+def test_a_resumed_run_with_gradient_accumulation_watches_each_step_once(tmp_path, monkeypatch, gsm8k_train):
+    """The resumed part's first micro-batch sees the checkpoint's global_step before its own step completes: the
+    monitor must not take it for the end of the step the first part already logged and drew."""
+    monkeypatch.chdir(tmp_path)
+    config = write_config(tmp_path, "mod-smoke.yaml", every=2, max_steps=2, accumulate_grad_batches=2)
+    args = ["fit", "--config", str(config), "--data.init_args.path", str(gsm8k_train),
+            "--data.init_args.max_documents", "200", "--trainer.limit_val_batches", "0"]
+    main(args)
+    main([*args, "--trainer.max_steps", "4", "--ckpt_path", "last"])
+    run = tmp_path / "runs" / "mod-smoke"
+    assert [r["step"] for r in metrics(run) if r.get("mod/layer01/predictor_acc")] == ["1", "3"]
+    assert sorted(p.name for p in run.glob("csv/version_1/routing/step_*.png")) == ["step_000003.png"]
+
 @pytest.mark.slow
 def test_mod_ified_smollm2_keeps_the_pretrained_weights_and_adds_routers(smollm2_dir):
     module = CausalLM(model=None, init_from=str(smollm2_dir), model_overrides={"mod_capacity": 0.125})

@@ -140,6 +140,21 @@ def test_resume_with_ckpt_path_last_continues_the_run(tmp_path, monkeypatch, gsm
     assert steps == [0, 1, 2, 3]
 
 
+
+@requires_smollm2
+def test_a_resumed_run_with_gradient_accumulation_samples_thoughts_once_per_step(tmp_path, monkeypatch, gsm8k_train,
+                                                                                 smollm2_tokenizer_dir):
+    """The resumed part's first micro-batch sees the checkpoint's global_step before its own step completes: the
+    monitor must not write that micro-batch's thoughts as the step the first part already wrote."""
+    monkeypatch.chdir(tmp_path)
+    config = write_config(tmp_path, "quietstar-smoke.yaml", max_steps=2, val_check_interval=2,
+                          accumulate_grad_batches=2)
+    main(fit_args(config, gsm8k_train, smollm2_tokenizer_dir))
+    main([*fit_args(config, gsm8k_train, smollm2_tokenizer_dir), "--trainer.max_steps", "4", "--ckpt_path", "last"])
+    parts = sorted((tmp_path / "runs" / "quietstar-smoke").glob("csv/version_*/thoughts.csv"))
+    steps = [[r["step"] for r in csv.DictReader(path.open())] for path in parts]
+    assert steps == [["0"] * 4 + ["1"] * 4, ["3"] * 4]
+
 @requires_smollm2
 def test_mod_and_quietstar_train_together(tmp_path, monkeypatch, gsm8k_train, smollm2_tokenizer_dir):
     monkeypatch.chdir(tmp_path)

@@ -54,6 +54,11 @@ class ThoughtMonitor(L.Callback):
         # trainer.log_dir is a broadcast from rank 0: read here, on every rank, not in the rank-0-only hook
         self._path = Path(trainer.log_dir) / "thoughts.csv"
 
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # A resumed run's first micro-batches (gradient accumulation) see the restored global_step before their
+        # own step completes: that step is the checkpoint's, already watched by the run that saved it.
+        self._last_step = trainer.global_step - 1
+
     @rank_zero_only
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
