@@ -165,6 +165,30 @@ def test_train_loss_is_logged_as_the_mean_over_ranks_and_micro_batches(runs, mod
         assert got[step] == pytest.approx(expected[step], rel=1e-6), f"step {step}: {got} vs {expected}"
 
 
+
+class WriteFinalTrainLoss(L.Callback):
+    """Writes the train/loss that the run summary prints (rank 0's `callback_metrics` at the end of fit)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = Path(path)
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        if trainer.is_global_zero:
+            self.path.write_text(str(float(trainer.callback_metrics["train/loss"])))
+
+
+def test_the_summary_s_final_train_loss_is_the_mean_over_ranks_when_the_last_step_is_no_logging_step(
+        gsm8k_train, smollm2_tokenizer_dir, tmp_path):
+    """max_steps 3, logged every 2nd step: Lightning writes no row for step 3, but the summary shows its loss."""
+    run_dir = tmp_path / "final"
+    final = run_dir / "final_train_loss.txt"
+    run_fsdp(write_config(run_dir, gsm8k_train, smollm2_tokenizer_dir, 3, 3, monitor={
+        "class_path": "tests.test_fsdp.WriteFinalTrainLoss", "init_args": {"path": str(final)}}),
+        "--trainer.log_every_n_steps", "2")
+    expected = losses(run_dir, 2)
+    assert sorted(logged(run_dir, "train/loss")) == [1] and sorted(expected) == [0, 1, 2]
+    assert float(final.read_text()) == pytest.approx(expected[2], rel=1e-6)
+
 def test_sharded_checkpoint_resumes_on_two_processes_step_for_step(runs, gsm8k_train, smollm2_tokenizer_dir, tmp_path):
     sharded = runs["dense-2"] / "checkpoints" / "epoch=0-step=2.ckpt"
     assert sharded.is_dir() and list(sharded.glob("*.distcp")), "expected a distributed-checkpoint folder"

@@ -238,8 +238,10 @@ class CausalLM(L.LightningModule):
         Each micro-batch adds to sums on the device. On steps that read values (the first and Lightning's
         logging steps), the step's last micro-batch averages the means over the ranks (one collective) and
         takes the bar's copy to the host: Lightning turns every progress-bar metric into a number after every
-        batch, a sync per step for a device tensor. Other steps log this rank's means with neither a sync nor
-        a collective; a logger writes those only on the row Lightning adds where a run stops early (max_time).
+        batch, a sync per step for a device tensor. The last step (`trainer.max_steps`), whose means the run
+        summary shows, averages them over the ranks too, without a host copy. Other steps log this rank's
+        means with neither a sync nor a collective; a logger writes those only on the row Lightning adds where
+        a run stops early (max_time).
         """
         for name, value in scalars.items():
             value = value.detach().float()
@@ -251,8 +253,10 @@ class CausalLM(L.LightningModule):
         names = [f"train/{name}" for name in self._step_sums]
         self._step_sums, self._step_micro_batches = {}, 0
         step = self.global_step + 1  # the step this batch completes, as Lightning counts logging steps
-        if step == 1 or step % self.trainer.log_every_n_steps == 0:
+        read = step == 1 or step % self.trainer.log_every_n_steps == 0
+        if read or step == self.trainer.max_steps:
             means = self.trainer.strategy.reduce(means, reduce_op="mean")
+        if read:
             self.log("loss", means[names.index("train/loss")].cpu(), prog_bar=True, logger=False)
         self.log_dict(dict(zip(names, means)))
 
