@@ -337,6 +337,31 @@ def test_ctrl_c_ends_the_fit_with_a_summary_that_says_how_to_resume_and_keeps_th
     assert {path.name: path.read_bytes() for path in folder.iterdir()} == saved
 
 
+
+class CtrlCAtSetup(L.Callback):
+    """Ctrl-C as Lightning sees it while the run is set up (the data tokenised, the model built): before a
+    resumed run has restored its checkpoint."""
+
+    def setup(self, trainer, pl_module, stage) -> None:
+        raise KeyboardInterrupt
+
+
+@requires_smollm2  # loads the smoke config's SmolLM2 tokenizer
+def test_ctrl_c_before_a_resumed_run_restores_its_checkpoint_says_to_resume_from_it(in_tmp, gsm8k_train, capsys):
+    run(["fit", *smoke_args(gsm8k_train, steps=2)])
+    capsys.readouterr()
+    handler = signal.getsignal(signal.SIGINT)
+    try:
+        with pytest.raises(SystemExit):
+            run(["fit", *smoke_args(gsm8k_train, "--ckpt_path", "last",
+                                    "--trainer.callbacks+=tests.test_cli.CtrlCAtSetup", steps=6)])
+    finally:
+        signal.signal(signal.SIGINT, handler)
+    out = capsys.readouterr().out
+    last = in_tmp / "runs" / "smoke" / "checkpoints" / "last.ckpt"
+    assert f"resume: the same command with --ckpt_path last   (continues from {last}, step 2)" in out
+    assert "no checkpoint written yet" not in out
+
 class SlowValidationRecorder(L.Callback):
     """Records the progress bar's loss after every training batch; each validation batch sleeps `sleep` s."""
 

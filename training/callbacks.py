@@ -253,9 +253,12 @@ class RunSummary(L.Callback):
 
 
 def _resume_lines(trainer: L.Trainer) -> list[str]:
-    """How to go on from the newest checkpoint on disk, which the interrupt left as it was."""
+    """How to go on from the newest checkpoint on disk, which the interrupt left as it was: this run's, or the
+    last checkpoint that `--ckpt_path last` finds in its folder (an interrupt before a resumed run has restored
+    its checkpoint, or saved one, leaves the checkpoint callbacks knowing of none)."""
     saved = [Path(path) for cb in trainer.checkpoint_callbacks if isinstance(cb, ModelCheckpoint)
-             for path in (cb.last_model_path, cb.best_model_path) if path and Path(path).exists()]
+             for path in (cb.last_model_path, cb.best_model_path, *cb._find_last_checkpoints(trainer))
+             if path and Path(path).exists()]
     if not saved:
         return ["no checkpoint written yet: rerunning the command starts from step 0"]
     newest = max(saved, key=lambda path: path.stat().st_mtime)
