@@ -62,6 +62,19 @@ def test_each_run_in_one_process_writes_its_wandb_run_into_its_own_folder(tmp_pa
 
 
 @requires_smollm2  # loads the smoke config's SmolLM2 tokenizer
+@pytest.mark.parametrize("init_args", [{"save_dir": "wb"}, {"save_dir": None, "dir": "wb"}])
+def test_a_wandb_folder_given_as_save_dir_or_dir_is_made_absolute(in_tmp, gsm8k_train, init_args):
+    """WandbLogger writes to `save_dir or dir`: either, made absolute, is where the run's files go."""
+    config = yaml.safe_load(Path(SMOKE).read_text())
+    config["trainer"]["logger"] = [{"class_path": "lightning.pytorch.loggers.WandbLogger", "init_args": init_args}]
+    (in_tmp / "wb.yaml").write_text(yaml.safe_dump(config))
+    cli = run(["fit", *smoke_args(gsm8k_train, "--trainer.limit_val_batches", "0", steps=1,
+                                  config=str(in_tmp / "wb.yaml"))])
+    assert cli.trainer.logger.save_dir == str(in_tmp / "wb")
+    assert len(list((in_tmp / "wb" / "wandb").glob("offline-run-*/*.wandb"))) == 1
+
+
+@requires_smollm2  # loads the smoke config's SmolLM2 tokenizer
 def test_fit_smoke_writes_checkpoints_metrics_wandb_run_and_summary(in_tmp, gsm8k_train, capsys):
     cli = run(["fit", *smoke_args(gsm8k_train, steps=12)])
     run_dir = in_tmp / "runs" / "smoke"
@@ -271,6 +284,14 @@ def test_the_progress_bar_counts_steps_towards_max_steps_across_a_resume(in_tmp,
     assert isinstance(bar, StepProgressBar)
     task = bar.progress.tasks[bar.train_progress_bar_id]  # Lightning's read "Epoch 0/-2", 1/<epoch batches left>
     assert (task.completed, task.total) == (3, 3) and task.description.endswith("Steps")
+
+
+@requires_smollm2  # loads the smoke config's SmolLM2 tokenizer
+def test_log_every_n_steps_0_trains_without_logging_steps(in_tmp, gsm8k_train):
+    """Lightning reads 0 as "never log": throughput and train/loss must not divide by it."""
+    cli = run(["fit", *smoke_args(gsm8k_train, "--trainer.log_every_n_steps", "0", "--trainer.limit_val_batches", "0",
+                                  steps=3)])
+    assert cli.trainer.global_step == 3 and "train/device/items_per_sec" not in cli.trainer.logged_metrics
 
 
 def test_missing_data_file_names_the_field(in_tmp, gsm8k_train):

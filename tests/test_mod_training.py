@@ -126,3 +126,10 @@ def test_mod_ified_smollm2_trains_saves_and_resumes(tmp_path, monkeypatch, gsm8k
     assert list(model.routed_blocks) == list(range(1, 29, 2))
     losses = [float(r["train/loss"]) for r in metrics(tmp_path / "runs" / "mod-smollm2-135m") if r.get("train/loss")]
     assert len(losses) == 4 and all(torch.isfinite(torch.tensor(losses)))
+
+
+def test_routing_monitor_refuses_a_cadence_below_1():
+    from training.routing_monitor import RoutingMonitor
+
+    with pytest.raises(ConfigError, match=r"must be positive \(got 0, 100, 64\)"):
+        RoutingMonitor(stats_every_n_steps=0)

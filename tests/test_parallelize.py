@@ -64,7 +64,6 @@ def test_linear_cross_entropy_under_bf16_autocast_is_close_to_fp32(compiled):
         torch.testing.assert_close(got_grad, expected_grad, rtol=0.05, atol=0.05 * expected_grad.abs().max().item())
 
 
-
 def test_linear_cross_entropy_under_fp16_keeps_the_loss_scale_s_gradients_out_of_the_subnormals():
     """16-mixed: GradScaler multiplies the loss (65536 at first) so that fp16 gradients stay in range. The
     fused loss computes its gradients in forward, in fp16: the 1/tokens factor must wait for that scale, or
@@ -80,6 +79,7 @@ def test_linear_cross_entropy_under_fp16_keeps_the_loss_scale_s_gradients_out_of
     for got, want in zip((hidden.grad, weight.grad), (exact[0].grad, exact[1].grad)):
         assert ((got.double() / 65536 - want).norm() / want.norm()).item() < 2e-3
     assert (hidden.grad == 0).float().mean() < 1e-3
+
 
 def test_causal_lm_loss_is_the_same_fused_or_not_and_compiled_or_not():
     lm = {name: CausalLM(model="micro", loss_chunk_size=chunk, compile=compile)

@@ -56,7 +56,8 @@ class TokenThroughput(L.Callback):
         self._tokens += ids.numel()
         self._flops += self._flops_per_token[ids.size(1)] * ids.numel()
         step = trainer.global_step  # optimizer steps taken; unchanged by a micro-batch that only accumulates
-        if step == self._logged_step or step % trainer.log_every_n_steps:
+        every = trainer.log_every_n_steps  # 0: Lightning never logs
+        if step == self._logged_step or not every or step % every:
             return
         self._logged_step = step
         _synchronize(trainer)

@@ -71,7 +71,9 @@ class QuietDepthCLI(LightningCLI):
         loggers = self.config[self.subcommand].get("trainer", {}).get("logger")
         for logger in loggers if isinstance(loggers, list) else [loggers]:
             if isinstance(logger, Namespace) and logger.class_path.endswith("WandbLogger"):
-                logger.init_args.save_dir = os.path.abspath(logger.init_args.get("save_dir") or ".")
+                init = logger.init_args  # WandbLogger writes to `save_dir or dir`
+                key = "save_dir" if init.get("save_dir") or not init.get("dir") else "dir"
+                init[key] = os.path.abspath(init.get(key) or ".")
 
     def instantiate_classes(self) -> None:
         """As LightningCLI's, but an error raised while a class of the config is built comes out as itself, not

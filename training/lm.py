@@ -253,7 +253,8 @@ class CausalLM(L.LightningModule):
         names = [f"train/{name}" for name in self._step_sums]
         self._step_sums, self._step_micro_batches = {}, 0
         step = self.global_step + 1  # the step this batch completes, as Lightning counts logging steps
-        read = step == 1 or step % self.trainer.log_every_n_steps == 0
+        every = self.trainer.log_every_n_steps  # 0: Lightning never logs
+        read = step == 1 or (every > 0 and step % every == 0)
         if read or step == self.trainer.max_steps:
             means = self.trainer.strategy.reduce(means, reduce_op="mean")
         if read:

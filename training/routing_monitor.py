@@ -39,6 +39,9 @@ class RoutingMonitor(L.Callback):
             heatmap_every_n_steps: optimizer steps between pictures.
             max_tokens: tokens of the sequence shown (the x axis).
         """
+        if min(stats_every_n_steps, heatmap_every_n_steps, max_tokens) < 1:
+            raise ConfigError("RoutingMonitor stats_every_n_steps, heatmap_every_n_steps and max_tokens must be "
+                              f"positive (got {stats_every_n_steps}, {heatmap_every_n_steps}, {max_tokens})")
         self.stats_every_n_steps = stats_every_n_steps
         self.heatmap_every_n_steps = heatmap_every_n_steps
         self.max_tokens = max_tokens
