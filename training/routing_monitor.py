@@ -22,8 +22,8 @@ class RoutingMonitor(L.Callback):
     agreement with top-k, fraction routed by the causal rule, router-scale mean/std) to the loggers,
     on the rows of `train/loss`. It counts steps as Lightning's logging does (step n, n = 1, 2, ...,
     when n is a multiple), so with a multiple of `log_every_n_steps` it reads the GPU only on steps that
-    read the loss anyway and the steps between queue work without waiting for it.
-    After the first step and every `heatmap_every_n_steps` steps it draws which of the first `max_tokens` tokens of one training
+    read the loss anyway and the steps between queue work without waiting for it. After the first step
+    and every `heatmap_every_n_steps` steps it draws which of the first `max_tokens` tokens of one training
     sequence each routed layer processed — by top-k (what training did, shaded by the router scale)
     and by the causal rule (what inference would do) — to `<log_dir>/routing/step_NNNNNN.png` (the first
     logger's version folder, so runs in one folder keep their own), and the histograms of every layer's
