@@ -21,6 +21,8 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 
+from training.steps import ends_optimizer_step, is_logging_step
+
 
 class TokenThroughput(L.Callback):
     """Training tokens/s, FLOP/s and MFU over each logging interval (`trainer.log_every_n_steps`).
@@ -41,7 +43,6 @@ class TokenThroughput(L.Callback):
         self._throughput = Throughput(available_flops=self._peak, world_size=trainer.world_size, window_size=2)
         self._batches = self._samples = self._tokens = self._flops = 0
         self._flops_per_token: dict[int, int] = {}
-        self._logged_step = trainer.global_step
         self._throughput.update(time=0.0, batches=0, samples=0, lengths=0, flops=0)  # FLOP/s from the 1st interval
         self._t0 = time.perf_counter()
 
@@ -55,18 +56,15 @@ class TokenThroughput(L.Callback):
         self._samples += ids.size(0)
         self._tokens += ids.numel()
         self._flops += self._flops_per_token[ids.size(1)] * ids.numel()
-        step = trainer.global_step  # optimizer steps taken; unchanged by a micro-batch that only accumulates
-        every = trainer.log_every_n_steps  # 0: Lightning never logs
-        if step == self._logged_step or not every or step % every:
+        if not ends_optimizer_step(trainer, batch_idx) or not is_logging_step(trainer, trainer.global_step):
             return
-        self._logged_step = step
         _synchronize(trainer)
         self._throughput.update(time=time.perf_counter() - self._t0, batches=self._batches, samples=self._samples,
                                 lengths=self._tokens, flops=self._flops)
         self._flops = 0  # Throughput takes the FLOPs done since its last update
         metrics = {f"train/{k}": v for k, v in self._throughput.compute().items()}
         for logger in trainer.loggers:  # on the row of Lightning's own metrics for this step (0-based)
-            logger.log_metrics(metrics, step=step - 1)
+            logger.log_metrics(metrics, step=trainer.global_step - 1)
 
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking:

@@ -24,6 +24,7 @@ from training.parallelize import (ActivationCheckpointing, DType, apply_activati
                                   apply_fsdp, data_parallel_mesh)
 from training.routing import causal_fraction, routing_losses
 from training.schedule import warmup_cosine
+from training.steps import ends_optimizer_step, is_logging_step
 
 
 class NonFiniteLossError(RuntimeError):
@@ -208,15 +209,11 @@ class CausalLM(L.LightningModule):
         return linear_cross_entropy(hidden, self.model.lm_head.weight, batch["labels"], self.hparams.loss_chunk_size,
                                     compiled=self.hparams.compile)
 
-    def _ends_optimizer_step(self, batch_idx: int) -> bool:
-        """Whether this micro-batch is the last of its optimizer step (the epoch's last batch steps too)."""
-        return (batch_idx + 1) % self.trainer.accumulate_grad_batches == 0 or self.trainer.is_last_batch
-
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         if self.device_mesh is not None and self.trainer.accumulate_grad_batches > 1:
             # FSDP2 (Lightning's no_sync covers only DDP): keep micro-batch gradients unsharded and local,
             # and reduce-scatter once, in the backward of the optimizer step's last micro-batch.
-            self.set_requires_gradient_sync(self._ends_optimizer_step(batch_idx))
+            self.set_requires_gradient_sync(ends_optimizer_step(self.trainer, batch_idx))
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         lm_loss = self.loss(batch)
@@ -247,14 +244,13 @@ class CausalLM(L.LightningModule):
             value = value.detach().float()
             self._step_sums[name] = self._step_sums[name] + value if name in self._step_sums else value
         self._step_micro_batches += 1
-        if not self._ends_optimizer_step(batch_idx):
+        if not ends_optimizer_step(self.trainer, batch_idx):
             return
         means = torch.stack(list(self._step_sums.values())) / self._step_micro_batches
         names = [f"train/{name}" for name in self._step_sums]
         self._step_sums, self._step_micro_batches = {}, 0
         step = self.global_step + 1  # the step this batch completes, as Lightning counts logging steps
-        every = self.trainer.log_every_n_steps  # 0: Lightning never logs
-        read = step == 1 or (every > 0 and step % every == 0)
+        read = step == 1 or is_logging_step(self.trainer, step)
         if read or step == self.trainer.max_steps:
             means = self.trainer.strategy.reduce(means, reduce_op="mean")
         if read:

@@ -13,6 +13,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from training.errors import ConfigError
 from training.quietstar_lm import QuietStarLM
 from training.routing import routing_stats
+from training.steps import ends_optimizer_step
 
 
 class RoutingMonitor(L.Callback):
@@ -45,7 +46,6 @@ class RoutingMonitor(L.Callback):
         self.stats_every_n_steps = stats_every_n_steps
         self.heatmap_every_n_steps = heatmap_every_n_steps
         self.max_tokens = max_tokens
-        self._last_step = -1  # with gradient accumulation several micro-batches see one global step
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if isinstance(pl_module, QuietStarLM):
@@ -55,19 +55,13 @@ class RoutingMonitor(L.Callback):
         # trainer.log_dir is a broadcast from rank 0: read here, on every rank, not in the rank-0-only hook
         self._folder = Path(trainer.log_dir) / "routing"
 
-    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        # A resumed run's first micro-batches (gradient accumulation) see the restored global_step before their
-        # own step completes: that step is the checkpoint's, already watched by the run that saved it.
-        self._last_step = trainer.global_step - 1
-
     @rank_zero_only
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         blocks = pl_module.model.routed_blocks
-        step = trainer.global_step - 1  # the optimizer step this batch completed, as train/loss is logged
-        if not blocks or step < 0 or step == self._last_step:  # < 0 or the same: within gradient accumulation
+        if not blocks or not ends_optimizer_step(trainer, batch_idx):  # a micro-batch that only accumulates
             return
-        self._last_step = step
+        step = trainer.global_step - 1  # the optimizer step this batch completed, as train/loss is logged
         if trainer.global_step % self.stats_every_n_steps == 0:
             stats = routing_stats(pl_module.model)
             for logger in trainer.loggers:

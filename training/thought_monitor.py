@@ -13,6 +13,7 @@ from lightning.pytorch.utilities import rank_zero_only
 
 from training.errors import ConfigError
 from training.quietstar_lm import QuietStarLM
+from training.steps import ends_optimizer_step
 
 COLUMNS = ["step", "sequence", "position", "context", "thought", "continuation", "reward", "mixing_weight"]
 
@@ -45,7 +46,6 @@ class ThoughtMonitor(L.Callback):
         self.samples = samples
         self.context_tokens = context_tokens
         self.seed = seed
-        self._last_step = -1
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if not isinstance(pl_module, QuietStarLM):
@@ -54,20 +54,14 @@ class ThoughtMonitor(L.Callback):
         # trainer.log_dir is a broadcast from rank 0: read here, on every rank, not in the rank-0-only hook
         self._path = Path(trainer.log_dir) / "thoughts.csv"
 
-    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        # A resumed run's first micro-batches (gradient accumulation) see the restored global_step before their
-        # own step completes: that step is the checkpoint's, already watched by the run that saved it.
-        self._last_step = trainer.global_step - 1
-
     @rank_zero_only
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        step = trainer.global_step - 1  # the optimizer step this batch completed, as train/loss is logged
-        if step < 0 or step == self._last_step:  # < 0 or the same: within gradient accumulation
+        if not ends_optimizer_step(trainer, batch_idx):  # a micro-batch that only accumulates
             return
+        step = trainer.global_step - 1  # the optimizer step this batch completed, as train/loss is logged
         if step > 0 and trainer.global_step % self.every_n_steps != 0:
             return
-        self._last_step = step
         tokenizer = getattr(trainer.datamodule, "tokenizer", None) if trainer.datamodule is not None else None
         rows = self.rows(step, batch["input_ids"], outputs, pl_module.model.thought_config.n_ahead_talk, tokenizer)
         path = self._path

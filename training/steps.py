@@ -1,0 +1,18 @@
+"""When Lightning steps the optimizer and when it logs: the module and the callbacks that follow it ask here."""
+
+from __future__ import annotations
+
+import lightning as L
+
+
+def ends_optimizer_step(trainer: L.Trainer, batch_idx: int) -> bool:
+    """Whether micro-batch `batch_idx` is the last of its optimizer step, as Lightning decides (the epoch's last
+    batch steps too)."""
+    return (batch_idx + 1) % trainer.accumulate_grad_batches == 0 or trainer.is_last_batch
+
+
+def is_logging_step(trainer: L.Trainer, step: int) -> bool:
+    """Whether Lightning logs after optimizer step `step` (counted from 1): a multiple of `log_every_n_steps`
+    (0: never)."""
+    every = trainer.log_every_n_steps
+    return every > 0 and step % every == 0
