@@ -175,6 +175,16 @@ def test_predictor_learns_the_top_k_choice_on_a_toy_task():
     assert block.router.weight.grad is None  # the predictor's loss never reaches the router
 
 
+def test_predictor_loss_trains_only_the_predictor():
+    """The predictor reads the router's input through a stop-gradient: its BCE must not move the router, the
+    block or anything below it (the paper: it "does not affect the LM objective")."""
+    model = Transformer(mod_config()).train()
+    model(torch.randint(0, 256, (2, 16)))
+    sum(block.routing.predictor_bce() for block in model.routed_blocks.values()).backward()
+    reached = {name for name, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    assert reached == {name for name, _ in model.named_parameters() if ".predictor." in name}
+
+
 def test_flops_per_token_falls_with_capacity():
     dense = Transformer(ModelConfig.from_name("micro", n_layer=8)).flops_per_token(512)
     full = Transformer(ModelConfig.from_name("micro", n_layer=8, mod_capacity=1.0)).flops_per_token(512)
