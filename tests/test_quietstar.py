@@ -196,6 +196,26 @@ def test_policy_loss_is_the_advantage_weighted_log_prob_of_each_sampled_thought(
         for p, t in enumerate(out.positions.tolist())]) for n in range(xs.size(0))])  # (N, P, n_sampled)
     torch.testing.assert_close(out.policy_loss, -(advantage[..., None] * log_p).mean(), atol=1e-6, rtol=1e-5)
 
+def test_policy_loss_gets_no_gradient_through_its_reward():
+    """REINFORCE differentiates only log p(thought): the reward (and its baseline) is a constant. The mixing
+    head and <end> enter the policy loss only through the reward (<end> comes after the sampled tokens), so
+    they get no gradient from it; <start> and the decoder, which produce the sampled tokens, do. The mixed
+    NLL trains the mixing head and both meta tokens."""
+    model = make_model(clamp_reward=False)  # every thought's advantage counts
+    out = model(ids(), generator=gen())
+    assert out.reward.abs().sum() > 0
+    names = [name for name, _ in model.named_parameters()]
+
+    def reached(loss: torch.Tensor) -> set[str]:
+        grads = torch.autograd.grad(loss, list(model.parameters()), retain_graph=True, allow_unused=True)
+        return {name for name, g in zip(names, grads) if g is not None and g.abs().sum() > 0}
+
+    policy, mixed = reached(out.policy_loss), reached(out.mixed_nll)
+    assert "start_thought" in policy and "lm.embed.weight" in policy
+    assert "end_thought" not in policy and not any(name.startswith("mixing_head.") for name in policy)
+    assert {"start_thought", "end_thought", "mixing_head.net.4.weight"} <= mixed
+
+
 def _trained_looking(model: QuietStar) -> QuietStar:
     with torch.no_grad():  # move meta tokens and head off their initial values, as training would
         model.start_thought.add_(torch.randn_like(model.start_thought))
