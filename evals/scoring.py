@@ -167,7 +167,10 @@ def _score_rows(model: EvalModel, rows: list[list[Group]]
         lse.append(logits.logsumexp(-1))
         argmax.append(logits.argmax(-1))
     lse, argmax = torch.cat(lse)[inverse], torch.cat(argmax)[inverse]
-    logprobs = (hidden[at].float() * lm.lm_head.weight[targets].float()).sum(-1) - lse
+    # The target's logit rounded as the head's output is (bf16: to 8 bits), or it is not the logit that lse and
+    # argmax saw: an unrounded one could exceed lse, a log-probability above 0.
+    target_logits = (hidden[at].float() * lm.lm_head.weight[targets].float()).sum(-1).to(hidden.dtype).float()
+    logprobs = target_logits - lse
     totals = torch.zeros(len(keys), device=device).index_add_(0, owner, logprobs)
     misses = torch.zeros(len(keys), device=device).index_add_(0, owner, (argmax != targets).float())
     return dict(zip(keys, zip(totals.tolist(), (misses == 0).tolist())))
