@@ -121,8 +121,11 @@ class RoutedBlock(Block):
             rows = mask.gather(2, idx[:, None, :, None].expand(B, mask.size(1), k, T))
             mask = rows.gather(3, idx[:, None, None, :].expand(B, mask.size(1), k, k))
         scale = self.router_scale(logits.gather(1, idx))
-        if valid is not None:  # fewer real tokens than k: the padding picked contributes nothing
-            scale = scale * valid.gather(1, idx)
+        if valid is not None:  # fewer real tokens than k: the padding picked contributes nothing, as update or key
+            real = valid.gather(1, idx)
+            scale = scale * real
+            keys = real[:, None, None, :] | torch.eye(k, dtype=torch.bool, device=x.device)  # each sees itself
+            mask = keys & (torch.ones(k, k, dtype=torch.bool, device=x.device).tril() if mask is None else mask)
         update = self.residual_update(take(x), take(cos), take(sin), mask) * scale.unsqueeze(-1).to(x.dtype)
         out = x.scatter_add(1, idx.unsqueeze(-1).expand(B, k, C), update.to(x.dtype))
         selected = torch.zeros(B, T, dtype=torch.bool, device=x.device).scatter_(1, idx, True)

@@ -67,6 +67,22 @@ def test_padding_is_never_selected():
     assert block.routing.selected[1].sum() == 4
 
 
+def test_padding_picked_to_fill_k_is_no_key_for_the_real_tokens():
+    """A row with fewer real tokens than k has padding among its top k: the real tokens must not attend to it,
+    so they compute what they would with only the real tokens selected, whatever the padding holds."""
+    config = mod_config(mod_capacity=0.5)
+    block = RoutedBlock(config).train()
+    x, cos, sin = block_inputs(config, B=2, T=8)
+    valid = torch.ones(2, 8, dtype=torch.bool)
+    valid[0, :6] = False  # left padding: 2 real tokens, k = 4, so 2 padding tokens are picked before them
+    out = block(x, cos, sin, valid=valid)
+    update = Block.residual_update(block, x[:1, 6:], cos[:, 6:], sin[:, 6:])[0]
+    scale = 2 * torch.sigmoid(block.routing.router_logits[0, 6:])[:, None]
+    torch.testing.assert_close(out[0, 6:], x[0, 6:] + scale * update)
+    x[0, :6] = torch.randn(6, config.n_embd) * 5
+    torch.testing.assert_close(block(x, cos, sin, valid=valid)[0, 6:], out[0, 6:])
+
+
 def test_capacity_one_equals_the_dense_block_up_to_the_router_scale():
     config = mod_config(mod_capacity=1.0)
     routed = RoutedBlock(config).train()
