@@ -4,8 +4,9 @@ Training: in each sequence the k = max(1, floor(capacity * T)) tokens with the l
 go through the block, in their original order and with their original position ids, attending
 causally among themselves; the others skip it on the residual path. Output for a selected token:
 x + s * f(x), f the block's residual update and s = 2 * sigmoid(router logit). s is 1 at a zero
-logit (a MoD-ified pretrained block starts as the dense block), bounded in (0, 2) (raw-logit scaling
-is reported to blow up), and on the gradient path so the router learns.
+logit (a new router's logits are small, std init_std * sqrt(n_embd), so a MoD-ified pretrained block
+starts near the dense one: s within about 0.6-1.4 at SmolLM2's width), bounded in (0, 2) (raw-logit
+scaling is reported to blow up), and on the gradient path so the router learns.
 
 Inference: top-k over a sequence looks ahead, so routing is decided token by token instead — a token
 goes through iff the router's logit > 0 (the auxiliary BCE loss trains it towards the top-k choice)
