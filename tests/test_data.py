@@ -8,6 +8,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import datasets
+import lightning as L
 import pytest
 import torch
 from torch.utils.data import DataLoader
@@ -129,13 +130,29 @@ def test_validation_says_when_the_number_of_processes_drops_some_of_its_sequence
     dm.setup()
     n = len(dm._splits["val"])
     world = next(w for w in range(2, n + 2) if n % w)
-    dm.trainer = SimpleNamespace(global_rank=0, world_size=world)  # what the datamodule reads of its trainer
+    # what the datamodule reads of its trainer
+    dm.trainer = SimpleNamespace(global_rank=0, world_size=world,
+                                 _accelerator_connector=SimpleNamespace(use_distributed_sampler=False))
     with pytest.warns(UserWarning, match=f"validation scores {n // world * world} of its {n} sequences on {world}"):
         dm.val_dataloader()
     dm.trainer = SimpleNamespace(global_rank=0, world_size=1)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         dm.val_dataloader()
+
+def test_a_trainer_that_would_wrap_the_sampler_in_lightnings_distributed_sampler_is_refused(make, text_file):
+    """Lightning's default use_distributed_sampler=True wraps a custom sampler in its DistributedSamplerWrapper,
+    which shards the rank's share again: each of 2 processes trained on half its share (an epoch covered half the
+    data), with no warning. The quietdepth CLI turns it off; a Trainer built in Python does not."""
+    wrapping = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", logger=False)
+    dm = make(text_file)
+    dm.trainer = wrapping
+    with pytest.raises(ValueError, match=r"trainer\.use_distributed_sampler=True .*set trainer\.use_distributed_sampler"
+                                         r"=False"):
+        dm.train_dataloader()
+    dm.trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", logger=False, use_distributed_sampler=False)
+    assert len(dm.train_dataloader().sampler) == len(dm._splits["train"]) // 2
+
 
 def test_ranks_get_disjoint_equal_shares():
     shares = [list(ResumableSampler(103, True, 0, rank, 3)) for rank in range(3)]
