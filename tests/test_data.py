@@ -304,6 +304,13 @@ def test_a_row_that_is_not_utf8_names_file_and_line(make, tmp_path):
         assert make(str(path), on_bad_row="skip").documents("train") == ["one", "three"]
 
 
+def test_a_jsonl_file_saved_with_a_utf8_byte_order_mark_reads_its_first_row(make, tmp_path):
+    """Windows tools (Notepad, PowerShell 5's utf8) start a UTF-8 file with a BOM; `datasets` reads such a file."""
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes(b'\xef\xbb\xbf{"text": "one"}\r\n{"text": "two"}\r\n')
+    assert make(path).documents("train") == ["one", "two"]
+
+
 def test_row_missing_a_field_names_the_field_and_line(make, tmp_path):
     path = write_jsonl(tmp_path / "q.jsonl", [{"question": "q", "answer": "a"}, {"question": "q2"}])
     with pytest.raises(ValueError, match=r"q\.jsonl:2: missing field 'answer'"):
