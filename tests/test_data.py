@@ -317,6 +317,11 @@ def test_row_missing_a_field_names_the_field_and_line(make, tmp_path):
         make(path, format="gsm8k").documents("train")
 
 
+def test_a_validation_split_that_is_the_training_split_is_refused(make):
+    with pytest.raises(ValueError, match=r"data\.val_split='train' is data\.split .*val_fraction"):
+        make("openai/gsm8k", name="main", format="gsm8k", val_split="train")
+
+
 def test_a_validation_split_of_a_single_file_is_refused(make, text_file):
     with pytest.raises(ValueError, match="data.val_split='test' .* single file .*val_fraction"):
         make(text_file, val_split="test")

@@ -154,6 +154,10 @@ class TextDataModule(L.LightningDataModule):
             raise ConfigError(f"data.val_split={val_split!r} names a split of a hub dataset or a directory, but {path} "
                               "is a single file with one split (validating on it would validate on the training "
                               "data): drop val_split and hold out data.init_args.val_fraction instead")
+        if val_split is not None and val_split == split:
+            raise ConfigError(f"data.val_split={val_split!r} is data.split (validating on it would validate on the "
+                              "training data): name another split, or drop val_split and hold out "
+                              "data.init_args.val_fraction of the documents")
         if os.path.exists(os.path.expanduser(tokenizer)):  # stored absolute, so a checkpoint names it from anywhere
             tokenizer = os.path.abspath(os.path.expanduser(tokenizer))
         self.save_hyperparameters()
