@@ -332,6 +332,13 @@ def test_missing_file_names_data_path(make, tmp_path):
         make(tmp_path / "nothing.jsonl").documents("train")
 
 
+def test_a_file_of_an_unknown_kind_names_data_path_and_the_kinds_read(make, tmp_path):
+    path = write_jsonl(tmp_path / "docs.ndjson", [{"text": d} for d in DOCS])
+    with pytest.raises(ValueError, match=r"data\.path: .*docs\.ndjson is a file of no kind the data module reads "
+                                         r"\(\.ndjson\).*jsonl/json/txt/parquet/csv"):
+        make(path).documents("train")
+
+
 def test_empty_file_is_an_error(make, tmp_path):
     (tmp_path / "empty.jsonl").write_text("\n")
     with pytest.raises(ValueError, match="has no documents"):

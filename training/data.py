@@ -84,6 +84,10 @@ def _records(path: str, name: str | None, split: str) -> Iterator[tuple[str, Any
             yield from jsonl_records(path)
             return
         builder = _LOCAL_BUILDERS.get(Path(path).suffix)
+        if builder is None and not os.path.isdir(path):
+            raise ConfigError(f"data.path: {path} is a file of no kind the data module reads "
+                              f"({Path(path).suffix or 'no suffix'}); set data.init_args.path to a jsonl/json/txt/"
+                              "parquet/csv file (named so) or a directory of them")
         if builder is None:  # a directory: let `datasets` infer the format of the files in it
             dataset = datasets.load_dataset(path, name=name, split=split)
         else:
