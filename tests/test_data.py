@@ -11,6 +11,7 @@ import datasets
 import lightning as L
 import pytest
 import torch
+from lightning.pytorch.trainer.states import TrainerFn
 from torch.utils.data import DataLoader
 
 from training import data as data_module
@@ -171,6 +172,28 @@ def test_resume_skips_the_consumed_batches_of_that_epoch_only():
     assert list(resumed) == order[12:]
     assert len(resumed) == 40
     assert list(resumed) == order  # the skip applies once; the next pass is whole
+
+
+@pytest.mark.parametrize("change", [{"seed": 2}, {"seq_len": 16}])
+def test_resuming_into_another_order_of_the_data_says_the_rest_of_the_epoch_is_not_the_unseen_part(
+        make, text_file, change):
+    """The checkpoint's position counts sequences of its order: in another (a new data.seed, seq_len or data)
+    skipping as many repeats some trained sequences and never trains others in the rest of that epoch."""
+    before = make(text_file, seed=1)
+    before.setup()
+    before.trainer = SimpleNamespace(state=SimpleNamespace(fn=TrainerFn.FITTING), current_epoch=0, world_size=1,
+                                     fit_loop=SimpleNamespace(epoch_loop=SimpleNamespace(batch_progress=SimpleNamespace(
+                                         current=SimpleNamespace(processed=3)))))
+    state = before.state_dict()
+    same, other = make(text_file, seed=1), make(text_file, **{"seed": 1, **change})
+    same.load_state_dict(state)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        same.train_dataloader()
+    other.load_state_dict(state)
+    with pytest.warns(UserWarning, match=r"data: the checkpoint stopped 6 sequences into epoch 0 of \d+ sequences "
+                                         r"shuffled with data\.seed=1.*repeats"):
+        other.train_dataloader()
 
 
 @pytest.mark.parametrize("before, after", [(4, 2), (2, 4), (3, 3)])

@@ -170,6 +170,7 @@ class TextDataModule(L.LightningDataModule):
         self._splits: dict[str, PackedDataset] | None = None
         self._train_sampler: ResumableSampler | None = None
         self._resume: tuple[int, int, int] | None = None  # (epoch, consumed, counted) from a checkpoint
+        self._resumed_order: tuple[int | None, int | None] = (None, None)  # the checkpoint's (sequences, seed)
 
     @property
     def tokenizer(self) -> Any:
@@ -321,6 +322,7 @@ class TextDataModule(L.LightningDataModule):
             )
         self._train_sampler = ResumableSampler(len(data), True, self.hparams.seed, rank, world)
         if self._resume is not None:
+            self._warn_if_the_order_changed(len(data))
             self._train_sampler.resume_from(*self._resume)
             self._resume = None
         return self._loader(data, self._train_sampler, drop_last=True)
@@ -348,7 +350,8 @@ class TextDataModule(L.LightningDataModule):
         # `processed` counts batches whose step has run; checkpoints are written after that increment.
         processed = self.trainer.fit_loop.epoch_loop.batch_progress.current.processed
         consumed = processed * self.hparams.batch_size * self.trainer.world_size  # all ranks together
-        return {"epoch": self.trainer.current_epoch, "sequences_consumed": consumed, "batches_counted": processed}
+        return {"epoch": self.trainer.current_epoch, "sequences_consumed": consumed, "batches_counted": processed,
+                "sequences": len(self._splits["train"]), "seed": self.hparams.seed}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if state_dict:
@@ -356,3 +359,15 @@ class TextDataModule(L.LightningDataModule):
             # and number of ranks: the sampler's length accounts for it (absent from older checkpoints).
             counted = state_dict.get("batches_counted", 0) * self.hparams.batch_size
             self._resume = (state_dict["epoch"], state_dict["sequences_consumed"], counted)
+            self._resumed_order = (state_dict.get("sequences"), state_dict.get("seed"))  # absent from older ones
+
+    def _warn_if_the_order_changed(self, sequences: int) -> None:
+        """The resumed position counts sequences of the checkpoint's shuffled order; in another order (other data,
+        seq_len or seed) skipping as many does not leave the unseen part of the epoch."""
+        then, now = self._resumed_order, (sequences, self.hparams.seed)
+        if None not in then and then != now:
+            epoch, consumed, _ = self._resume
+            rank_zero_warn(f"data: the checkpoint stopped {consumed:,} sequences into epoch {epoch} of {then[0]:,} "
+                           f"sequences shuffled with data.seed={then[1]}; this run has {now[0]:,} shuffled with "
+                           f"data.seed={now[1]}, so the rest of epoch {epoch} skips the first {consumed:,} of another "
+                           "order: it repeats some sequences already trained on and leaves out others")
