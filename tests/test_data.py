@@ -11,7 +11,7 @@ import datasets
 import lightning as L
 import pytest
 import torch
-from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.trainer.states import RunningStage, TrainerFn
 from torch.utils.data import DataLoader
 
 from training import data as data_module
@@ -131,9 +131,7 @@ def test_validation_says_when_the_number_of_processes_drops_some_of_its_sequence
     dm.setup()
     n = len(dm._splits["val"])
     world = next(w for w in range(2, n + 2) if n % w)
-    # what the datamodule reads of its trainer
-    dm.trainer = SimpleNamespace(global_rank=0, world_size=world,
-                                 _accelerator_connector=SimpleNamespace(use_distributed_sampler=False))
+    dm.trainer = SimpleNamespace(global_rank=0, world_size=world)  # what the datamodule reads of its trainer
     with pytest.warns(UserWarning, match=f"validation scores {n // world * world} of its {n} sequences on {world}"):
         dm.val_dataloader()
     dm.trainer = SimpleNamespace(global_rank=0, world_size=1)
@@ -141,18 +139,18 @@ def test_validation_says_when_the_number_of_processes_drops_some_of_its_sequence
         warnings.simplefilter("error")
         dm.val_dataloader()
 
-def test_a_trainer_that_would_wrap_the_sampler_in_lightnings_distributed_sampler_is_refused(make, text_file):
-    """Lightning's default use_distributed_sampler=True wraps a custom sampler in its DistributedSamplerWrapper,
-    which shards the rank's share again: each of 2 processes trained on half its share (an epoch covered half the
-    data), with no warning. The quietdepth CLI turns it off; a Trainer built in Python does not."""
-    wrapping = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", logger=False)
-    dm = make(text_file)
-    dm.trainer = wrapping
-    with pytest.raises(ValueError, match=r"trainer\.use_distributed_sampler=True .*set trainer\.use_distributed_sampler"
-                                         r"=False"):
-        dm.train_dataloader()
-    dm.trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", logger=False, use_distributed_sampler=False)
-    assert len(dm.train_dataloader().sampler) == len(dm._splits["train"]) // 2
+def test_lightning_keeps_the_data_modules_sampler_on_several_processes(make, text_file):
+    """Lightning's default use_distributed_sampler=True wraps a sampler that is no DistributedSampler in its own,
+    which would shard the rank's share again: each of 2 processes would train on half its share (an epoch
+    covering half the data), with no warning."""
+    trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", logger=False)  # use_distributed_sampler=True
+    dm = make(text_file, val_fraction=0.25)
+    dm.trainer = trainer
+    for stage, split in ((RunningStage.TRAINING, "train"), (RunningStage.VALIDATING, "val")):
+        loader = dm.train_dataloader() if split == "train" else dm.val_dataloader()
+        prepared = trainer._data_connector._prepare_dataloader(loader, shuffle=split == "train", mode=stage)
+        assert list(prepared.sampler) == list(loader.sampler)
+        assert len(loader.sampler) == len(dm._splits[split]) // 2
 
 
 def test_ranks_get_disjoint_equal_shares():

@@ -52,8 +52,7 @@ class SaveConfigToWandb(SaveConfigCallback):
 
 class QuietDepthCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        # The sampler in training.data shards by rank itself, so Lightning must not wrap it.
-        parser.set_defaults({"trainer.precision": default_precision(), "trainer.use_distributed_sampler": False})
+        parser.set_defaults({"trainer.precision": default_precision()})
 
     def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
         """The trainer, with `StepProgressBar` where it shows a progress bar (rich installed, none configured)."""

@@ -294,17 +294,7 @@ class TextDataModule(L.LightningDataModule):
             self._splits = self._build()
 
     def _rank(self) -> tuple[int, int]:
-        if self.trainer is None:
-            return 0, 1
-        world = self.trainer.world_size
-        if world > 1 and self.trainer._accelerator_connector.use_distributed_sampler:
-            # Lightning would wrap our sampler, already one rank's share, and shard that share again.
-            raise ConfigError(
-                f"trainer.use_distributed_sampler=True on {world} processes: Lightning would split each rank's share "
-                "of the data again (an epoch would cover 1/world of it); TextDataModule shards by rank itself, so "
-                "set trainer.use_distributed_sampler=False (the quietdepth CLI's default)"
-            )
-        return self.trainer.global_rank, world
+        return (self.trainer.global_rank, self.trainer.world_size) if self.trainer is not None else (0, 1)
 
     def _loader(self, data: PackedDataset, sampler: ResumableSampler, drop_last: bool) -> DataLoader:
         workers = self.hparams.num_workers

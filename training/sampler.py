@@ -5,11 +5,14 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import torch
-from torch.utils.data import Sampler
+from torch.utils.data import DistributedSampler
 
 
-class ResumableSampler(Sampler[int]):
+class ResumableSampler(DistributedSampler):
     """Indices of one rank's share of the data, reshuffled each epoch from ``seed + epoch``.
+
+    A `DistributedSampler`, so Lightning (`use_distributed_sampler`, on by default) keeps it as it is
+    rather than wrapping it in one that would shard this rank's share again.
 
     Every rank gets the same number of indices (the tail that does not divide evenly is dropped),
     so ranks step together. After `resume_from(epoch, consumed, counted)` the next pass over `epoch`
@@ -23,19 +26,10 @@ class ResumableSampler(Sampler[int]):
     def __init__(
         self, num_items: int, shuffle: bool, seed: int, rank: int = 0, world_size: int = 1
     ) -> None:
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} is outside world_size {world_size}")
+        super().__init__(range(num_items), num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed,
+                         drop_last=True)
         self.num_items = num_items
-        self.shuffle = shuffle
-        self.seed = seed
-        self.rank = rank
-        self.world_size = world_size
-        self.epoch = 0
         self._skip: tuple[int, int, int] | None = None  # (epoch, items to skip, items Lightning counts as done)
-
-    def set_epoch(self, epoch: int) -> None:
-        """Called by Lightning at the start of every epoch."""
-        self.epoch = epoch
 
     def resume_from(self, epoch: int, consumed: int, counted: int = 0) -> None:
         """Skip the first `consumed` items of the epoch's order (all ranks together) the next time
@@ -44,11 +38,11 @@ class ResumableSampler(Sampler[int]):
         self._skip = (epoch, consumed, counted)
 
     def __len__(self) -> int:
-        share = self.num_items // self.world_size
+        share = self.num_items // self.num_replicas
         if self._skip is None:
             return share
         _, consumed, counted = self._skip
-        return max(share, counted + max(0, share * self.world_size - consumed) // self.world_size)
+        return max(share, counted + max(0, share * self.num_replicas - consumed) // self.num_replicas)
 
     def __iter__(self) -> Iterator[int]:
         if self.shuffle:
@@ -57,8 +51,8 @@ class ResumableSampler(Sampler[int]):
         else:
             order = torch.arange(self.num_items)
         # the tail that does not divide evenly is dropped
-        order = order[: self.num_items // self.world_size * self.world_size]
+        order = order[: self.num_items // self.num_replicas * self.num_replicas]
         if self._skip is not None and self._skip[0] == self.epoch:
             order = order[self._skip[1]:]
             self._skip = None
-        return iter(order[self.rank : len(order) - len(order) % self.world_size : self.world_size].tolist())
+        return iter(order[self.rank : len(order) - len(order) % self.num_replicas : self.num_replicas].tolist())
