@@ -13,7 +13,7 @@ def records(path: str) -> Iterator[tuple[str, Any]]:
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, 1):
             try:
-                line = raw.decode("utf-8")
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")  # -sig: a BOM, as Windows tools write
             except UnicodeDecodeError as error:
                 raise ValueError(f"{path}:{lineno}: not UTF-8 text (byte {raw[error.start]:#04x} at column "
                                  f"{error.start + 1}); save the file as UTF-8") from error

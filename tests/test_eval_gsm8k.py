@@ -101,6 +101,13 @@ def test_missing_file_and_bad_rows_are_clear_errors_naming_the_line(tmp_path):
         gsm8k.load(str(tmp_path / "empty.jsonl"))
 
 
+def test_a_file_that_starts_with_a_byte_order_mark_reads_its_first_row(tmp_path):
+    """Windows tools (Notepad, PowerShell 5) start a UTF-8 file with a BOM; lm-eval's `datasets` reads such a file."""
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + '{"question": "1+1?", "answer": "#### 2"}\n'.encode())
+    assert [row["question"] for row in gsm8k.load(str(path))] == ["1+1?"]
+
+
 def test_mean_and_stderr():
     mean, stderr = mean_and_stderr([1, 0, 1, 1])
     assert mean == 0.75 and stderr == pytest.approx((0.25 / 4) ** 0.5)

@@ -8,7 +8,6 @@ the tokenizer, so a second run (or every rank after the first) skips tokenisatio
 
 from __future__ import annotations
 
-import codecs
 import hashlib
 import json
 import os
@@ -56,10 +55,8 @@ def jsonl_records(path: str) -> Iterator[tuple[str, Any]]:
     """(file:line, record or the JSON or UTF-8 error) for every non-blank line."""
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, 1):
-            if lineno == 1 and raw.startswith(codecs.BOM_UTF8):  # as Windows tools save UTF-8; not part of the row
-                raw = raw[len(codecs.BOM_UTF8):]
             try:
-                line = raw.decode("utf-8")
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")  # -sig: a BOM, as Windows tools write
             except UnicodeDecodeError as e:
                 byte = f"byte {raw[e.start]:#04x} at column {e.start + 1}"
                 yield f"{path}:{lineno}", BadRecord(f"not UTF-8 text ({byte})")
