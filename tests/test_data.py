@@ -82,6 +82,13 @@ def test_documents_end_with_eos_and_windows_overlap_by_one_token(make, text_file
         assert item["input_ids"].dtype == torch.long
 
 
+def test_blank_documents_are_left_out(make, tmp_path):
+    """wikitext-style empty rows would each become a lone EOS, teaching EOS after EOS."""
+    rows = [{"text": DOCS[0]}, {"text": ""}, {"text": " \n"}, {"text": DOCS[1]}]
+    dm = make(write_jsonl(tmp_path / "gaps.jsonl", rows))
+    assert dm.documents("train") == DOCS[:2]
+
+
 def test_validation_holds_out_whole_documents_before_packing(make, text_file):
     dm = make(text_file, val_fraction=0.1)
     dm.setup()

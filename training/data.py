@@ -186,7 +186,8 @@ class TextDataModule(L.LightningDataModule):
     # -- documents and tokens ------------------------------------------------------------------
 
     def documents(self, split: str) -> list[str]:
-        """The formatted documents of `split` (malformed records stop or are skipped per ``on_bad_row``)."""
+        """The formatted documents of `split` (malformed records stop or are skipped per ``on_bad_row``; blank
+        ones, such as wikitext's empty lines, are left out: they would only teach EOS after EOS)."""
         hp = self.hparams
         fmt = formatter(hp.format, hp.text_field)
         docs, skipped = [], []
@@ -194,7 +195,9 @@ class TextDataModule(L.LightningDataModule):
             try:
                 if isinstance(record, BadRecord):
                     raise record
-                docs.append(fmt(record))
+                doc = fmt(record)
+                if doc.strip():
+                    docs.append(doc)
             except BadRecord as e:
                 if hp.on_bad_row == "error":
                     fix = ("set data.init_args.text_field (format text) or data.init_args.format to match the "
