@@ -232,6 +232,8 @@ def export_hf(model: Transformer | QuietStar, out_dir: str | os.PathLike, tokeni
     if tokenizer is not None:
         for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
             setattr(hf_model.config, key, getattr(tokenizer, key))
+            # `generate` reads them from generation_config.json, which from_config filled with LlamaConfig's defaults
+            setattr(hf_model.generation_config, key, getattr(tokenizer, key))
         tokenizer.save_pretrained(out)
     hf_model.save_pretrained(out, safe_serialization=True)
     if isinstance(model, QuietStar):

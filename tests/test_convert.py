@@ -62,6 +62,23 @@ def test_export_then_import_is_exact(model_type, overrides, tmp_path):
         torch.testing.assert_close(loaded(x).logits, ours.eval()(x), rtol=0, atol=1e-5)
 
 
+def word_tokenizer(words: list[str], **special: str):
+    """A word-level HF tokenizer over `words` (id = index), with the given special tokens."""
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {word: i for i, word in enumerate(words)}
+    return PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token=words[0])), **special)
+
+
+def test_an_export_gives_generate_the_special_tokens_of_its_tokenizer(tmp_path):
+    """transformers' `generate` stops at and pads with the ids in generation_config.json, not config.json's."""
+    tokenizer = word_tokenizer(["a", "b", "<pad>", "<s>", "</s>"], pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+    export_hf(from_hf_model(tiny_hf("llama")), tmp_path / "hf", tokenizer)  # ids unlike LlamaConfig's defaults
+    generation = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").generation_config
+    assert (generation.pad_token_id, generation.bos_token_id, generation.eos_token_id) == (2, 3, 4)
+
+
 def test_to_hf_model_keeps_untied_head_distinct():
     ours = from_hf_model(tiny_hf("llama"))
     hf = to_hf_model(ours)
