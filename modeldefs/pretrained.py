@@ -242,5 +242,8 @@ def export_hf(model: Transformer | QuietStar, out_dir: str | os.PathLike, tokeni
         thoughts = {k: v.detach().contiguous() for k, v in model.state_dict().items() if not k.startswith("lm.")}
         save_file(thoughts, out / THOUGHT_WEIGHTS)
         (out / THOUGHT_CONFIG).write_text(json.dumps(model.thought_config.to_dict(), indent=2) + "\n")
+    else:  # an earlier Quiet-STaR export's files there would make load_pretrained wrap this model in its thoughts
+        for name in (THOUGHT_WEIGHTS, THOUGHT_CONFIG):
+            (out / name).unlink(missing_ok=True)
     return out
 

@@ -142,3 +142,16 @@ def test_exporting_over_an_earlier_export_is_refused_unless_overwrite(tmp_path, 
     assert (out / "model.safetensors").read_bytes() == first
     export_main([str(checkpoints[1]), str(out), "--tokenizer", "none", "--overwrite"])
     assert (out / "model.safetensors").read_bytes() != first
+
+
+def test_a_plain_export_over_a_quietstar_export_loads_as_the_plain_model(tmp_path):
+    """The Quiet-STaR export's thoughts.safetensors and thought_config.json must not outlive it: beside the new
+    weights they would wrap the plain model in the old thoughts."""
+    from modeldefs.quietstar import QuietStar, ThoughtConfig
+
+    plain = from_hf_model(tiny_hf("llama"))
+    export_hf(QuietStar(from_hf_model(tiny_hf("llama")), ThoughtConfig(), init_token_id=0), tmp_path / "hf")
+    export_hf(plain, tmp_path / "hf")
+    reloaded = load_pretrained(str(tmp_path / "hf"))
+    assert type(reloaded) is type(plain)
+    assert reloaded.state_dict().keys() == plain.state_dict().keys()
