@@ -124,6 +124,22 @@ def test_init_from_a_quietstar_checkpoint_keeps_its_thought_weights_and_settings
         assert torch.equal(module.model.state_dict()[key], value), key
 
 
+@pytest.mark.parametrize("overrides", [None, {"mod_capacity": 0.5}], ids=["as is", "MoD-ified"])
+def test_a_plain_lm_started_from_a_quietstar_model_trains_the_language_model_it_wraps(overrides, tmp_path):
+    """CausalLM has no use for the thought tokens and mixing head: it takes the decoder they wrap."""
+    from training.lm import CausalLM
+
+    lm = Transformer(ModelConfig.from_name("micro", n_layer=4))
+    export_hf(QuietStar(lm, ThoughtConfig(), init_token_id=0), tmp_path / "quietstar")
+    module = CausalLM(model=None, init_from=str(tmp_path / "quietstar"), model_overrides=overrides)
+    module.configure_model()
+    assert type(module.model) is Transformer and bool(module.model.routed_blocks) == bool(overrides)
+    for key, value in lm.state_dict().items():
+        assert torch.equal(module.model.state_dict()[key], value), key
+    ids = torch.randint(0, 256, (2, 16))
+    assert torch.isfinite(module.loss({"input_ids": ids, "labels": ids}))
+
+
 @requires_smollm2
 def test_resume_with_ckpt_path_last_continues_the_run(tmp_path, monkeypatch, gsm8k_train, smollm2_tokenizer_dir):
     monkeypatch.chdir(tmp_path)

@@ -86,7 +86,8 @@ class CausalLM(L.LightningModule):
             model: named architecture (`modeldefs.config.NAMED_CONFIGS`) for random init; None with `init_from`.
             model_overrides: ModelConfig fields to change (e.g. {"n_layer": 2, "block_size": 512}).
             init_from: pretrained source to start from: "smollm2-135m-instruct" (offline GGUF), a .gguf
-                file, an HF model directory or hub id, or a quietdepth .ckpt. None = random init.
+                file, an HF model directory or hub id, or a quietdepth .ckpt (of a Quiet-STaR model: the
+                language model it wraps). None = random init.
             lr: peak learning rate of AdamW.
             min_lr_ratio: the cosine schedule decays to lr * min_lr_ratio at trainer.max_steps.
             warmup_steps: optimizer steps of linear warm-up from ~0 to lr.
@@ -141,6 +142,10 @@ class CausalLM(L.LightningModule):
         overrides = self.hparams.model_overrides or {}
         if self.hparams.init_from is not None:
             self.model = load_init_from(self.hparams.init_from)
+            if isinstance(self.model, QuietStar):  # its thought tokens and mixing head are QuietStarLM's to train
+                rank_zero_info(f"init_from {self.hparams.init_from} is a Quiet-STaR model: training the language "
+                               "model it thinks with, without its thought tokens and mixing head")
+                self.model = self.model.lm
             if overrides:
                 self.model = self._with_overrides(self.model, overrides)
         else:
