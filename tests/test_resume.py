@@ -127,3 +127,15 @@ def test_extending_a_finished_run_continues_step_for_step(tmp_path, gsm8k_train,
     expected, got = losses(tmp_path / "straight"), losses(tmp_path / "extended")
     assert sorted(got) == sorted(expected) == list(range(STEPS))
     assert [got[s] for s in range(first, STEPS)] == [expected[s] for s in range(first, STEPS)]
+
+
+def test_a_last_checkpoint_saved_as_a_link_holds_the_final_step(tmp_path, gsm8k_train, monkeypatch):
+    """With save_last: link, last.ckpt links to the newest periodic checkpoint (every 4 steps): a run that max_steps
+    ends between two of them must still leave its final step there, as with a copy."""
+    monkeypatch.chdir(tmp_path)
+    config_path = write_config(tmp_path, gsm8k_train)
+    config = yaml.safe_load(config_path.read_text())
+    config["trainer"]["callbacks"][0]["init_args"]["save_last"] = "link"
+    config_path.write_text(yaml.safe_dump(config))
+    run(["fit", "--config", str(config_path), "--trainer.max_steps", "6"])
+    assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 6

@@ -132,7 +132,8 @@ class StepCheckpoint(ModelCheckpoint):
     Lightning itself writes "last" at the end of fit only when it has saved nothing yet, and then after
     the loop has counted the interrupted epoch as finished: `last.ckpt` can miss the final steps, and a
     run extended from it (a larger max_steps, `--ckpt_path last`) would skip the rest of that epoch's data.
-    This writes it at the final optimizer step instead, inside the epoch, as every periodic checkpoint is,
+    This writes it at the final optimizer step instead, inside the epoch, as every periodic checkpoint is
+    (with `save_last="link"` as a file, unless a periodic checkpoint of that step is there to link to),
     through `ModelCheckpoint`'s own save path (its private helpers, as of Lightning 2.6; the resume test in
     tests/test_resume.py guards the behaviour).
     """
@@ -141,6 +142,8 @@ class StepCheckpoint(ModelCheckpoint):
                            batch_idx: int) -> None:
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
         if self.save_last and trainer.global_step == trainer.max_steps and not self._should_skip_saving_checkpoint(trainer):
+            if self.save_last == "link":  # no checkpoint holds this step for a link: write last.ckpt itself
+                self._last_checkpoint_saved = ""
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
     def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
