@@ -16,7 +16,7 @@ import pytest
 import torch
 import yaml
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
-from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from transformers import AutoModelForCausalLM
 
 from evals.sample import main as sample_main
@@ -261,6 +261,28 @@ def test_a_save_that_fails_midway_leaves_the_previous_last_checkpoint_whole(in_t
     with (newest / "metrics.csv").open() as f:
         assert [r["step"] for r in csv.DictReader(f) if r.get("train/loss")] == ["3"]  # resumed: one step trained
     assert sorted(p.name for p in last.parent.iterdir()) == ["last.ckpt"]
+
+class RecordCheckpointsOnDisk(CSVLogger):
+    """The step of each checkpoint a logger finds on disk when told of a save (WandbLogger(log_model=...) uploads
+    what it finds then)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.seen: list[dict[str, int | None]] = []
+
+    def after_save_checkpoint(self, checkpoint_callback) -> None:
+        paths = {Path(p) for p in (checkpoint_callback.last_model_path, checkpoint_callback.best_model_path) if p}
+        self.seen.append({p.name: torch.load(p, weights_only=True)["global_step"] if p.is_file() else None
+                          for p in paths})
+
+
+@requires_smollm2  # loads the smoke config's SmolLM2 tokenizer
+def test_loggers_told_of_a_save_find_the_checkpoint_in_place(in_tmp, gsm8k_train):
+    cli = run(["fit", *smoke_args(gsm8k_train, "--trainer.logger+=tests.test_cli.RecordCheckpointsOnDisk",
+                                  "--trainer.logger.save_dir", "runs/smoke", steps=2)])
+    (recorder,) = [lg for lg in cli.trainer.loggers if isinstance(lg, RecordCheckpointsOnDisk)]
+    assert recorder.seen == [{"last.ckpt": 2}]
+
 
 @requires_smollm2  # loads the smoke config's SmolLM2 tokenizer
 def test_validate_on_random_weights_warns_and_a_checkpoint_folder_that_is_a_file_stops_fit(in_tmp, gsm8k_train):

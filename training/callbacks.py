@@ -10,6 +10,7 @@ import shutil
 import time
 from pathlib import Path
 from typing import Any
+from weakref import proxy
 
 import lightning as L
 import numpy as np
@@ -150,17 +151,23 @@ class StepCheckpoint(ModelCheckpoint):
         """Write beside the checkpoint's place (`<name>.partial`) and move it there once every rank is done,
         so that a crash mid-save leaves the previous checkpoint of that name whole. A distributed checkpoint
         is a folder whose shards each rank rewrote in place: after a crash, `last.ckpt` held one rank's new
-        shards beside another's old ones, and resumed from that mix without an error."""
+        shards beside another's old ones, and resumed from that mix without an error. The loggers hear of
+        the save (`ModelCheckpoint._save_checkpoint`'s steps) once it is in place: a logger that uploads
+        checkpoints (`WandbLogger(log_model=...)`) looks for them on disk then."""
         staged = Path(filepath + ".partial")
         if trainer.is_global_zero and staged.exists():  # left by an earlier crash
             _remove(staged)
         trainer.strategy.barrier()
-        super()._save_checkpoint(trainer, str(staged))
+        trainer.save_checkpoint(str(staged), self.save_weights_only)
         trainer.strategy.barrier()
         if trainer.is_global_zero:
             _move_into_place(staged, Path(filepath))
         trainer.strategy.barrier()
+        self._last_global_step_saved = trainer.global_step
         self._last_checkpoint_saved = filepath
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:
+                logger.after_save_checkpoint(proxy(self))
 
 
 class RNGState(L.Callback):
