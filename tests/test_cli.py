@@ -25,7 +25,8 @@ from tests.conftest import REPO, requires_smollm2
 from training.callbacks import StepProgressBar
 from training.cli import main, run
 from training.export import main as export_main
-from training.lm import NonFiniteLossError
+from training.errors import ConfigError
+from training.lm import CausalLM, NonFiniteLossError
 from training.schedule import warmup_cosine
 
 SMOKE = str(REPO / "configs" / "smoke.yaml")
@@ -314,6 +315,14 @@ def test_log_every_n_steps_0_trains_without_logging_steps(in_tmp, gsm8k_train):
     cli = run(["fit", *smoke_args(gsm8k_train, "--trainer.log_every_n_steps", "0", "--trainer.limit_val_batches", "0",
                                   steps=3)])
     assert cli.trainer.global_step == 3 and "train/device/items_per_sec" not in cli.trainer.logged_metrics
+
+
+def test_an_init_from_that_cannot_be_read_is_refused_as_that_setting(tmp_path):
+    """A ConfigError, which the command shows as one `error:` line (as a missing init_from file), not a traceback."""
+    (tmp_path / "cut.ckpt").write_bytes(b"PK\x03\x04")  # a checkpoint cut short
+    module = CausalLM(model=None, init_from=str(tmp_path / "cut.ckpt"))
+    with pytest.raises(ConfigError, match=r"^model.init_args.init_from: .*cut.ckpt is not a checkpoint quietdepth can"):
+        module.configure_model()
 
 
 def test_missing_data_file_names_the_field(in_tmp, gsm8k_train):

@@ -32,11 +32,14 @@ class NonFiniteLossError(RuntimeError):
 
 
 def load_init_from(source: str) -> Transformer | QuietStar:
-    """`load_pretrained(source)` for model.init_args.init_from, a source that is not there refused as that setting."""
+    """`load_pretrained(source)` for model.init_args.init_from, a source that is not there or that load_pretrained
+    refuses (an unreadable checkpoint, an unsupported architecture) refused as that setting."""
     try:
         return load_pretrained(source)
     except FileNotFoundError as error:
         raise ConfigFileNotFoundError(f"model.init_args.init_from: {error}") from error
+    except ValueError as error:
+        raise ConfigError(f"model.init_args.init_from: {error}") from error
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
