@@ -155,3 +155,12 @@ def test_a_plain_export_over_a_quietstar_export_loads_as_the_plain_model(tmp_pat
     reloaded = load_pretrained(str(tmp_path / "hf"))
     assert type(reloaded) is type(plain)
     assert reloaded.state_dict().keys() == plain.state_dict().keys()
+
+
+def test_exporting_a_quietstar_model_says_transformers_gets_the_language_model_alone(tmp_path, capsys):
+    from modeldefs.quietstar import QuietStar, ThoughtConfig
+    from training.export import main as export_main
+
+    export_hf(QuietStar(from_hf_model(tiny_hf("llama")), ThoughtConfig(), init_token_id=0), tmp_path / "qs")
+    export_main([str(tmp_path / "qs"), str(tmp_path / "again"), "--tokenizer", "none"])
+    assert "transformers loads the language model alone" in capsys.readouterr().out

@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from modeldefs.pretrained import export_hf, load_pretrained, load_tokenizer, tokenizer_source
+from modeldefs.quietstar import QuietStar
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -30,6 +31,9 @@ def main(argv: list[str] | None = None) -> None:
     except (OSError, ValueError) as error:
         parser.exit(2, f"{parser.prog}: error: {error}\n")
     print(f"wrote {out} (load with transformers.AutoModelForCausalLM.from_pretrained({str(out)!r}))")
+    if isinstance(model, QuietStar):
+        print("transformers loads the language model alone; quietdepth (init_from, quietdepth-eval) loads it with its "
+              "thought tokens and mixing head, saved beside it")
 
 
 if __name__ == "__main__":
