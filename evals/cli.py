@@ -107,6 +107,9 @@ def check_args(args: argparse.Namespace) -> None:
             setattr(args, name, list(dict.fromkeys(getattr(args, name))))
     if "cot" not in args.decoding and (args.cot_k is not None or args.cot_aggregate):
         raise ValueError("--cot-k and --cot-aggregate set CoT-decoding: add cot to --decoding, or drop them")
+    if "cot" in args.decoding and not set(GENERATIVE) & set(args.tasks):
+        raise ValueError(f"--decoding cot changes generation only, and {', '.join(args.tasks)} are scored by "
+                         f"log-likelihood (under greedy): add a generative task ({', '.join(GENERATIVE)}), or drop cot")
     if args.shots is not None and not {"gsm8k", "gsm8k_chat"} & set(args.tasks):
         raise ValueError("--shots sets GSM8K's few-shot count; the tasks asked for are 0-shot: add gsm8k "
                          "(or gsm8k_chat) to --tasks, or drop --shots")
