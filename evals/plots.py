@@ -4,6 +4,7 @@ capacity — from leaderboard rows, as a PNG with standard-error bars, one line 
 from __future__ import annotations
 
 import re
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
@@ -24,11 +25,14 @@ Lines = dict[str, dict[float, tuple[float, float]]]
 
 
 def line_label(row: dict[str, str], x: XAxis) -> str:
-    """The line a row belongs to: for k one model (source, weights, dtype), otherwise one decoding; either
+    """The line a row belongs to: for k one model (source, weights, dtype), otherwise one decoding at the
+    other knob's value (thought length: the capacity, dense or MoD; capacity: the thought length); either
     at one shot count, number of items and generation budget, so that no line joins other runs' settings."""
     identity = ", ".join(filter(None, (row["weights_sha256"][:8], row["dtype"])))
-    if x != "k":
-        who = row["decoding"]
+    if x == "thought_length":
+        who = row["decoding"] + (f", capacity {row['capacity']}" if row["capacity"] else ", dense")
+    elif x == "capacity":
+        who = row["decoding"] + (f", thought length {row['thought_length']}" if row["thought_length"] else "")
     else:
         who = f"{row['model']} ({identity})" if identity else row["model"]
     budget = f", {row['max_new_tokens']} new tokens" if row["max_new_tokens"] else ""
@@ -38,8 +42,10 @@ def line_label(row: dict[str, str], x: XAxis) -> str:
 def accuracy_lines(rows: Sequence[dict[str, str]], x: XAxis, task: str, metric: str, filter: str) -> Lines:
     """{line label: {x: (value, stderr)}} for `metric` (under `filter`) on `task`. A line holds one
     setting: for k one model at one shot count (aggregated CoT-decoding a line of its own, greedy its
-    k = 1 point on each), otherwise one decoding at one shot count. The latest row wins where a point repeats."""
+    k = 1 point on each), otherwise one decoding at one shot count. The latest row wins where a point
+    repeats, with a warning where it hides another model's result."""
     lines: Lines = {}
+    owners: dict[tuple[str, float], str] = {}  # (line, x) -> the model whose result the point shows
     greedy: dict[str, tuple[float, float]] = {}
     for row in rows:
         if (row["task"], row["metric"], row["filter"]) != (task, metric, filter):
@@ -54,6 +60,12 @@ def accuracy_lines(rows: Sequence[dict[str, str]], x: XAxis, task: str, metric: 
             continue
         if x == "k" and row["decoding"].endswith("-agg"):
             setting += ", aggregated"
+        owner = f"{row['model']} ({row['weights_sha256'][:8]})"
+        hidden = owners.get((setting, value))
+        if hidden is not None and hidden != owner:
+            warnings.warn(f"line '{setting}' has two models at {x} = {value:g}: {hidden} and {owner}; "
+                          f"only the latest, {owner}, is plotted", stacklevel=2)
+        owners[setting, value] = owner
         lines.setdefault(setting, {})[value] = point
     for setting, point in greedy.items():  # greedy is k = 1 of every CoT line of its setting
         for label in [label for label in (setting, f"{setting}, aggregated") if label in lines] or [setting]:

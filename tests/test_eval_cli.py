@@ -120,6 +120,20 @@ def test_plot_writes_a_png_of_accuracy_against_cot_k(tmp_path, capsys):
         main(["plot", "--leaderboard", str(tmp_path), "--x", "capacity"])
 
 
+def test_a_thought_length_or_capacity_point_never_silently_hides_another_models_result(tmp_path):
+    base = dict(decoding="thoughts", task="csqa", version="N/A", filter="none", n_shot=0, metric="acc", stderr=0.1,
+                n=3, tokens_per_s=1.0, thought_length=4, prompts_hash="h", commit="c", date="d")
+    rows = [{**base, "model": "quietstar", "weights_sha256": "aaaa", "capacity": None, "value": 0.2},
+            {**base, "model": "mod-quietstar", "weights_sha256": "bbbb", "capacity": 0.125, "value": 0.3}]
+    stored, _ = leaderboard.append_rows(tmp_path, rows)
+    assert accuracy_lines(stored, "thought_length", "csqa", "acc", "none") == {  # a dense and a MoD thinker: two lines
+        "thoughts, dense, 0-shot, n=3": {4.0: (0.2, 0.1)}, "thoughts, capacity 0.125, 0-shot, n=3": {4.0: (0.3, 0.1)}}
+    greedy = [{**row, "decoding": "greedy", "thought_length": None, "capacity": 0.125} for row in rows]
+    stored, _ = leaderboard.append_rows(tmp_path, greedy)
+    with pytest.warns(UserWarning, match=r"two models at capacity = 0.125: quietstar \(aaaa\) and mod-quietstar"):
+        assert accuracy_lines(stored, "capacity", "csqa", "acc", "none")["greedy, 0-shot, n=3"] == {0.125: (0.3, 0.1)}
+
+
 def test_leaderboard_appends_new_rows_and_skips_identical_ones(tmp_path):
     row = dict(model="m", decoding="greedy", task="csqa", version="N/A", filter="none", n_shot=0, metric="acc",
                value=0.5, stderr=0.1, n=4, tokens_per_s=3.0, capacity=None, thought_length=None, prompts_hash="h",
