@@ -82,24 +82,24 @@ def plot_accuracy(rows: Sequence[dict[str, str]], x: XAxis, task: str, metric: s
 
     matplotlib.use("Agg")  # files only: no display on servers
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
 
     lines = accuracy_lines(rows, x, task, metric, filter)
     fig, ax = plt.subplots(figsize=(6, 4))
     for group, points in sorted(lines.items()):
         xs = sorted(points)
         ax.errorbar(xs, [points[v][0] for v in xs], yerr=[points[v][1] for v in xs], marker="o", capsize=3, label=group)
+    knob = {"k": "CoT-decoding k", "thought_length": "thought length", "capacity": "Mixture-of-Depths capacity"}[x]
+    ax.set_title(f"{task} {metric} ({filter}) vs {knob}")
     ax.set_xlabel({"k": "CoT-decoding k (1 = greedy)",
                    "thought_length": "thought length n_ahead (<start>, n_ahead - 3 sampled tokens, <end>)",
                    "capacity": "Mixture-of-Depths capacity"}[x])
-    if x != "capacity":
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xticks(sorted({v for points in lines.values() for v in points}))  # the values evaluated, not 3.85, 3.9, ...
     ax.set_ylabel(f"{task} {metric} ({filter})")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize="small")
-    fig.tight_layout()
+    # below the axes: labels name checkpoints and settings, wider than the axes, and would hide points or be cut off
+    ax.legend(fontsize="small", loc="upper center", bbox_to_anchor=(0.5, -0.18))
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120)
+    fig.savefig(out, dpi=120, bbox_inches="tight")  # the image grows to hold the whole legend
     plt.close(fig)
     return out

@@ -11,7 +11,7 @@ import torch
 
 from evals import leaderboard
 from evals.cli import main
-from evals.plots import accuracy_lines
+from evals.plots import accuracy_lines, plot_accuracy
 from modeldefs import ModelConfig, Transformer
 from tests.conftest import shared_file
 
@@ -118,6 +118,30 @@ def test_plot_writes_a_png_of_accuracy_against_cot_k(tmp_path, capsys):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(SystemExit):
         main(["plot", "--leaderboard", str(tmp_path), "--x", "capacity"])
+
+
+def test_a_plot_has_a_title_ticks_at_the_values_evaluated_and_its_whole_legend(tmp_path, monkeypatch):
+    import struct
+
+    import matplotlib.pyplot as plt
+
+    figures = []
+    monkeypatch.setattr(plt, "close", figures.append)  # keep the figure to look at
+    base = dict(task="gsm8k", version="3.0", filter="flexible-extract", n_shot=0, metric="exact_match", n=3,
+                tokens_per_s=1.0, capacity=None, thought_length=None, prompts_hash="h", commit="c", date="d", stderr=0.1)
+    checkpoint = "/a/long/path/to/runs/mod-quietstar-smoke-with-a-long-name/checkpoints/last.ckpt"  # as real sources are
+    rows = [{**base, "model": checkpoint, "weights_sha256": "0123456789abcdef", "dtype": "float32", "decoding": d,
+             "value": v} for d, v in [("greedy", 0.1), ("cot-k4", 0.2)]]
+    plot_accuracy(leaderboard.append_rows(tmp_path, rows)[0], "k", "gsm8k", "exact_match", "flexible-extract",
+                  tmp_path / "k.png")
+    (fig,) = figures
+    ax = fig.axes[0]
+    assert ax.get_title() == "gsm8k exact_match (flexible-extract) vs CoT-decoding k"
+    assert list(ax.get_xticks()) == [1.0, 4.0]
+    fig.set_dpi(120)  # as saved
+    legend_width = ax.get_legend().get_window_extent(fig.canvas.get_renderer()).width
+    png_width, _ = struct.unpack(">II", (tmp_path / "k.png").read_bytes()[16:24])
+    assert png_width >= legend_width  # no legend label is cut off
 
 
 def test_a_thought_length_or_capacity_point_never_silently_hides_another_models_result(tmp_path):
