@@ -485,6 +485,16 @@ def test_train_loss_is_the_mean_over_the_optimizer_steps_micro_batches(in_tmp, g
         assert loss == pytest.approx(sum(micro) / len(micro), rel=1e-6), f"step {step}: {loss} vs {micro}"
 
 
+@requires_smollm2  # loads the smoke config's SmolLM2 tokenizer
+def test_the_learning_rate_is_logged_once_per_optimizer_step_with_gradient_accumulation(in_tmp, gsm8k_train):
+    """Lightning's LearningRateMonitor logs at the start of every micro-batch of a logging step: with 2 micro-batches
+    per step, each logging step had two rows (two points at one step in W&B)."""
+    run(["fit", *smoke_args(gsm8k_train, "--trainer.accumulate_grad_batches", "2", "--trainer.log_every_n_steps", "2",
+                            "--trainer.limit_val_batches", "0", steps=4)])
+    rows = read_metrics(in_tmp / "runs" / "smoke")
+    assert [int(r["step"]) for r in rows if r.get("lr-AdamW/decay")] == [1, 3]
+
+
 class PoisonWeights(L.Callback):
     """Fault injection: sets one weight to NaN at a given step and hook, as a diverging run would."""
 

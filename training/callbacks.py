@@ -1,4 +1,4 @@
-"""Callbacks: token throughput/MFU, the final step in `last.ckpt`, RNG state in checkpoints, and the
+"""Callbacks: token throughput/MFU, the learning rate once per optimizer step, the final step in `last.ckpt`, RNG state in checkpoints, and the
 end-of-run summary (also after Ctrl-C)."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.fabric.utilities.throughput import Throughput, get_available_flops
-from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, RichProgressBar
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.trainer.states import TrainerFn
@@ -76,6 +76,20 @@ class TokenThroughput(L.Callback):
         if trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking:
             _synchronize(trainer)
             self._t0 += time.perf_counter() - self._val_start  # validation is not training time
+
+
+class StepLearningRateMonitor(LearningRateMonitor):
+    """Lightning's `LearningRateMonitor` (`lr-<optimizer>/<param group>`), logged once per optimizer step.
+
+    Lightning's logs at the start of every batch of a logging step, so with `trainer.accumulate_grad_batches` = n
+    each logging step had n rows of the same value in metrics.csv and n points at one step in W&B. This logs at
+    the step's first micro-batch only; the learning rate is the one that step's optimizer update uses.
+    """
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        if batch_idx % trainer.accumulate_grad_batches == 0:
+            super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
 
 
 def compute_dtype(trainer: L.Trainer, pl_module: L.LightningModule) -> torch.dtype:
