@@ -117,6 +117,21 @@ def test_validate_and_export_from_a_checkpoint(in_tmp, gsm8k_train, smollm2_toke
         torch.testing.assert_close(hf(ids).logits, ours(ids), rtol=0, atol=1e-5)
 
 
+@requires_smollm2  # loads the smoke config's SmolLM2 tokenizer
+def test_validate_and_test_log_on_the_step_of_their_checkpoint(in_tmp, gsm8k_train):
+    """As the fit logged its own validation of those weights; Lightning logs them at step 0, where W&B and the
+    CSV would show a trained model's loss as the loss at initialisation."""
+    main(["fit", *smoke_args(gsm8k_train, steps=3)])
+    ckpt = str(in_tmp / "runs" / "smoke" / "checkpoints" / "last.ckpt")
+    main(["validate", *smoke_args(gsm8k_train), "--ckpt_path", ckpt])
+    main(["test", *smoke_args(gsm8k_train), "--ckpt_path", ckpt])
+    rows = {path.parent.name: list(csv.DictReader(path.open()))
+            for path in (in_tmp / "runs" / "smoke").glob("csv/version_*/metrics.csv")}
+    assert [r["step"] for r in rows["version_0"] if r.get("val/loss")] == ["2"]  # after the 3rd step
+    assert [r["step"] for r in rows["version_1"] if r.get("val/loss")] == ["2"]
+    assert [r["step"] for r in rows["version_2"] if r.get("test/loss")] == ["2"]
+
+
 class RecordStepGradNorm(L.Callback):
     """Records the total norm of the gradients that each optimizer step used (after any clipping)."""
 

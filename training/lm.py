@@ -9,6 +9,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.strategies import ModelParallelStrategy
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info
 from torch.distributed.tensor import DTensor
 from torch.optim.lr_scheduler import LambdaLR
@@ -376,7 +377,8 @@ class CausalLM(L.LightningModule):
             checkpoint["optimizer_states"] = [by_name(s, order) for s in checkpoint["optimizer_states"]]
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Refuse, naming the fields, a checkpoint of another architecture (before its weights are loaded)."""
+        """Refuse, naming the fields, a checkpoint of another architecture (before its weights are loaded). In
+        validate and test, log on the checkpoint's step, as the fit logged its validation of these weights."""
         thinks, thought = "thought_config" in checkpoint, hasattr(self.model, "thought_config")
         if thinks != thought:
             kinds = (("a Quiet-STaR", "a plain language model") if thinks
@@ -394,6 +396,9 @@ class CausalLM(L.LightningModule):
         if "optimizer_states" in checkpoint and not isinstance(self.trainer.strategy, ModelParallelStrategy):
             order = self._optimizer_order()  # (ModelParallelStrategy reads state keyed by name itself)
             checkpoint["optimizer_states"] = [by_number(s, order) for s in checkpoint["optimizer_states"]]
+        if self.trainer.state.fn != TrainerFn.FITTING:  # Lightning restores the fit loop only to fit: step 0 else
+            epoch_loop = checkpoint.get("loops", {}).get("fit_loop", {}).get("epoch_loop.state_dict", {})
+            self.trainer.fit_loop.epoch_loop._batches_that_stepped = epoch_loop.get("_batches_that_stepped", 0)
 
     def _refuse_nonfinite_weights(self) -> None:
         """Raise before a checkpoint with NaN/inf weights is written (every rank's shards are checked)."""
