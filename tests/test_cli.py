@@ -103,6 +103,18 @@ def test_fit_smoke_writes_checkpoints_metrics_wandb_run_and_summary(in_tmp, gsm8
     assert "3 tokens in" in capsys.readouterr().out
 
 
+@requires_smollm2  # loads the smoke config's SmolLM2 tokenizer
+def test_a_checkpoint_holds_the_whole_resolved_config_of_its_run(in_tmp, gsm8k_train):
+    """Its hyper_parameters are the model's and the data's only: without the trainer's settings (max_steps, which
+    shapes the cosine schedule, accumulation, clipping, the seed) a checkpoint away from its run folder does not say
+    how to train it again."""
+    main(["fit", *smoke_args(gsm8k_train, "--trainer.accumulate_grad_batches", "2", steps=2)])
+    state = torch.load(in_tmp / "runs" / "smoke" / "checkpoints" / "last.ckpt", weights_only=True)
+    saved = (in_tmp / "runs" / "smoke" / "csv" / "version_0" / "config.yaml").read_text()
+    assert state["config"] == yaml.safe_load(saved)
+    assert state["config"]["trainer"]["max_steps"] == 2 and state["config"]["trainer"]["accumulate_grad_batches"] == 2
+
+
 def test_validate_and_export_from_a_checkpoint(in_tmp, gsm8k_train, smollm2_tokenizer, smollm2_tokenizer_dir):
     main(["fit", *smoke_args(gsm8k_train, "--data.init_args.tokenizer", str(smollm2_tokenizer_dir), steps=3)])
     ckpt = in_tmp / "runs" / "smoke" / "checkpoints" / "last.ckpt"

@@ -41,13 +41,19 @@ def _wandb_has_key() -> bool:
 
 class SaveConfigToWandb(SaveConfigCallback):
     """Writes the resolved config to the run folder (config.yaml, as Lightning does) and also into each W&B
-    run's config, which otherwise gets only the model's and the data's hyperparameters."""
+    run's config and each checkpoint (`config`), which otherwise get only the model's and the data's
+    hyperparameters: not the trainer's max_steps, accumulation, clipping or seed."""
+
+    def _resolved(self) -> dict[str, Any]:
+        return yaml.safe_load(self.parser.dump(self.config, skip_none=False))
 
     def save_config(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        config = yaml.safe_load(self.parser.dump(self.config, skip_none=False))
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
-                logger.log_hyperparams({"config": config})
+                logger.log_hyperparams({"config": self._resolved()})
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        checkpoint["config"] = self._resolved()
 
 
 class QuietDepthCLI(LightningCLI):
