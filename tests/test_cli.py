@@ -257,6 +257,16 @@ def test_resuming_a_run_that_reached_max_steps_is_refused_with_the_step_to_raise
 
 
 @requires_smollm2  # loads the smoke config's SmolLM2 tokenizer
+def test_a_resumed_run_does_not_warn_that_its_checkpoint_folder_is_not_empty(in_tmp, gsm8k_train, recwarn):
+    """It holds the checkpoint the run resumes; Lightning's ModelCheckpoint warned on every `--ckpt_path last`."""
+    args = ["fit", *smoke_args(gsm8k_train, "--trainer.limit_val_batches", "0", steps=2)]
+    main(args)
+    recwarn.clear()
+    main([*args, "--trainer.max_steps", "4", "--ckpt_path", "last"])
+    assert not [str(w.message) for w in recwarn if "exists and is not empty" in str(w.message)]
+
+
+@requires_smollm2  # loads the smoke config's SmolLM2 tokenizer
 def test_ckpt_path_last_checks_the_newest_last_checkpoint_the_one_lightning_resumes(in_tmp, gsm8k_train):
     """A second run into the folder writes last-v1.ckpt; `last` resumes it, not the older last.ckpt."""
     main(["fit", *smoke_args(gsm8k_train, steps=4)])

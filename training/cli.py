@@ -101,6 +101,15 @@ class QuietDepthCLI(LightningCLI):
         (fsdp_param_dtype, compile, finite_check_interval, ...; Lightning issue #20801, PR #21455). The
         checkpoint's architecture is still checked against the configured one (`CausalLM.on_load_checkpoint`)."""
 
+    def fit(self, **kwargs: Any) -> None:
+        """`trainer.fit` (LightningCLI runs a method named after the subcommand in its place), without Lightning's
+        "Checkpoint directory ... exists and is not empty" warning on a resume: the folder holds the checkpoint
+        it resumes. A new run into a folder with checkpoints still gets it."""
+        with warnings.catch_warnings():
+            if kwargs.get("ckpt_path") is not None:
+                warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
+            self.trainer.fit(**kwargs)
+
     def before_fit(self) -> None:
         paths = self._ckpt_paths()
         self._check_ckpt_path(paths)
