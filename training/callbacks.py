@@ -1,5 +1,5 @@
-"""Callbacks: token throughput/MFU, the learning rate once per optimizer step, the final step in `last.ckpt`, RNG state in checkpoints, and the
-end-of-run summary (also after Ctrl-C)."""
+"""Callbacks: token throughput/MFU, the learning rate once per optimizer step, the final step in
+`last.ckpt`, RNG state in checkpoints, and the end-of-run summary (also after Ctrl-C)."""
 
 from __future__ import annotations
 
