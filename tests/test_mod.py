@@ -211,3 +211,14 @@ def test_flops_per_token_without_top_k_counts_every_token_through_routed_blocks(
     full = Transformer(ModelConfig.from_name("micro", n_layer=8, mod_capacity=1.0)).flops_per_token(512)
     eighth = Transformer(ModelConfig.from_name("micro", n_layer=8, mod_capacity=0.125))
     assert eighth.flops_per_token(512, top_k=False) == full  # the causal rule's masked path computes all tokens
+
+
+def test_routing_statistics_are_finite_when_one_token_goes_through_a_layer():
+    """A batch of one sequence with k = 1 (capacity x length < 2) routes one token per layer: its scale std is 0."""
+    from training.routing import routing_stats
+
+    model = Transformer(mod_config(mod_capacity=0.125, mod_predictor=True)).train()
+    model(torch.randint(0, 256, (1, 8)))
+    stats = routing_stats(model)
+    assert all(torch.isfinite(torch.tensor(v)) for v in stats.values()), stats
+    assert stats["mod/layer01/scale_std"] == 0

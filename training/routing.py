@@ -38,7 +38,7 @@ def routing_stats(model: Transformer) -> dict[str, float]:
         stats[f"{prefix}/causal_fraction"] = (rule > 0).float().mean()
         scale = block.router_scale(r.router_logits)[r.topk]
         stats[f"{prefix}/scale_mean"] = scale.mean()
-        stats[f"{prefix}/scale_std"] = scale.std()
+        stats[f"{prefix}/scale_std"] = scale.std(correction=0)  # defined for one routed token too
     for name in ("router_acc", "predictor_acc", "causal_fraction"):
         values = [v for k, v in stats.items() if k.endswith("/" + name)]
         if values:
