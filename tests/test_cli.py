@@ -267,6 +267,17 @@ def test_a_resumed_run_does_not_warn_that_its_checkpoint_folder_is_not_empty(in_
 
 
 @requires_smollm2  # loads the smoke config's SmolLM2 tokenizer
+def test_ckpt_path_last_without_a_last_checkpoint_still_warns_that_the_folder_is_not_empty(in_tmp, gsm8k_train):
+    """Lightning then resumes nothing and starts from step 0 beside the checkpoints already in the folder."""
+    args = ["fit", *smoke_args(gsm8k_train, "--trainer.limit_val_batches", "0", steps=2)]
+    main(args)
+    checkpoints = in_tmp / "runs" / "smoke" / "checkpoints"
+    (checkpoints / "last.ckpt").rename(checkpoints / "step=2.ckpt")  # a periodic checkpoint, no last one
+    with pytest.warns(UserWarning, match="exists and is not empty"):
+        main([*args, "--ckpt_path", "last"])
+
+
+@requires_smollm2  # loads the smoke config's SmolLM2 tokenizer
 def test_ckpt_path_last_checks_the_newest_last_checkpoint_the_one_lightning_resumes(in_tmp, gsm8k_train):
     """A second run into the folder writes last-v1.ckpt; `last` resumes it, not the older last.ckpt."""
     main(["fit", *smoke_args(gsm8k_train, steps=4)])

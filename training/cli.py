@@ -104,9 +104,10 @@ class QuietDepthCLI(LightningCLI):
     def fit(self, **kwargs: Any) -> None:
         """`trainer.fit` (LightningCLI runs a method named after the subcommand in its place), without Lightning's
         "Checkpoint directory ... exists and is not empty" warning on a resume: the folder holds the checkpoint
-        it resumes. A new run into a folder with checkpoints still gets it."""
+        it resumes. A new run into a folder with checkpoints still gets it, as does `--ckpt_path last` where the
+        folder has no last checkpoint (Lightning then starts from step 0)."""
         with warnings.catch_warnings():
-            if kwargs.get("ckpt_path") is not None:
+            if self._ckpt_paths():  # the checkpoint resumed: for `last`, none where there is no last*.ckpt
                 warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
             self.trainer.fit(**kwargs)
 
