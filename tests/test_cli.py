@@ -22,7 +22,7 @@ from transformers import AutoModelForCausalLM
 from evals.sample import main as sample_main
 from modeldefs.pretrained import load_pretrained, tokenizer_source
 from tests.conftest import REPO, requires_smollm2
-from training.callbacks import StepProgressBar
+from training.callbacks import StepProgressBar, _move_into_place
 from training.cli import main, run
 from training.export import main as export_main
 from training.errors import ConfigError
@@ -310,6 +310,20 @@ def test_a_save_that_fails_midway_leaves_the_previous_last_checkpoint_whole(in_t
     with (newest / "metrics.csv").open() as f:
         assert [r["step"] for r in csv.DictReader(f) if r.get("train/loss")] == ["3"]  # resumed: one step trained
     assert sorted(p.name for p in last.parent.iterdir()) == ["last.ckpt"]
+
+def test_a_sharded_checkpoint_moved_over_a_link_replaces_the_link_not_the_checkpoint_it_points_to(tmp_path):
+    """With save_last: link, last.ckpt can link to a periodic sharded checkpoint (a folder); the final step's
+    last.ckpt, written when no periodic checkpoint holds that step, takes the link's place."""
+    periodic, last, staged = tmp_path / "step=4.ckpt", tmp_path / "last.ckpt", tmp_path / "last.ckpt.partial"
+    for folder, step in ((periodic, "4"), (staged, "6")):
+        folder.mkdir()
+        (folder / "shard").write_text(step)
+    last.symlink_to(periodic.name, target_is_directory=True)
+    _move_into_place(staged, last)
+    assert not last.is_symlink() and (last / "shard").read_text() == "6"
+    assert (periodic / "shard").read_text() == "4"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt", "step=4.ckpt"]
+
 
 class RecordCheckpointsOnDisk(CSVLogger):
     """The step of each checkpoint a logger finds on disk when told of a save (WandbLogger(log_model=...) uploads

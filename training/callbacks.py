@@ -109,7 +109,7 @@ def _synchronize(trainer: L.Trainer) -> None:
 
 
 def _remove(path: Path) -> None:
-    if path.is_dir():
+    if path.is_dir() and not path.is_symlink():  # a link (save_last: link) goes, not the checkpoint it points to
         shutil.rmtree(path)
     else:
         path.unlink(missing_ok=True)
