@@ -146,6 +146,7 @@ def test_validation_says_when_the_number_of_processes_drops_some_of_its_sequence
         warnings.simplefilter("error")
         dm.val_dataloader()
 
+
 def test_lightning_keeps_the_data_modules_sampler_on_several_processes(make, text_file):
     """Lightning's default use_distributed_sampler=True wraps a sampler that is no DistributedSampler in its own,
     which would shard the rank's share again: each of 2 processes would train on half its share (an epoch

@@ -196,6 +196,7 @@ def test_policy_loss_is_the_advantage_weighted_log_prob_of_each_sampled_thought(
         for p, t in enumerate(out.positions.tolist())]) for n in range(xs.size(0))])  # (N, P, n_sampled)
     torch.testing.assert_close(out.policy_loss, -(advantage[..., None] * log_p).mean(), atol=1e-6, rtol=1e-5)
 
+
 def test_policy_loss_gets_no_gradient_through_its_reward():
     """REINFORCE differentiates only log p(thought): the reward (and its baseline) is a constant. The mixing
     head and <end> enter the policy loss only through the reward (<end> comes after the sampled tokens), so

@@ -39,7 +39,7 @@ def _wandb_has_key() -> bool:
     return bool(os.environ.get("WANDB_API_KEY")) or (netrc.is_file() and "api.wandb.ai" in netrc.read_text())
 
 
-class SaveConfigToWandb(SaveConfigCallback):
+class SaveResolvedConfig(SaveConfigCallback):
     """Writes the resolved config to the run folder (config.yaml, as Lightning does) and also into each W&B
     run's config and each checkpoint (`config`), which otherwise get only the model's and the data's
     hyperparameters: not the trainer's max_steps, accumulation, clipping or seed."""
@@ -227,7 +227,7 @@ def run(args: list[str] | None = None) -> QuietDepthCLI:
         return QuietDepthCLI(
             subclass_mode_model=True,
             subclass_mode_data=True,
-            save_config_callback=SaveConfigToWandb,
+            save_config_callback=SaveResolvedConfig,
             save_config_kwargs={"overwrite": True},
             args=args,
         )
