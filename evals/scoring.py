@@ -158,18 +158,19 @@ def _score_rows(model: EvalModel, rows: list[list[Group]]
             & ((branch[:, None, :] == 0) | (branch[:, None, :] == branch[:, :, None])))
     hidden = lm.hidden(lm.embed(ids), position_ids=pos, mask=mask.unsqueeze(1), valid=group_of >= 0).flatten(0, 1)
     at, targets = torch.tensor(at, device=device), torch.tensor(targets, device=device)
-    # The five letters of a question are predicted from one slot: the head runs once per distinct slot,
-    # and each target's logit is a dot product with its output embedding.
+    # The five letters of a question are predicted from one slot: the head runs once per distinct slot, and
+    # each target's logit is read from that slot's logits (the very values lse and argmax see, in bf16 too).
     unique, inverse = at.unique(return_inverse=True)
     lse, argmax = [], []
-    for part in unique.split(HEAD_CHUNK):
-        logits = lm.lm_head(hidden[part]).float()
+    target_logits = torch.zeros(len(at), device=device)
+    for start in range(0, len(unique), HEAD_CHUNK):
+        logits = lm.lm_head(hidden[unique[start:start + HEAD_CHUNK]]).float()
         lse.append(logits.logsumexp(-1))
         argmax.append(logits.argmax(-1))
+        row = inverse - start
+        here = (row >= 0) & (row < len(logits))  # targets predicted from this chunk's slots
+        target_logits = torch.where(here, logits[row.clamp(0, len(logits) - 1), targets], target_logits)
     lse, argmax = torch.cat(lse)[inverse], torch.cat(argmax)[inverse]
-    # The target's logit rounded as the head's output is (bf16: to 8 bits), or it is not the logit that lse and
-    # argmax saw: an unrounded one could exceed lse, a log-probability above 0.
-    target_logits = (hidden[at].float() * lm.lm_head.weight[targets].float()).sum(-1).to(hidden.dtype).float()
     logprobs = target_logits - lse
     totals = torch.zeros(len(keys), device=device).index_add_(0, owner, logprobs)
     misses = torch.zeros(len(keys), device=device).index_add_(0, owner, (argmax != targets).float())

@@ -74,6 +74,16 @@ def test_a_confident_bf16_model_scores_no_log_probability_above_zero():
     assert max(scores) <= 0, scores
 
 
+def test_the_head_in_chunks_of_a_few_slots_scores_as_in_one(monkeypatch):
+    """Each target's logit is read from the chunk of slots its context ends in."""
+    model = tiny_model()
+    whole = loglikelihood(model, REQUESTS)
+    monkeypatch.setattr("evals.scoring.HEAD_CHUNK", 2)
+    chunked = loglikelihood(model, REQUESTS)
+    assert [score for score, _ in chunked] == pytest.approx([score for score, _ in whole], abs=1e-5)
+    assert [greedy for _, greedy in chunked] == [greedy for _, greedy in whole]
+
+
 def test_greedy_flag_is_true_for_the_models_own_greedy_continuation():
     model = tiny_model()
     context = [5, 17, 99, 3]
