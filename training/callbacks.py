@@ -22,7 +22,7 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 
-from training.steps import ends_optimizer_step, is_logging_step
+from training.steps import ends_optimizer_step, is_logging_step, starts_optimizer_step
 
 
 class TokenThroughput(L.Callback):
@@ -88,7 +88,7 @@ class StepLearningRateMonitor(LearningRateMonitor):
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
                              batch_idx: int) -> None:
-        if batch_idx % trainer.accumulate_grad_batches == 0:
+        if starts_optimizer_step(trainer, batch_idx):
             super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
 
 

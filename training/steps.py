@@ -5,6 +5,11 @@ from __future__ import annotations
 import lightning as L
 
 
+def starts_optimizer_step(trainer: L.Trainer, batch_idx: int) -> bool:
+    """Whether micro-batch `batch_idx` is the first of its optimizer step (an epoch's first batch starts one)."""
+    return batch_idx % trainer.accumulate_grad_batches == 0
+
+
 def ends_optimizer_step(trainer: L.Trainer, batch_idx: int) -> bool:
     """Whether micro-batch `batch_idx` is the last of its optimizer step, as Lightning decides (the epoch's last
     batch steps too)."""
