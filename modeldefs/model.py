@@ -108,10 +108,9 @@ class Transformer(nn.Module):
         """Mixture-of-Depths blocks by layer index (empty for a dense model)."""
         return {i: b for i, b in enumerate(self.blocks) if isinstance(b, RoutedBlock)}
 
-    def num_params(self, exclude_embeddings: bool = False) -> int:
+    def num_params(self) -> int:
         """Parameter count (shared tensors counted once)."""
-        n = sum(p.numel() for p in self.parameters())
-        return n - self.embed.weight.numel() if exclude_embeddings else n
+        return sum(p.numel() for p in self.parameters())
 
     def flops_per_token(self, seq_len: int, top_k: bool = True) -> int:
         """Training FLOPs per token (forward + backward = 3x forward), PaLM appendix B accounting.
