@@ -32,6 +32,8 @@ from modeldefs.pretrained import is_checkpoint
 
 TASKS = ("gsm8k", "gsm8k_chat", "csqa", "csqa_cloze", "csqa_gen", *answer_prob.TASKS)
 GENERATIVE = ("gsm8k", "gsm8k_chat", "csqa_gen")
+FEW_SHOT = ("gsm8k", "gsm8k_chat")
+"""The tasks that `--shots` applies to (the rest are 0-shot)."""
 
 
 def positive_int(text: str) -> int:
@@ -110,7 +112,7 @@ def check_args(args: argparse.Namespace) -> None:
     if "cot" in args.decoding and not set(GENERATIVE) & set(args.tasks):
         raise ValueError(f"--decoding cot changes generation only, and {', '.join(args.tasks)} are scored by "
                          f"log-likelihood (under greedy): add a generative task ({', '.join(GENERATIVE)}), or drop cot")
-    if args.shots is not None and not {"gsm8k", "gsm8k_chat"} & set(args.tasks):
+    if args.shots is not None and not set(FEW_SHOT) & set(args.tasks):
         raise ValueError("--shots sets GSM8K's few-shot count; the tasks asked for are 0-shot: add gsm8k "
                          "(or gsm8k_chat) to --tasks, or drop --shots")
     args.shots, args.cot_k = args.shots or [5], args.cot_k or [10]
@@ -144,7 +146,7 @@ def check_model(model: EvalModel, args: argparse.Namespace) -> None:
     if "thoughts" in args.decoding and not model.has_thoughts:
         raise ValueError(f"--decoding thoughts needs a Quiet-STaR model; {model.source} is a plain "
                          f"{type(model.net).__name__}: evaluate it without thoughts in a run of its own")
-    if {"gsm8k", "gsm8k_chat", "csqa_gen"} & set(args.tasks) and args.max_new_tokens >= model.block_size:
+    if set(GENERATIVE) & set(args.tasks) and args.max_new_tokens >= model.block_size:
         raise ValueError(f"--max-new-tokens {args.max_new_tokens} leaves no room for a prompt in {model.source}'s "
                          f"context of {model.block_size} tokens; lower it")
 
@@ -156,7 +158,7 @@ def load_data(args: argparse.Namespace) -> dict[str, Any]:
     if {"gsm8k", "gsm8k_chat", "gsm8k_answer_prob"} & set(args.tasks):
         data["gsm8k"] = _named("--gsm8k-path", gsm8k.load, args.gsm8k_path, "test")[cut]
         data["gsm8k_train"] = []
-        if any(args.shots) and {"gsm8k", "gsm8k_chat"} & set(args.tasks):
+        if any(args.shots) and set(FEW_SHOT) & set(args.tasks):
             train = args.gsm8k_train_path
             if train is None:
                 if Path(args.gsm8k_path).suffix in (".jsonl", ".json"):
@@ -181,7 +183,7 @@ def evaluate_model(model: EvalModel, args: argparse.Namespace, data: dict[str, A
     """Each planned task's result (GSM8K: one per shot count), as soon as it is done."""
     progress = not args.no_progress
     for task, decoding in plan(args):
-        for shots in args.shots if task in ("gsm8k", "gsm8k_chat") else [0]:
+        for shots in args.shots if task in FEW_SHOT else [0]:
             if task in answer_prob.TASKS:
                 items = ([answer_prob.gsm8k_item(row) for row in data["gsm8k"]] if task == "gsm8k_answer_prob"
                          else [answer_prob.csqa_item(q) for q in data["csqa"]])
