@@ -13,7 +13,6 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from evals import jsonl
@@ -64,8 +63,7 @@ def _question(record: dict[str, Any], where: str) -> Question:
 
 def load(path: str = HUB_ID, split: str = "validation") -> list[Question]:
     """CommonsenseQA questions from the hub or a local jsonl file (e.g. ../shared/data/commonsense_qa/dev_rand_split.jsonl)."""
-    local = os.path.exists(path) or Path(path).suffix in (".jsonl", ".json") or path.startswith((".", "/"))
-    if local:
+    if jsonl.is_local(path):
         if not os.path.isfile(path):
             raise FileNotFoundError(f"CommonsenseQA file not found: {path}; give a local jsonl (e.g. "
                                     "../shared/data/commonsense_qa/dev_rand_split.jsonl) or the hub id tau/commonsense_qa")

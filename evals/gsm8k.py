@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import random
 import re
-from pathlib import Path
 from typing import Any
 
 from evals import jsonl
@@ -27,8 +26,7 @@ _IGNORE = [re.compile(p) for p in (",", r"\$", r"(?s).*#### ", r"\.$")]
 
 def load(path: str = HUB_ID, split: str = "test") -> list[dict[str, str]]:
     """GSM8K problems ({"question", "answer"}) from the hub (config `main`) or a local jsonl file."""
-    local = os.path.exists(path) or Path(path).suffix in (".jsonl", ".json") or path.startswith((".", "/"))
-    if local:
+    if jsonl.is_local(path):
         if not os.path.isfile(path):
             raise FileNotFoundError(f"GSM8K file not found: {path}; give a local jsonl "
                                     "(e.g. ../shared/data/gsm8k/test.jsonl) or the hub id openai/gsm8k")

@@ -1,10 +1,19 @@
-"""Local jsonl task files, read line by line so that a bad row is reported as `file:line`."""
+"""Local jsonl task files: told apart from hub dataset ids, and read line by line so that a bad row is reported as
+`file:line`."""
 
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
+
+
+def is_local(path: str) -> bool:
+    """Whether a task's data `path` names a local file rather than a hub dataset id: it exists, ends in
+    .jsonl/.json, or starts with `.` or `/`."""
+    return os.path.exists(path) or Path(path).suffix in (".jsonl", ".json") or path.startswith((".", "/"))
 
 
 def records(path: str) -> Iterator[tuple[str, Any]]:
