@@ -67,12 +67,14 @@ def run_parser() -> argparse.ArgumentParser:
     p.add_argument("--decoding", nargs="+", default=["greedy"], choices=("greedy", "cot", "thoughts"),
                    help="decoding variants; log-likelihood tasks run under greedy (for cot too) and thoughts")
     p.add_argument("--cot-k", nargs="+", type=positive_int, default=None,
-                   help="CoT-decoding branch counts, one variant each (default 10)")
+                   help=f"CoT-decoding branch counts, one variant each (default {DecodingConfig.cot_k})")
     p.add_argument("--cot-aggregate", action="store_true", help="CoT-decoding: sum confidence per answer (paper's agg)")
-    p.add_argument("--max-new-tokens", type=positive_int, default=256)
-    p.add_argument("--batch-size", type=positive_int, default=16, help="rows per forward: completions being generated (each CoT branch is one) or packed rows (scoring)")
-    p.add_argument("--prefill-chunk", type=positive_int, default=2048, help="tokens per forward when reading prompts")
-    p.add_argument("--pack-tokens", type=positive_int, default=512,
+    p.add_argument("--max-new-tokens", type=positive_int, default=DecodingConfig.max_new_tokens)
+    p.add_argument("--batch-size", type=positive_int, default=DecodingConfig.batch_size,
+                   help="rows per forward: completions being generated (each CoT branch is one) or packed rows (scoring)")
+    p.add_argument("--prefill-chunk", type=positive_int, default=DecodingConfig.prefill_chunk,
+                   help="tokens per forward when reading prompts")
+    p.add_argument("--pack-tokens", type=positive_int, default=DecodingConfig.pack_tokens,
                    help="log-likelihood scoring: most tokens per packed row (rows are as long as the longest context group)")
     p.add_argument("--limit", type=positive_int, default=None, help="evaluate the first N items of each task only")
     p.add_argument("--seed", type=int, default=1234,
@@ -115,7 +117,7 @@ def check_args(args: argparse.Namespace) -> None:
     if args.shots is not None and not set(FEW_SHOT) & set(args.tasks):
         raise ValueError("--shots sets GSM8K's few-shot count; the tasks asked for are 0-shot: add gsm8k "
                          "(or gsm8k_chat) to --tasks, or drop --shots")
-    args.shots, args.cot_k = args.shots or [5], args.cot_k or [10]
+    args.shots, args.cot_k = args.shots or [5], args.cot_k or [DecodingConfig.cot_k]
     check_device(args.device)
 
 

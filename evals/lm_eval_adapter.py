@@ -28,6 +28,7 @@ except ImportError as error:  # lm-eval is an optional extra
 import torch
 
 from evals import decoding, scoring
+from evals.decoding import DecodingConfig
 from evals.model import DTYPES, EvalModel, load_eval_model
 
 
@@ -58,8 +59,10 @@ class QuietdepthLM(LM):
     """
 
     def __init__(self, pretrained: str | EvalModel = "smollm2-135m-instruct", tokenizer: str | None = None,
-                 device: str | None = None, dtype: str = "float32", batch_size: int | str = 16,
-                 decoding: str = "greedy", max_gen_toks: int = 256, pack_tokens: int = 512,
+                 device: str | None = None, dtype: str = "float32",
+                 batch_size: int | str = DecodingConfig.batch_size, decoding: str = "greedy",
+                 max_gen_toks: int = DecodingConfig.max_new_tokens,
+                 pack_tokens: int = DecodingConfig.pack_tokens,
                  max_batch_size: int | None = None, **unknown: Any) -> None:
         if unknown:  # Python's own TypeError names the first unknown arg only, and not the accepted ones
             known = [name for name in inspect.signature(QuietdepthLM.__init__).parameters
