@@ -43,6 +43,8 @@ LETTER_SYMBOLS = tuple(f" {letter}" for letter in LETTERS) + ("\n",)
 
 @dataclass
 class AnswerItem:
+    """One answer-probability text, split where the scored answer starts."""
+
     context: str
     """Everything up to and including `A:`."""
     answer: str

@@ -214,6 +214,7 @@ def weights_hash(model: EvalModel) -> str:
 
 
 def model_info(model: EvalModel) -> dict[str, Any]:
+    """What results.json records of a model: source, class, parameters, weights hash and configs."""
     info = {"source": model.source, "class": type(model.net).__name__, "params": model.lm.num_params(),
             "weights_sha256": weights_hash(model), "config": model.lm.config.to_dict()}
     if model.has_thoughts:
@@ -223,6 +224,7 @@ def model_info(model: EvalModel) -> dict[str, Any]:
 
 def leaderboard_rows(model: EvalModel, results: list[TaskResult], weights: str, args: argparse.Namespace,
                      commit: str, date: str) -> list[dict[str, Any]]:
+    """The leaderboard rows (`evals.leaderboard.COLUMNS`) of `results`: one per task result and metric."""
     capacity = model.lm.config.mod_capacity
     thought_length = model.net.thought_config.n_ahead if model.has_thoughts else None
     return [{"model": model.source, "weights_sha256": weights, "dtype": args.dtype, "decoding": r.decoding,

@@ -31,6 +31,8 @@ _LETTER = re.compile(r"\b([A-E])\b")
 
 @dataclass
 class Question:
+    """One CommonsenseQA question with its five choices, whichever schema it was read from."""
+
     stem: str
     choices: list[str]
     """Choice texts in label order A–E."""
@@ -83,6 +85,7 @@ def letter_prompt(q: Question) -> str:
 
 
 def cloze_prompt(q: Question) -> str:
+    """The `csqa_cloze` prompt: the stem alone, `Answer:`; the choice texts are scored after it."""
     return f"Question: {q.stem.strip()}\nAnswer:"
 
 

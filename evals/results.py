@@ -14,6 +14,8 @@ from typing import Any
 
 @dataclass
 class Metric:
+    """One aggregated metric of a task: its value and standard error under one filter."""
+
     filter: str
     """lm-eval's filter name: `none`, or GSM8K's `strict-match` / `flexible-extract`."""
     name: str
@@ -53,6 +55,7 @@ class TaskResult:
 
 
 def prompts_hash(prompts: list[str]) -> str:
+    """sha256 (first 16 hex digits) of the prompts in order: equal hashes, equal inputs."""
     digest = hashlib.sha256()
     for p in prompts:
         digest.update(p.encode())

@@ -96,6 +96,7 @@ class ModelConfig:
         return dataclass_from_dict(cls, values)
 
     def to_dict(self) -> dict[str, Any]:
+        """Every field as a plain dict (what checkpoints store as `model_config`; `from_dict` reads it back)."""
         return asdict(self)
 
 

@@ -127,6 +127,7 @@ class ThoughtConfig:
         return dataclass_from_dict(cls, values)
 
     def to_dict(self) -> dict[str, Any]:
+        """Every field as a plain dict (checkpoints' `thought_config`, thought_config.json); `from_dict` inverts it."""
         return asdict(self)
 
 
@@ -172,6 +173,8 @@ class ThoughtKVCache:
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start_pos: int,
                mask: torch.Tensor | None) -> torch.Tensor:
+        """As `KVCache.attend`: q, k, v (B, heads, T or P, D) of pass 0 (start_pos 0) or of the thought pass whose
+        slots start at `start_pos`, under `mask` (required for thought passes: the thought mask over all slots)."""
         T, P = self.seq_len, self.n_chains
         if start_pos == 0:  # pass 0: causal unless a routed layer gives its mask
             self.prefix = (k, v)

@@ -57,6 +57,9 @@ class SaveResolvedConfig(SaveConfigCallback):
 
 
 class QuietDepthCLI(LightningCLI):
+    """LightningCLI with quietdepth's defaults (precision, progress bar), its checks before a run starts, and its
+    errors reported as themselves (`ConfigError`)."""
+
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.set_defaults({"trainer.precision": default_precision()})
 
