@@ -10,6 +10,7 @@ import torch
 
 from modeldefs.model import Transformer
 from modeldefs.pretrained import load_pretrained, load_tokenizer, tokenizer_source
+from modeldefs.quietstar import QuietStar
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 """The dtypes an evaluation can run in, by the name the command lines and the lm-eval adapter take."""
@@ -24,7 +25,7 @@ class EvalModel:
     """A model in eval mode (`Transformer`, dense or Mixture-of-Depths, or a Quiet-STaR wrapper around
     one) with the tokenizer that goes with it."""
 
-    net: torch.nn.Module
+    net: Transformer | QuietStar
     tokenizer: Any
     device: torch.device
     dtype: torch.dtype
@@ -38,7 +39,7 @@ class EvalModel:
     @property
     def has_thoughts(self) -> bool:
         """Whether the model is a Quiet-STaR model (it can generate with thoughts)."""
-        return hasattr(self.net, "next_token_logits") and hasattr(self.net, "lm")
+        return isinstance(self.net, QuietStar)
 
     @property
     def block_size(self) -> int:
@@ -83,7 +84,7 @@ def load_eval_model(source: str, tokenizer: str | None = None, device: str | tor
     except (OSError, ValueError, KeyError, RuntimeError) as error:
         raise ModelLoadError(f"cannot load tokenizer {tokenizer!r} for model {source!r}: {error}; "
                              "pass tokenizer=<source> (--tokenizer on the command line)") from error
-    vocab = (net.lm if hasattr(net, "lm") else net).config.vocab_size
+    vocab = (net.lm if isinstance(net, QuietStar) else net).config.vocab_size
     if len(tok) > vocab:
         raise ModelLoadError(f"tokenizer {tokenizer!r} has {len(tok)} tokens but model {source!r} only "
                              f"{vocab} embedding rows; pass the tokenizer the model was trained with")
