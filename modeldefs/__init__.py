@@ -1,4 +1,5 @@
-"""Model definitions: a Llama-family decoder, its config, generation and weight conversion."""
+"""Model definitions: a Llama-family decoder and its config, Mixture-of-Depths routed blocks, the Quiet-STaR
+thinking wrapper, generation (with and without thoughts) and weight conversion."""
 
 from modeldefs.config import ModelConfig
 from modeldefs.model import Transformer

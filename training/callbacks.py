@@ -1,5 +1,6 @@
-"""Callbacks: token throughput/MFU, the learning rate once per optimizer step, the final step in
-`last.ckpt`, RNG state in checkpoints, and the end-of-run summary (also after Ctrl-C)."""
+"""Callbacks: token throughput/MFU, the learning rate once per optimizer step, checkpoints written whole
+(`<name>.partial`, then moved) with the final step in `last.ckpt`, RNG state in checkpoints, the end-of-run
+summary (also after Ctrl-C) and a progress bar that counts optimizer steps."""
 
 from __future__ import annotations
 
