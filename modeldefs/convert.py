@@ -67,14 +67,14 @@ def hf_config_dict(config: ModelConfig) -> dict[str, Any]:
     )
 
 
-def _layer_keys(i: int) -> dict[str, str]:
-    hf = f"model.layers.{i}."
-    return {
-        "attn_norm": hf + "input_layernorm.weight",
-        "mlp_norm": hf + "post_attention_layernorm.weight",
-        "proj": hf + "self_attn.o_proj.weight",
-        "down": hf + "mlp.down_proj.weight",
-    }
+# Per-layer weights that only change name (ours -> HF's, after `blocks.{i}.` / `model.layers.{i}.`); the
+# fused q/k/v and gate/up projections are concatenated on import and split on export.
+_RENAMED = {
+    "attn_norm.weight": "input_layernorm.weight",
+    "mlp_norm.weight": "post_attention_layernorm.weight",
+    "attn.proj.weight": "self_attn.o_proj.weight",
+    "mlp.down.weight": "mlp.down_proj.weight",
+}
 
 
 def state_dict_from_hf(hf_sd: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
@@ -82,16 +82,13 @@ def state_dict_from_hf(hf_sd: dict[str, torch.Tensor], config: ModelConfig) -> d
     sd = {"embed.weight": hf_sd["model.embed_tokens.weight"], "norm.weight": hf_sd["model.norm.weight"]}
     sd["lm_head.weight"] = hf_sd["model.embed_tokens.weight"] if config.tie_embeddings else hf_sd["lm_head.weight"]
     for i in range(config.n_layer):
-        hf, ours, k = f"model.layers.{i}.", f"blocks.{i}.", _layer_keys(i)
-        attn = hf + "self_attn."
-        sd[ours + "attn_norm.weight"] = hf_sd[k["attn_norm"]]
-        sd[ours + "mlp_norm.weight"] = hf_sd[k["mlp_norm"]]
-        sd[ours + "attn.qkv.weight"] = torch.cat([hf_sd[attn + f"{p}_proj.weight"] for p in "qkv"])
+        hf, ours = f"model.layers.{i}.", f"blocks.{i}."
+        for name, hf_name in _RENAMED.items():
+            sd[ours + name] = hf_sd[hf + hf_name]
+        sd[ours + "attn.qkv.weight"] = torch.cat([hf_sd[hf + f"self_attn.{p}_proj.weight"] for p in "qkv"])
         if config.qkv_bias:
-            sd[ours + "attn.qkv.bias"] = torch.cat([hf_sd[attn + f"{p}_proj.bias"] for p in "qkv"])
-        sd[ours + "attn.proj.weight"] = hf_sd[k["proj"]]
+            sd[ours + "attn.qkv.bias"] = torch.cat([hf_sd[hf + f"self_attn.{p}_proj.bias"] for p in "qkv"])
         sd[ours + "mlp.gate_up.weight"] = torch.cat([hf_sd[hf + "mlp.gate_proj.weight"], hf_sd[hf + "mlp.up_proj.weight"]])
-        sd[ours + "mlp.down.weight"] = hf_sd[k["down"]]
     return sd
 
 
@@ -102,17 +99,14 @@ def state_dict_to_hf(sd: dict[str, torch.Tensor], config: ModelConfig) -> dict[s
     if not config.tie_embeddings:
         hf_sd["lm_head.weight"] = sd["lm_head.weight"]
     for i in range(config.n_layer):
-        hf, ours, k = f"model.layers.{i}.", f"blocks.{i}.", _layer_keys(i)
-        attn = hf + "self_attn."
-        hf_sd[k["attn_norm"]] = sd[ours + "attn_norm.weight"]
-        hf_sd[k["mlp_norm"]] = sd[ours + "mlp_norm.weight"]
+        hf, ours = f"model.layers.{i}.", f"blocks.{i}."
+        for name, hf_name in _RENAMED.items():
+            hf_sd[hf + hf_name] = sd[ours + name]
         for p, t in zip("qkv", sd[ours + "attn.qkv.weight"].split([q_dim, kv_dim, kv_dim])):
-            hf_sd[attn + f"{p}_proj.weight"] = t.clone()
+            hf_sd[hf + f"self_attn.{p}_proj.weight"] = t.clone()
         if config.qkv_bias:
             for p, t in zip("qkv", sd[ours + "attn.qkv.bias"].split([q_dim, kv_dim, kv_dim])):
-                hf_sd[attn + f"{p}_proj.bias"] = t.clone()
-        hf_sd[k["proj"]] = sd[ours + "attn.proj.weight"]
+                hf_sd[hf + f"self_attn.{p}_proj.bias"] = t.clone()
         gate, up = sd[ours + "mlp.gate_up.weight"].chunk(2)
         hf_sd[hf + "mlp.gate_proj.weight"], hf_sd[hf + "mlp.up_proj.weight"] = gate.clone(), up.clone()
-        hf_sd[k["down"]] = sd[ours + "mlp.down.weight"]
     return hf_sd
