@@ -9,10 +9,11 @@ Peak memory falls by the logits and their gradient; the FLOPs are those of the u
 2-core CPU at the mid shape it made the step 17% faster, from not materialising the logits
 (benchmarks/RESULTS.md, CPU ablation).
 
-Between a chunk's two matmuls lies memory-bound work: eager, the softmax, loss and gradient pass over
-an fp32 copy of the chunk's logits about ten times. `compiled=True` runs that part as one
-`torch.compile`d function, which reads the logits twice and writes the gradient once (what the model's
-`compile` option turns on).
+Between a chunk's two matmuls lies memory-bound work: eager, one fused `log_softmax` over an fp32 copy
+of the chunk's logits, then its `exp_` in place as the gradient (half the time of `logsumexp`, which
+ATen runs as five passes and a full-size temporary, followed by `x - lse`; benchmarks/RESULTS.md).
+`compiled=True` runs that part as one `torch.compile`d function, which reads the logits twice and
+writes the gradient once (what the model's `compile` option turns on).
 """
 
 from __future__ import annotations
@@ -60,11 +61,10 @@ def _loss_and_grad(logits: torch.Tensor, labels: torch.Tensor,
                    keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """A chunk's summed loss over the kept rows, and d(row loss)/d(logits) = softmax - one_hot in the
     logits' dtype (fp32 in between)."""
-    fp32 = logits.float()
-    lse = fp32.logsumexp(dim=-1)
-    loss = ((lse - fp32.gather(1, labels[:, None]).squeeze(1)) * keep).sum()
-    grad = (fp32 - lse[:, None]).exp_()
-    grad.scatter_add_(1, labels[:, None], -torch.ones_like(lse[:, None]))
+    log_probs = logits.float().log_softmax(dim=-1)
+    loss = -(log_probs.gather(1, labels[:, None]).squeeze(1) * keep).sum()
+    grad = log_probs.exp_()
+    grad.scatter_add_(1, labels[:, None], -torch.ones_like(grad[:, :1]))
     return loss, grad.to(logits.dtype)
 
 
