@@ -4,7 +4,9 @@
 (..., V) fp32 log-softmax until backward. Quiet-STaR takes one per sampled thought token and scores
 every talk token and every plain next token. `token_log_prob` keeps the logits in their own dtype
 (bf16 under autocast: half the bytes; the same tensor where the caller keeps the logits anyway) and
-a log-normaliser per row, and recomputes the softmax in backward: the same arithmetic, no extra matmul.
+recomputes the softmax in backward: the same arithmetic, no extra matmul. Both directions are ATen's fused
+kernels (`log_softmax`, `softmax`): `logsumexp` and `exp(x - lse)` took 1.3-2.4x as long on the CPU
+(benchmarks/RESULTS.md, Quiet-STaR cost).
 """
 
 from __future__ import annotations
@@ -19,20 +21,23 @@ def token_log_prob(logits: torch.Tensor, tokens: torch.Tensor, temperature: floa
     return _TokenLogProb.apply(logits, tokens, temperature)
 
 
+def _scaled(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """logits / temperature in fp32; fp32 logits at temperature 1 themselves, not a copy."""
+    return logits.float() if temperature == 1 else logits.float() / temperature
+
+
 class _TokenLogProb(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, logits: torch.Tensor, tokens: torch.Tensor, temperature: float) -> torch.Tensor:
-        scaled = logits.float() / temperature
-        log_norm = scaled.logsumexp(-1, keepdim=True)
-        ctx.save_for_backward(logits, tokens, log_norm)
+        ctx.save_for_backward(logits, tokens)
         ctx.temperature = temperature
-        return (scaled.gather(-1, tokens.unsqueeze(-1)) - log_norm).squeeze(-1)
+        return _scaled(logits, temperature).log_softmax(-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        logits, tokens, log_norm = ctx.saved_tensors
+        logits, tokens = ctx.saved_tensors
         grad = grad.unsqueeze(-1) / ctx.temperature
         # d out / d logits = (one_hot(token) - softmax(logits / t)) / t
-        grad_logits = (logits.float() / ctx.temperature - log_norm).exp_().mul_(-grad)
+        grad_logits = _scaled(logits, ctx.temperature).softmax(-1).mul_(-grad)
         grad_logits.scatter_add_(-1, tokens.unsqueeze(-1), grad)
         return grad_logits.to(logits.dtype), None, None
