@@ -63,12 +63,19 @@ class ModelConfig:
             raise ValueError(f"n_head={self.n_head} must be a multiple of n_kv_head={self.n_kv_head}")
         if self.head_dim % 2:
             raise ValueError(f"head_dim={self.head_dim} must be even for rotary embeddings")
-        if self.mod_capacity is not None and not 0 < self.mod_capacity <= 1:
-            raise ValueError(f"mod_capacity={self.mod_capacity} must be in (0, 1], or None for a dense model")
+        if self.mod_capacity is not None and (isinstance(self.mod_capacity, bool)
+                                              or not isinstance(self.mod_capacity, (int, float))
+                                              or not 0 < self.mod_capacity <= 1):
+            raise ValueError(f"mod_capacity={self.mod_capacity!r} must be in (0, 1], or None for a dense model")
         if not isinstance(self.mod_route_every, int) or self.mod_route_every < 1:
             raise ValueError(f"mod_route_every={self.mod_route_every!r} must be an integer >= 1")
         if self.mod_causal_rule not in ("router", "predictor"):
             raise ValueError(f"mod_causal_rule={self.mod_causal_rule!r} must be 'router' or 'predictor'")
+        if not self.mod_aux_weight >= 0:  # also refuses NaN
+            raise ValueError(f"mod_aux_weight={self.mod_aux_weight} must be >= 0 (0 switches the router's BCE loss off)")
+        if self.mod_predictor and (not isinstance(self.mod_predictor_hidden, int) or self.mod_predictor_hidden < 1):
+            raise ValueError(f"mod_predictor_hidden={self.mod_predictor_hidden!r} must be an integer >= 1 "
+                             "(or mod_predictor=False for no predictor)")
         if self.mod_causal_rule == "predictor" and not self.mod_predictor:
             raise ValueError("mod_causal_rule='predictor' needs mod_predictor=True")
         if self.mod_capacity is not None and not any(map(self.is_routed, range(self.n_layer))):

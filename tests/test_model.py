@@ -179,6 +179,17 @@ def test_config_round_trips_and_names_unknown_fields():
         ModelConfig.from_name("tiny", mod_capacity=0.5, mod_route_every=2.5)
 
 
+@pytest.mark.parametrize("field, value, message", [
+    ("mod_aux_weight", -0.01, "mod_aux_weight=-0.01 must be >= 0"), ("mod_aux_weight", float("nan"), "mod_aux_weight=nan"),
+    ("mod_predictor_hidden", 0, "mod_predictor_hidden=0 must be an integer >= 1"),
+    ("mod_predictor_hidden", -3, "mod_predictor_hidden=-3 must be an integer >= 1"),
+    ("mod_capacity", "0.5", r"mod_capacity='0.5' must be in \(0, 1\]"),
+    ("mod_capacity", True, r"mod_capacity=True must be in \(0, 1\]")])
+def test_mod_fields_out_of_range_are_refused_naming_the_field(field, value, message):
+    with pytest.raises(ValueError, match=message):
+        ModelConfig.from_name("micro", n_layer=4, **{"mod_capacity": 0.5, field: value})
+
+
 def test_bf16_forward_is_close_to_fp32():
     model = micro()
     x = torch.randint(0, 256, (2, model.config.block_size))  # the far positions too (bf16 rotary angles)
