@@ -9,6 +9,7 @@ import pytest
 import torch
 import yaml
 
+from modeldefs import ModelConfig, Transformer
 from modeldefs.pretrained import load_pretrained
 from tests.conftest import REPO, requires_smollm2
 from training.cli import main
@@ -94,6 +95,18 @@ def test_overrides_that_reshape_pretrained_weights_are_refused(smollm2_dir):
     module = CausalLM(model=None, init_from=str(smollm2_dir), model_overrides={"n_embd": 128})
     with pytest.raises(ConfigError, match="change the shape of the pretrained weights"):
         module.configure_model()
+
+
+@pytest.mark.parametrize("overrides, routed", [({"mod_capacity": None}, []), ({"mod_route_every": 3}, [2]),
+                                                ({"mod_predictor": False}, [1, 3])])
+def test_mod_overrides_of_a_mod_model_keep_its_weights_and_leave_out_the_routers_it_no_longer_has(overrides, routed):
+    source = Transformer(ModelConfig.from_name("micro", n_layer=6, mod_capacity=0.25))
+    model = CausalLM._with_overrides(source, overrides)
+    assert list(model.routed_blocks) == routed
+    kept = model.state_dict()
+    assert all(torch.equal(kept[k], v) for k, v in source.state_dict().items() if k in kept)
+    assert {k for k in source.state_dict() if k not in kept} <= {k for k in source.state_dict()
+                                                                 if ".router." in k or ".predictor." in k}
 
 
 def test_an_override_value_out_of_range_is_refused_as_that_setting(smollm2_dir):

@@ -59,6 +59,11 @@ def _store_tied_weight_once(state: dict[str, Any]) -> None:
             state[head] = state[embed]
 
 
+def _is_routing_weight(name: str) -> bool:
+    """Whether a decoder state-dict key belongs to a Mixture-of-Depths router or predictor."""
+    return ".router." in name or ".predictor." in name
+
+
 class CausalLM(L.LightningModule):
     """Next-token training of a quietdepth `Transformer` (dense or Mixture-of-Depths), from scratch or from
     pretrained weights, with AdamW, warm-up + cosine schedule and the fused chunked loss. `configure_model`
@@ -169,7 +174,8 @@ class CausalLM(L.LightningModule):
     @staticmethod
     def _with_overrides(pretrained: Transformer, overrides: dict[str, Any]) -> Transformer:
         """The pretrained weights in a model with changed config fields: e.g. Mixture-of-Depths fields
-        MoD-ify a dense model, whose routers and predictors then start from their initialisation."""
+        MoD-ify a dense model, whose routers and predictors then start from their initialisation, or make
+        a MoD model's layers dense (their routers and predictors are left out)."""
         try:  # the values are checked here: the pretrained config they override is known only now
             config = ModelConfig.from_dict({**pretrained.config.to_dict(), **overrides})
         except ValueError as error:
@@ -181,9 +187,14 @@ class CausalLM(L.LightningModule):
             result = model.load_state_dict(pretrained.state_dict(), strict=False)
         except RuntimeError as e:  # size mismatches
             raise ConfigError(refusal) from e
-        new = [k for k in result.missing_keys if ".router." not in k and ".predictor." not in k]
-        if new or result.unexpected_keys:
-            raise ConfigError(f"{refusal} (missing {new}, unexpected {result.unexpected_keys})")
+        new = [k for k in result.missing_keys if not _is_routing_weight(k)]
+        unexpected = [k for k in result.unexpected_keys if not _is_routing_weight(k)]
+        if new or unexpected:
+            raise ConfigError(f"{refusal} (missing {new}, unexpected {unexpected})")
+        dropped = sorted({k.removeprefix("blocks.").split(".")[0] for k in result.unexpected_keys}, key=int)
+        if dropped:  # a MoD source made (partly) dense, routed elsewhere, or without its predictors
+            rank_zero_info(f"model_overrides {sorted(overrides)}: the pretrained routers/predictors of layers "
+                           f"{', '.join(dropped)} are not used (those layers have none in this config)")
         return model
 
     def _datamodule(self) -> Any:
