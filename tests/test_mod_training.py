@@ -61,6 +61,12 @@ def test_mod_smoke_fit_logs_routing_and_draws_heatmaps(tmp_path, monkeypatch, gs
     (offline,) = (run / "wandb").glob("offline-run-*")
     assert list(offline.rglob("media/images/mod/routing_heatmap*.png"))
     assert list(offline.rglob("media/images/mod/router_logits*.png"))
+    # `test` reports what validation does: the loss under the causal rule, the compute it spends, the top-k loss
+    main(["test", "--config", str(config), "--data.init_args.path", str(gsm8k_train),
+          "--data.init_args.max_documents", "200", "--trainer.limit_test_batches", "2",
+          "--ckpt_path", str(run / "checkpoints" / "last.ckpt")])
+    for key in ("test/loss", "test/loss_topk", "test/causal_fraction"):
+        assert any(r.get(key) for r in metrics(run)), key
 
 
 

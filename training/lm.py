@@ -296,16 +296,21 @@ class CausalLM(L.LightningModule):
             )
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        # In eval mode a Mixture-of-Depths model routes by its causal rule, as it would when deployed.
-        self.log("val/loss", self.loss(batch), prog_bar=True, sync_dist=True)
-        if self.model.routed_blocks:
-            self.log("val/causal_fraction", causal_fraction(self.model), sync_dist=True)
-            self.model.train()  # top-k routing, for the cost of the causal rule
-            self.log("val/loss_topk", self.loss(batch), sync_dist=True)
-            self.model.eval()
+        self._evaluate(batch, "val")
 
     def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        self.log("test/loss", self.loss(batch), sync_dist=True)
+        self._evaluate(batch, "test")
+
+    def _evaluate(self, batch: dict[str, torch.Tensor], stage: str) -> None:
+        """Log `<stage>/loss`; for a Mixture-of-Depths model also the share of tokens its causal rule routes and
+        the loss under training's top-k routing."""
+        # In eval mode a Mixture-of-Depths model routes by its causal rule, as it would when deployed.
+        self.log(f"{stage}/loss", self.loss(batch), prog_bar=stage == "val", sync_dist=True)
+        if self.model.routed_blocks:
+            self.log(f"{stage}/causal_fraction", causal_fraction(self.model), sync_dist=True)
+            self.model.train()  # top-k routing, for the cost of the causal rule
+            self.log(f"{stage}/loss_topk", self.loss(batch), sync_dist=True)
+            self.model.eval()
 
     def _param_groups(self) -> tuple[list[torch.nn.Parameter], list[torch.nn.Parameter]]:
         """AdamW's two groups: matrices (weight decay) and vectors (none: norms, biases)."""
