@@ -26,6 +26,7 @@ top-k targets for MoD's auxiliary losses; they keep learning through the 2*sigmo
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
@@ -95,6 +96,21 @@ class ThoughtConfig:
     from the first step). Unused with mixing_bound="none"."""
 
     def __post_init__(self) -> None:
+        # `thoughts:` is a free dict in the CLI's config, so nothing upstream checks these types: a float count
+        # (n_ahead: 8.0) failed deep in the forward, a NaN temperature sampled the last vocabulary entry
+        # throughout, and a quoted boolean ("false") was true.
+        for name in ("n_ahead", "n_ahead_talk", "n_passes", "stride"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise ValueError(f"{name}={value!r} must be an integer")
+        for name in ("thought_temperature", "eval_thought_temperature", "reinforce_temperature", "base_loss_weight",
+                     "mixed_loss_weight", "policy_loss_weight", "meta_token_scale", "mixing_logit_offset"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+                raise ValueError(f"{name}={value!r} must be a finite number")
+        for name in ("clamp_reward", "subtract_baseline"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name}={getattr(self, name)!r} must be true or false")
         if self.n_ahead < 4:
             raise ValueError(f"n_ahead={self.n_ahead} must be >= 4 (<start>, at least one sampled token, <end>)")
         if self.n_ahead_talk < 1:

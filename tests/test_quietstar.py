@@ -347,6 +347,18 @@ def test_bad_config_values_are_refused_naming_the_field(field, value):
         ThoughtConfig(**{field: value})
 
 
+@pytest.mark.parametrize("field, value", [
+    ("n_ahead", 6.0), ("n_ahead_talk", 2.0), ("n_passes", True), ("stride", "2"), ("thought_temperature", float("nan")),
+    ("eval_thought_temperature", "0.7"), ("policy_loss_weight", float("inf")), ("clamp_reward", "false"),
+    ("subtract_baseline", 1),
+])
+def test_config_values_of_the_wrong_type_are_refused_naming_the_field(field, value):
+    """`thoughts:` is an untyped dict in the CLI config: ThoughtConfig itself must refuse what would fail
+    deep in the forward (a float count) or misbehave silently (a NaN temperature, the string "false")."""
+    with pytest.raises(ValueError, match=f"{field}="):
+        ThoughtConfig(**{field: value})
+
+
 def test_unknown_config_key_is_named():
     with pytest.raises(ValueError, match="n_thoughts"):
         ThoughtConfig.from_dict({"n_thoughts": 3})
