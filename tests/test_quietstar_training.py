@@ -18,7 +18,8 @@ from modeldefs import ModelConfig, Transformer
 from modeldefs.pretrained import export_hf, load_pretrained
 from modeldefs.quietstar import QuietStar, ThoughtConfig
 from tests.conftest import REPO, requires_smollm2, smollm2_available
-from training.cli import main
+from training.cli import main, run
+from training.errors import ConfigError
 from training.quietstar_lm import QuietStarLM, _refuse_untrained_predictors, recompute_mlps
 
 THOUGHT_METRICS = ("train/base_nll", "train/mixed_nll", "train/policy_loss", "train/mixing_weight_mean",
@@ -205,6 +206,19 @@ def test_meta_tokens_start_from_the_first_token_of_the_init_text(smollm2_tokeniz
 def test_unknown_thought_field_is_named():
     with pytest.raises(ValueError, match=r"unknown ThoughtConfig field\(s\) \['n_ahaed'\]"):
         QuietStarLM(model="micro", thoughts={"n_ahaed": 8})
+
+
+@requires_smollm2  # loads the smoke config's SmolLM2 tokenizer
+def test_a_sequence_too_short_to_think_in_stops_before_training_naming_seq_len(tmp_path, monkeypatch, gsm8k_train,
+                                                                              smollm2_tokenizer_dir):
+    """quietstar-smoke predicts n_ahead_talk=2 tokens after each thought: 2-token sequences have no position
+    to think at. Refused when the model is built, not as a traceback from the first training step."""
+    monkeypatch.chdir(tmp_path)
+    config = write_config(tmp_path, "quietstar-smoke.yaml", max_steps=2)
+    args = fit_args(config, gsm8k_train, smollm2_tokenizer_dir)
+    with pytest.raises(ConfigError, match=r"data.seq_len=2 leaves no position to think at.*n_ahead_talk=2"):
+        run([*args, "--data.init_args.seq_len", "2"])
+    assert not (tmp_path / "runs" / "quietstar-smoke" / "checkpoints").exists()
 
 
 def test_activation_checkpointing_recomputes_the_mlps_in_backward_with_the_same_loss_and_gradients():

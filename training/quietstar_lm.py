@@ -146,6 +146,12 @@ class QuietStarLM(CausalLM):
         block_size = self.model.lm.config.block_size
         # The last thought chain's tokens take rotary positions up to n_ahead + n_ahead_talk - 2 past the sequence.
         c = self.thought_config
+        if seq_len is not None and seq_len <= c.n_ahead_talk:
+            raise ConfigError(
+                f"data.seq_len={seq_len} leaves no position to think at: a thought needs n_ahead_talk="
+                f"{c.n_ahead_talk} true tokens after it; raise data.init_args.seq_len or lower "
+                "model.init_args.thoughts.n_ahead_talk"
+            )
         needed = None if seq_len is None else seq_len + c.n_ahead + c.n_ahead_talk - 2
         if needed is not None and needed > block_size:
             raise ConfigError(
