@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import dataclasses
 import json
 import os
 import runpy
@@ -123,6 +124,30 @@ def test_init_from_a_quietstar_checkpoint_keeps_its_thought_weights_and_settings
     assert module.model.thought_config == saved.thought_config
     for key, value in saved.state_dict().items():
         assert torch.equal(module.model.state_dict()[key], value), key
+
+
+def test_init_from_a_quietstar_model_with_some_thought_settings_keeps_what_its_weights_compute(tmp_path,
+                                                                                               smollm2_tokenizer_dir):
+    """A curriculum step (Fast Quiet-STaR: shorter thoughts from a trained thinker) sets n_ahead only: the other
+    settings stay the checkpoint's, so its mixing head and <start>/<end> vectors compute what they were trained
+    to. Before, they fell back to the defaults: sigmoid mixing over a head trained unbounded, and vectors stored
+    at meta_token_scale 10 used at 100."""
+    trained = QuietStar(Transformer(ModelConfig.from_name("tiny")),
+                        ThoughtConfig(n_ahead=5, n_passes=3, mixing_bound="none", meta_token_scale=10.0), init_token_id=3)
+    torch.nn.init.normal_(trained.mixing_head.net[-1].weight, std=0.3)
+    export_hf(trained, tmp_path / "thinker")
+    module = QuietStarLM(model=None, init_from=str(tmp_path / "thinker"), thoughts={"n_ahead": 4},
+                         thought_init_tokenizer=str(smollm2_tokenizer_dir))
+    module.configure_model()
+    assert module.model.thought_config == dataclasses.replace(trained.thought_config, n_ahead=4)
+    h_base, h_thought = torch.randn(2, 3, 64), torch.randn(2, 3, 64)
+    torch.testing.assert_close(module.model.mix(h_base, h_thought), trained.mix(h_base, h_thought))
+    # a new meta_token_scale changes how fast the vectors learn, not the vectors
+    module = QuietStarLM(model=None, init_from=str(tmp_path / "thinker"), thoughts={"meta_token_scale": 100.0},
+                         thought_init_tokenizer=str(smollm2_tokenizer_dir))
+    module.configure_model()
+    for which in ("start", "end"):
+        torch.testing.assert_close(module.model.meta_embedding(which, (1,)), trained.meta_embedding(which, (1,)))
 
 
 @pytest.mark.parametrize("overrides", [None, {"mod_capacity": 0.5}], ids=["as is", "MoD-ified"])

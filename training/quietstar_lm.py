@@ -60,7 +60,9 @@ class QuietStarLM(CausalLM):
             init_from: pretrained source: "smollm2-135m-instruct" (offline GGUF), a .gguf, an HF directory or hub id,
                 or a quietdepth .ckpt (a Quiet-STaR checkpoint keeps its meta tokens and mixing head).
             thoughts: `modeldefs.quietstar.ThoughtConfig` fields (n_ahead, n_ahead_talk, n_passes, stride, ...);
-                unset fields keep the official defaults. None with a Quiet-STaR `init_from` keeps its settings.
+                unset fields keep the official defaults, or with a Quiet-STaR `init_from` its settings (so that its
+                mixing head and meta tokens compute what they were trained to; a new meta_token_scale keeps the
+                learned <start>/<end> vectors and changes only their learning rate).
             thought_init_text: the start/end-of-thought embeddings start from the embedding of this text's first
                 token ("---", as the official code; the paper describes an em dash).
             thought_init_tokenizer: tokenizer source that encodes `thought_init_text`; None uses the datamodule's
@@ -100,8 +102,8 @@ class QuietStarLM(CausalLM):
             loaded = load_init_from(hp.init_from)
             previous = loaded if isinstance(loaded, QuietStar) else None
             lm = source = previous.lm if previous is not None else loaded
-            if previous is not None and not hp.thoughts:  # no thought settings given: keep the checkpoint's
-                self.thought_config = previous.thought_config
+            if previous is not None:  # thought settings not given keep the checkpoint's (e.g. its mixing_bound)
+                self.thought_config = ThoughtConfig.from_dict({**previous.thought_config.to_dict(), **(hp.thoughts or {})})
             if overrides:
                 lm = self._with_overrides(lm, overrides)
         else:
@@ -113,6 +115,11 @@ class QuietStarLM(CausalLM):
                 block.predictor.requires_grad_(False)  # (under FSDP every parameter it holds needs a state)
         if previous is not None:  # continue from a Quiet-STaR checkpoint: keep its meta tokens and mixing head
             thought_state = {k: v for k, v in previous.state_dict().items() if not k.startswith("lm.")}
+            # <start>/<end> are stored divided by meta_token_scale: a new scale keeps the learned vectors (it
+            # changes only how fast they move), so their stored values are rescaled.
+            ratio = previous.thought_config.meta_token_scale / self.thought_config.meta_token_scale
+            for name in ("start_thought", "end_thought"):
+                thought_state[name] = thought_state[name] * ratio
             self.model.load_state_dict(thought_state, strict=False)
         self._check_vocab()
         self._check_seq_len()
