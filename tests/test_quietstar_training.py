@@ -246,6 +246,17 @@ def test_a_sequence_too_short_to_think_in_stops_before_training_naming_seq_len(t
     assert not (tmp_path / "runs" / "quietstar-smoke" / "checkpoints").exists()
 
 
+@requires_smollm2  # loads the smoke config's SmolLM2 tokenizer
+def test_a_tokenizer_larger_than_the_vocabulary_is_named_before_the_meta_tokens_take_a_row_of_it(
+        tmp_path, monkeypatch, gsm8k_train, smollm2_tokenizer_dir):
+    """As for a plain model (test_cli): the data tokenizer is named, not the row "---" encodes to."""
+    monkeypatch.chdir(tmp_path)
+    config = write_config(tmp_path, "quietstar-smoke.yaml", max_steps=2)
+    args = fit_args(config, gsm8k_train, smollm2_tokenizer_dir)
+    with pytest.raises(ConfigError, match=r"data.tokenizer has 49152 tokens but the model's vocab_size is 256"):
+        run([*args, "--model.init_args.model", "micro"])
+
+
 def test_activation_checkpointing_recomputes_the_mlps_in_backward_with_the_same_loss_and_gradients():
     torch.manual_seed(0)
     config = ThoughtConfig(n_ahead=4, n_ahead_talk=2, n_passes=2)

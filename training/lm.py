@@ -200,9 +200,11 @@ class CausalLM(L.LightningModule):
     def _datamodule(self) -> Any:
         return getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
 
-    def _check_vocab(self) -> None:
-        """Refuse a data tokenizer with more tokens than the model has embedding rows (a crash at step 0 else)."""
-        tokenizer, vocab_size = getattr(self._datamodule(), "tokenizer", None), self._architecture()["vocab_size"]
+    def _check_vocab(self, vocab_size: int | None = None) -> None:
+        """Refuse a data tokenizer with more tokens than the model has embedding rows (a crash at step 0 else);
+        `vocab_size` defaults to the built model's."""
+        tokenizer = getattr(self._datamodule(), "tokenizer", None)
+        vocab_size = self._architecture()["vocab_size"] if vocab_size is None else vocab_size
         if tokenizer is not None and len(tokenizer) > vocab_size:
             raise ConfigError(f"data.tokenizer has {len(tokenizer)} tokens but the model's vocab_size is {vocab_size}; "
                               "use the model's tokenizer (data.init_args.tokenizer) or raise "

@@ -109,6 +109,7 @@ class QuietStarLM(CausalLM):
         else:
             lm = Transformer(ModelConfig.from_name(hp.model, **overrides))
         _refuse_untrained_predictors(lm, source)
+        self._check_vocab(lm.config.vocab_size)  # before the meta tokens take a row of the data tokenizer's
         self.model = QuietStar(lm, self.thought_config, init_token_id=self._init_token_id())
         for block in lm.routed_blocks.values():  # Quiet-STaR routes by the causal rule, never by top-k, so the
             if block.predictor is not None:      # MoD predictors get no gradient: frozen, they stay out of AdamW
@@ -121,7 +122,6 @@ class QuietStarLM(CausalLM):
             for name in ("start_thought", "end_thought"):
                 thought_state[name] = thought_state[name] * ratio
             self.model.load_state_dict(thought_state, strict=False)
-        self._check_vocab()
         self._check_seq_len()
         if hp.activation_checkpointing == "mlp":
             recompute_mlps(lm)
