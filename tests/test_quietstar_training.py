@@ -150,6 +150,24 @@ def test_init_from_a_quietstar_model_with_some_thought_settings_keeps_what_its_w
         torch.testing.assert_close(module.model.meta_embedding(which, (1,)), trained.meta_embedding(which, (1,)))
 
 
+@requires_smollm2
+def test_validating_a_checkpoint_under_thought_settings_that_change_its_weights_meaning_is_refused(
+        smoke_run, gsm8k_train, smollm2_tokenizer_dir, tmp_path, monkeypatch):
+    """--ckpt_path with another mixing_bound or meta_token_scale silently scored another model (val/loss 12.8 ->
+    683 on a 100-step smoke checkpoint); another n_ahead is allowed."""
+    ckpt = smoke_run / "runs" / "quietstar-smoke" / "checkpoints" / "last.ckpt"
+    monkeypatch.chdir(tmp_path)
+    config = write_config(tmp_path, "quietstar-smoke.yaml")
+    thoughts = yaml.safe_load((REPO / "configs" / "quietstar-smoke.yaml").read_text())["model"]["init_args"]["thoughts"]
+    args = [*fit_args(config, gsm8k_train, smollm2_tokenizer_dir)[1:], "--ckpt_path", str(ckpt),
+            "--trainer.limit_val_batches", "1"]
+    changed = json.dumps({**thoughts, "mixing_bound": "none", "meta_token_scale": 10.0})
+    with pytest.raises(ConfigError, match=r"meta_token_scale: 100.0 in the checkpoint, 10.0 here, mixing_bound: "
+                                          r"sigmoid in the checkpoint, none here"):
+        run(["validate", *args, "--model.init_args.thoughts", changed])
+    run(["validate", *args, "--model.init_args.thoughts", json.dumps({**thoughts, "n_ahead": 5})])
+
+
 @pytest.mark.parametrize("overrides", [None, {"mod_capacity": 0.5}], ids=["as is", "MoD-ified"])
 def test_a_plain_lm_started_from_a_quietstar_model_trains_the_language_model_it_wraps(overrides, tmp_path):
     """CausalLM has no use for the thought tokens and mixing head: it takes the decoder they wrap."""

@@ -211,6 +211,19 @@ class QuietStarLM(CausalLM):
         super().on_save_checkpoint(checkpoint)
         checkpoint["thought_config"] = self.model.thought_config.to_dict()
 
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Also refuse (resume, validate, test) thought settings that change what the checkpoint's <start>/<end>
+        vectors and mixing head compute: its weights would silently be another model. n_ahead and the
+        others may change."""
+        saved, ours = checkpoint.get("thought_config") or {}, self.model.thought_config.to_dict()
+        keys = ["meta_token_scale", "mixing_bound"] + (["mixing_logit_offset"] if ours["mixing_bound"] == "sigmoid" else [])
+        changed = [f"{k}: {saved[k]} in the checkpoint, {ours[k]} here" for k in keys if k in saved and saved[k] != ours[k]]
+        if changed:
+            raise ConfigError(f"--ckpt_path holds thought weights trained with other settings ({', '.join(changed)}): "
+                              "give the checkpoint's model.init_args.thoughts, or start a new run from its weights with "
+                              "model.init_args.init_from=<checkpoint> (a new meta_token_scale then keeps its vectors)")
+        super().on_load_checkpoint(checkpoint)
+
     def flops_per_token(self, seq_len: int) -> int:
         """Training FLOPs per input token: the plain decoder's, times the tokens Quiet-STaR runs through it.
 
