@@ -132,8 +132,8 @@ def test_init_from_a_quietstar_model_with_some_thought_settings_keeps_what_its_w
     settings stay the checkpoint's, so its mixing head and <start>/<end> vectors compute what they were trained
     to. Before, they fell back to the defaults: sigmoid mixing over a head trained unbounded, and vectors stored
     at meta_token_scale 10 used at 100."""
-    trained = QuietStar(Transformer(ModelConfig.from_name("tiny")),
-                        ThoughtConfig(n_ahead=5, n_passes=3, mixing_bound="none", meta_token_scale=10.0), init_token_id=3)
+    settings = ThoughtConfig(n_ahead=5, n_passes=3, mixing_bound="none", meta_token_scale=10.0)
+    trained = QuietStar(Transformer(ModelConfig.from_name("tiny")), settings, init_token_id=3)
     torch.nn.init.normal_(trained.mixing_head.net[-1].weight, std=0.3)
     export_hf(trained, tmp_path / "thinker")
     module = QuietStarLM(model=None, init_from=str(tmp_path / "thinker"), thoughts={"n_ahead": 4},

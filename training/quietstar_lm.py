@@ -103,7 +103,8 @@ class QuietStarLM(CausalLM):
             previous = loaded if isinstance(loaded, QuietStar) else None
             lm = source = previous.lm if previous is not None else loaded
             if previous is not None:  # thought settings not given keep the checkpoint's (e.g. its mixing_bound)
-                self.thought_config = ThoughtConfig.from_dict({**previous.thought_config.to_dict(), **(hp.thoughts or {})})
+                saved = previous.thought_config.to_dict()
+                self.thought_config = ThoughtConfig.from_dict({**saved, **(hp.thoughts or {})})
             if overrides:
                 lm = self._with_overrides(lm, overrides)
         else:
@@ -216,12 +217,16 @@ class QuietStarLM(CausalLM):
         vectors and mixing head compute: its weights would silently be another model. n_ahead and the
         others may change."""
         saved, ours = checkpoint.get("thought_config") or {}, self.model.thought_config.to_dict()
-        keys = ["meta_token_scale", "mixing_bound"] + (["mixing_logit_offset"] if ours["mixing_bound"] == "sigmoid" else [])
-        changed = [f"{k}: {saved[k]} in the checkpoint, {ours[k]} here" for k in keys if k in saved and saved[k] != ours[k]]
+        keys = ["meta_token_scale", "mixing_bound"]
+        if ours["mixing_bound"] == "sigmoid":
+            keys.append("mixing_logit_offset")
+        changed = [f"{k}: {saved[k]} in the checkpoint, {ours[k]} here"
+                   for k in keys if k in saved and saved[k] != ours[k]]
         if changed:
             raise ConfigError(f"--ckpt_path holds thought weights trained with other settings ({', '.join(changed)}): "
-                              "give the checkpoint's model.init_args.thoughts, or start a new run from its weights with "
-                              "model.init_args.init_from=<checkpoint> (a new meta_token_scale then keeps its vectors)")
+                              "give the checkpoint's model.init_args.thoughts, or start a new run from its weights "
+                              "with model.init_args.init_from=<checkpoint> (a new meta_token_scale then keeps its "
+                              "vectors)")
         super().on_load_checkpoint(checkpoint)
 
     def flops_per_token(self, seq_len: int) -> int:
