@@ -78,7 +78,8 @@ def run_parser() -> argparse.ArgumentParser:
                    help="log-likelihood scoring: most tokens per packed row (rows are as long as the longest context group)")
     p.add_argument("--limit", type=positive_int, default=None, help="evaluate the first N items of each task only")
     p.add_argument("--seed", type=int, default=1234,
-                   help="few-shot draw seed, as lm-eval's --fewshot_random_seed (the same seed: lm-eval's prompts)")
+                   help="few-shot draw seed, as lm-eval's --fewshot_random_seed (the same seed: lm-eval's prompts); "
+                        "also seeds the thoughts of a Quiet-STaR model that samples them (eval_thought_temperature > 0)")
     p.add_argument("--gsm8k-path", default=gsm8k.HUB_ID, help="hub id or local test jsonl")
     p.add_argument("--gsm8k-train-path", default=None, help="few-shot pool: hub id or local train jsonl "
                    "(default: the train split of --gsm8k-path when it is a hub id)")
@@ -186,6 +187,9 @@ def evaluate_model(model: EvalModel, args: argparse.Namespace, data: dict[str, A
     progress = not args.no_progress
     for task, decoding in plan(args):
         for shots in args.shots if task in FEW_SHOT else [0]:
+            # Thoughts sampled at a model's eval_thought_temperature > 0 draw from torch's global generator: seeded
+            # per task, each result is reproducible and independent of the tasks run before it.
+            torch.manual_seed(args.seed)
             if task in answer_prob.TASKS:
                 items = ([answer_prob.gsm8k_item(row) for row in data["gsm8k"]] if task == "gsm8k_answer_prob"
                          else [answer_prob.csqa_item(q) for q in data["csqa"]])

@@ -345,6 +345,28 @@ def test_quietstar_checkpoint_runs_with_thoughts_and_records_the_thought_length(
     assert {(r["decoding"], r["thought_length"]) for r in rows} == {("greedy", ""), ("thoughts", "4")}  # greedy did not think
 
 
+def test_sampled_thoughts_give_the_same_results_on_every_run(smollm2_tokenizer_dir, tmp_path):
+    """A model whose thoughts are sampled (eval_thought_temperature > 0, as the official eval's tau-0.001 hard
+    Gumbel-softmax in effect is) is scored the same on a rerun: before, the draws came from an unseeded generator."""
+    from modeldefs.quietstar import QuietStar, ThoughtConfig
+
+    torch.manual_seed(0)
+    lm = Transformer(ModelConfig.from_name("tiny", n_layer=2, block_size=512))
+    net = QuietStar(lm, ThoughtConfig(n_ahead=5, eval_thought_temperature=1.0), init_token_id=7)
+    torch.nn.init.normal_(net.mixing_head.net[-1].weight, std=0.3)  # a head that mixes the thought in
+    checkpoint = tmp_path / "qs.ckpt"
+    torch.save({"model_config": lm.config.to_dict(), "thought_config": net.thought_config.to_dict(),
+                "state_dict": {f"model.{k}": v for k, v in net.state_dict().items()}}, checkpoint)
+    values = []
+    for run in ("first", "second"):
+        torch.manual_seed(len(values))  # whatever ran before in the process
+        main(run_args(checkpoint, smollm2_tokenizer_dir, tmp_path / run, "--tasks", "gsm8k_answer_prob", "csqa",
+                      "--decoding", "thoughts"))
+        (entry,) = json.loads((tmp_path / run / "run" / "results.json").read_text())["models"]
+        values.append([m["value"] for r in entry["results"] for m in r["metrics"]])
+    assert values[0] == values[1]
+
+
 def test_leaderboard_goes_to_the_active_wandb_run_as_tables(tmp_path, monkeypatch):
     wandb = pytest.importorskip("wandb")
     monkeypatch.setenv("WANDB_MODE", "offline")
