@@ -22,7 +22,7 @@ from transformers import AutoModelForCausalLM
 from evals.sample import main as sample_main
 from modeldefs.pretrained import load_pretrained, tokenizer_source
 from tests.conftest import REPO, requires_smollm2
-from training.callbacks import StepProgressBar, _move_into_place
+from training.callbacks import StepProgressBar, _move_into_place, checkpoint_step
 from training.cli import main, run
 from training.export import main as export_main
 from training.errors import ConfigError
@@ -285,6 +285,17 @@ def test_ckpt_path_last_checks_the_newest_last_checkpoint_the_one_lightning_resu
     assert (in_tmp / "runs" / "smoke" / "checkpoints" / "last-v1.ckpt").is_file()
     cli = run(["fit", *smoke_args(gsm8k_train, "--ckpt_path", "last", steps=3)])  # last.ckpt is at step 4
     assert cli.trainer.global_step == 3
+
+
+@requires_smollm2  # loads the smoke config's SmolLM2 tokenizer
+def test_fast_dev_run_writes_no_checkpoint_that_ckpt_path_last_would_resume(in_tmp, gsm8k_train):
+    """Lightning documents fast_dev_run as writing no checkpoint; ModelCheckpoint's on_train_end still wrote a step-1
+    last-v1.ckpt beside the run's last.ckpt, the newest, so the run's next `--ckpt_path last` resumed it."""
+    main(["fit", *smoke_args(gsm8k_train, steps=3)])
+    main(["fit", *smoke_args(gsm8k_train), "--trainer.fast_dev_run", "true"])
+    checkpoints = in_tmp / "runs" / "smoke" / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["last.ckpt"]
+    assert checkpoint_step(checkpoints / "last.ckpt") == 3
 
 
 @requires_smollm2  # loads the smoke config's SmolLM2 tokenizer

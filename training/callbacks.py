@@ -162,6 +162,13 @@ class StepCheckpoint(ModelCheckpoint):
                 self._last_checkpoint_saved = ""
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """As `ModelCheckpoint`'s (`last` where the run saved nothing yet), except under `fast_dev_run`, which
+        Lightning documents as writing no checkpoint: its step-1 `last-v1.ckpt` beside a run's `last.ckpt` was
+        the newest, so the run's next `--ckpt_path last` resumed the debug run instead."""
+        if not trainer.fast_dev_run:
+            super().on_train_end(trainer, pl_module)
+
     def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
         """Write beside the checkpoint's place (`<name>.partial`) and move it there once every rank is done,
         so that a crash mid-save leaves the previous checkpoint of that name whole. A distributed checkpoint
