@@ -257,6 +257,15 @@ def test_resuming_a_run_that_reached_max_steps_is_refused_with_the_step_to_raise
 
 
 @requires_smollm2  # loads the smoke config's SmolLM2 tokenizer
+def test_a_run_without_end_is_refused_as_the_schedule_needs_a_length(in_tmp, gsm8k_train):
+    """max_steps=-1 and max_epochs=-1 (Lightning's endless training, e.g. under max_time): the cosine schedule's length
+    is infinite; int() of it raised an OverflowError with a traceback."""
+    with pytest.raises(ConfigError, match=r"trainer.max_steps=-1 with trainer.max_epochs=-1 .* --trainer.max_steps"):
+        run(["fit", *smoke_args(gsm8k_train, "--trainer.max_epochs", "-1", "--trainer.max_time", "00:00:00:20",
+                                steps=-1)])
+
+
+@requires_smollm2  # loads the smoke config's SmolLM2 tokenizer
 def test_a_resumed_run_does_not_warn_that_its_checkpoint_folder_is_not_empty(in_tmp, gsm8k_train, recwarn):
     """It holds the checkpoint the run resumes; Lightning's ModelCheckpoint warned on every `--ckpt_path last`."""
     args = ["fit", *smoke_args(gsm8k_train, "--trainer.limit_val_batches", "0", steps=2)]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from functools import partial
 from typing import Any
 
@@ -335,7 +336,12 @@ class CausalLM(L.LightningModule):
              {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"}],
             lr=hp.lr, betas=tuple(hp.betas), eps=hp.eps, fused=self._loss_scaler() is None,
         )
-        max_steps = self.trainer.max_steps if self.trainer.max_steps > 0 else int(self.trainer.estimated_stepping_batches)
+        max_steps = self.trainer.max_steps if self.trainer.max_steps > 0 else self.trainer.estimated_stepping_batches
+        if not math.isfinite(max_steps):
+            raise ConfigError("the warm-up + cosine schedule decays over the run's optimizer steps, and trainer.max_steps"
+                              "=-1 with trainer.max_epochs=-1 trains without end: set --trainer.max_steps (or "
+                              "--trainer.max_epochs); trainer.max_time can still stop the run earlier")
+        max_steps = int(max_steps)
         schedule = partial(warmup_cosine, warmup_steps=hp.warmup_steps, max_steps=max_steps, min_lr_ratio=hp.min_lr_ratio)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": LambdaLR(optimizer, schedule), "interval": "step"}}
 
