@@ -187,6 +187,16 @@ def test_unknown_config_key_is_named(in_tmp, gsm8k_train, capsys):
     assert "learning_rate" in capsys.readouterr().err
 
 
+@requires_smollm2  # the old CLI loaded the smoke config's SmolLM2 tokenizer before it failed
+def test_lightnings_optimizer_options_are_unknown_as_the_modules_build_their_own(in_tmp, gsm8k_train, capsys):
+    """LightningCLI's --optimizer / --lr_scheduler replace the module's configure_optimizers (AdamW groups, schedule):
+    they were accepted, then the fit crashed ('optimizer got an empty parameter list', a traceback)."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", *smoke_args(gsm8k_train), "--optimizer", "torch.optim.SGD", "--optimizer.lr", "0.1"])
+    assert exit_info.value.code == 2
+    assert "unrecognized arguments: --optimizer" in capsys.readouterr().err
+
+
 def test_a_failed_check_of_ours_reads_as_its_own_message(in_tmp, gsm8k_train):
     """Not inside jsonargparse's "Does not validate against any of the Union subtypes" with the Namespace."""
     with pytest.raises(ValueError) as error:

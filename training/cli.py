@@ -232,6 +232,7 @@ def run(args: list[str] | None = None) -> QuietDepthCLI:
             subclass_mode_data=True,
             save_config_callback=SaveResolvedConfig,
             save_config_kwargs={"overwrite": True},
+            auto_configure_optimizers=False,  # the modules build their own AdamW groups and schedule (lr: model.init_args)
             args=args,
         )
     finally:
