@@ -181,6 +181,14 @@ def test_print_config_shows_the_resolved_config(in_tmp, gsm8k_train, capsys):
     assert printed["trainer"]["max_steps"] == 6
 
 
+def test_predict_is_no_subcommand(in_tmp, gsm8k_train, capsys):
+    """The modules have no predict_step or predict data: Lightning's predict ended in a traceback after tokenising
+    ('`predict_dataloader` must be implemented')."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(["predict", *smoke_args(gsm8k_train)])
+    assert exit_info.value.code == 2 and "invalid choice: 'predict'" in capsys.readouterr().err
+
+
 def test_unknown_config_key_is_named(in_tmp, gsm8k_train, capsys):
     with pytest.raises(SystemExit):
         main(["fit", *smoke_args(gsm8k_train, "--model.init_args.learning_rate", "0.1")])

@@ -60,6 +60,12 @@ class QuietDepthCLI(LightningCLI):
     """LightningCLI with quietdepth's defaults (precision, progress bar), its checks before a run starts, and its
     errors reported as themselves (`ConfigError`)."""
 
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        """fit, validate and test: not Lightning's predict, which needs a predict_step and predict data that quietdepth's
+        modules do not have (quietdepth-generate continues prompts)."""
+        return {name: skip for name, skip in LightningCLI.subcommands().items() if name != "predict"}
+
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.set_defaults({"trainer.precision": default_precision()})
 
