@@ -129,6 +129,23 @@ def test_extending_a_finished_run_continues_step_for_step(tmp_path, gsm8k_train,
     assert [got[s] for s in range(first, STEPS)] == [expected[s] for s in range(first, STEPS)]
 
 
+def test_extending_a_run_that_max_epochs_ended_trains_the_next_epoch_whole(tmp_path, gsm8k_train, monkeypatch):
+    """With no periodic checkpoint in the run, Lightning writes its last.ckpt at the end of fit, once the epoch is
+    counted as done; its data position said the next epoch's first sequences were consumed (as many as an epoch has),
+    so the extended run trained none of them."""
+    monkeypatch.chdir(tmp_path)
+    by_epochs = ["--trainer.max_steps", "-1", "--trainer.max_epochs"]
+    straight = run(["fit", "--config", str(write_config(tmp_path / "straight", gsm8k_train)), *by_epochs, "2"])
+    config = write_config(tmp_path / "extended", gsm8k_train)
+    settings = yaml.safe_load(config.read_text())
+    settings["trainer"]["callbacks"][0]["init_args"]["every_n_train_steps"] = 1000
+    config.write_text(yaml.safe_dump(settings))
+    run(["fit", "--config", str(config), *by_epochs, "1"])
+    extended = run(["fit", "--config", str(config), *by_epochs, "2", "--ckpt_path", "last"])
+    assert extended.trainer.global_step == straight.trainer.global_step
+    assert losses(tmp_path / "extended") == losses(tmp_path / "straight")
+
+
 def test_a_last_checkpoint_saved_as_a_link_holds_the_final_step(tmp_path, gsm8k_train, monkeypatch):
     """With save_last: link, last.ckpt links to the newest periodic checkpoint (every 4 steps): a run that max_steps
     ends between two of them must still leave its final step there, as with a copy."""

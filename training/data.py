@@ -337,10 +337,13 @@ class TextDataModule(L.LightningDataModule):
         """The position in the training data, saved in checkpoints written while fitting."""
         if self.trainer is None or self.trainer.state.fn != TrainerFn.FITTING:
             return {}
-        # `processed` counts batches whose step has run; checkpoints are written after that increment.
-        processed = self.trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        epochs = self.trainer.fit_loop.epoch_progress.current
+        if epochs.processed == epochs.started:  # between epochs (a save at the epoch's or fit's end): the next starts
+            epoch, processed = epochs.started, 0  # whole; its number, as the sampler's, is the epochs started so far
+        else:  # `processed` counts batches whose step has run; checkpoints are written after that increment
+            epoch, processed = epochs.processed, self.trainer.fit_loop.epoch_loop.batch_progress.current.processed
         consumed = processed * self.hparams.batch_size * self.trainer.world_size  # all ranks together
-        return {"epoch": self.trainer.current_epoch, "sequences_consumed": consumed, "batches_counted": processed,
+        return {"epoch": epoch, "sequences_consumed": consumed, "batches_counted": processed,
                 "sequences": len(self._splits["train"]), "seed": self.hparams.seed}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
