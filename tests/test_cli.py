@@ -284,6 +284,16 @@ def test_a_run_without_end_is_refused_as_the_schedule_needs_a_length(in_tmp, gsm
 
 
 @requires_smollm2  # loads the smoke config's SmolLM2 tokenizer
+def test_resuming_a_run_that_trained_max_epochs_is_refused_with_the_epochs_to_raise_it_to(in_tmp, gsm8k_train):
+    by_epochs = ["--data.init_args.max_documents", "60", "--trainer.max_epochs", "1"]
+    main(["fit", *smoke_args(gsm8k_train, *by_epochs, steps=-1)])
+    refusal = r"last.ckpt has trained 1 epoch\(s\) and trainer.max_epochs is 1: .* \(e.g. to 2\)"
+    with pytest.raises(ValueError, match=refusal):
+        run(["fit", *smoke_args(gsm8k_train, *by_epochs, "--ckpt_path", "last", steps=-1)])
+    assert sorted(p.name for p in (in_tmp / "runs" / "smoke" / "csv").iterdir()) == ["version_0"]
+
+
+@requires_smollm2  # loads the smoke config's SmolLM2 tokenizer
 def test_a_resumed_run_does_not_warn_that_its_checkpoint_folder_is_not_empty(in_tmp, gsm8k_train, recwarn):
     """It holds the checkpoint the run resumes; Lightning's ModelCheckpoint warned on every `--ckpt_path last`."""
     args = ["fit", *smoke_args(gsm8k_train, "--trainer.limit_val_batches", "0", steps=2)]

@@ -187,7 +187,8 @@ def test_resuming_into_another_order_of_the_data_says_the_rest_of_the_epoch_is_n
     skipping as many repeats some trained sequences and never trains others in the rest of that epoch."""
     before = make(text_file, seed=1)
     before.setup()
-    before.trainer = SimpleNamespace(state=SimpleNamespace(fn=TrainerFn.FITTING), world_size=1, fit_loop=SimpleNamespace(
+    before.trainer = SimpleNamespace(state=SimpleNamespace(fn=TrainerFn.FITTING), world_size=1,
+                                     fit_loop=SimpleNamespace(
         epoch_progress=SimpleNamespace(current=SimpleNamespace(started=1, processed=0)),  # inside epoch 0
         epoch_loop=SimpleNamespace(batch_progress=SimpleNamespace(current=SimpleNamespace(processed=3)))))
     state = before.state_dict()

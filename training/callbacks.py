@@ -300,9 +300,18 @@ def _resume_lines(trainer: L.Trainer) -> list[str]:
 
 def checkpoint_step(path: Path) -> int:
     """The global step a checkpoint (a file, or a sharded checkpoint's folder) was saved at."""
+    return _checkpoint_metadata(path).get("global_step", 0)
+
+
+def checkpoint_epochs(path: Path) -> int:
+    """The training epochs whose every batch a checkpoint (a file, or a sharded checkpoint's folder) had trained."""
+    loops = _checkpoint_metadata(path).get("loops") or {}
+    return loops.get("fit_loop", {}).get("epoch_progress", {}).get("current", {}).get("processed", 0)
+
+
+def _checkpoint_metadata(path: Path) -> dict[str, Any]:
     source = path / "meta.pt" if path.is_dir() else path
-    state = torch.load(source, map_location="cpu", weights_only=True, mmap=not path.is_dir())
-    return state.get("global_step", 0)
+    return torch.load(source, map_location="cpu", weights_only=True, mmap=not path.is_dir())
 
 
 class StepProgressBar(RichProgressBar):

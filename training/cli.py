@@ -24,7 +24,7 @@ from lightning.pytorch.utilities.imports import _RICH_AVAILABLE
 
 # Imported so their classes resolve by short name in YAML (class_path: CausalLM).
 from training import callbacks, data, lm, quietstar_lm, routing_monitor, thought_monitor  # noqa: F401
-from training.callbacks import StepProgressBar, checkpoint_step, finish_interrupted_moves
+from training.callbacks import StepProgressBar, checkpoint_epochs, checkpoint_step, finish_interrupted_moves
 from training.errors import ConfigError
 from training.lm import NonFiniteLossError
 
@@ -62,8 +62,8 @@ class QuietDepthCLI(LightningCLI):
 
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
-        """fit, validate and test: not Lightning's predict, which needs a predict_step and predict data that quietdepth's
-        modules do not have (quietdepth-generate continues prompts)."""
+        """fit, validate and test: not Lightning's predict, which needs a predict_step and predict data that
+        quietdepth's modules do not have (quietdepth-generate continues prompts)."""
         return {name: skip for name, skip in LightningCLI.subcommands().items() if name != "predict"}
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
@@ -179,19 +179,22 @@ class QuietDepthCLI(LightningCLI):
                     f"--model.init_args.init_from {path}")
 
     def _check_steps_left(self, paths: list[Path]) -> None:
-        """Refuse to resume a checkpoint (`paths`: `_ckpt_paths()`) at or past trainer.max_steps: Lightning
-        would train nothing and leave an empty run folder behind."""
-        max_steps = self.trainer.max_steps
-        if max_steps < 0:
-            return
+        """Refuse to resume a checkpoint (`paths`: `_ckpt_paths()`) at or past trainer.max_steps, or that had trained
+        trainer.max_epochs epochs: Lightning would train nothing and leave an empty run folder behind."""
+        max_steps, max_epochs = self.trainer.max_steps, self.trainer.max_epochs
         for path in paths:
             if not (path / "meta.pt" if path.is_dir() else path).is_file():
                 continue
             step = checkpoint_step(path)
-            if step >= max_steps:
+            if 0 <= max_steps <= step:
                 raise ConfigError(f"--ckpt_path {path} is at step {step} and trainer.max_steps is {max_steps}: "
                                   f"there is nothing left to train. Raise --trainer.max_steps "
                                   f"(e.g. to {step + max(step, 1)}) to train on from it")
+            epochs = checkpoint_epochs(path)
+            if max_epochs is not None and 0 <= max_epochs <= epochs:
+                raise ConfigError(f"--ckpt_path {path} has trained {epochs} epoch(s) and trainer.max_epochs is "
+                                  f"{max_epochs}: there is nothing left to train. Raise --trainer.max_epochs "
+                                  f"(e.g. to {epochs + 1}) to train on from it")
 
 
 def _raised_inside(error: BaseException) -> BaseException:
@@ -238,7 +241,7 @@ def run(args: list[str] | None = None) -> QuietDepthCLI:
             subclass_mode_data=True,
             save_config_callback=SaveResolvedConfig,
             save_config_kwargs={"overwrite": True},
-            auto_configure_optimizers=False,  # the modules build their own AdamW groups and schedule (lr: model.init_args)
+            auto_configure_optimizers=False,  # the modules build their own AdamW and schedule (model.init_args)
             args=args,
         )
     finally:

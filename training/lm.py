@@ -338,9 +338,10 @@ class CausalLM(L.LightningModule):
         )
         max_steps = self.trainer.max_steps if self.trainer.max_steps > 0 else self.trainer.estimated_stepping_batches
         if not math.isfinite(max_steps):
-            raise ConfigError("the warm-up + cosine schedule decays over the run's optimizer steps, and trainer.max_steps"
-                              "=-1 with trainer.max_epochs=-1 trains without end: set --trainer.max_steps (or "
-                              "--trainer.max_epochs); trainer.max_time can still stop the run earlier")
+            raise ConfigError("the warm-up + cosine schedule decays over the run's optimizer steps, and "
+                              "trainer.max_steps=-1 with trainer.max_epochs=-1 trains without end: set "
+                              "--trainer.max_steps (or --trainer.max_epochs); trainer.max_time can still stop the "
+                              "run earlier")
         max_steps = int(max_steps)
         schedule = partial(warmup_cosine, warmup_steps=hp.warmup_steps, max_steps=max_steps, min_lr_ratio=hp.min_lr_ratio)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": LambdaLR(optimizer, schedule), "interval": "step"}}
