@@ -120,9 +120,15 @@ def wide_table(rows: Sequence[dict[str, str]]) -> tuple[list[str], list[list[str
                     for run, cells in table.items()]
 
 
+def _markdown_cell(text: str) -> str:
+    """`text` as it reads in a Markdown table cell: a `|` (in a model path, say) would end the cell, and `<`
+    open an HTML tag, which Markdown renders."""
+    return html.escape(text, quote=False).replace("|", "\\|")
+
+
 def _markdown_table(header: Sequence[str], body: Sequence[Sequence[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(row) + " |" for row in body]
+    lines += ["| " + " | ".join(map(_markdown_cell, row)) + " |" for row in body]
     return "\n".join(lines)
 
 

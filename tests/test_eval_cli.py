@@ -380,3 +380,18 @@ def test_leaderboard_goes_to_the_active_wandb_run_as_tables(tmp_path, monkeypatc
         assert {"eval/leaderboard", "eval/summary"} <= set(run.summary.keys())
     finally:
         run.finish()
+
+
+def test_a_model_path_with_a_pipe_or_markup_keeps_its_cells_in_the_markdown_and_html_tables(tmp_path):
+    """A path is user text: `|` would end a Markdown cell early (shifting every cell after it), `<` open an HTML tag."""
+    row = dict(model="runs/a|b <i>x</i>/last.ckpt", decoding="greedy", task="csqa", version="N/A", filter="none",
+               n_shot=0, metric="acc", value=0.5, stderr=0.1, n=4, date="d1")
+    leaderboard.append_rows(tmp_path, [row])
+    markdown = (tmp_path / "leaderboard.md").read_text()
+    for table in markdown.split("\n\n"):
+        if table.startswith("|"):  # every row of a table has as many cells as its header
+            widths = {len(line.replace("\\|", "").split("|")) for line in table.splitlines()}
+            assert len(widths) == 1, table
+    assert "runs/a\\|b &lt;i&gt;x&lt;/i&gt;/last.ckpt" in markdown
+    page = (tmp_path / "leaderboard.html").read_text()
+    assert "<i>" not in page and "runs/a|b &lt;i&gt;x&lt;/i&gt;/last.ckpt" in page
