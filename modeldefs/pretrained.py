@@ -8,7 +8,8 @@ A *source* is one of:
 - a directory holding an HF checkpoint (config.json + weights);
 - a hub id such as ``HuggingFaceTB/SmolLM2-135M`` (needs network access);
 - a quietdepth ``.ckpt`` written by training (read with ``weights_only=True``): one file, or the
-  folder of a distributed (sharded) checkpoint that FSDP training writes.
+  folder of a distributed (sharded) checkpoint that FSDP training writes (read without running code
+  stored in it: `modeldefs.safe_dcp`).
 
 A Quiet-STaR model (`QuietStar`) round-trips too: its checkpoint carries ``thought_config`` beside
 ``model_config``; its HF export is the base LM plus ``thoughts.safetensors`` (<start>/<end> vectors,
@@ -33,6 +34,7 @@ from modeldefs.convert import config_from_hf, hf_config_dict, state_dict_from_hf
 from modeldefs.gguf_cache import cache_entry, store
 from modeldefs.model import Transformer
 from modeldefs.quietstar import QuietStar, ThoughtConfig
+from modeldefs.safe_dcp import SafeReader, TensorsOnlyPlanner, check_distributed_checkpoint
 
 OFFLINE_DEFAULT = "smollm2-135m-instruct"
 _SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -136,10 +138,12 @@ def load_checkpoint(path: str | os.PathLike) -> Transformer | QuietStar:
     if path.is_dir():
         import torch.distributed.checkpoint as dcp
 
+        check_distributed_checkpoint(path)  # a clear error here; DCP would wrap it in a CheckpointException
         state = {prefix + k: v for k, v in model.state_dict().items()}
         with warnings.catch_warnings():  # no_dist: every process reads the whole model, as intended here
             warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
-            dcp.load({"state_dict": state}, checkpoint_id=path, no_dist=True)  # fills these tensors in place
+            dcp.load({"state_dict": state}, storage_reader=SafeReader(path), planner=TensorsOnlyPlanner(),
+                     no_dist=True)  # fills these tensors in place
     else:
         state = checkpoint["state_dict"]
     model.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})

@@ -22,6 +22,8 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.imports import _RICH_AVAILABLE
 
+from modeldefs.safe_dcp import check_distributed_checkpoint
+
 # Imported so their classes resolve by short name in YAML (class_path: CausalLM).
 from training import callbacks, data, lm, quietstar_lm, routing_monitor, thought_monitor  # noqa: F401
 from training.callbacks import StepProgressBar, checkpoint_epochs, checkpoint_step, finish_interrupted_moves
@@ -161,13 +163,19 @@ class QuietDepthCLI(LightningCLI):
 
     def _check_ckpt_path(self, paths: list[Path]) -> None:
         """Refuse, before the run starts, a --ckpt_path that is no checkpoint (a folder without a distributed
-        checkpoint's .metadata, a file that is not a torch archive: truncated, or something else) and a
-        sharded checkpoint folder where the strategy reads only files (Lightning would end in an
+        checkpoint's .metadata, a file that is not a torch archive: truncated, or something else), a folder
+        whose metadata or values would run code when unpickled (`modeldefs.safe_dcp`), and a sharded
+        checkpoint folder where the strategy reads only files (Lightning would end in an
         IsADirectoryError), naming the ways that work. `paths`: `_ckpt_paths()`."""
         for path in paths:
             if path.is_dir() and not (path / ".metadata").is_file():
                 raise ConfigError(f"--ckpt_path {path} is a folder without a distributed checkpoint (no .metadata "
                                   "file): give a .ckpt file or a folder an FSDP run saved")
+            if path.is_dir():  # Lightning reads it with DCP's defaults: plain pickle for .metadata
+                try:
+                    check_distributed_checkpoint(path)
+                except ValueError as error:
+                    raise ConfigError(f"--ckpt_path {error}") from None
             if path.is_file() and not zipfile.is_zipfile(path):
                 raise ConfigError(f"--ckpt_path {path} is not a checkpoint quietdepth can read (not a torch archive: "
                                   "truncated, or another kind of file); give an intact .ckpt")

@@ -1,0 +1,80 @@
+"""Loading a checkpoint never runs code stored in it: every pickled part is read with an allow-list."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed.checkpoint as dcp
+
+from modeldefs import ModelConfig, Transformer
+from modeldefs.pretrained import load_pretrained
+from tests.conftest import REPO, requires_smollm2
+from training.cli import run
+
+
+class _RunsCode:
+    """Unpickling this calls os.mkdir(path): what a hostile checkpoint would do with a shell command."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return os.mkdir, (str(self.path),)
+
+
+def sharded_checkpoint(folder: Path, **replaced: object) -> Transformer:
+    """A distributed checkpoint folder as ModelParallelStrategy writes it: meta.pt beside DCP's .metadata
+    and shards; `replaced` values stored in place of the model's (by state-dict name)."""
+    model = Transformer(ModelConfig.from_name("micro"))
+    state = {"model." + k: replaced.get(k, v) for k, v in model.state_dict().items()}
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
+        dcp.save({"state_dict": state}, checkpoint_id=folder, no_dist=True)
+    torch.save({"model_config": model.config.to_dict(), "global_step": 2}, folder / "meta.pt")
+    return model
+
+
+def test_a_sharded_checkpoint_loads(tmp_path):
+    model = sharded_checkpoint(tmp_path / "step=2.ckpt")
+    loaded = load_pretrained(str(tmp_path / "step=2.ckpt"))
+    for (name, ours), theirs in zip(model.state_dict().items(), loaded.state_dict().values()):
+        torch.testing.assert_close(theirs, ours, rtol=0, atol=0, msg=name)
+
+
+def test_a_sharded_checkpoint_whose_metadata_would_run_code_is_refused_without_running_it(tmp_path):
+    folder = tmp_path / "step=2.ckpt"
+    sharded_checkpoint(folder)
+    ran = tmp_path / "code-ran"
+    (folder / ".metadata").write_bytes(pickle.dumps(_RunsCode(ran)))
+    with pytest.raises(ValueError, match=r"\.metadata.*refused"):
+        load_pretrained(str(folder))
+    assert not ran.exists()
+
+
+def test_a_sharded_checkpoint_whose_weight_is_a_pickled_value_that_would_run_code_is_refused_without_running_it(
+        tmp_path):
+    """DCP stores a non-tensor value as torch.save bytes and reads them back with weights_only=False."""
+    folder, ran = tmp_path / "step=2.ckpt", tmp_path / "code-ran"
+    sharded_checkpoint(folder, **{"norm.weight": _RunsCode(ran)})
+    with pytest.raises(ValueError, match=r"state_dict\.model\.norm\.weight.*refused|refused.*model\.norm\.weight"):
+        load_pretrained(str(folder))
+    assert not ran.exists()
+
+
+@requires_smollm2  # loads the smoke config's SmolLM2 tokenizer
+def test_resuming_from_a_sharded_checkpoint_whose_metadata_would_run_code_is_refused_before_the_run(
+        tmp_path, monkeypatch, gsm8k_train):
+    """Lightning's ModelParallelStrategy reads the folder with DCP's defaults (plain pickle): the CLI checks it first."""
+    folder, ran = tmp_path / "step=2.ckpt", tmp_path / "code-ran"
+    sharded_checkpoint(folder)
+    (folder / ".metadata").write_bytes(pickle.dumps(_RunsCode(ran)))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match=r"--ckpt_path .*\.metadata is refused"):
+        run(["validate", "--config", str(REPO / "configs" / "smoke.yaml"), "--data.init_args.path", str(gsm8k_train),
+             "--data.init_args.max_documents", "20", "--ckpt_path", str(folder)])
+    assert not ran.exists()
