@@ -11,6 +11,8 @@ from __future__ import annotations
 import csv
 import html
 import math
+import os
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -36,7 +38,14 @@ def read_rows(path: str | Path) -> list[dict[str, str]]:
         if reader.fieldnames != COLUMNS:
             raise ValueError(f"{path} is not a leaderboard of this quietdepth version (columns {reader.fieldnames}, "
                              f"expected {COLUMNS}); point --leaderboard at another folder")
-        return list(reader)
+        rows = []
+        for row in reader:
+            if None in row or None in row.values():  # fields beyond the header, or fewer than it
+                warnings.warn(f"{path} line {reader.line_num} is incomplete or has extra fields (a run stopped while "
+                              "writing it?): skipped; delete or repair that line", stacklevel=2)
+                continue
+            rows.append(row)
+        return rows
 
 
 def append_rows(directory: str | Path, rows: Sequence[dict[str, Any]]) -> tuple[list[dict[str, str]], int]:
@@ -54,15 +63,25 @@ def append_rows(directory: str | Path, rows: Sequence[dict[str, Any]]) -> tuple[
             seen.add(_key(row))
             added.append(row)
     new_file = not path.is_file()
+    # a last line without its newline (an editor dropped it, or a run stopped mid-row) would join the first new row
+    unterminated = not new_file and path.stat().st_size > 0 and _last_byte(path) not in b"\r\n"
     with path.open("a", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=COLUMNS)
         if new_file:
             writer.writeheader()
+        elif unterminated:
+            f.write("\r\n")  # the csv module's line ending
         writer.writerows(added)
     everything = existing + added
     (directory / "leaderboard.md").write_text(markdown(everything))
     (directory / "leaderboard.html").write_text(html_page(everything))
     return everything, len(added)
+
+
+def _last_byte(path: Path) -> bytes:
+    with path.open("rb") as f:
+        f.seek(-1, os.SEEK_END)
+        return f.read(1)
 
 
 def _number(text: str, digits: int = 4) -> str:

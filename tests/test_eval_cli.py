@@ -395,3 +395,31 @@ def test_a_model_path_with_a_pipe_or_markup_keeps_its_cells_in_the_markdown_and_
     assert "runs/a\\|b &lt;i&gt;x&lt;/i&gt;/last.ckpt" in markdown
     page = (tmp_path / "leaderboard.html").read_text()
     assert "<i>" not in page and "runs/a|b &lt;i&gt;x&lt;/i&gt;/last.ckpt" in page
+
+
+def _board_row(**changed) -> dict:
+    return {**dict(model="m", decoding="greedy", task="csqa", version="N/A", filter="none", n_shot=0, metric="acc",
+                   value=0.5, stderr=0.1, n=4, date="d1"), **changed}
+
+
+def test_a_leaderboard_csv_without_a_final_newline_gets_new_rows_on_lines_of_their_own(tmp_path):
+    """An editor or a copy can drop the last newline; appending then glued the new row onto the last one."""
+    leaderboard.append_rows(tmp_path, [_board_row()])
+    path = tmp_path / "leaderboard.csv"
+    path.write_text(path.read_text().rstrip("\r\n"))
+    rows, added = leaderboard.append_rows(tmp_path, [_board_row(model="m2", value=0.75)])
+    assert added == 1
+    assert [(r["model"], r["value"], r["date"]) for r in leaderboard.read_rows(path)] == [("m", "0.5", "d1"),
+                                                                                           ("m2", "0.75", "d1")]
+
+
+def test_a_row_cut_short_by_a_crash_is_skipped_with_a_warning_and_later_runs_still_append(tmp_path):
+    """A process killed mid-append leaves a partial last row: every later run then failed rendering it (TypeError
+    on its missing fields), and glued its first new row onto it."""
+    leaderboard.append_rows(tmp_path, [_board_row()])
+    path = tmp_path / "leaderboard.csv"
+    path.write_text(path.read_text() + "m2,,,greedy,csqa,N/A,no")
+    with pytest.warns(UserWarning, match=r"leaderboard.csv line 3 .*incomplete"):
+        rows, added = leaderboard.append_rows(tmp_path, [_board_row(model="m3")])
+    assert added == 1 and [r["model"] for r in rows] == ["m", "m3"]
+    assert "| m3 |" in (tmp_path / "leaderboard.md").read_text()
