@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import os
 import pickle
+import threading
 import warnings
+from collections.abc import Iterator
+from functools import partial
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -77,4 +81,33 @@ def test_resuming_from_a_sharded_checkpoint_whose_metadata_would_run_code_is_ref
     with pytest.raises(ValueError, match=r"--ckpt_path .*\.metadata is refused"):
         run(["validate", "--config", str(REPO / "configs" / "smoke.yaml"), "--data.init_args.path", str(gsm8k_train),
              "--data.init_args.max_documents", "20", "--ckpt_path", str(folder)])
+    assert not ran.exists()
+
+
+@pytest.fixture
+def served(tmp_path) -> Iterator[tuple[Path, str]]:
+    """A folder served over HTTP on localhost: (folder, its URL)."""
+    folder = tmp_path / "served"
+    folder.mkdir()
+    handler = partial(SimpleHTTPRequestHandler, directory=str(folder))
+    handler.log_message = lambda *args: None
+    with ThreadingHTTPServer(("127.0.0.1", 0), handler) as server:
+        thread = threading.Thread(target=server.serve_forever, daemon=True)
+        thread.start()
+        yield folder, f"http://127.0.0.1:{server.server_address[1]}"
+        server.shutdown()
+        thread.join()
+
+
+@requires_smollm2  # loads the smoke config's SmolLM2 tokenizer
+def test_a_ckpt_path_url_is_read_with_weights_only(tmp_path, monkeypatch, gsm8k_train, served):
+    """Lightning reads a URL with weights_only=False unless told otherwise (a local file with torch's default, True)."""
+    folder, url = served
+    ran = tmp_path / "code-ran"
+    torch.save({"state_dict": {}, "payload": _RunsCode(ran)}, folder / "last.ckpt")
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))  # where torch.hub keeps the download
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
+        run(["validate", "--config", str(REPO / "configs" / "smoke.yaml"), "--data.init_args.path", str(gsm8k_train),
+             "--data.init_args.max_documents", "20", "--ckpt_path", f"{url}/last.ckpt"])
     assert not ran.exists()

@@ -120,7 +120,15 @@ class QuietDepthCLI(LightningCLI):
         with warnings.catch_warnings():
             if self._ckpt_paths():  # the checkpoint resumed: for `last`, none where there is no last*.ckpt
                 warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
-            self.trainer.fit(**kwargs)
+            self.trainer.fit(**_weights_only(kwargs))
+
+    def validate(self, **kwargs: Any) -> None:
+        """`trainer.validate`, reading --ckpt_path with weights_only (`_weights_only`)."""
+        self.trainer.validate(**_weights_only(kwargs))
+
+    def test(self, **kwargs: Any) -> None:
+        """`trainer.test`, reading --ckpt_path with weights_only (`_weights_only`)."""
+        self.trainer.test(**_weights_only(kwargs))
 
     def before_fit(self) -> None:
         paths = self._ckpt_paths()
@@ -203,6 +211,13 @@ class QuietDepthCLI(LightningCLI):
                 raise ConfigError(f"--ckpt_path {path} has trained {epochs} epoch(s) and trainer.max_epochs is "
                                   f"{max_epochs}: there is nothing left to train. Raise --trainer.max_epochs "
                                   f"(e.g. to {epochs + 1}) to train on from it")
+
+
+def _weights_only(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The subcommand's arguments with --weights_only true where it is unset: Lightning then reads a --ckpt_path
+    URL with weights_only=False (a download can run any code as it is unpickled), a local file with torch's
+    default. quietdepth checkpoints hold tensors and plain values only."""
+    return {**kwargs, "weights_only": True if kwargs.get("weights_only") is None else kwargs["weights_only"]}
 
 
 def _raised_inside(error: BaseException) -> BaseException:
