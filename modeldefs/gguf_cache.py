@@ -51,6 +51,9 @@ def store(entry: Path, part: str, write: Callable[[Path], object]) -> None:
         warnings.warn(f"could not cache the converted GGUF in {entry} ({e}); it is converted again next time",
                       stacklevel=2)
         return
+    except BaseException:  # Ctrl-C, or a bug: no half-written folder (~0.5 GB for SmolLM2) stays in the cache
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     try:
         os.replace(tmp, entry / part)
     except OSError:  # another process stored this part first

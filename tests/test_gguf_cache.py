@@ -52,6 +52,17 @@ def test_a_failed_write_warns_and_stores_nothing(tmp_path):
     assert list((tmp_path / "entry").iterdir()) == []
 
 
+def test_a_write_interrupted_by_ctrl_c_leaves_no_half_written_folder_behind(tmp_path):
+    """Converting SmolLM2 writes ~0.5 GB; a hidden temporary folder left by each interrupt stayed in the cache."""
+    def interrupted(folder):
+        (folder / "weights").write_text("half")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        store(tmp_path / "entry", "model", interrupted)
+    assert list((tmp_path / "entry").iterdir()) == []
+
+
 @requires_smollm2
 def test_smollm2_and_its_tokenizer_load_from_the_cache_without_reading_the_gguf(smollm2_hf, monkeypatch):
     expected = from_hf_model(smollm2_hf).state_dict()
