@@ -82,6 +82,10 @@ def test_resuming_from_a_sharded_checkpoint_whose_metadata_would_run_code_is_ref
         run(["validate", "--config", str(REPO / "configs" / "smoke.yaml"), "--data.init_args.path", str(gsm8k_train),
              "--data.init_args.max_documents", "20", "--ckpt_path", str(folder)])
     assert not ran.exists()
+    # --weights_only false says the user trusts it: the check stands aside (here the next one, the strategy's, stops it)
+    with pytest.raises(ValueError, match=r"only ModelParallelStrategy reads"):
+        run(["validate", "--config", str(REPO / "configs" / "smoke.yaml"), "--data.init_args.path", str(gsm8k_train),
+             "--data.init_args.max_documents", "20", "--ckpt_path", str(folder), "--weights_only", "false"])
 
 
 @pytest.fixture

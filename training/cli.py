@@ -179,11 +179,13 @@ class QuietDepthCLI(LightningCLI):
             if path.is_dir() and not (path / ".metadata").is_file():
                 raise ConfigError(f"--ckpt_path {path} is a folder without a distributed checkpoint (no .metadata "
                                   "file): give a .ckpt file or a folder an FSDP run saved")
-            if path.is_dir():  # Lightning reads it with DCP's defaults: plain pickle for .metadata
+            trusted = self.config_init[self.subcommand].get("weights_only") is False  # --weights_only false
+            if path.is_dir() and not trusted:  # Lightning reads it with DCP's defaults: plain pickle for .metadata
                 try:
                     check_distributed_checkpoint(path)
                 except ValueError as error:
-                    raise ConfigError(f"--ckpt_path {error}") from None
+                    raise ConfigError(f"--ckpt_path {error}; a folder from a source you trust loads with "
+                                      "--weights_only false") from None
             if path.is_file() and not zipfile.is_zipfile(path):
                 raise ConfigError(f"--ckpt_path {path} is not a checkpoint quietdepth can read (not a torch archive: "
                                   "truncated, or another kind of file); give an intact .ckpt")
