@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -60,6 +61,7 @@ SHAPES = {
     "micro": ModelConfig.from_name("micro").to_dict(),  # a smoke-test shape (vocab 256)
 }
 MOD = dict(mod_capacity=0.125, mod_route_every=2, mod_exempt_last=False)
+MODIFIERS = ("+compile", "-fusedce", "-fusedadamw", "-acselective", "-acblock", "-bf16res")  # see the docstring
 
 
 @dataclass
@@ -74,17 +76,24 @@ class Variant:
 
     @classmethod
     def parse(cls, name: str) -> Variant:
-        base = name.split("+")[0].split("-")[0]
+        """`hf`, `qd` or `mod` followed by any of MODIFIERS, e.g. `qd-fusedce+compile`."""
+        base, *modifiers = re.split(r"(?=[-+])", name)
         if base not in ("hf", "qd", "mod"):
             raise ValueError(f"variant {name!r}: the base must be hf, qd or mod")
-        ac = next((p for p in ("selective", "block") if f"-ac{p}" in name), "none")
-        if base == "hf" and ac != "none":
+        unknown = [m for m in modifiers if m not in MODIFIERS]
+        if unknown:
+            raise ValueError(f"variant {name!r}: unknown modifier {unknown[0]!r}; the modifiers are "
+                             f"{', '.join(MODIFIERS)}")
+        ac = [m.removeprefix("-ac") for m in modifiers if m.startswith("-ac")]
+        if len(set(ac)) > 1:
+            raise ValueError(f"variant {name!r}: one of -acselective, -acblock")
+        if base == "hf" and ac:
             raise ValueError(f"variant {name!r}: activation checkpointing (-acselective, -acblock) is quietdepth's")
-        if base == "hf" and "-bf16res" in name:
+        if base == "hf" and "-bf16res" in modifiers:
             raise ValueError(f"variant {name!r}: -bf16res is quietdepth's")
-        return cls(name, base, compile="+compile" in name, fused_ce="-fusedce" not in name and base != "hf",
-                   fused_adamw="-fusedadamw" not in name, activation_checkpointing=ac,
-                   bf16_residual="-bf16res" in name)
+        return cls(name, base, compile="+compile" in modifiers, fused_ce="-fusedce" not in modifiers and base != "hf",
+                   fused_adamw="-fusedadamw" not in modifiers, activation_checkpointing=ac[0] if ac else "none",
+                   bf16_residual="-bf16res" in modifiers)
 
 
 def build(variant: Variant, config: ModelConfig, seq: int, device: torch.device, dtype: torch.dtype,
@@ -141,7 +150,7 @@ def peak_flops(device: torch.device, dtype: torch.dtype) -> float | None:
 
 
 def throughput(args: argparse.Namespace, config: ModelConfig, device: torch.device, dtype: torch.dtype) -> dict:
-    variants = [Variant.parse(v) for v in args.variants]
+    variants = args.variants
     x = torch.randint(0, config.vocab_size, (args.batch, args.seq), device=device)
     y = torch.randint(0, config.vocab_size, (args.batch, args.seq), device=device)
     built: dict[str, tuple] = {}
@@ -321,6 +330,10 @@ def main() -> None:
     if args.compile and not args.max_batch:
         parser.error("--compile only applies to --max-batch; compile throughput variants with +compile, e.g. "
                      "--variants hf+compile qd+compile")
+    try:
+        args.variants = [Variant.parse(v) for v in args.variants]
+    except ValueError as error:
+        parser.error(str(error))
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -171,3 +171,18 @@ def test_bf16res_variant_runs_the_residual_stream_between_blocks_in_bf16(monkeyp
     assert seen == [dtype] * len(model.blocks)
     with pytest.raises(ValueError, match="-bf16res is quietdepth's"):
         Variant.parse("hf-bf16res")
+
+
+@pytest.mark.parametrize("name,message", [("qd-fusedadam", "unknown modifier '-fusedadam'"),
+                                          ("qd+compiled", "unknown modifier '\\+compiled'"),
+                                          ("mod-bf16", "unknown modifier '-bf16'"),
+                                          ("qd-acselective-acblock", "one of -acselective, -acblock")])
+def test_variant_with_a_misspelled_or_conflicting_modifier_is_refused(monkeypatch, name, message):
+    """A modifier the script does not know would otherwise time another variant under the name asked for."""
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    from train_throughput import Variant
+
+    with pytest.raises(ValueError, match=message):
+        Variant.parse(name)
+    assert Variant.parse("mod-bf16res-fusedadamw+compile") == Variant(
+        "mod-bf16res-fusedadamw+compile", "mod", compile=True, fused_adamw=False, bf16_residual=True)
