@@ -1,7 +1,8 @@
 """isoFLOP comparison: dense vs Mixture-of-Depths trained from scratch with the same training FLOPs.
 
     python benchmarks/mod_isoflop.py                      # CPU scale: d=192, 8 layers, byte-level, ~8 minutes
-    python benchmarks/mod_isoflop.py --n-embd 512 --n-layer 12 --dense-steps 2000 --batch 32   # a GPU
+    python benchmarks/mod_isoflop.py --n-embd 512 --n-layer 12 --n-head 8 --seq 512 --batch 32 \\
+        --dense-steps 500 --lr 1e-3 --dtype bf16         # a GPU (benchmarks/RESULTS.md's H100 run)
 
 Text: GSM8K and CommonsenseQA training documents (formatted as in training), as UTF-8 bytes, so the
 vocabulary (256) leaves the compute to the blocks. Each model trains on the same token stream in
