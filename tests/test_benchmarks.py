@@ -1,6 +1,6 @@
-"""The MoD throughput, Quiet-STaR thought-attention and eval-speed benchmarks run on CPU in a tiny shape
-and print their results (benchmarks, not timed tests: nothing here asserts a speed); the CPU heap setting
-they share really stops page faults on reallocation."""
+"""The MoD throughput and isoFLOP, Quiet-STaR thought-attention, thought-decoding and profile, and eval-speed
+benchmarks run on CPU in a tiny shape and print their results (benchmarks, not timed tests: nothing here asserts
+a speed); the CPU heap setting they share really stops page faults on reallocation."""
 
 from __future__ import annotations
 
@@ -17,9 +17,9 @@ from modeldefs.pretrained import export_hf
 from tests.conftest import REPO, requires_smollm2, shared_file
 
 
-def run_benchmark(name: str, *args: str) -> str:
+def run_benchmark(name: str, *args: str, env: dict[str, str] | None = None) -> str:
     proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / name), *args], cwd=REPO, capture_output=True,
-                          text=True, timeout=300, env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
+                          text=True, timeout=300, env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin", **(env or {})})
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout
 
@@ -186,3 +186,23 @@ def test_variant_with_a_misspelled_or_conflicting_modifier_is_refused(monkeypatc
         Variant.parse(name)
     assert Variant.parse("mod-bf16res-fusedadamw+compile") == Variant(
         "mod-bf16res-fusedadamw+compile", "mod", compile=True, fused_adamw=False, bf16_residual=True)
+
+
+def test_thought_decode_and_quietstar_profile_run_their_smoke_shapes(tmp_path):
+    out = run_benchmark("thought_decode.py", "--source", "micro", "--n-ahead", "5", "--new-tokens", "4",
+                        "--repeats", "1", "--json", str(tmp_path / "decode.json"))
+    record = json.loads((tmp_path / "decode.json").read_text())
+    assert record["new_tokens"] == 4 and record["target_ratio"] == 6 and "with thoughts (cached)" in out
+    out = run_benchmark("quietstar_profile.py", "--shape", "micro", "--batch", "1", "--seq", "16", "--n-ahead", "4",
+                        "--n-ahead-talk", "2", "--n-passes", "1", "--rows", "3")
+    assert "Self CPU time total" in out
+
+
+def test_mod_isoflop_trains_its_three_models_on_one_budget(tmp_path):
+    data = shared_file("gsm8k/train.jsonl").parents[1]
+    shared_file("commonsense_qa/train_rand_split.jsonl")
+    run_benchmark("mod_isoflop.py", "--n-embd", "32", "--n-layer", "2", "--n-head", "2", "--seq", "32", "--batch", "2",
+                  "--dense-steps", "2", "--json", str(tmp_path / "iso.json"), env={"QUIETDEPTH_SHARED_DATA": str(data)})
+    record = json.loads((tmp_path / "iso.json").read_text())
+    assert [r["model"] for r in record["results"]] == ["dense", "MoD 0.125, same shape", "MoD 0.125, 3 layers"]
+    assert all(0 < r["train_flops"] <= record["budget_flops"] for r in record["results"])
