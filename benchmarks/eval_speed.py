@@ -139,12 +139,14 @@ def main() -> None:
     add_heap_option(parser)
     parser.add_argument("--json", help="also write the record to this file")
     args = parser.parse_args()
+    tasks = args.tasks.split(",")
+    limits = parse_limits(args.limit)
+    for task in limits.keys() - set(tasks):
+        parser.error(f"--limit names {task}, which --tasks does not run (tasks: {args.tasks})")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     heap_kept = steady_heap(args, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     from lm_eval.tasks import TaskManager
 
-    limits = parse_limits(args.limit)
-    tasks = args.tasks.split(",")
     task_manager = TaskManager(include_path=str(TASKS_DIR), include_defaults=False)
     hf, ours, hf_load, ours_load = load_models(args.model, args.batch_size, args.hf_batch_size, args.pack_tokens,
                                                 args.dtype)

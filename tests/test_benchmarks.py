@@ -206,3 +206,12 @@ def test_mod_isoflop_trains_its_three_models_on_one_budget(tmp_path):
     record = json.loads((tmp_path / "iso.json").read_text())
     assert [r["model"] for r in record["results"]] == ["dense", "MoD 0.125, same shape", "MoD 0.125, 3 layers"]
     assert all(0 < r["train_flops"] <= record["budget_flops"] for r in record["results"])
+
+
+def test_eval_speed_refuses_a_limit_for_a_task_it_does_not_run(tmp_path):
+    """`--limit gsm8k=32` (not gsm8k_local) would otherwise evaluate all 1,319 problems on both backends;
+    it is refused before any model loads (this one does not exist)."""
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "eval_speed.py"), "--model", str(tmp_path / "none"),
+                           "--tasks", "gsm8k_local", "--limit", "gsm8k=32"], cwd=REPO, capture_output=True, text=True,
+                          timeout=120, env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
+    assert proc.returncode == 2 and "--limit names gsm8k, which --tasks does not run" in proc.stderr
