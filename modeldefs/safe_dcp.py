@@ -28,7 +28,7 @@ _ALLOWED = {
     ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
     ("torch", "Size"),
     ("torch.serialization", "_get_layout"),
-    ("pathlib", "PosixPath"),
+    ("pathlib", "PosixPath"),  # storage_meta.checkpoint_id: the folder as Lightning gives it
     ("pathlib", "WindowsPath"),
     ("collections", "OrderedDict"),
 }
@@ -38,6 +38,8 @@ class _MetadataUnpickler(pickle.Unpickler):
     """Builds only the classes on the allow-list (and torch dtypes); anything else is refused unbuilt."""
 
     def find_class(self, module: str, name: str) -> Any:
+        if module == "pathlib._local":  # where Python 3.13 (only) defines the pathlib classes; older ones lack it
+            module = "pathlib"
         if (module, name) in _ALLOWED or (module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)):
             return super().find_class(module, name)
         raise pickle.UnpicklingError(f"{module}.{name} is not a class a distributed checkpoint's metadata holds")

@@ -115,3 +115,19 @@ def test_a_ckpt_path_url_is_read_with_weights_only(tmp_path, monkeypatch, gsm8k_
         run(["validate", "--config", str(REPO / "configs" / "smoke.yaml"), "--data.init_args.path", str(gsm8k_train),
              "--data.init_args.max_documents", "20", "--ckpt_path", f"{url}/last.ckpt"])
     assert not ran.exists()
+
+
+def test_a_sharded_checkpoint_written_under_python_3_13_loads(tmp_path):
+    """Lightning gives DCP the folder as a Path, which .metadata keeps (storage_meta.checkpoint_id); Python 3.13
+    pickles a Path as pathlib._local.PosixPath (3.12 and 3.14: pathlib.PosixPath). pathlib._local exists only in 3.13+,
+    so the 3.13 form is written here by hand."""
+    folder = tmp_path / "step=2.ckpt"
+    model = sharded_checkpoint(folder)
+    metadata = pickle.loads((folder / ".metadata").read_bytes())
+    metadata.storage_meta.checkpoint_id = folder  # as Lightning's ModelParallelStrategy passes it
+    as_312 = pickle.dumps(metadata, protocol=2)  # no frames: the global's name can be replaced in place
+    assert b"cpathlib\nPosixPath\n" in as_312
+    (folder / ".metadata").write_bytes(as_312.replace(b"cpathlib\nPosixPath\n", b"cpathlib._local\nPosixPath\n"))
+    loaded = load_pretrained(str(folder))
+    for (name, ours), theirs in zip(model.state_dict().items(), loaded.state_dict().values()):
+        torch.testing.assert_close(theirs, ours, rtol=0, atol=0, msg=name)
