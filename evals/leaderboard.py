@@ -11,7 +11,6 @@ from __future__ import annotations
 import csv
 import html
 import math
-import os
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -63,14 +62,12 @@ def append_rows(directory: str | Path, rows: Sequence[dict[str, Any]]) -> tuple[
             seen.add(_key(row))
             added.append(row)
     new_file = not path.is_file()
-    # a last line without its newline (an editor dropped it, or a run stopped mid-row) would join the first new row
-    unterminated = not new_file and path.stat().st_size > 0 and _last_byte(path) not in b"\r\n"
+    ending = "" if new_file else _line_ending(path)
     with path.open("a", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=COLUMNS)
         if new_file:
             writer.writeheader()
-        elif unterminated:
-            f.write("\r\n")  # the csv module's line ending
+        f.write(ending)
         writer.writerows(added)
     everything = existing + added
     (directory / "leaderboard.md").write_text(markdown(everything))
@@ -78,10 +75,15 @@ def append_rows(directory: str | Path, rows: Sequence[dict[str, Any]]) -> tuple[
     return everything, len(added)
 
 
-def _last_byte(path: Path) -> bytes:
-    with path.open("rb") as f:
-        f.seek(-1, os.SEEK_END)
-        return f.read(1)
+def _line_ending(path: Path) -> str:
+    """What ends the CSV's last line before rows are appended: nothing where it ends in a newline. A last line without
+    one (an editor dropped it, or a run stopped mid-row) would join the first new row; one cut inside a quoted field
+    (an odd count of `"`: the csv module doubles those inside a field) would take every later row into that field."""
+    data = path.read_bytes()
+    if not data or data.endswith((b"\r", b"\n")):
+        return ""
+    last_line = data[max(data.rfind(b"\n"), data.rfind(b"\r")) + 1:]
+    return ('"' if last_line.count(b'"') % 2 else "") + "\r\n"  # the csv module's line ending
 
 
 def _number(text: str, digits: int = 4) -> str:

@@ -423,3 +423,15 @@ def test_a_row_cut_short_by_a_crash_is_skipped_with_a_warning_and_later_runs_sti
         rows, added = leaderboard.append_rows(tmp_path, [_board_row(model="m3")])
     assert added == 1 and [r["model"] for r in rows] == ["m", "m3"]
     assert "| m3 |" in (tmp_path / "leaderboard.md").read_text()
+
+
+def test_a_row_cut_short_inside_a_quoted_field_does_not_swallow_the_rows_appended_after_it(tmp_path):
+    """A model path with a comma is written quoted: cut inside it, the open quote made every later row part of
+    that field, so the rows later runs appended were never read back (gone from the leaderboard after the next run)."""
+    leaderboard.append_rows(tmp_path, [_board_row()])
+    path = tmp_path / "leaderboard.csv"
+    path.write_text(path.read_text() + '"runs/a,b/la')
+    with pytest.warns(UserWarning, match="incomplete"):
+        leaderboard.append_rows(tmp_path, [_board_row(model="m3")])
+    with pytest.warns(UserWarning, match="incomplete"):
+        assert [r["model"] for r in leaderboard.read_rows(path)] == ["m", "m3"]
