@@ -294,6 +294,21 @@ def test_resuming_a_run_that_trained_max_epochs_is_refused_with_the_epochs_to_ra
 
 
 @requires_smollm2  # loads the smoke config's SmolLM2 tokenizer
+def test_resuming_a_checkpoint_saved_at_the_last_step_of_its_final_epoch_is_refused_too(in_tmp, gsm8k_train):
+    """A periodic checkpoint on an epoch's last step is written before Lightning counts the epoch (which it does
+    when it resumes): the refusal missed it, and the resumed run trained nothing and left csv/version_1 behind."""
+    settings = yaml.safe_load(Path(SMOKE).read_text())
+    settings["trainer"]["callbacks"][0]["init_args"].update(every_n_train_steps=1, save_top_k=1)
+    config = in_tmp / "smoke.yaml"
+    config.write_text(yaml.safe_dump(settings))
+    by_epochs = ["--data.init_args.max_documents", "60", "--trainer.max_epochs", "1"]
+    main(["fit", *smoke_args(gsm8k_train, *by_epochs, steps=-1, config=str(config))])
+    with pytest.raises(ValueError, match=r"last.ckpt has trained 1 epoch\(s\) and trainer.max_epochs is 1"):
+        run(["fit", *smoke_args(gsm8k_train, *by_epochs, "--ckpt_path", "last", steps=-1, config=str(config))])
+    assert sorted(p.name for p in (in_tmp / "runs" / "smoke" / "csv").iterdir()) == ["version_0"]
+
+
+@requires_smollm2  # loads the smoke config's SmolLM2 tokenizer
 def test_a_resumed_run_does_not_warn_that_its_checkpoint_folder_is_not_empty(in_tmp, gsm8k_train, recwarn):
     """It holds the checkpoint the run resumes; Lightning's ModelCheckpoint warned on every `--ckpt_path last`."""
     args = ["fit", *smoke_args(gsm8k_train, "--trainer.limit_val_batches", "0", steps=2)]

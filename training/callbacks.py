@@ -305,8 +305,14 @@ def checkpoint_step(path: Path) -> int:
 
 def checkpoint_epochs(path: Path) -> int:
     """The training epochs whose every batch a checkpoint (a file, or a sharded checkpoint's folder) had trained."""
-    loops = _checkpoint_metadata(path).get("loops") or {}
-    return loops.get("fit_loop", {}).get("epoch_progress", {}).get("current", {}).get("processed", 0)
+    fit_loop = (_checkpoint_metadata(path).get("loops") or {}).get("fit_loop", {})
+    epochs = fit_loop.get("epoch_progress", {}).get("current", {})
+    trained = epochs.get("processed", 0)
+    # Saved after an epoch's last batch but before Lightning counted that epoch (a periodic checkpoint on the epoch's
+    # last step): resuming, Lightning counts it first.
+    if epochs.get("started", 0) > trained and fit_loop.get("epoch_loop.batch_progress", {}).get("is_last_batch"):
+        trained += 1
+    return trained
 
 
 def _checkpoint_metadata(path: Path) -> dict[str, Any]:
