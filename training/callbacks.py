@@ -300,12 +300,12 @@ def _resume_lines(trainer: L.Trainer) -> list[str]:
 
 def checkpoint_step(path: Path) -> int:
     """The global step a checkpoint (a file, or a sharded checkpoint's folder) was saved at."""
-    return _checkpoint_metadata(path).get("global_step", 0)
+    return checkpoint_metadata(path).get("global_step", 0)
 
 
-def checkpoint_epochs(path: Path) -> int:
-    """The training epochs whose every batch a checkpoint (a file, or a sharded checkpoint's folder) had trained."""
-    fit_loop = (_checkpoint_metadata(path).get("loops") or {}).get("fit_loop", {})
+def checkpoint_epochs(metadata: dict[str, Any]) -> int:
+    """The training epochs whose every batch a checkpoint (its `checkpoint_metadata`) had trained."""
+    fit_loop = (metadata.get("loops") or {}).get("fit_loop", {})
     epochs = fit_loop.get("epoch_progress", {}).get("current", {})
     trained = epochs.get("processed", 0)
     # Saved after an epoch's last batch but before Lightning counted that epoch (a periodic checkpoint on the epoch's
@@ -315,7 +315,8 @@ def checkpoint_epochs(path: Path) -> int:
     return trained
 
 
-def _checkpoint_metadata(path: Path) -> dict[str, Any]:
+def checkpoint_metadata(path: Path) -> dict[str, Any]:
+    """A checkpoint's Lightning state (a file's whole dict, memory-mapped, or a sharded checkpoint's `meta.pt`)."""
     source = path / "meta.pt" if path.is_dir() else path
     return torch.load(source, map_location="cpu", weights_only=True, mmap=not path.is_dir())
 

@@ -26,7 +26,7 @@ from modeldefs.safe_dcp import check_distributed_checkpoint
 
 # Imported so their classes resolve by short name in YAML (class_path: CausalLM).
 from training import callbacks, data, lm, quietstar_lm, routing_monitor, thought_monitor  # noqa: F401
-from training.callbacks import StepProgressBar, checkpoint_epochs, checkpoint_step, finish_interrupted_moves
+from training.callbacks import StepProgressBar, checkpoint_epochs, checkpoint_metadata, finish_interrupted_moves
 from training.errors import ConfigError
 from training.lm import NonFiniteLossError
 
@@ -175,11 +175,11 @@ class QuietDepthCLI(LightningCLI):
         whose metadata or values would run code when unpickled (`modeldefs.safe_dcp`), and a sharded
         checkpoint folder where the strategy reads only files (Lightning would end in an
         IsADirectoryError), naming the ways that work. `paths`: `_ckpt_paths()`."""
+        trusted = self.config_init[self.subcommand].get("weights_only") is False  # --weights_only false
         for path in paths:
             if path.is_dir() and not (path / ".metadata").is_file():
                 raise ConfigError(f"--ckpt_path {path} is a folder without a distributed checkpoint (no .metadata "
                                   "file): give a .ckpt file or a folder an FSDP run saved")
-            trusted = self.config_init[self.subcommand].get("weights_only") is False  # --weights_only false
             if path.is_dir() and not trusted:  # Lightning reads it with DCP's defaults: plain pickle for .metadata
                 try:
                     check_distributed_checkpoint(path)
@@ -203,12 +203,13 @@ class QuietDepthCLI(LightningCLI):
         for path in paths:
             if not (path / "meta.pt" if path.is_dir() else path).is_file():
                 continue
-            step = checkpoint_step(path)
+            metadata = checkpoint_metadata(path)
+            step = metadata.get("global_step", 0)
             if 0 <= max_steps <= step:
                 raise ConfigError(f"--ckpt_path {path} is at step {step} and trainer.max_steps is {max_steps}: "
                                   f"there is nothing left to train. Raise --trainer.max_steps "
                                   f"(e.g. to {step + max(step, 1)}) to train on from it")
-            epochs = checkpoint_epochs(path)
+            epochs = checkpoint_epochs(metadata)
             if max_epochs is not None and 0 <= max_epochs <= epochs:
                 raise ConfigError(f"--ckpt_path {path} has trained {epochs} epoch(s) and trainer.max_epochs is "
                                   f"{max_epochs}: there is nothing left to train. Raise --trainer.max_epochs "
