@@ -91,6 +91,45 @@ def test_eval_speed_runs_both_backends_with_the_shot_count_asked_for(tmp_path, s
     assert task["lm-eval hf"]["metrics"] == task["quietdepth"]["metrics"]
 
 
+def test_eval_speed_flags_rounds_that_disagree_instead_of_dropping_the_run():
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from eval_speed import fastest
+
+    runs = [{"request_seconds": 2.0, "metrics": {"acc/none": (0.5, 0.1)}},
+            {"request_seconds": 1.5, "metrics": {"acc/none": (0.4, 0.1)}}]
+    result = fastest("gsm8k_local", "lm-eval hf", runs)
+    assert result["request_seconds"] == 1.5 and result["round_request_seconds"] == [2.0, 1.5]
+    assert result["rounds_agree"] is False and result["round_metrics"] == [r["metrics"] for r in runs]
+    assert fastest("gsm8k_local", "quietdepth", runs[:1])["rounds_agree"] is True
+
+
+@requires_smollm2
+def test_eval_speed_keeps_a_finished_task_when_a_later_task_fails(tmp_path, smollm2_tokenizer):
+    pytest.importorskip("lm_eval", reason="lm-evaluation-harness is an optional extra: pip install -e '.[lmeval]'")
+    data = tmp_path / "data"  # CommonsenseQA present, GSM8K missing: the second task fails after the first ran
+    (data / "commonsense_qa").mkdir(parents=True)
+    for name in ("train_rand_split.jsonl", "dev_rand_split.jsonl"):
+        (data / "commonsense_qa" / name).symlink_to(shared_file(f"commonsense_qa/{name}"))
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig.from_name("micro", vocab_size=len(smollm2_tokenizer)))
+    export_hf(model, tmp_path / "tiny", tokenizer=smollm2_tokenizer)
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "eval_speed.py"), "--model", str(tmp_path / "tiny"),
+                           "--tasks", "commonsense_qa_local,gsm8k_local", "--limit", "commonsense_qa_local=2",
+                           "--rounds", "1", "--json", str(tmp_path / "speed.json")], cwd=REPO, capture_output=True,
+                          text=True, timeout=300,
+                          env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin", "QUIETDEPTH_SHARED_DATA": str(data)})
+    assert proc.returncode != 0 and "gsm8k" in proc.stderr
+    assert "| commonsense_qa_local | quietdepth | 2 |" in proc.stdout
+    assert list(json.loads((tmp_path / "speed.json").read_text())["tasks"]) == ["commonsense_qa_local"]
+
+
+def test_eval_speed_refuses_an_unknown_task_before_loading_models(tmp_path):
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "eval_speed.py"), "--model", str(tmp_path / "none"),
+                           "--tasks", "commonsense_qa_local,gsm8k"], cwd=REPO, capture_output=True, text=True,
+                          timeout=120, env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
+    assert proc.returncode == 2 and "--tasks gsm8k: no such task" in proc.stderr and "gsm8k_local" in proc.stderr
+
+
 FAULTS_ON_REALLOCATION = """
 import resource, sys
 import torch
