@@ -36,27 +36,12 @@ from modeldefs.logprob import token_log_prob
 from modeldefs.model import Transformer
 from modeldefs.thought_cache import ThoughtKVCache, thought_attention_mask
 from modeldefs.thought_config import ThoughtConfig
+from modeldefs.thought_mixing import ThoughtMixingHead
 
 # The names callers import from here, including those defined in the modules beside it.
 __all__ = [
     "QuietStar", "ThoughtConfig", "ThoughtKVCache", "ThoughtMixingHead", "ThoughtOutput", "thought_attention_mask",
 ]
-
-
-class ThoughtMixingHead(nn.Module):
-    """[h_base; h_thought] (2d) -> mixing logit; the last layer starts at zero (w = 0, or near it)."""
-
-    def __init__(self, n_embd: int) -> None:
-        super().__init__()
-        self.net = nn.Sequential(
-            nn.Linear(2 * n_embd, n_embd), nn.ReLU(),
-            nn.Linear(n_embd, n_embd), nn.ReLU(),
-            nn.Linear(n_embd, 1, bias=False),
-        )
-        nn.init.zeros_(self.net[-1].weight)
-
-    def forward(self, h_base: torch.Tensor, h_thought: torch.Tensor) -> torch.Tensor:
-        return self.net(torch.cat([h_base, h_thought], dim=-1))
 
 
 @dataclass
