@@ -26,7 +26,6 @@ top-k targets for MoD's auxiliary losses; they keep learning through the 2*sigmo
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -36,42 +35,13 @@ from modeldefs.logprob import token_log_prob
 from modeldefs.model import Transformer
 from modeldefs.thought_cache import ThoughtKVCache, thought_attention_mask
 from modeldefs.thought_config import ThoughtConfig
+from modeldefs.thought_loss import ThoughtOutput, reinforce_loss
 from modeldefs.thought_mixing import ThoughtMixingHead
 
 # The names callers import from here, including those defined in the modules beside it.
 __all__ = [
     "QuietStar", "ThoughtConfig", "ThoughtKVCache", "ThoughtMixingHead", "ThoughtOutput", "thought_attention_mask",
 ]
-
-
-@dataclass
-class ThoughtOutput:
-    """What one Quiet-STaR training forward computed. N = B * n_passes rows (copies of each example
-    adjacent), P thought positions, K = n_ahead_talk."""
-
-    loss: torch.Tensor
-    """base_loss_weight * lm_nll + mixed_loss_weight * mixed_nll + policy_loss_weight * policy_loss."""
-    lm_nll: torch.Tensor
-    """Plain next-token NLL of the LM over all positions (the loss's base term)."""
-    base_nll: torch.Tensor
-    """NLL of the plain LM on the talk tokens (the same tokens as mixed_nll)."""
-    mixed_nll: torch.Tensor
-    """NLL of the mixed (after-thought) predictions of the talk tokens."""
-    policy_loss: torch.Tensor
-    """-mean(advantage * log p(sampled thought token))."""
-    mixing_weight: torch.Tensor
-    """(N, P, K) w per prediction (detached)."""
-    reward: torch.Tensor
-    """(N, P): sum over the K talk tokens of NLL_base - NLL_mixed, before baseline and clamp (detached)."""
-    thought_tokens: torch.Tensor
-    """(N, P, n_ahead - 3) sampled thought token ids (the <start>/<end> vectors are not tokens)."""
-    positions: torch.Tensor
-    """(P,) the positions t at which thoughts were taken."""
-    base_logits: torch.Tensor
-    """(B, T, V) plain LM logits (the tensor the loss used, not a copy), once per example: the n_passes
-    copies share pass 0."""
-    mixed_logits: torch.Tensor
-    """(N, P, K, V) mixed logits: [n, p, k] predicts token positions[p] + k + 1."""
 
 
 class QuietStar(nn.Module):
@@ -178,7 +148,7 @@ class QuietStar(nn.Module):
         them; the plain LM loss covers every next-token prediction.
         """
         c = self.thought_config
-        B, T = input_ids.shape
+        T = input_ids.size(1)
         K = c.n_ahead_talk
         if T <= K:
             raise ValueError(f"sequence length {T} must exceed n_ahead_talk={K}"
@@ -202,18 +172,12 @@ class QuietStar(nn.Module):
         mixed_nll = -token_log_prob(mixed_logits, targets)                        # (N, P, K)
 
         reward = (base_talk_nll - mixed_nll).detach().sum(-1)                     # (N, P)
-        advantage = reward
-        if c.subtract_baseline and c.n_passes > 1:
-            per_example = reward.view(B, c.n_passes, -1)
-            advantage = (per_example - per_example.mean(1, keepdim=True)).view_as(reward)
-        if c.clamp_reward:
-            advantage = advantage.clamp(min=0)
-        policy_loss = -(advantage.unsqueeze(-1) * log_p).mean()
+        policy = reinforce_loss(reward, log_p, c)
 
         lm_nll, mixed_mean = token_nll.mean(), mixed_nll.mean()
-        loss = c.base_loss_weight * lm_nll + c.mixed_loss_weight * mixed_mean + c.policy_loss_weight * policy_loss
+        loss = c.base_loss_weight * lm_nll + c.mixed_loss_weight * mixed_mean + c.policy_loss_weight * policy
         return ThoughtOutput(
-            loss=loss, lm_nll=lm_nll, base_nll=base_talk_nll.mean(), mixed_nll=mixed_mean, policy_loss=policy_loss,
+            loss=loss, lm_nll=lm_nll, base_nll=base_talk_nll.mean(), mixed_nll=mixed_mean, policy_loss=policy,
             mixing_weight=w.squeeze(-1).detach(), reward=reward, thought_tokens=sampled, positions=positions,
             base_logits=base_logits, mixed_logits=mixed_logits,
         )
