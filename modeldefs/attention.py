@@ -2,12 +2,25 @@
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from modeldefs.config import ModelConfig
 from modeldefs.rope import apply_rope
+
+
+class AttentionCache(Protocol):
+    """What an attention layer needs from a KV cache: `KVCache`, `RoutedKVCache` and Quiet-STaR's
+    `ThoughtKVCache` (which keeps the thought passes compactly) all have it."""
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start_pos: int,
+               mask: torch.Tensor | None) -> torch.Tensor:
+        """Keep the new keys/values k, v (B, Hkv, T, D) from slot `start_pos`; return q (B, H, T, D)'s
+        attention output (B, H, T, D) over the cache under `mask`."""
+        ...
 
 
 class KVCache(nn.Module):
@@ -61,7 +74,7 @@ class CausalSelfAttention(nn.Module):
         self.proj = nn.Linear(config.n_head * config.head_dim, config.n_embd, bias=False)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                mask: torch.Tensor | None = None, kv_cache: KVCache | None = None,
+                mask: torch.Tensor | None = None, kv_cache: AttentionCache | None = None,
                 start_pos: int = 0) -> torch.Tensor:
         """x (B, T, C). `mask` (bool, True = may attend, broadcastable to (B, H, T, S)) replaces the
         causal rule when given; with `kv_cache`, the new keys are written from slot `start_pos` first."""

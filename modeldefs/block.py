@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from modeldefs.attention import CausalSelfAttention, KVCache
+from modeldefs.attention import AttentionCache, CausalSelfAttention
 from modeldefs.config import ModelConfig
 from modeldefs.mlp import SwiGLU
 
@@ -21,13 +21,13 @@ class Block(nn.Module):
         self.mlp = SwiGLU(config)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                mask: torch.Tensor | None = None, kv_cache: KVCache | None = None,
+                mask: torch.Tensor | None = None, kv_cache: AttentionCache | None = None,
                 start_pos: int = 0) -> torch.Tensor:
         x = x + self.attn(self.attn_norm(x), cos, sin, mask, kv_cache, start_pos)
         return x + self.mlp(self.mlp_norm(x))
 
     def residual_update(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                        mask: torch.Tensor | None = None, kv_cache: KVCache | None = None,
+                        mask: torch.Tensor | None = None, kv_cache: AttentionCache | None = None,
                         start_pos: int = 0) -> torch.Tensor:
         """f(x) with forward(x) = x + f(x): what the block adds to the residual stream."""
         a = self.attn(self.attn_norm(x), cos, sin, mask, kv_cache, start_pos)

@@ -20,12 +20,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from modeldefs.attention import KVCache
+from modeldefs.attention import AttentionCache, KVCache
 from modeldefs.block import Block
 from modeldefs.config import ModelConfig
 
@@ -52,8 +53,17 @@ class Routing:
         return F.binary_cross_entropy_with_logits(self.predictor_logits, self.topk.float())
 
 
+class RoutedCache(AttentionCache, Protocol):
+    """What a routed block needs from its KV cache: `RoutedKVCache` and Quiet-STaR's `ThoughtKVCache` have it."""
+
+    routed: torch.Tensor
+    """(B, slots) bool: the slots whose token went through this layer (the block writes it)."""
+
+
 class RoutedKVCache(KVCache):
     """A KV cache that also records which positions went through its (routed) layer."""
+
+    routed: torch.Tensor  # a buffer, registered below
 
     def __init__(self, batch_size: int, n_kv_head: int, max_len: int, head_dim: int,
                  dtype: torch.dtype, device: torch.device | None = None) -> None:
@@ -89,7 +99,7 @@ class RoutedBlock(Block):
         return 2 * torch.sigmoid(logits) if self.scale_by_router else torch.ones_like(logits)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                mask: torch.Tensor | None = None, kv_cache: RoutedKVCache | None = None,
+                mask: torch.Tensor | None = None, kv_cache: RoutedCache | None = None,
                 start_pos: int = 0, valid: torch.Tensor | None = None) -> torch.Tensor:
         """As `Block.forward`; `valid` (B, T) bool marks real tokens (padding is never routed)."""
         h = F.rms_norm(x, (x.size(-1),))
@@ -133,7 +143,7 @@ class RoutedBlock(Block):
         return out, selected if valid is None else selected & valid
 
     def _causal(self, x: torch.Tensor, logits: torch.Tensor, selected: torch.Tensor, cos: torch.Tensor,
-                sin: torch.Tensor, mask: torch.Tensor | None, kv_cache: RoutedKVCache | None,
+                sin: torch.Tensor, mask: torch.Tensor | None, kv_cache: RoutedCache | None,
                 start_pos: int) -> torch.Tensor:
         B, T, _ = x.shape
         if kv_cache is not None:

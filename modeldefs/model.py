@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 from torch import nn
 
-from modeldefs.attention import KVCache
+from modeldefs.attention import AttentionCache, KVCache
 from modeldefs.block import Block
 from modeldefs.config import ModelConfig
 from modeldefs.mod import RoutedBlock, RoutedKVCache
@@ -45,21 +46,21 @@ class Transformer(nn.Module):
             nn.init.zeros_(module.bias)
 
     def forward(self, idx: torch.Tensor, position_ids: torch.Tensor | None = None,
-                mask: torch.Tensor | None = None, kv_cache: list[KVCache] | None = None,
+                mask: torch.Tensor | None = None, kv_cache: Sequence[AttentionCache] | None = None,
                 start_pos: int = 0, valid: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (B, T, vocab) for token ids `idx` (B, T).
 
         position_ids: (B, T) or (T,) rotary positions; default start_pos .. start_pos + T - 1.
         mask: bool, broadcastable to (B, n_head, T, S), True where a query may attend to a key.
             None means plain causal attention. Routing and thought tokens use this path.
-        kv_cache / start_pos: one `KVCache` per block, and the cache slot of the first new token (the
-            new tokens fill start_pos .. start_pos + T - 1).
+        kv_cache / start_pos: one cache per block (`make_kv_cache`; a routed block's is a `RoutedCache`), and
+            the cache slot of the first new token (the new tokens fill start_pos .. start_pos + T - 1).
         valid: (B, T) bool, False at padding; Mixture-of-Depths routers never pick padding.
         """
         return self.lm_head(self.hidden(self.embed(idx), position_ids, mask, kv_cache, start_pos, valid))
 
     def hidden(self, x: torch.Tensor, position_ids: torch.Tensor | None = None,
-               mask: torch.Tensor | None = None, kv_cache: list[KVCache] | None = None,
+               mask: torch.Tensor | None = None, kv_cache: Sequence[AttentionCache] | None = None,
                start_pos: int = 0, valid: torch.Tensor | None = None) -> torch.Tensor:
         """Final-normed hidden states (B, T, n_embd) for input embeddings `x` (B, T, n_embd).
 

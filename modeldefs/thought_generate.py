@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import torch
 
+from modeldefs.attention import KVCache
 from modeldefs.generate import check_request, sample_next
 from modeldefs.quietstar import QuietStar
 
 
-def _step(model: QuietStar, x: torch.Tensor, cache: list, slot: int, positions: torch.Tensor | None = None,
+def _step(model: QuietStar, x: torch.Tensor, cache: list[KVCache], slot: int, positions: torch.Tensor | None = None,
           key_valid: torch.Tensor | None = None) -> torch.Tensor:
     """Hidden state (B, C) of one input vector per row (B, C) written at cache slot `slot`: at rotary
     position `slot`, attending to every slot up to it, or at `positions` (B,), attending to the slots
@@ -28,7 +29,7 @@ def _step(model: QuietStar, x: torch.Tensor, cache: list, slot: int, positions: 
     return model.lm.hidden(x[:, None], position_ids=position_ids, mask=mask, kv_cache=cache, start_pos=slot)[:, -1]
 
 
-def thought_hidden(model: QuietStar, cache: list, slot: int, generator: torch.Generator | None = None,
+def thought_hidden(model: QuietStar, cache: list[KVCache], slot: int, generator: torch.Generator | None = None,
                    positions: torch.Tensor | None = None, key_valid: torch.Tensor | None = None) -> torch.Tensor:
     """Think after the token in slot `slot - 1`, in slots `slot` .. `slot + n_ahead - 2` of the cache;
     returns the hidden state after <end> (B, C). The slots it used are free for the next real token.
