@@ -35,39 +35,38 @@ class ThoughtKVCache:
         """After pass 0 over one row per example, give each of its `copies` thought samples its rows
         (adjacent), so pass 0 is computed once per example, not once per sample."""
         if self.prefix is not None:
-            self.prefix = tuple(t.repeat_interleave(copies, dim=0) for t in self.prefix)
+            prefix_k, prefix_v = self.prefix
+            self.prefix = (prefix_k.repeat_interleave(copies, dim=0), prefix_v.repeat_interleave(copies, dim=0))
         self.routed = self.routed.repeat_interleave(copies, dim=0)
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start_pos: int,
                mask: torch.Tensor | None) -> torch.Tensor:
         """As `KVCache.attend`: q, k, v (B, heads, T or P, D) of pass 0 (start_pos 0) or of the thought pass whose
         slots start at `start_pos`, under `mask` (required for thought passes: the thought mask over all slots)."""
+        T, P = self.seq_len, self.n_chains
         if start_pos == 0:
             self.prefix = (k, v)
             # causal, unless a routed layer gives its mask
             return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
                                                   enable_gqa=k.size(1) != q.size(1))
-        self._append_pass(k, v, start_pos, n_queries=q.size(2), mask=mask)
-        return self._attend_prefix_and_own_chain(q, mask)
-
-    def _append_pass(self, k: torch.Tensor, v: torch.Tensor, start_pos: int, n_queries: int,
-                     mask: torch.Tensor | None) -> None:
-        """Store a thought pass's keys and values, k and v (B, Hkv, P, D), one per chain."""
-        T, P = self.seq_len, self.n_chains
         if self.prefix is None:
             # A routed layer skipped pass 0 (one token, not routed): those keys are masked out, any value does.
             zeros = k.new_zeros(k.size(0), k.size(1), T, k.size(3))
             self.prefix = (zeros, zeros)
         stored = 0 if self.chain is None else self.chain[0].size(3)  # thought passes stored so far
         pass_number = (start_pos - T) // P + 1
-        if (start_pos - T) % P or pass_number <= stored or n_queries != P or mask is None:
+        if (start_pos - T) % P or pass_number <= stored or q.size(2) != P or mask is None:
             raise ValueError("ThoughtKVCache takes pass 0, then one slot per chain per pass, in order, with the"
                              " thought mask")
+        self._append_pass(k, v, skipped=pass_number - stored - 1)
+        return self._attend_prefix_and_own_chain(q, mask)
+
+    def _append_pass(self, k: torch.Tensor, v: torch.Tensor, skipped: int) -> None:
+        """Store a thought pass's keys and values, k and v (B, Hkv, P, D), one per chain, after `skipped`
+        passes that a routed layer did not run (no row routed): their keys are masked out as unrouted, so
+        zeros do."""
         new_k, new_v = k.unsqueeze(3), v.unsqueeze(3)                                   # (B, Hkv, P, 1, D)
-        skipped = pass_number - stored - 1
         if skipped:
-            # A routed layer skipped these passes (no row routed): their keys are masked out as unrouted,
-            # any value does.
             new_k = torch.cat([new_k.new_zeros(*new_k.shape[:3], skipped, new_k.size(4)), new_k], 3)
             new_v = torch.cat([new_v.new_zeros(*new_v.shape[:3], skipped, new_v.size(4)), new_v], 3)
         if self.chain is None:
