@@ -121,6 +121,9 @@ class QuietStar(nn.Module):
                 layer.repeat_rows(copies)
         x = self.meta_embedding("start", (N, P))
         talk, sampled, log_p = [], [], []
+        # Pass j feeds x and gives h, the hidden state after it. Fed: <start> (j = 1), the sampled tokens
+        # (j = 2 .. n_ahead - 2), <end> (j = n_ahead - 1), the talk tokens (j >= n_ahead). Used: h of passes
+        # 1 .. n_sampled samples the next thought token; h from <end> on (j >= n_ahead - 1) are the talk states.
         for j in range(1, n_passes):
             # contiguous: a column slice's strides differ from pass to pass, and compiled blocks would not share a graph
             h = lm.hidden(x, positions + j, mask[:, : T + j * P].contiguous(), cache, start_pos=T + (j - 1) * P)
@@ -134,9 +137,9 @@ class QuietStar(nn.Module):
                 x = self.meta_embedding("end", (N, P))
             else:
                 talk.append(h)
-                k = j - (c.n_ahead - 1)  # talk tokens fed so far
-                if k < talk_ids.size(-1):
-                    x = lm.embed(talk_ids[:, :, k])
+                n_fed = j - (c.n_ahead - 1)  # talk tokens fed so far
+                if n_fed < talk_ids.size(-1):
+                    x = lm.embed(talk_ids[:, :, n_fed])
         return h0, torch.stack(talk, 2), torch.stack(sampled, 2), torch.stack(log_p, 2)
 
     # ---- public API ------------------------------------------------------------------------------
