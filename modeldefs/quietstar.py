@@ -40,7 +40,8 @@ from modeldefs.thought_mixing import ThoughtMixingHead
 
 # The names callers import from here, including those defined in the modules beside it.
 __all__ = [
-    "QuietStar", "ThoughtConfig", "ThoughtKVCache", "ThoughtMixingHead", "ThoughtOutput", "thought_attention_mask",
+    "QuietStar", "ThoughtConfig", "ThoughtKVCache", "ThoughtMixingHead", "ThoughtOutput", "reinforce_loss",
+    "thought_attention_mask",
 ]
 
 
