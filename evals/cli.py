@@ -24,6 +24,7 @@ import torch
 
 from evals import answer_prob, csqa, gsm8k
 from evals.decoding import DecodingConfig
+from evals.files import write_atomic
 from evals.leaderboard import COLUMNS, LONG_HEADER, append_rows, log_to_wandb, long_table, read_rows, wide_table
 from evals.model import DTYPES, EvalModel, ModelLoadError, load_eval_model
 from evals.plots import plot_accuracy
@@ -275,7 +276,7 @@ def _save(report: dict[str, Any], output: Path, rows: list[dict[str, Any]], lead
     """Write results.json (every model so far) and append `rows` to the leaderboard; returns rows added."""
     output.mkdir(parents=True, exist_ok=True)
     # NaN (the stderr of n = 1) as null: bare NaN is not JSON, and strict parsers refuse the file
-    (output / "results.json").write_text(json.dumps(_nan_to_none(report), indent=2, default=str, allow_nan=False) + "\n")
+    write_atomic(output / "results.json", json.dumps(_nan_to_none(report), indent=2, default=str, allow_nan=False) + "\n")
     return append_rows(leaderboard, rows)[1]
 
 
@@ -305,8 +306,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             if args.log_samples:
                 output.mkdir(parents=True, exist_ok=True)
                 name = f"samples_{len(report['models'])}_{Path(source).name}_{r.task}_{r.n_shot}shot_{r.decoding}.jsonl"
-                with (output / name).open("w") as f:
-                    f.writelines(json.dumps(s) + "\n" for s in r.samples)
+                write_atomic(output / name, "".join(json.dumps(s) + "\n" for s in r.samples))
             new = leaderboard_rows(model, [r], entry["weights_sha256"], args, commit, report["created"])
             report["wall_seconds"] = round(time.perf_counter() - started, 2)
             added += _save(report, output, new, args.leaderboard)

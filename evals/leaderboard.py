@@ -11,10 +11,13 @@ from __future__ import annotations
 import csv
 import html
 import math
+import os
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+from evals.files import write_atomic
 
 COLUMNS = ["model", "weights_sha256", "dtype", "decoding", "task", "version", "filter", "n_shot", "metric", "value",
            "stderr", "n", "max_new_tokens", "tokens_per_s", "capacity", "thought_length", "prompts_hash", "commit", "date"]
@@ -28,9 +31,9 @@ def _key(row: dict[str, Any]) -> tuple[str, ...]:
 
 
 def read_rows(path: str | Path) -> list[dict[str, str]]:
-    """Rows of a leaderboard CSV (none if it does not exist yet)."""
+    """Rows of a leaderboard CSV (none if it does not exist yet, or is empty: a run is creating it)."""
     path = Path(path)
-    if not path.is_file():
+    if not path.is_file() or not path.stat().st_size:
         return []
     with path.open(newline="") as f:
         reader = csv.DictReader(f)
@@ -53,25 +56,25 @@ def append_rows(directory: str | Path, rows: Sequence[dict[str, Any]]) -> tuple[
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / "leaderboard.csv"
-    existing = read_rows(path)
-    seen = {_key(r) for r in existing}
-    added = []
-    for row in rows:
-        row = {c: "" if row.get(c) is None else str(row[c]) for c in COLUMNS}
-        if _key(row) not in seen:
-            seen.add(_key(row))
-            added.append(row)
-    new_file = not path.is_file()
-    ending = "" if new_file else _line_ending(path)
     with path.open("a", newline="") as f:
+        existing = read_rows(path)
+        seen = {_key(r) for r in existing}
+        added = []
+        for row in rows:
+            row = {c: "" if row.get(c) is None else str(row[c]) for c in COLUMNS}
+            if _key(row) not in seen:
+                seen.add(_key(row))
+                added.append(row)
         writer = csv.DictWriter(f, fieldnames=COLUMNS)
-        if new_file:
+        if os.fstat(f.fileno()).st_size == 0:
             writer.writeheader()
-        f.write(ending)
+        else:
+            f.write(_line_ending(path))
         writer.writerows(added)
-    everything = existing + added
-    (directory / "leaderboard.md").write_text(markdown(everything))
-    (directory / "leaderboard.html").write_text(html_page(everything))
+        f.flush()
+        everything = existing + added
+        write_atomic(directory / "leaderboard.md", markdown(everything))
+        write_atomic(directory / "leaderboard.html", html_page(everything))
     return everything, len(added)
 
 

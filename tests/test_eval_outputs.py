@@ -1,0 +1,50 @@
+"""`quietdepth-eval`'s files stay whole and its rows are never lost: failed writes, concurrent runs, reruns."""
+
+from __future__ import annotations
+
+import resource
+import signal
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import pytest
+
+from evals import leaderboard
+from evals.files import write_atomic
+
+
+@contextmanager
+def file_size_limit(size: int) -> Iterator[None]:
+    """Writes past `size` bytes of any file fail with OSError (EFBIG), as on a full disk, mid-write."""
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the default action kills the process
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (size, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, handler)
+
+
+def _row(**changed) -> dict:
+    return {**dict(model="m", decoding="greedy", task="csqa", version="N/A", filter="none", n_shot=0, metric="acc",
+                   value=0.5, stderr=0.1, n=4, date="d1"), **changed}
+
+
+def test_a_write_that_fails_midway_keeps_the_earlier_file_whole_and_leaves_no_temporary_file(tmp_path):
+    path = tmp_path / "results.json"
+    write_atomic(path, "{}\n")
+    with file_size_limit(100), pytest.raises(OSError):
+        write_atomic(path, "x" * 1000)
+    assert path.read_text() == "{}\n" and [p.name for p in tmp_path.iterdir()] == ["results.json"]
+
+
+def test_a_leaderboard_view_that_fails_midway_keeps_the_earlier_one_whole(tmp_path):
+    """leaderboard.md/.html were rewritten in place: a full disk (or a kill) mid-write left them cut short."""
+    leaderboard.append_rows(tmp_path, [_row()])
+    views = {name: (tmp_path / name).read_text() for name in ("leaderboard.md", "leaderboard.html")}
+    csv_size = (tmp_path / "leaderboard.csv").stat().st_size
+    with file_size_limit(csv_size + 600), pytest.raises(OSError):  # room for the new CSV row, not the new views
+        leaderboard.append_rows(tmp_path, [_row(model="m" * 300)])
+    assert {name: (tmp_path / name).read_text() for name in views} == views
+    assert not list(tmp_path.glob(".*"))
