@@ -9,6 +9,7 @@ is not added again.
 from __future__ import annotations
 
 import csv
+import fcntl
 import html
 import math
 import os
@@ -52,11 +53,13 @@ def read_rows(path: str | Path) -> list[dict[str, str]]:
 
 def append_rows(directory: str | Path, rows: Sequence[dict[str, Any]]) -> tuple[list[dict[str, str]], int]:
     """Append `rows` to `directory`/leaderboard.csv (skipping rows already there), rewrite the Markdown
-    and HTML views; returns (all rows, rows added)."""
+    and HTML views; returns (all rows, rows added). The CSV is locked (`flock`) meanwhile, so that runs
+    appending at once take turns: each reads every row the others added, and renders them all."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / "leaderboard.csv"
     with path.open("a", newline="") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
         existing = read_rows(path)
         seen = {_key(r) for r in existing}
         added = []

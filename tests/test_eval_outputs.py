@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import resource
 import signal
 from collections.abc import Iterator
@@ -48,3 +49,25 @@ def test_a_leaderboard_view_that_fails_midway_keeps_the_earlier_one_whole(tmp_pa
         leaderboard.append_rows(tmp_path, [_row(model="m" * 300)])
     assert {name: (tmp_path / name).read_text() for name in views} == views
     assert not list(tmp_path.glob(".*"))
+
+
+def test_a_run_updating_the_leaderboard_holds_its_csv_locked_so_another_run_waits_its_turn(tmp_path, monkeypatch):
+    """Two runs appending at once each read the CSV, then wrote its views: the one rendering last left out the
+    other's rows (found: run B's row in leaderboard.csv, missing from leaderboard.md after run A's slower render)."""
+    leaderboard.append_rows(tmp_path, [_row()])
+    render, probes = leaderboard.markdown, []
+
+    def render_while_probing(rows):
+        with (tmp_path / "leaderboard.csv").open("a") as other_run:
+            try:
+                fcntl.flock(other_run, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                probes.append("free")
+            except BlockingIOError:
+                probes.append("locked")
+        return render(rows)
+
+    monkeypatch.setattr(leaderboard, "markdown", render_while_probing)
+    leaderboard.append_rows(tmp_path, [_row(model="m2")])
+    assert probes == ["locked"]
+    with (tmp_path / "leaderboard.csv").open("a") as after:
+        fcntl.flock(after, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released once the views are written
