@@ -248,11 +248,12 @@ def _local_source_missing(source: str) -> bool:
     return looks_local and not Path(source).expanduser().exists()
 
 
-def _check_outputs(output: Path, leaderboard: str) -> None:
-    """Refuse, before anything runs, an output folder or a leaderboard the results could not be written to."""
-    if output.exists() and not output.is_dir():
+def _check_outputs(output: Path | None, leaderboard: str) -> None:
+    """Refuse, before anything runs, an --output folder (None: the default, a new one) or a leaderboard the
+    results could not be written to."""
+    if output is not None and output.exists() and not output.is_dir():
         raise ValueError(f"--output {output} is a file; give a folder (results.json goes inside it)")
-    if (output / "results.json").exists():
+    if output is not None and (output / "results.json").exists():
         raise ValueError(f"--output {output} already holds an earlier run's results.json; give a new folder, or drop "
                          "--output (each run then gets its own eval-results/<UTC time>)")
     board = Path(leaderboard)
@@ -286,12 +287,38 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     now = datetime.now(timezone.utc)
     check_args(args)
     output = Path(args.output or Path("eval-results") / now.strftime("%Y%m%d-%H%M%S"))
-    _check_outputs(output, args.leaderboard)
+    _check_outputs(Path(args.output) if args.output else None, args.leaderboard)
     for source in args.model:
         if _local_source_missing(source):
             raise ModelLoadError(f"cannot load model {source!r}: no such file or directory")
     commit = git_commit()
     data = load_data(args)
+    if args.output is None:
+        output = _claim_folder(output)
+    try:
+        return _evaluate_all(args, output, now, started, commit, data)
+    finally:
+        if args.output is None and not any(output.iterdir()):  # nothing evaluated: no empty folder left behind
+            output.rmdir()
+
+
+def _claim_folder(folder: Path) -> Path:
+    """Create `folder`, or `folder`-2, -3, ... where a run that started in the same second has it: each run
+    its own folder, never another's."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    claimed, n = folder, 1
+    while True:
+        try:
+            claimed.mkdir()
+            return claimed
+        except FileExistsError:
+            n += 1
+            claimed = folder.with_name(f"{folder.name}-{n}")
+
+
+def _evaluate_all(args: argparse.Namespace, output: Path, now: datetime, started: float, commit: str,
+                  data: dict[str, Any]) -> dict[str, Any]:
+    """Evaluate every model into `output` and the leaderboard; returns the report (results.json's content)."""
     report: dict[str, Any] = {"created": now.isoformat(timespec="seconds"), "git_commit": commit,
                               "command": ["quietdepth-eval", *sys.argv[1:]], "config": vars(args), "models": []}
     rows, added = [], 0

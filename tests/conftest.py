@@ -130,3 +130,16 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     if _SESSION_CACHE:
         shutil.rmtree(_SESSION_CACHE, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    """A random `tiny` model saved the way training saves checkpoints (model_config + `model.` keys)."""
+    from modeldefs import ModelConfig, Transformer
+
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig.from_name("tiny", n_layer=2, block_size=512))
+    path = tmp_path_factory.mktemp("ckpt") / "tiny.ckpt"
+    torch.save({"model_config": model.config.to_dict(),
+                "state_dict": {f"model.{k}": v for k, v in model.state_dict().items()}}, path)
+    return path

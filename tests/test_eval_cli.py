@@ -16,17 +16,6 @@ from modeldefs import ModelConfig, Transformer
 from tests.conftest import shared_file
 
 
-@pytest.fixture(scope="module")
-def tiny_checkpoint(tmp_path_factory) -> Path:
-    """A random `tiny` model saved the way training saves checkpoints (model_config + `model.` keys)."""
-    torch.manual_seed(0)
-    model = Transformer(ModelConfig.from_name("tiny", n_layer=2, block_size=512))
-    path = tmp_path_factory.mktemp("ckpt") / "tiny.ckpt"
-    torch.save({"model_config": model.config.to_dict(),
-                "state_dict": {f"model.{k}": v for k, v in model.state_dict().items()}}, path)
-    return path
-
-
 def data_args() -> list[str]:
     return ["--gsm8k-path", str(shared_file("gsm8k/test.jsonl")), "--gsm8k-train-path", str(shared_file("gsm8k/train.jsonl")),
             "--csqa-path", str(shared_file("commonsense_qa/dev_rand_split.jsonl"))]

@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import fcntl
+import json
 import resource
 import signal
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import datetime, timezone
 
 import pytest
 
 from evals import leaderboard
+from evals.cli import main
 from evals.files import write_atomic
+from tests.conftest import shared_file
 
 
 @contextmanager
@@ -71,3 +75,35 @@ def test_a_run_updating_the_leaderboard_holds_its_csv_locked_so_another_run_wait
     assert probes == ["locked"]
     with (tmp_path / "leaderboard.csv").open("a") as after:
         fcntl.flock(after, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released once the views are written
+
+
+def test_runs_started_in_the_same_second_each_get_their_own_default_folder(
+        tiny_checkpoint, smollm2_tokenizer_dir, tmp_path, monkeypatch):
+    """The default folder is eval-results/<UTC second>: the second run was refused for the first one's results.json
+    (told to drop the --output it had not given) or, started before that was written, overwrote it."""
+    from evals import cli
+
+    class SameSecond(datetime):
+        @classmethod
+        def now(cls, tz=None):
+            return datetime(2026, 1, 2, 3, 4, 5, tzinfo=timezone.utc)
+
+    monkeypatch.setattr(cli, "datetime", SameSecond)
+    monkeypatch.chdir(tmp_path)
+    args = ["--model", str(tiny_checkpoint), "--tokenizer", str(smollm2_tokenizer_dir), "--tasks", "csqa", "--limit", "1",
+            "--no-progress", "--csqa-path", str(shared_file("commonsense_qa/dev_rand_split.jsonl"))]
+    main(args)
+    main([*args, "--limit", "2"])
+    folders = sorted(p.name for p in (tmp_path / "eval-results").iterdir() if p.is_dir())
+    assert folders == ["20260102-030405", "20260102-030405-2"]
+    assert [json.loads((tmp_path / "eval-results" / f / "results.json").read_text())["models"][0]["results"][0]["n"]
+            for f in folders] == [1, 2]
+
+
+def test_a_run_that_fails_before_any_result_leaves_no_empty_default_folder(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit):
+        main(["--model", str(tmp_path), "--tasks", "csqa", "--limit", "1", "--no-progress",
+              "--csqa-path", str(shared_file("commonsense_qa/dev_rand_split.jsonl"))])
+    assert "cannot load model" in capsys.readouterr().err
+    assert not (tmp_path / "eval-results").exists() or not any((tmp_path / "eval-results").iterdir())
