@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
+import json
 import subprocess
 import time
 from collections.abc import Iterator
@@ -78,12 +80,34 @@ def timed() -> Iterator[_Clock]:
 
 
 def git_commit() -> str:
-    """The commit of the code that ran (with `-dirty` for uncommitted changes), or `unknown`."""
-    repo = Path(__file__).resolve().parents[1]
+    """The commit of the code that ran: its git checkout's (with `-dirty` for uncommitted changes); for an
+    installed copy, the commit pip recorded installing it from git, else `quietdepth==<version>`; else `unknown`."""
+    return _checkout_commit() or _installed_commit() or "unknown"
+
+
+def _checkout_commit() -> str | None:
+    """HEAD of the git checkout that tracks this code (`-dirty` for uncommitted changes under its folder); None if
+    none does (an installed copy, even in a site-packages inside some other project's checkout)."""
+    here = Path(__file__).resolve()
+    repo = here.parents[1]
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, check=True)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo,
-                               capture_output=True, text=True, check=True)
+        git = {"cwd": repo, "capture_output": True, "text": True, "check": True}
+        subprocess.run(["git", "ls-files", "--error-unmatch", "--", str(here.relative_to(repo))], **git)
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], **git)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "."], **git)
     except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+        return None
     return commit.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+
+
+def _installed_commit() -> str | None:
+    """For code pip installed (the quietdepth distribution whose files these are): the git commit it was
+    installed from (direct_url.json, PEP 610), else its version; None for code no distribution holds."""
+    try:
+        dist = importlib.metadata.distribution("quietdepth")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    if Path(dist.locate_file("evals/results.py")).resolve() != Path(__file__).resolve():
+        return None
+    commit = json.loads(dist.read_text("direct_url.json") or "{}").get("vcs_info", {}).get("commit_id")
+    return commit or f"quietdepth=={dist.version}"

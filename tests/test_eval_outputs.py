@@ -4,18 +4,23 @@ from __future__ import annotations
 
 import fcntl
 import json
+import os
 import resource
+import shutil
 import signal
+import subprocess
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime, timezone
+from pathlib import Path
 
 import pytest
 
 from evals import leaderboard
 from evals.cli import main
 from evals.files import write_atomic
-from tests.conftest import shared_file
+from tests.conftest import REPO, shared_file
 
 
 @contextmanager
@@ -107,3 +112,34 @@ def test_a_run_that_fails_before_any_result_leaves_no_empty_default_folder(tmp_p
               "--csqa-path", str(shared_file("commonsense_qa/dev_rand_split.jsonl"))])
     assert "cannot load model" in capsys.readouterr().err
     assert not (tmp_path / "eval-results").exists() or not any((tmp_path / "eval-results").iterdir())
+
+
+def _commit_of_installed_copy(site: Path) -> str:
+    """git_commit() of evals/ copied into `site` as pip installs it, run from there."""
+    package = site / "evals"
+    package.mkdir(parents=True, exist_ok=True)
+    for name in ("__init__.py", "results.py"):
+        shutil.copy(REPO / "evals" / name, package / name)
+    code = "from evals.results import git_commit; print(git_commit())"
+    return subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": str(site)}, cwd=site,
+                          capture_output=True, text=True, check=True).stdout.strip()
+
+
+def test_results_name_the_commit_of_an_installed_copy_not_of_the_project_it_is_installed_in(tmp_path):
+    """A venv inside the user's own project: git_commit() reported that project's HEAD (and its edits as -dirty)."""
+    git = ["git", "-c", "user.name=u", "-c", "user.email=u@x"]
+    subprocess.run([*git, "init", "-q", str(tmp_path)], check=True)
+    (tmp_path / "notes.txt").write_text("a")
+    subprocess.run([*git, "add", "notes.txt"], cwd=tmp_path, check=True)
+    subprocess.run([*git, "commit", "-qm", "users project"], cwd=tmp_path, check=True)
+    (tmp_path / "notes.txt").write_text("b")
+    site = tmp_path / ".venv" / "lib" / "site-packages"
+    assert _commit_of_installed_copy(site) == "unknown"
+    info = site / "quietdepth-0.1.0.dist-info"  # as pip install writes it
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: quietdepth\nVersion: 0.1.0\n")
+    assert _commit_of_installed_copy(site) == "quietdepth==0.1.0"
+    commit = "0123456789abcdef0123456789abcdef01234567"  # pip install git+https://...@<commit> records it (PEP 610)
+    (info / "direct_url.json").write_text(json.dumps({"url": "https://example.org/quietdepth.git",
+                                                      "vcs_info": {"vcs": "git", "commit_id": commit}}))
+    assert _commit_of_installed_copy(site) == commit
