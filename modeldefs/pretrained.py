@@ -23,6 +23,8 @@ import importlib.util
 import json
 import os
 import pickle
+import shutil
+import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
@@ -233,6 +235,23 @@ def export_hf(model: Transformer | QuietStar, out_dir: str | os.PathLike, tokeni
     hf_model = to_hf_model(model.lm if isinstance(model, QuietStar) else model)  # refuses a MoD model first
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    # written whole first, then moved in: a failure midway (a full disk, Ctrl-C) leaves an earlier export as it was,
+    # not its tokenizer or config beside new, half-written weights
+    staged = Path(tempfile.mkdtemp(prefix=".export-", dir=out))
+    try:
+        _write_hf(model, hf_model, staged, tokenizer)
+        for path in sorted(staged.iterdir()):
+            os.replace(path, out / path.name)
+    finally:
+        shutil.rmtree(staged, ignore_errors=True)
+    if not isinstance(model, QuietStar):  # an earlier Quiet-STaR export's files would wrap this model in its thoughts
+        for name in (THOUGHT_WEIGHTS, THOUGHT_CONFIG):
+            (out / name).unlink(missing_ok=True)
+    return out
+
+
+def _write_hf(model: Transformer | QuietStar, hf_model: Any, out: Path, tokenizer: Any | None) -> None:
+    """`export_hf`'s files, written into the empty folder `out`."""
     if tokenizer is not None:
         for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
             setattr(hf_model.config, key, getattr(tokenizer, key))
@@ -246,8 +265,4 @@ def export_hf(model: Transformer | QuietStar, out_dir: str | os.PathLike, tokeni
         thoughts = {k: v.detach().contiguous() for k, v in model.state_dict().items() if not k.startswith("lm.")}
         save_file(thoughts, out / THOUGHT_WEIGHTS)
         (out / THOUGHT_CONFIG).write_text(json.dumps(model.thought_config.to_dict(), indent=2) + "\n")
-    else:  # an earlier Quiet-STaR export's files there would make load_pretrained wrap this model in its thoughts
-        for name in (THOUGHT_WEIGHTS, THOUGHT_CONFIG):
-            (out / name).unlink(missing_ok=True)
-    return out
 

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import resource
 import shutil
+import signal
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -143,3 +147,16 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
     torch.save({"model_config": model.config.to_dict(),
                 "state_dict": {f"model.{k}": v for k, v in model.state_dict().items()}}, path)
     return path
+
+
+@contextmanager
+def file_size_limit(size: int) -> Iterator[None]:
+    """Writes past `size` bytes of any file fail with OSError (EFBIG), as on a full disk, mid-write."""
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the default action kills the process
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (size, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, handler)

@@ -7,6 +7,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from modeldefs.convert import config_from_hf
 from modeldefs.generate import generate
 from modeldefs.pretrained import export_hf, from_hf_model, load_pretrained, to_hf_model
+from tests.conftest import file_size_limit
 
 TINY_HF = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
@@ -142,6 +143,29 @@ def test_exporting_over_an_earlier_export_is_refused_unless_overwrite(tmp_path, 
     assert (out / "model.safetensors").read_bytes() == first
     export_main([str(checkpoints[1]), str(out), "--tokenizer", "none", "--overwrite"])
     assert (out / "model.safetensors").read_bytes() != first
+
+
+def test_an_overwrite_that_fails_midway_leaves_the_earlier_export_as_it_was(tmp_path, capsys):
+    """--overwrite wrote the new files over the old one by one: a full disk midway left the new config.json beside
+    the old export's tokenizer and new, half-written weights."""
+    from modeldefs import ModelConfig, Transformer
+    from training.export import main as export_main
+
+    checkpoints = []
+    for n_layer in (1, 2):
+        model = Transformer(ModelConfig.from_name("micro", n_layer=n_layer))
+        checkpoints.append(tmp_path / f"dense{n_layer}.ckpt")
+        torch.save({"model_config": model.config.to_dict(),
+                    "state_dict": {f"model.{k}": v for k, v in model.state_dict().items()}}, checkpoints[-1])
+    out = tmp_path / "out"
+    export_main([str(checkpoints[0]), str(out), "--tokenizer", "none"])
+    earlier = {p.name: p.read_bytes() for p in out.iterdir()}
+    with file_size_limit(len(earlier["model.safetensors"])), pytest.raises(SystemExit):  # the new weights are larger
+        export_main([str(checkpoints[1]), str(out), "--tokenizer", "none", "--overwrite"])
+    assert "File too large" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == earlier
+    export_main([str(checkpoints[1]), str(out), "--tokenizer", "none", "--overwrite"])
+    assert load_pretrained(str(out)).config.n_layer == 2
 
 
 def test_a_plain_export_over_a_quietstar_export_loads_as_the_plain_model(tmp_path):

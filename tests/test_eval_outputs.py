@@ -5,13 +5,9 @@ from __future__ import annotations
 import fcntl
 import json
 import os
-import resource
 import shutil
-import signal
 import subprocess
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -20,20 +16,7 @@ import pytest
 from evals import leaderboard
 from evals.cli import main
 from evals.files import write_atomic
-from tests.conftest import REPO, shared_file
-
-
-@contextmanager
-def file_size_limit(size: int) -> Iterator[None]:
-    """Writes past `size` bytes of any file fail with OSError (EFBIG), as on a full disk, mid-write."""
-    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the default action kills the process
-    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
-    resource.setrlimit(resource.RLIMIT_FSIZE, (size, hard))
-    try:
-        yield
-    finally:
-        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
-        signal.signal(signal.SIGXFSZ, handler)
+from tests.conftest import REPO, file_size_limit, shared_file
 
 
 def _row(**changed) -> dict:

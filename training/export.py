@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from safetensors import SafetensorError
+
 from modeldefs.pretrained import export_hf, load_pretrained, load_tokenizer, tokenizer_source
 from modeldefs.quietstar import QuietStar
 
@@ -28,7 +30,7 @@ def main(argv: list[str] | None = None) -> None:
         model = load_pretrained(args.source)
         tokenizer = None if args.tokenizer == "none" else load_tokenizer(args.tokenizer or tokenizer_source(args.source))
         out = export_hf(model, args.out_dir, tokenizer)
-    except (OSError, ValueError) as error:
+    except (OSError, ValueError, SafetensorError) as error:  # SafetensorError: writing the weights failed (disk full)
         parser.exit(2, f"{parser.prog}: error: {error}\n")
     print(f"wrote {out} (load with transformers.AutoModelForCausalLM.from_pretrained({str(out)!r}))")
     if isinstance(model, QuietStar):
