@@ -319,7 +319,8 @@ def _claim_folder(folder: Path) -> Path:
 def _evaluate_all(args: argparse.Namespace, output: Path, now: datetime, started: float, commit: str,
                   data: dict[str, Any]) -> dict[str, Any]:
     """Evaluate every model into `output` and the leaderboard; returns the report (results.json's content)."""
-    report: dict[str, Any] = {"created": now.isoformat(timespec="seconds"), "git_commit": commit,
+    # to the microsecond: it tells apart in the leaderboard's summary runs started in the same second
+    report: dict[str, Any] = {"created": now.isoformat(timespec="microseconds"), "git_commit": commit,
                               "command": ["quietdepth-eval", *sys.argv[1:]], "config": vars(args), "models": []}
     rows, added = [], 0
     for source in args.model:

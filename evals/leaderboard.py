@@ -133,7 +133,7 @@ def wide_table(rows: Sequence[dict[str, str]]) -> tuple[list[str], list[list[str
     for r in rows:
         key, column = _summary_column(r)
         columns[column] = key
-        run = (r["model"], r["weights_sha256"][:8], r["dtype"], r["decoding"], r["date"][:19])
+        run = (r["model"], r["weights_sha256"][:8], r["dtype"], r["decoding"], r["date"])  # shown to the second
         cells = table.setdefault(run, {"max new tokens": ""})
         cells[column] = _number(r["value"])
         if r["n"] not in ns.setdefault(run, []):
@@ -143,8 +143,8 @@ def wide_table(rows: Sequence[dict[str, str]]) -> tuple[list[str], list[list[str
             fewest_shots[run], cells["tokens/s"] = int(r["n_shot"]), _number(r["tokens_per_s"], 1)
     names = [*sorted(columns, key=columns.__getitem__), "tokens/s"]
     header = ["model", "weights", "dtype", "decoding", "date", "n", "max new tokens", *names]
-    return header, [[*run, "/".join(ns[run]), cells["max new tokens"], *(cells.get(c, "") for c in names)]
-                    for run, cells in table.items()]
+    return header, [[*run[:4], run[4][:19], "/".join(ns[run]), cells["max new tokens"],
+                     *(cells.get(c, "") for c in names)] for run, cells in table.items()]
 
 
 def _markdown_cell(text: str) -> str:

@@ -72,9 +72,12 @@ def test_runs_started_in_the_same_second_each_get_their_own_default_folder(
     from evals import cli
 
     class SameSecond(datetime):
+        ticks = 0
+
         @classmethod
         def now(cls, tz=None):
-            return datetime(2026, 1, 2, 3, 4, 5, tzinfo=timezone.utc)
+            cls.ticks += 1
+            return datetime(2026, 1, 2, 3, 4, 5, cls.ticks, tzinfo=timezone.utc)
 
     monkeypatch.setattr(cli, "datetime", SameSecond)
     monkeypatch.chdir(tmp_path)
@@ -86,6 +89,8 @@ def test_runs_started_in_the_same_second_each_get_their_own_default_folder(
     assert folders == ["20260102-030405", "20260102-030405-2"]
     assert [json.loads((tmp_path / "eval-results" / f / "results.json").read_text())["models"][0]["results"][0]["n"]
             for f in folders] == [1, 2]
+    _, summary = leaderboard.wide_table(leaderboard.read_rows(tmp_path / "eval-results" / "leaderboard.csv"))
+    assert [(cells[4], cells[5]) for cells in summary] == [("2026-01-02T03:04:05", "1"), ("2026-01-02T03:04:05", "2")]
 
 
 def test_a_run_that_fails_before_any_result_leaves_no_empty_default_folder(tmp_path, monkeypatch, capsys):
