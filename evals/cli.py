@@ -10,12 +10,15 @@ results.json, append to the leaderboard, and plot accuracy against compute knobs
 from __future__ import annotations
 
 import argparse
+import fcntl
 import hashlib
 import json
 import math
+import os
 import sys
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -253,13 +256,19 @@ def _check_outputs(output: Path | None, leaderboard: str) -> None:
     results could not be written to."""
     if output is not None and output.exists() and not output.is_dir():
         raise ValueError(f"--output {output} is a file; give a folder (results.json goes inside it)")
-    if output is not None and (output / "results.json").exists():
-        raise ValueError(f"--output {output} already holds an earlier run's results.json; give a new folder, or drop "
-                         "--output (each run then gets its own eval-results/<UTC time>)")
+    if output is not None:
+        _check_no_results(output)
     board = Path(leaderboard)
     if board.exists() and not board.is_dir():
         raise ValueError(f"--leaderboard {board} is a file; give a folder (leaderboard.csv goes inside it)")
     read_rows(board / "leaderboard.csv")  # a foreign CSV there is refused now, not after the evaluation
+
+
+def _check_no_results(output: Path) -> None:
+    """Refuse an --output folder that holds an earlier run's results.json."""
+    if (output / "results.json").exists():
+        raise ValueError(f"--output {output} already holds an earlier run's results.json; give a new folder, or drop "
+                         "--output (each run then gets its own eval-results/<UTC time>)")
 
 
 def _nan_to_none(value: Any) -> Any:
@@ -293,13 +302,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             raise ModelLoadError(f"cannot load model {source!r}: no such file or directory")
     commit = git_commit()
     data = load_data(args)
-    if args.output is None:
-        output = _claim_folder(output)
-    try:
-        return _evaluate_all(args, output, now, started, commit, data)
-    finally:
-        if args.output is None and not any(output.iterdir()):  # nothing evaluated: no empty folder left behind
-            output.rmdir()
+    created = args.output is None or not output.exists()
+    output = _claim_folder(output) if args.output is None else output
+    output.mkdir(parents=True, exist_ok=True)
+    with _held(output):
+        try:
+            return _evaluate_all(args, output, now, started, commit, data)
+        finally:
+            if created and not any(output.iterdir()):  # nothing evaluated: no empty folder left behind
+                output.rmdir()
 
 
 def _claim_folder(folder: Path) -> Path:
@@ -314,6 +325,23 @@ def _claim_folder(folder: Path) -> Path:
         except FileExistsError:
             n += 1
             claimed = folder.with_name(f"{folder.name}-{n}")
+
+
+@contextmanager
+def _held(output: Path) -> Iterator[None]:
+    """Hold `output` (an flock on the folder) for one run: a second run writing there would overwrite this
+    one's results.json, or this one the second's."""
+    fd = os.open(output, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ValueError(f"another quietdepth-eval run is writing to --output {output}; give another folder, or "
+                             "drop --output (each run then gets its own eval-results/<UTC time>)") from None
+        _check_no_results(output)  # a run that finished there since the first check
+        yield
+    finally:
+        os.close(fd)
 
 
 def _evaluate_all(args: argparse.Namespace, output: Path, now: datetime, started: float, commit: str,

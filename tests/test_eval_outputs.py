@@ -131,3 +131,29 @@ def test_results_name_the_commit_of_an_installed_copy_not_of_the_project_it_is_i
     (info / "direct_url.json").write_text(json.dumps({"url": "https://example.org/quietdepth.git",
                                                       "vcs_info": {"vcs": "git", "commit_id": commit}}))
     assert _commit_of_installed_copy(site) == commit
+
+
+def test_a_run_into_an_output_folder_another_run_is_writing_is_refused(
+        tiny_checkpoint, smollm2_tokenizer_dir, tmp_path, monkeypatch, capsys):
+    """Both runs passed the check for an earlier results.json before either had written one; each then wrote its own
+    over the other's (found: the second run's results.json gone, the first's in its place)."""
+    from evals import cli
+
+    args = ["--model", str(tiny_checkpoint), "--tokenizer", str(smollm2_tokenizer_dir), "--tasks", "csqa",
+            "--no-progress", "--csqa-path", str(shared_file("commonsense_qa/dev_rand_split.jsonl")),
+            "--output", str(tmp_path / "run"), "--leaderboard", str(tmp_path / "board")]
+    evaluate, second = cli.csqa.evaluate, []
+
+    def start_another_run_meanwhile(*a, **kw):
+        if not second:
+            second.append(True)
+            with pytest.raises(SystemExit) as exit_info:
+                main([*args, "--limit", "2"])
+            assert exit_info.value.code == 2
+        return evaluate(*a, **kw)
+
+    monkeypatch.setattr(cli.csqa, "evaluate", start_another_run_meanwhile)
+    main([*args, "--limit", "1"])
+    assert "another quietdepth-eval run is writing to --output" in capsys.readouterr().err
+    report = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert report["models"][0]["results"][0]["n"] == 1
