@@ -290,8 +290,9 @@ def _save(report: dict[str, Any], output: Path, rows: list[dict[str, Any]], lead
     return append_rows(leaderboard, rows)[1]
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
-    """Evaluate every model; each result is saved (results.json, leaderboard) as soon as it is done."""
+def run(args: argparse.Namespace, argv: list[str] | None = None) -> dict[str, Any]:
+    """Evaluate every model; each result is saved (results.json, leaderboard) as soon as it is done. `argv`, the
+    arguments `args` were parsed from (default: the command line's), is recorded as the command."""
     started = time.perf_counter()
     now = datetime.now(timezone.utc)
     check_args(args)
@@ -300,14 +301,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     for source in args.model:
         if _local_source_missing(source):
             raise ModelLoadError(f"cannot load model {source!r}: no such file or directory")
-    commit = git_commit()
+    # to the microsecond: it tells apart in the leaderboard's summary runs started in the same second
+    report: dict[str, Any] = {"created": now.isoformat(timespec="microseconds"), "git_commit": git_commit(),
+                              "command": ["quietdepth-eval", *(sys.argv[1:] if argv is None else argv)],
+                              "config": vars(args), "models": []}
     data = load_data(args)
     created = args.output is None or not output.exists()
     output = _claim_folder(output) if args.output is None else output
     output.mkdir(parents=True, exist_ok=True)
     with _held(output):
         try:
-            return _evaluate_all(args, output, now, started, commit, data)
+            return _evaluate_all(args, output, report, started, data)
         finally:
             if created and not any(output.iterdir()):  # nothing evaluated: no empty folder left behind
                 output.rmdir()
@@ -344,12 +348,10 @@ def _held(output: Path) -> Iterator[None]:
         os.close(fd)
 
 
-def _evaluate_all(args: argparse.Namespace, output: Path, now: datetime, started: float, commit: str,
+def _evaluate_all(args: argparse.Namespace, output: Path, report: dict[str, Any], started: float,
                   data: dict[str, Any]) -> dict[str, Any]:
-    """Evaluate every model into `output` and the leaderboard; returns the report (results.json's content)."""
-    # to the microsecond: it tells apart in the leaderboard's summary runs started in the same second
-    report: dict[str, Any] = {"created": now.isoformat(timespec="microseconds"), "git_commit": commit,
-                              "command": ["quietdepth-eval", *sys.argv[1:]], "config": vars(args), "models": []}
+    """Evaluate every model into `output` and the leaderboard, adding each result to `report` (results.json's
+    content); returns it."""
     rows, added = [], 0
     for source in args.model:
         load_start = time.perf_counter()
@@ -363,7 +365,7 @@ def _evaluate_all(args: argparse.Namespace, output: Path, now: datetime, started
                 output.mkdir(parents=True, exist_ok=True)
                 name = f"samples_{len(report['models'])}_{Path(source).name}_{r.task}_{r.n_shot}shot_{r.decoding}.jsonl"
                 write_atomic(output / name, "".join(json.dumps(s) + "\n" for s in r.samples))
-            new = leaderboard_rows(model, [r], entry["weights_sha256"], args, commit, report["created"])
+            new = leaderboard_rows(model, [r], entry["weights_sha256"], args, report["git_commit"], report["created"])
             report["wall_seconds"] = round(time.perf_counter() - started, 2)
             added += _save(report, output, new, args.leaderboard)
             rows += new
@@ -412,7 +414,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = plot_parser() if is_plot else run_parser()
     args = parser.parse_args(argv[1:] if is_plot or (argv and argv[0] == "run") else argv)
     try:
-        plot(args) if is_plot else run(args)
+        plot(args) if is_plot else run(args, argv)
     except (ModelLoadError, FileNotFoundError) as error:
         parser.exit(2, f"{parser.prog}: error: {error}\n")
     except ConnectionError as error:  # a hub dataset id with no hub in reach

@@ -157,3 +157,13 @@ def test_a_run_into_an_output_folder_another_run_is_writing_is_refused(
     assert "another quietdepth-eval run is writing to --output" in capsys.readouterr().err
     report = json.loads((tmp_path / "run" / "results.json").read_text())
     assert report["models"][0]["results"][0]["n"] == 1
+
+
+def test_results_json_records_the_command_of_a_run_started_from_python(
+        tiny_checkpoint, smollm2_tokenizer_dir, tmp_path):
+    """main(argv) from a script (a sweep, say) recorded the host process's command line (here pytest's)."""
+    args = ["--model", str(tiny_checkpoint), "--tokenizer", str(smollm2_tokenizer_dir), "--tasks", "csqa",
+            "--limit", "1", "--no-progress", "--csqa-path", str(shared_file("commonsense_qa/dev_rand_split.jsonl")),
+            "--output", str(tmp_path / "run"), "--leaderboard", str(tmp_path / "board")]
+    main(args)
+    assert json.loads((tmp_path / "run" / "results.json").read_text())["command"] == ["quietdepth-eval", *args]
