@@ -47,8 +47,30 @@ def read_rows(path: str | Path) -> list[dict[str, str]]:
                 warnings.warn(f"{path} line {reader.line_num} is incomplete or has extra fields (a run stopped while "
                               "writing it?): skipped; delete or repair that line", stacklevel=2)
                 continue
+            column = _not_a_number(row)
+            if column is not None:  # edited by hand or by a spreadsheet: the tables and plots read these as numbers
+                warnings.warn(f"{path} line {reader.line_num}: {column} {row[column]!r} is not a number: skipped; "
+                              "repair or delete that line", stacklevel=2)
+                continue
             rows.append(row)
         return rows
+
+
+_NUMBERS = {"value": float, "n_shot": int, "n": int}
+_NUMBERS_OR_EMPTY = {"stderr": float, "max_new_tokens": int, "tokens_per_s": float, "capacity": float,
+                     "thought_length": int}
+
+
+def _not_a_number(row: dict[str, str]) -> str | None:
+    """The first column of `row` that should hold a number and does not (None if all do)."""
+    for column, kind in {**_NUMBERS, **_NUMBERS_OR_EMPTY}.items():
+        if row[column] == "" and column in _NUMBERS_OR_EMPTY:
+            continue
+        try:
+            kind(row[column])
+        except ValueError:
+            return column
+    return None
 
 
 def append_rows(directory: str | Path, rows: Sequence[dict[str, Any]]) -> tuple[list[dict[str, str]], int]:

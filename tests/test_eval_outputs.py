@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import fcntl
 import json
 import os
@@ -16,6 +17,7 @@ import pytest
 from evals import leaderboard
 from evals.cli import main
 from evals.files import write_atomic
+from evals.plots import accuracy_lines
 from tests.conftest import REPO, file_size_limit, shared_file
 
 
@@ -167,3 +169,25 @@ def test_results_json_records_the_command_of_a_run_started_from_python(
             "--output", str(tmp_path / "run"), "--leaderboard", str(tmp_path / "board")]
     main(args)
     assert json.loads((tmp_path / "run" / "results.json").read_text())["command"] == ["quietdepth-eval", *args]
+
+
+def test_a_row_edited_to_hold_no_number_where_one_belongs_is_skipped_with_a_warning(tmp_path):
+    """A value or shot count emptied by hand made every later run end in a ValueError rendering the views (after
+    its rows were appended), and `quietdepth-eval plot` fail with "could not convert string to float: ''"."""
+    path = tmp_path / "leaderboard.csv"
+    written, _ = leaderboard.append_rows(tmp_path, [_row(task="gsm8k", filter="strict-match"), _row(model="m2")])
+    edited = [dict(row) for row in written]
+    edited[0]["n_shot"], edited[1]["value"] = "", ""
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=leaderboard.COLUMNS)
+        writer.writeheader()
+        writer.writerows(edited)
+    with pytest.warns(UserWarning) as warned:
+        rows, added = leaderboard.append_rows(tmp_path, [_row(model="m3")])
+    assert [str(w.message).split(": skipped")[0].split("leaderboard.csv ")[1] for w in warned] == [
+        "line 2: n_shot '' is not a number", "line 3: value '' is not a number"]
+    assert added == 1 and [r["model"] for r in rows] == ["m3"]
+    assert "| m3 |" in (tmp_path / "leaderboard.md").read_text()
+    with pytest.warns(UserWarning, match="is not a number"):
+        assert list(accuracy_lines(leaderboard.read_rows(path), "k", "csqa", "acc", "none").values()) == [
+            {1.0: (0.5, 0.1)}]
