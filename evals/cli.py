@@ -271,22 +271,25 @@ def _check_no_results(output: Path) -> None:
                          "--output (each run then gets its own eval-results/<UTC time>)")
 
 
-def _nan_to_none(value: Any) -> Any:
-    """`value` with every float NaN inside dicts and lists replaced by None."""
-    if isinstance(value, float) and math.isnan(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _nan_to_none(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_nan_to_none(v) for v in value]
-    return value
+def _strict_json(value: Any, **dumps: Any) -> str:
+    """`value` as JSON, with every float NaN or infinity inside dicts and lists as null: bare NaN and Infinity are not
+    JSON, and strict parsers (jq, JavaScript, pandas' ujson) refuse the file."""
+    def finite(v: Any) -> Any:
+        if isinstance(v, float) and not math.isfinite(v):
+            return None
+        if isinstance(v, dict):
+            return {k: finite(x) for k, x in v.items()}
+        if isinstance(v, list):
+            return [finite(x) for x in v]
+        return v
+
+    return json.dumps(finite(value), allow_nan=False, **dumps)
 
 
 def _save(report: dict[str, Any], output: Path, rows: list[dict[str, Any]], leaderboard: str) -> int:
     """Write results.json (every model so far) and append `rows` to the leaderboard; returns rows added."""
     output.mkdir(parents=True, exist_ok=True)
-    # NaN (the stderr of n = 1) as null: bare NaN is not JSON, and strict parsers refuse the file
-    write_atomic(output / "results.json", json.dumps(_nan_to_none(report), indent=2, default=str, allow_nan=False) + "\n")
+    write_atomic(output / "results.json", _strict_json(report, indent=2, default=str) + "\n")  # NaN: stderr of n = 1
     return append_rows(leaderboard, rows)[1]
 
 
@@ -364,7 +367,7 @@ def _evaluate_all(args: argparse.Namespace, output: Path, report: dict[str, Any]
             if args.log_samples:
                 output.mkdir(parents=True, exist_ok=True)
                 name = f"samples_{len(report['models'])}_{Path(source).name}_{r.task}_{r.n_shot}shot_{r.decoding}.jsonl"
-                write_atomic(output / name, "".join(json.dumps(s) + "\n" for s in r.samples))
+                write_atomic(output / name, "".join(_strict_json(s) + "\n" for s in r.samples))  # NaN: a diverged model
             new = leaderboard_rows(model, [r], entry["weights_sha256"], args, report["git_commit"], report["created"])
             report["wall_seconds"] = round(time.perf_counter() - started, 2)
             added += _save(report, output, new, args.leaderboard)

@@ -13,11 +13,13 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
+import torch
 
 from evals import leaderboard
 from evals.cli import main
 from evals.files import write_atomic
 from evals.plots import accuracy_lines
+from modeldefs import ModelConfig, Transformer
 from tests.conftest import REPO, file_size_limit, shared_file
 
 
@@ -191,3 +193,26 @@ def test_a_row_edited_to_hold_no_number_where_one_belongs_is_skipped_with_a_warn
     with pytest.warns(UserWarning, match="is not a number"):
         assert list(accuracy_lines(leaderboard.read_rows(path), "k", "csqa", "acc", "none").values()) == [
             {1.0: (0.5, 0.1)}]
+
+
+def test_samples_of_a_diverged_model_are_strict_json(smollm2_tokenizer_dir, tmp_path):
+    """A checkpoint whose training diverged (NaN weights) wrote NaN answer probabilities and scores into the samples
+    as bare NaN, which is not JSON: jq, JavaScript and strict parsers refused the files (results.json already said
+    null)."""
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig.from_name("tiny", n_layer=1, block_size=256))
+    checkpoint = tmp_path / "diverged.ckpt"
+    torch.save({"model_config": model.config.to_dict(),
+                "state_dict": {f"model.{k}": v.fill_(float("nan")) for k, v in model.state_dict().items()}}, checkpoint)
+    main(["--model", str(checkpoint), "--tokenizer", str(smollm2_tokenizer_dir), "--tasks", "csqa", "gsm8k_answer_prob",
+          "--limit", "2", "--no-progress", "--log-samples", "--gsm8k-path", str(shared_file("gsm8k/test.jsonl")),
+          "--csqa-path", str(shared_file("commonsense_qa/dev_rand_split.jsonl")), "--output", str(tmp_path / "run"),
+          "--leaderboard", str(tmp_path / "board")])
+
+    def refuse(constant: str) -> None:
+        raise ValueError(f"{constant} is not JSON")
+
+    files = sorted((tmp_path / "run").glob("samples_*.jsonl"))
+    samples = [json.loads(line, parse_constant=refuse) for f in files for line in f.read_text().splitlines()]
+    assert len(files) == 2 and len(samples) == 4
+    assert {s.get("answer_prob", "none") for s in samples} == {None, "none"}
