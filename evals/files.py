@@ -10,13 +10,21 @@ from pathlib import Path
 
 def write_atomic(path: str | Path, text: str) -> None:
     """Write `text` to `path` through a temporary file in the same folder, renamed over `path` once it
-    is complete (a rename within a folder is atomic)."""
+    is complete (a rename within a folder is atomic). The file keeps the mode of the one it replaces; a new
+    one gets the mode `open` would give it (mkstemp's is 0600: readable by its owner alone)."""
     path = Path(path)
     fd, staged = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, path.stat().st_mode & 0o7777 if path.exists() else 0o666 & ~_umask())
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
         os.replace(staged, path)
     except BaseException:
         Path(staged).unlink(missing_ok=True)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)  # the only way to read it is to set it
+    os.umask(mask)
+    return mask

@@ -36,6 +36,21 @@ def test_a_write_that_fails_midway_keeps_the_earlier_file_whole_and_leaves_no_te
     assert path.read_text() == "{}\n" and [p.name for p in tmp_path.iterdir()] == ["results.json"]
 
 
+def test_a_file_written_whole_gets_the_mode_open_gives_or_keeps_the_one_it_replaces(tmp_path):
+    """The temporary file's mode (mkstemp: 0600) made results.json and the leaderboard views readable by their owner
+    alone, where open() gives 0644 under the usual umask: a shared server's users or a web server lost them."""
+    mask = os.umask(0o022)
+    try:
+        write_atomic(tmp_path / "new.md", "a")
+        (tmp_path / "shared.md").write_text("a")
+        (tmp_path / "shared.md").chmod(0o660)
+        write_atomic(tmp_path / "shared.md", "b")
+    finally:
+        os.umask(mask)
+    assert (tmp_path / "new.md").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "shared.md").stat().st_mode & 0o777 == 0o660
+
+
 def test_a_leaderboard_view_that_fails_midway_keeps_the_earlier_one_whole(tmp_path):
     """leaderboard.md/.html were rewritten in place: a full disk (or a kill) mid-write left them cut short."""
     leaderboard.append_rows(tmp_path, [_row()])
