@@ -9,7 +9,8 @@ vocabulary (256) leaves the compute to the blocks. Each model trains on the same
 the same order for as many steps as the FLOP budget (dense steps x dense FLOPs per step) allows,
 then is evaluated on held-out documents: with top-k routing, and with the causal rule that
 inference uses. FLOPs per token come from `Transformer.flops_per_token` (routed blocks count their
-capacity share). Prints a Markdown table and a JSON line.
+capacity share). Prints a Markdown table and a JSON line; each model's result is saved to --json as soon as
+it is trained, so a run stopped part way (out of memory, Ctrl-C, SIGTERM) keeps and prints the models it finished.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from report import device_name, emit
+from report import Record, device_name
 from modeldefs import ModelConfig, Transformer
 from training.data import jsonl_records
 from training.formatting import format_csqa, format_gsm8k
@@ -134,19 +135,26 @@ def main() -> None:
     }
     budget = args.dense_steps * Transformer(dense).flops_per_token(args.seq) * args.batch * args.seq
     print(f"budget {budget:.3g} training FLOPs; {len(train_tokens):,} train / {len(val):,} val bytes")
-    results = [train(name, config, budget, train_tokens, val, args, device, dtype) for name, config in variants.items()]
     meta = dict(device=device_name(device),
                 threads=torch.get_num_threads(), torch=torch.__version__, budget_flops=budget, **vars(args))
-    print(f"\nisoFLOP {budget:.3g} FLOPs: d={args.n_embd}, seq {args.seq}, batch {args.batch}, {args.dtype}, "
-          f"byte-level GSM8K+CSQA text, {meta['device']}, torch {torch.__version__}\n")
+    with Record(args.json, meta, table=print_table) as record:
+        for name, config in variants.items():
+            result = train(name, config, budget, train_tokens, val, args, device, dtype)
+            print(f"  {name}: val loss {result['val_loss_topk']} (top-k), {result['val_loss_causal']} (causal rule)",
+                  flush=True)
+            record.add("results", result)
+
+
+def print_table(record: dict) -> None:
+    """The Markdown table of the models trained so far."""
+    print(f"\nisoFLOP {record['budget_flops']:.3g} FLOPs: d={record['n_embd']}, seq {record['seq']}, batch "
+          f"{record['batch']}, {record['dtype']}, byte-level GSM8K+CSQA text, {record['device']}, "
+          f"torch {record['torch']}\n")
     print("| model | params | steps | wall time (s) | val loss (top-k) | val loss (causal rule) | val bits/byte (causal) |")
     print("|---|---|---|---|---|---|---|")
-    for r in results:
+    for r in record.get("results", []):
         print(f"| {r['model']} | {r['params'] / 1e6:.2f}M | {r['steps']} | {r['wall_s']} | {r['val_loss_topk']:.4f} | "
               f"{r['val_loss_causal']:.4f} | {r['val_loss_causal'] / math.log(2):.3f} |")
-    record = {**meta, "results": results}
-    emit(record, args.json)
-
 
 if __name__ == "__main__":
     main()

@@ -5,8 +5,13 @@ from __future__ import annotations
 import argparse
 import ctypes
 import json
+import os
 import platform
+import signal
+import sys
 from collections.abc import Callable, Iterable
+from pathlib import Path
+from types import TracebackType
 from typing import Any
 
 import torch
@@ -86,5 +91,80 @@ def emit(record: dict[str, Any], json_path: str | None) -> None:
     """Print the record as one JSON line and, where asked, write it to `json_path`."""
     print(json.dumps(record))
     if json_path:
-        with open(json_path, "w") as f:
+        write_json(record, json_path)
+
+
+def write_json(record: dict[str, Any], json_path: str) -> None:
+    """Replace `json_path` with `record` in one step: a process killed while writing leaves the file it had."""
+    path = Path(json_path)
+    partial = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(partial, "w") as f:
             json.dump(record, f, indent=2)
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
+
+
+class Stopped(SystemExit):
+    """SIGTERM (what `timeout` sends) as an exception in the main thread, so that a `Record` saves and reports what
+    was finished; the process still exits with 143, as one the signal killed."""
+
+
+def _stop(signum: int, frame: Any) -> None:
+    raise Stopped(128 + signum)
+
+
+class Record:
+    """A benchmark's record, kept on disk as it grows, so that no finished measurement is lost.
+
+    The meta fields are written to `json_path` at once (an unwritable path fails before any measurement); each
+    `add` or `update` rewrites the file (`write_json`), with `"complete": false` until the `with` block ends.
+    Leaving the block, normally or by an exception, Ctrl-C or SIGTERM, prints `table(record)` (the finished rows)
+    and the record as one JSON line and saves it; a run that did not finish keeps `"complete": false` and gets
+    `"error"`, and the exception goes on.
+    """
+
+    def __init__(self, json_path: str | None, meta: dict[str, Any],
+                 table: Callable[[dict[str, Any]], None] | None = None) -> None:
+        self.json_path, self.table = json_path, table
+        self.data: dict[str, Any] = {**meta, "complete": False}
+        try:
+            self.save()
+        except OSError as error:
+            raise SystemExit(f"--json {json_path}: cannot write it ({error.strerror}); give a path in a folder "
+                             "that exists") from error
+
+    def save(self) -> None:
+        if self.json_path:
+            write_json(self.data, self.json_path)
+
+    def add(self, key: str, row: dict[str, Any]) -> None:
+        """Append a finished row to the list `key` and save."""
+        self.data.setdefault(key, []).append(row)
+        self.save()
+
+    def update(self, **fields: Any) -> None:
+        """Set fields (results so far) and save."""
+        self.data.update(fields)
+        self.save()
+
+    def __enter__(self) -> Record:
+        self._handler = signal.signal(signal.SIGTERM, _stop)
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
+                 traceback: TracebackType | None) -> None:
+        signal.signal(signal.SIGTERM, self._handler)
+        if error is None:
+            self.data["complete"] = True
+        else:
+            self.data["error"] = ("stopped by SIGTERM" if isinstance(error, Stopped)
+                                  else f"{kind.__name__}: {error}" if str(error) else kind.__name__)
+        self.save()
+        if self.table is not None:
+            self.table(self.data)
+        print(json.dumps(self.data), flush=True)
+        if error is not None:
+            print(f"{Path(sys.argv[0]).name}: stopped before the end ({self.data['error']}); the parts it finished "
+                  "are above" + (f" and in {self.json_path}" if self.json_path else ""), file=sys.stderr, flush=True)
