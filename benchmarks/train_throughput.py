@@ -24,7 +24,9 @@ fairest on a drifting CPU; `--sequential`: one at a time, each freed before the 
 not all fit in memory). On a CPU, freed memory stays in the process
 (`report.keep_freed_memory`), so no variant pays page faults for memory another one freed;
 `--default-heap` keeps glibc's default instead, where paths that allocate large tensors (full logits)
-pay to map them afresh every step. Prints a Markdown table and a JSON line.
+pay to map them afresh every step. Prints a Markdown table and a JSON line; what is finished (each variant
+under `--sequential`, else each round) is saved to --json at once, so a run stopped part way (out of memory,
+Ctrl-C, SIGTERM) keeps and prints it.
 
 `--max-batch` instead finds, for each activation-checkpointing policy (none / selective / block),
 the largest batch of `qd` that fits: on a GPU by running steps until out-of-memory; on a CPU
@@ -45,7 +47,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from report import add_heap_option, device_name, emit, print_profile, steady_heap, sync
+from report import Record, add_heap_option, device_name, print_profile, steady_heap, sync
 from modeldefs import ModelConfig, Transformer
 from modeldefs.pretrained import to_hf_model
 from training.loss import linear_cross_entropy
@@ -149,13 +151,17 @@ def peak_flops(device: torch.device, dtype: torch.dtype) -> float | None:
     return get_available_flops(device, dtype) if device.type == "cuda" else None
 
 
-def throughput(args: argparse.Namespace, config: ModelConfig, device: torch.device, dtype: torch.dtype) -> dict:
+def throughput(args: argparse.Namespace, config: ModelConfig, device: torch.device, dtype: torch.dtype,
+               record: Record) -> None:
+    """Time every variant; each finished variant (`--sequential`) or round is saved to `record`."""
     variants = args.variants
     x = torch.randint(0, config.vocab_size, (args.batch, args.seq), device=device)
     y = torch.randint(0, config.vocab_size, (args.batch, args.seq), device=device)
     built: dict[str, tuple] = {}
     times = {v.name: 0.0 for v in variants}
     peak_mem, flops = {}, {}
+    peak = peak_flops(device, dtype)
+    tokens_per_round = args.batch * args.seq * args.steps
 
     def warm(v: Variant) -> None:
         if device.type == "cuda":
@@ -182,13 +188,20 @@ def throughput(args: argparse.Namespace, config: ModelConfig, device: torch.devi
         step = built[v.name][1]
         print_profile(f"profile of one step: {v.name}", lambda: step(x, y), device, args.profile)
 
+    def result(v: Variant, rounds: int) -> dict:
+        tps = tokens_per_round * rounds / times[v.name]
+        return dict(variant=v.name, tokens_per_s=round(tps, 1),
+                    mfu=None if peak is None else round(tps * flops[v.name] / peak, 4),
+                    peak_mem_gib=None if v.name not in peak_mem else round(peak_mem[v.name], 2))
+
     if args.sequential:
         for v in variants:
             warm(v)
             for _ in range(args.rounds):
                 timed(v)
-            print(f"{v.name}: {args.batch * args.seq * args.steps * args.rounds / times[v.name]:,.0f} tokens/s"
+            print(f"{v.name}: {tokens_per_round * args.rounds / times[v.name]:,.0f} tokens/s"
                   + (f", peak {peak_mem[v.name]:.1f} GiB" if v.name in peak_mem else ""), flush=True)
+            record.add("results", result(v, args.rounds))
             if args.profile:
                 profile(v)
             del built[v.name]
@@ -198,27 +211,26 @@ def throughput(args: argparse.Namespace, config: ModelConfig, device: torch.devi
     else:
         for v in variants:
             warm(v)
-        for _ in range(args.rounds):
+        for r in range(args.rounds):
             for v in variants:
                 timed(v)
+            print(f"round {r + 1}/{args.rounds}: " + ", ".join(
+                f"{v.name} {tokens_per_round * (r + 1) / times[v.name]:,.0f} tokens/s" for v in variants), flush=True)
+            record.update(results=[result(v, r + 1) for v in variants])
         if args.profile:
             for v in variants:
                 profile(v)
-    tokens = args.batch * args.seq * args.steps * args.rounds
-    peak = peak_flops(device, dtype)
-    results = []
-    for v in variants:
-        tps = tokens / times[v.name]
-        results.append(dict(variant=v.name, tokens_per_s=round(tps, 1),
-                            mfu=None if peak is None else round(tps * flops[v.name] / peak, 4),
-                            peak_mem_gib=None if v.name not in peak_mem else round(peak_mem[v.name], 2)))
-    base = results[0]["tokens_per_s"]
+
+
+def print_throughput(record: dict) -> None:
+    """The Markdown table of the variants timed so far."""
+    results = record.get("results", [])
     print("| variant | tokens/s | vs first | MFU | peak memory (GiB) |\n|---|---|---|---|---|")
     for r in results:
         mfu = "n/a" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
         mem = "n/a" if r["peak_mem_gib"] is None else r["peak_mem_gib"]
-        print(f"| {r['variant']} | {r['tokens_per_s']:,.0f} | {r['tokens_per_s'] / base:.2f}x | {mfu} | {mem} |")
-    return {"results": results}
+        print(f"| {r['variant']} | {r['tokens_per_s']:,.0f} | {r['tokens_per_s'] / results[0]['tokens_per_s']:.2f}x | "
+              f"{mfu} | {mem} |")
 
 
 def step_memory(model: torch.nn.Module, step: Callable[[torch.Tensor, torch.Tensor], None], x: torch.Tensor,
@@ -286,22 +298,23 @@ def policy_max_batch(args: argparse.Namespace, config: ModelConfig, device: torc
     return dict(activation_checkpointing=ac, max_batch=batch, memory_gib=None if gib is None else round(gib, 3))
 
 
-def max_batch(args: argparse.Namespace, config: ModelConfig, device: torch.device, dtype: torch.dtype) -> dict:
-    """The largest batch of `qd` per activation-checkpointing policy."""
-    if device.type == "cpu" and args.memory_budget_gib is None:
-        raise SystemExit("--max-batch on a CPU needs --memory-budget-gib")
+def max_batch(args: argparse.Namespace, config: ModelConfig, device: torch.device, dtype: torch.dtype,
+              record: Record) -> None:
+    """The largest batch of `qd` per activation-checkpointing policy, each saved to `record` when found."""
     budget = args.memory_budget_gib if args.memory_budget_gib is not None else float("inf")
-    results = []
     for ac in ("none", "selective", "block"):
-        results.append(policy_max_batch(args, config, device, dtype, ac, budget))
+        record.add("max_batch", policy_max_batch(args, config, device, dtype, ac, budget))
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
+
+
+def print_max_batch(record: dict, device: torch.device) -> None:
+    """The Markdown table of the policies searched so far."""
     what = "peak allocated" if device.type == "cuda" else "state + saved activations (estimate)"
-    print(f"| activation checkpointing | largest batch x {args.seq} | {what} (GiB) |\n|---|---|---|")
-    for r in results:
+    print(f"| activation checkpointing | largest batch x {record['seq']} | {what} (GiB) |\n|---|---|---|")
+    for r in record.get("max_batch", []):
         print(f"| {r['activation_checkpointing']} | {r['max_batch']} | {r['memory_gib']} |")
-    return {"max_batch": results, "memory_budget_gib": args.memory_budget_gib}
 
 
 def main() -> None:
@@ -322,7 +335,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--max-batch", action="store_true", help="largest batch per activation-checkpointing policy")
     parser.add_argument("--compile", action="store_true", help="with --max-batch: compile the blocks")
-    parser.add_argument("--batch-limit", type=int, default=256, help="with --max-batch: the largest batch tried")
+    parser.add_argument("--batch-limit", type=int, default=256,
+                        help="with --max-batch: the largest batch tried")
     parser.add_argument("--memory-budget-gib", type=float, help="with --max-batch: the budget (required on a CPU)")
     parser.add_argument("--profile", type=int, default=0, help="print this many top ops of one step per variant")
     parser.add_argument("--json", help="also write the results to this file")
@@ -338,6 +352,8 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if args.max_batch and device.type == "cpu" and args.memory_budget_gib is None:
+        parser.error("--max-batch on a CPU needs --memory-budget-gib")
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     heap_kept = steady_heap(args, device)
     shape = {**SHAPES[args.shape], "block_size": max(args.seq, SHAPES[args.shape]["block_size"])}
@@ -349,8 +365,13 @@ def main() -> None:
                 cpu_heap_kept=heap_kept, threads=torch.get_num_threads(), torch=torch.__version__)
     print(f"\n{args.shape}, vocab {config.vocab_size} ({meta['params'] / 1e6:.1f}M params), batch {args.batch} x "
           f"seq {args.seq}, {args.dtype}, {meta['device']}, {meta['threads']} threads, torch {torch.__version__}\n")
-    record = max_batch(args, config, device, dtype) if args.max_batch else throughput(args, config, device, dtype)
-    emit({**meta, **record}, args.json)
+    if args.max_batch:
+        with Record(args.json, {**meta, "memory_budget_gib": args.memory_budget_gib},
+                    table=lambda record: print_max_batch(record, device)) as record:
+            max_batch(args, config, device, dtype, record)
+    else:
+        with Record(args.json, meta, table=print_throughput) as record:
+            throughput(args, config, device, dtype, record)
 
 
 if __name__ == "__main__":

@@ -46,3 +46,73 @@ def test_mod_isoflop_keeps_the_models_it_trained_when_a_later_one_fails(benchmar
     out = capsys.readouterr().out
     assert "| dense |" in out and "| MoD 0.125, same shape |" in out
     assert json.loads(out.strip().splitlines()[-1]) == record
+
+
+def failing_build(module, fail_variant: str, fail_at_call: int):
+    """`module.build`, but `fail_variant`'s step raises out-of-memory on its `fail_at_call`-th call (0: at build)."""
+    build = module.build
+
+    def wrapped(variant, *args, **kwargs):
+        if variant.name == fail_variant and fail_at_call == 0:
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        model, step, flops = build(variant, *args, **kwargs)
+        calls = 0
+
+        def counted(x, y):
+            nonlocal calls
+            calls += 1
+            if variant.name == fail_variant and calls == fail_at_call:
+                raise torch.OutOfMemoryError("CUDA out of memory")
+            step(x, y)
+
+        return model, counted, flops
+
+    return wrapped
+
+
+def test_train_throughput_sequential_keeps_the_variants_it_finished(benchmarks, monkeypatch, capsys, tmp_path):
+    import train_throughput
+
+    monkeypatch.setattr(train_throughput, "build", failing_build(train_throughput, "mod", 0))
+    with pytest.raises(torch.OutOfMemoryError):
+        run_main(monkeypatch, train_throughput, "--shape", "micro", "--seq", "16", "--batch", "2", "--steps", "1",
+                 "--rounds", "1", "--warmup", "0", "--default-heap", "--sequential", "--variants", "hf", "qd", "mod",
+                 "--json", str(tmp_path / "t.json"))
+    record = json.loads((tmp_path / "t.json").read_text())
+    assert [r["variant"] for r in record["results"]] == ["hf", "qd"] and not record["complete"]
+    out = capsys.readouterr().out
+    assert "| hf |" in out and "| qd |" in out
+
+
+def test_train_throughput_keeps_the_rounds_it_finished(benchmarks, monkeypatch, capsys, tmp_path):
+    import train_throughput
+
+    # warm-up step, round 1's step, then round 2's step fails
+    monkeypatch.setattr(train_throughput, "build", failing_build(train_throughput, "qd", 3))
+    with pytest.raises(torch.OutOfMemoryError):
+        run_main(monkeypatch, train_throughput, "--shape", "micro", "--seq", "16", "--batch", "2", "--steps", "1",
+                 "--rounds", "2", "--warmup", "1", "--default-heap", "--variants", "hf", "qd",
+                 "--json", str(tmp_path / "t.json"))
+    record = json.loads((tmp_path / "t.json").read_text())
+    assert [r["variant"] for r in record["results"]] == ["hf", "qd"]
+    assert all(r["tokens_per_s"] > 0 for r in record["results"]) and not record["complete"]
+    assert "round 1/2: hf" in capsys.readouterr().out
+
+
+def test_train_throughput_max_batch_keeps_the_policies_it_searched(benchmarks, monkeypatch, tmp_path):
+    import train_throughput
+
+    search = train_throughput.policy_max_batch
+
+    def block_fails(args, config, device, dtype, ac, budget):
+        if ac == "block":
+            raise RuntimeError("compile failed")
+        return search(args, config, device, dtype, ac, budget)
+
+    monkeypatch.setattr(train_throughput, "policy_max_batch", block_fails)
+    with pytest.raises(RuntimeError):
+        run_main(monkeypatch, train_throughput, "--shape", "micro", "--seq", "16", "--max-batch", "--default-heap",
+                 "--memory-budget-gib", "0.002", "--batch-limit", "2", "--json", str(tmp_path / "t.json"))
+    record = json.loads((tmp_path / "t.json").read_text())
+    assert [r["activation_checkpointing"] for r in record["max_batch"]] == ["none", "selective"]
+    assert record["error"] == "RuntimeError: compile failed"
