@@ -18,7 +18,9 @@ tokens/s is steps x tokens over the summed step times; the median step's speed-u
 it. Peak memory (GPU) is each variant's own, above what was resident before it was built. Forward
 FLOPs per token are counted by torch's FlopCounterMode on a real forward pass (top-k routing).
 On a CPU, freed memory stays in the process (`report.keep_freed_memory`; `--default-heap` opts out),
-so page faults do not depend on which variant ran before. Prints a Markdown table and a JSON line.
+so page faults do not depend on which variant ran before. Prints a Markdown table and a JSON line; the
+results so far are saved to --json after each timed part, so a run stopped part way (out of memory, Ctrl-C,
+SIGTERM) keeps and prints what it measured.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from collections.abc import Callable
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from report import add_heap_option, device_name, emit, print_profile, steady_heap, sync
+from report import Record, add_heap_option, device_name, print_profile, steady_heap, sync
 from modeldefs import ModelConfig, Transformer
 from training.loss import linear_cross_entropy
 from training.parallelize import apply_compile
@@ -96,10 +98,25 @@ def release(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
+def results(variants: dict[str, ModelConfig], runs: dict[str, dict], tokens_per_step: int) -> list[dict]:
+    """A result row for each variant with a timed step so far, its speed-ups against dense's."""
+    rows = [{"variant": name, "capacity": variants[name].mod_capacity, **run,
+             "tokens_per_s": len(run["step_seconds"]) * tokens_per_step / sum(run["step_seconds"]),
+             "median_step_s": statistics.median(run["step_seconds"])}
+            for name, run in runs.items() if run["step_seconds"]]
+    dense = next((r for r in rows if r["variant"] == "dense"), None)
+    for r in rows if dense else []:
+        r["speedup_vs_dense"] = round(r["tokens_per_s"] / dense["tokens_per_s"], 3)
+        r["speedup_median_step"] = round(dense["median_step_s"] / r["median_step_s"], 3)
+        r["flop_ratio_dense_over_this"] = round(dense["forward_gflops_per_token"] / r["forward_gflops_per_token"], 3)
+    return rows
+
+
 def sweep_in_rounds(variants: dict[str, ModelConfig], args: argparse.Namespace, device: torch.device,
-                    dtype: torch.dtype) -> dict[str, dict]:
+                    dtype: torch.dtype, record: Record) -> None:
     """One variant resident at a time (its peak memory alone); `--rounds` sweeps, every other one in
-    reverse order. A variant's step times are those of its fastest round."""
+    reverse order. A variant's step times are those of its fastest round; the results so far are
+    saved after each variant's round."""
     measured: dict[str, list[dict]] = {name: [] for name in variants}
     tokens = args.steps * args.batch * args.seq
     for r in range(args.rounds):
@@ -108,19 +125,21 @@ def sweep_in_rounds(variants: dict[str, ModelConfig], args: argparse.Namespace, 
             seconds = [timed(step, device) for _ in range(args.steps)]
             measured[name].append({**info, "step_seconds": seconds})
             print(f"round {r + 1}, {name}: {tokens / sum(seconds):,.0f} tokens/s", flush=True)
+            record.update(results=results(variants, {
+                name: {**min(ms, key=lambda m: sum(m["step_seconds"])),  # the fastest round
+                       "tokens_per_s_rounds": [tokens / sum(m["step_seconds"]) for m in ms]}
+                for name, ms in measured.items() if ms}, args.batch * args.seq))
             if args.profile and r == args.rounds - 1:
                 print_profile(f"{name}:", step, device, args.profile, steps=2, self_time=False)
             del step
             release(device)
-    return {name: {**min(ms, key=lambda m: sum(m["step_seconds"])),  # the fastest round
-                   "tokens_per_s_rounds": [tokens / sum(m["step_seconds"]) for m in ms]}
-            for name, ms in measured.items()}
 
 
 def interleaved(variants: dict[str, ModelConfig], args: argparse.Namespace, device: torch.device,
-                dtype: torch.dtype) -> dict[str, dict]:
+                dtype: torch.dtype, record: Record) -> None:
     """Every variant resident; each timed step runs every variant once, in reverse order every other
-    step, so a machine whose speed drifts slows all of them alike."""
+    step, so a machine whose speed drifts slows all of them alike. The results so far are saved after
+    each step."""
     steps, runs = {}, {}
     for name, config in variants.items():
         steps[name], runs[name] = prepare(config, args, device, dtype)
@@ -130,10 +149,26 @@ def interleaved(variants: dict[str, ModelConfig], args: argparse.Namespace, devi
             runs[name]["step_seconds"].append(timed(steps[name], device))
         print(f"step {s + 1}/{args.steps}: " + ", ".join(
             f"{name} {runs[name]['step_seconds'][-1]:.2f} s" for name in variants), flush=True)
+        record.update(results=results(variants, runs, args.batch * args.seq))
     if args.profile:
         for name, step in steps.items():
             print_profile(f"{name}:", step, device, args.profile, steps=2, self_time=False)
-    return runs
+
+
+def print_table(record: dict) -> None:
+    """The Markdown table of the variants timed so far."""
+    print(f"\n{record['shape']}: {record['n_layer']} layers, d={record['n_embd']}, vocab {record['vocab']}, "
+          f"routed layers {record['routed_layers']}; batch {record['batch']} x seq {record['seq']}, {record['dtype']}"
+          f"{', compiled' if record['compile'] else ''}, {record['device']}, torch {record['torch']}\n")
+    print("| variant | forward GFLOPs/token | dense/this FLOPs | tokens/s | speed-up vs dense "
+          "| speed-up, median step | peak memory (GiB) |")
+    print("|---|---|---|---|---|---|---|")
+    for r in record.get("results", []):
+        mem = "n/a" if r["peak_mem_gib"] is None else f"{r['peak_mem_gib']:.2f}"
+        ratios = (f"{r['flop_ratio_dense_over_this']:.2f}x", f"{r['speedup_vs_dense']:.2f}x",
+                  f"{r['speedup_median_step']:.2f}x") if "speedup_vs_dense" in r else ("n/a",) * 3
+        print(f"| {r['variant']} | {r['forward_gflops_per_token']:.3f} | {ratios[0]} | "
+              f"{r['tokens_per_s']:,.0f} | {ratios[1]} | {ratios[2]} | {mem} |")
 
 
 def main() -> None:
@@ -172,36 +207,16 @@ def main() -> None:
     variants = {"dense": ModelConfig(**base)}
     for capacity in args.capacities:
         variants[f"MoD {capacity:g}"] = ModelConfig(**{**base, "mod_capacity": capacity, "mod_exempt_last": False})
-    runs = (interleaved if args.interleave else sweep_in_rounds)(variants, args, device, dtype)
-    tokens = args.batch * args.seq
-    results = []
-    for name, run in runs.items():
-        results.append({"variant": name, "capacity": variants[name].mod_capacity, **run,
-                        "tokens_per_s": len(run["step_seconds"]) * tokens / sum(run["step_seconds"]),
-                        "median_step_s": statistics.median(run["step_seconds"])})
-    dense = results[0]
-    for r in results:
-        r["speedup_vs_dense"] = round(r["tokens_per_s"] / dense["tokens_per_s"], 3)
-        r["speedup_median_step"] = round(dense["median_step_s"] / r["median_step_s"], 3)
-        r["flop_ratio_dense_over_this"] = round(dense["forward_gflops_per_token"] / r["forward_gflops_per_token"], 3)
+    with torch.device("meta"):
+        routed_layers = list(Transformer(variants[list(variants)[-1]]).routed_blocks) if args.capacities else []
     meta = dict(shape=args.shape, n_layer=base["n_layer"], n_embd=base["n_embd"], vocab=base["vocab_size"],
-                routed_layers=list(Transformer(variants[list(variants)[-1]]).routed_blocks) if args.capacities else [],
+                routed_layers=routed_layers,
                 batch=args.batch, seq=args.seq, dtype=args.dtype, compile=args.compile, loss_chunk=args.loss_chunk,
                 timing="interleaved" if args.interleave else f"{args.rounds} rounds", steps=args.steps,
                 device=device_name(device), cpu_heap_kept=heap_kept,
                 threads=torch.get_num_threads(), torch=torch.__version__)
-    print(f"\n{args.shape}: {meta['n_layer']} layers, d={meta['n_embd']}, vocab {meta['vocab']}, routed layers "
-          f"{meta['routed_layers']}; batch {args.batch} x seq {args.seq}, {args.dtype}"
-          f"{', compiled' if args.compile else ''}, {meta['device']}, torch {torch.__version__}\n")
-    print("| variant | forward GFLOPs/token | dense/this FLOPs | tokens/s | speed-up vs dense "
-          "| speed-up, median step | peak memory (GiB) |")
-    print("|---|---|---|---|---|---|---|")
-    for r in results:
-        mem = "n/a" if r["peak_mem_gib"] is None else f"{r['peak_mem_gib']:.2f}"
-        print(f"| {r['variant']} | {r['forward_gflops_per_token']:.3f} | {r['flop_ratio_dense_over_this']:.2f}x | "
-              f"{r['tokens_per_s']:,.0f} | {r['speedup_vs_dense']:.2f}x | {r['speedup_median_step']:.2f}x | {mem} |")
-    record = {**meta, "results": results}
-    emit(record, args.json)
+    with Record(args.json, meta, table=print_table) as record:
+        (interleaved if args.interleave else sweep_in_rounds)(variants, args, device, dtype, record)
 
 
 if __name__ == "__main__":

@@ -5,12 +5,16 @@ incomplete with the error; checks and bad arguments that would void a run stop i
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
 import sys
 
 import pytest
 import torch
 
 from tests.conftest import REPO, shared_file
+
+ENV = {"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"}
 
 
 @pytest.fixture
@@ -116,3 +120,34 @@ def test_train_throughput_max_batch_keeps_the_policies_it_searched(benchmarks, m
     record = json.loads((tmp_path / "t.json").read_text())
     assert [r["activation_checkpointing"] for r in record["max_batch"]] == ["none", "selective"]
     assert record["error"] == "RuntimeError: compile failed"
+
+
+def test_a_benchmark_stopped_by_sigterm_prints_and_keeps_the_steps_it_timed(tmp_path):
+    """What `timeout` does to a run past its limit: SIGTERM, which by default kills Python at once."""
+    proc = subprocess.Popen([sys.executable, str(REPO / "benchmarks" / "mod_throughput.py"), "--shape", "micro",
+                             "--seq", "16", "--interleave", "--steps", "100000", "--capacities", "0.5",
+                             "--json", str(tmp_path / "mod.json")], cwd=REPO, env=ENV, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        for line in proc.stdout:
+            if line.startswith("step 2/"):
+                proc.send_signal(signal.SIGTERM)
+                break
+        out, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
+    record = json.loads((tmp_path / "mod.json").read_text())
+    assert record["complete"] is False and record["error"] == "stopped by SIGTERM"
+    assert [r["variant"] for r in record["results"]] == ["dense", "MoD 0.5"]
+    assert all(len(r["step_seconds"]) >= 2 for r in record["results"])
+    assert "| MoD 0.5 |" in out and "stopped before the end (stopped by SIGTERM)" in err
+
+
+def test_an_unwritable_json_path_is_refused_before_any_timing(tmp_path):
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "mod_throughput.py"), "--shape", "micro",
+                           "--seq", "16", "--steps", "1", "--rounds", "1", "--capacities", "0.5",
+                           "--json", str(tmp_path / "missing" / "mod.json")],
+                          cwd=REPO, env=ENV, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and f"--json {tmp_path / 'missing' / 'mod.json'}: cannot write it" in proc.stderr
+    assert "round 1" not in proc.stdout
