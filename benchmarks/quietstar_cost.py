@@ -12,7 +12,9 @@ the plain step over the same number of copies (`plain x{n_passes}`; with --n-pas
 plain step on the same batch); "x plain x1" is given too. Timings alternate between
 the variants in rounds so drift in the machine's speed hits all alike. Memory: the activations kept
 for backward (bytes of distinct tensors saved by autograd, parameters excluded) on any device, and on
-CUDA the peak allocated above the resident weights. Prints a Markdown table and a JSON line.
+CUDA the peak allocated above the resident weights. Prints a Markdown table and a JSON line; the results
+so far are saved to --json after each round, so a run stopped part way (out of memory, Ctrl-C, SIGTERM) keeps
+and prints the rounds it finished.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from report import device_name, emit, saved_activation_bytes, sync
+from report import Record, device_name, saved_activation_bytes, sync
 from modeldefs import ModelConfig, Transformer
 from modeldefs.quietstar import QuietStar, ThoughtConfig
 from training.parallelize import apply_compile
@@ -129,56 +131,68 @@ def main() -> None:
                 model, lambda x, m=model: m(x).loss,
                 dict(n_ahead=n_ahead, n_ahead_talk=talk, copies=args.n_passes, compiled=compiled))
 
-    steps, memory = {}, {}
-    for name, (model, loss_of, _) in variants.items():
-        steps[name] = make_step(model, loss_of, dtype, device)
-        memory[name] = {"activations_mib": activation_bytes(model, loss_of, x, dtype) / 2**20}
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-            resident = torch.cuda.memory_allocated()
-        for _ in range(args.warmup):
-            steps[name](x)
-        sync(device)
-        if device.type == "cuda":
-            memory[name]["peak_above_resident_gib"] = (torch.cuda.max_memory_allocated() - resident) / 2**30
-    times = {name: 0.0 for name in steps}
-    for _ in range(args.rounds):
-        for name, step in steps.items():
-            sync(device)
-            t0 = time.perf_counter()
-            for _ in range(args.steps):
-                step(x)
-            sync(device)
-            times[name] += time.perf_counter() - t0
-
-    n = args.steps * args.rounds
-    results = []
-    for name, (_, _, info) in variants.items():
-        suffix = " +compile" if info["compiled"] else ""  # each row against the plain step of its own mode
-        plain, same_copies = (times[f"plain x{c}{suffix}"] / n for c in (1, args.n_passes))
-        step_s = times[name] / n
-        bound = info["n_ahead"] + info["n_ahead_talk"] if info["n_ahead"] else None
-        results.append(dict(variant=name, **info, step_s=round(step_s, 4), x_plain=round(step_s / plain, 2),
-                            x_plain_same_copies=round(step_s / same_copies, 2), bound_x_plain=bound,
-                            within_bound=None if bound is None else step_s / same_copies <= bound,
-                            **{k: round(v, 2) for k, v in memory[name].items()}))
     meta = dict(shape=args.shape, params=base.num_params(), batch=args.batch, seq=args.seq, n_passes=args.n_passes,
                 stride=args.stride, checkpointing=args.checkpointing, dtype=args.dtype, device=device_name(device),
-                threads=torch.get_num_threads(), torch=torch.__version__, steps=n)
-    print(f"\n{args.shape} ({meta['params'] / 1e6:.1f}M params), batch {args.batch} x seq {args.seq}, n_passes "
-          f"{args.n_passes}, stride {args.stride}, checkpointing {args.checkpointing}, {args.dtype}, {meta['device']}, "
-          f"torch {torch.__version__}\n")
-    gpu, copies = device.type == "cuda", args.n_passes > 1
-    print("| variant | step (s) | × plain x1 |" + (f" × plain x{args.n_passes} |" if copies else "")
+                threads=torch.get_num_threads(), torch=torch.__version__, steps=0)
+    with Record(args.json, meta, table=print_table) as record:
+        steps, memory = {}, {}
+        for name, (model, loss_of, _) in variants.items():
+            steps[name] = make_step(model, loss_of, dtype, device)
+            memory[name] = {"activations_mib": activation_bytes(model, loss_of, x, dtype) / 2**20}
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+                resident = torch.cuda.memory_allocated()
+            for _ in range(args.warmup):
+                steps[name](x)
+            sync(device)
+            if device.type == "cuda":
+                memory[name]["peak_above_resident_gib"] = (torch.cuda.max_memory_allocated() - resident) / 2**30
+        times = {name: 0.0 for name in steps}
+        for r in range(args.rounds):
+            for name, step in steps.items():
+                sync(device)
+                t0 = time.perf_counter()
+                for _ in range(args.steps):
+                    step(x)
+                sync(device)
+                times[name] += time.perf_counter() - t0
+            n = args.steps * (r + 1)
+            print(f"round {r + 1}/{args.rounds}: " + ", ".join(f"{name} {times[name] / n:.3f} s" for name in steps),
+                  flush=True)
+            record.update(steps=n, results=results(variants, {name: t / n for name, t in times.items()}, memory,
+                                                   args.n_passes))
+
+
+def results(variants: dict[str, tuple[torch.nn.Module, Callable, dict]], step_s: dict[str, float],
+            memory: dict[str, dict], n_passes: int) -> list[dict]:
+    """A row per variant: its step time, against the plain step of its own mode, and its memory."""
+    rows = []
+    for name, (_, _, info) in variants.items():
+        suffix = " +compile" if info["compiled"] else ""  # each row against the plain step of its own mode
+        plain, same_copies = (step_s[f"plain x{c}{suffix}"] for c in (1, n_passes))
+        bound = info["n_ahead"] + info["n_ahead_talk"] if info["n_ahead"] else None
+        rows.append(dict(variant=name, **info, step_s=round(step_s[name], 4), x_plain=round(step_s[name] / plain, 2),
+                         x_plain_same_copies=round(step_s[name] / same_copies, 2), bound_x_plain=bound,
+                         within_bound=None if bound is None else step_s[name] / same_copies <= bound,
+                         **{k: round(v, 2) for k, v in memory[name].items()}))
+    return rows
+
+
+def print_table(record: dict) -> None:
+    """The Markdown table of the rounds timed so far."""
+    print(f"\n{record['shape']} ({record['params'] / 1e6:.1f}M params), batch {record['batch']} x seq {record['seq']}, "
+          f"n_passes {record['n_passes']}, stride {record['stride']}, checkpointing {record['checkpointing']}, "
+          f"{record['dtype']}, {record['device']}, torch {record['torch']}, {record['steps']} timed step(s)\n")
+    rows = record.get("results", [])
+    gpu, copies = any("peak_above_resident_gib" in r for r in rows), record["n_passes"] > 1
+    print("| variant | step (s) | × plain x1 |" + (f" × plain x{record['n_passes']} |" if copies else "")
           + " bound (n_ahead + n_ahead_talk) | activations kept (MiB) |" + (" peak above weights (GiB) |" if gpu else "")
           + "\n|---|---|---|---|---|" + ("---|" if copies else "") + ("---|" if gpu else ""))
-    for r in results:
+    for r in rows:
         bound = "" if r["bound_x_plain"] is None else f"{r['bound_x_plain']} ({'within' if r['within_bound'] else 'OVER'})"
         print(f"| {r['variant']} | {r['step_s']:.3f} | {r['x_plain']:.2f} |"
               + (f" {r['x_plain_same_copies']:.2f} |" if copies else "")
               + f" {bound} | {r['activations_mib']:,.1f} |" + (f" {r['peak_above_resident_gib']} |" if gpu else ""))
-    emit({**meta, "results": results}, args.json)
-
 
 if __name__ == "__main__":
     main()

@@ -122,6 +122,34 @@ def test_train_throughput_max_batch_keeps_the_policies_it_searched(benchmarks, m
     assert record["error"] == "RuntimeError: compile failed"
 
 
+def test_quietstar_cost_keeps_the_rounds_it_finished(benchmarks, monkeypatch, capsys, tmp_path):
+    import quietstar_cost
+
+    make_step = quietstar_cost.make_step
+    made = []
+
+    def second_thought_round_fails(model, loss_of, dtype, device):
+        step, calls, thought = make_step(model, loss_of, dtype, device), [], len(made) == 1
+        made.append(model)
+
+        def counted(x):
+            calls.append(1)
+            if thought and len(calls) == 2:  # the thought variant, in round 2
+                raise torch.OutOfMemoryError("CUDA out of memory")
+            step(x)
+
+        return counted
+
+    monkeypatch.setattr(quietstar_cost, "make_step", second_thought_round_fails)
+    with pytest.raises(torch.OutOfMemoryError):
+        run_main(monkeypatch, quietstar_cost, "--shape", "micro", "--batch", "1", "--seq", "16", "--n-ahead", "4",
+                 "--n-ahead-talk", "1", "--steps", "1", "--rounds", "2", "--warmup", "0",
+                 "--json", str(tmp_path / "q.json"))
+    record = json.loads((tmp_path / "q.json").read_text())
+    assert [r["variant"] for r in record["results"]] == ["plain x1", "thought 4 / talk 1"] and record["steps"] == 1
+    assert "| thought 4 / talk 1 |" in capsys.readouterr().out
+
+
 def test_a_benchmark_stopped_by_sigterm_prints_and_keeps_the_steps_it_timed(tmp_path):
     """What `timeout` does to a run past its limit: SIGTERM, which by default kills Python at once."""
     proc = subprocess.Popen([sys.executable, str(REPO / "benchmarks" / "mod_throughput.py"), "--shape", "micro",
