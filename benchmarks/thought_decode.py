@@ -8,7 +8,8 @@ position, so a token costs n_ahead single-token forwards (n_ahead - 1 thought to
 the target is at most (thought length + 1)x the plain per-token time. For comparison, the official
 code's way — rerunning the whole-sequence parallel thought forward (`next_token_logits`) for every
 token — is timed once at the mean sequence length of the run. Per-token decode time excludes the
-prompt's prefill: (time for N new tokens - time for 1) / (N - 1), median over --repeats.
+prompt's prefill: (time for N new tokens - time for 1) / (N - 1), median over --repeats. Each figure is
+printed and saved to --json as soon as it is measured.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import time
 
 import torch
 
-from report import device_name, emit
+from report import Record, device_name
 from modeldefs import ModelConfig, Transformer
 from modeldefs.quietstar import QuietStar, ThoughtConfig
 from modeldefs.thought_generate import generate_with_thoughts
@@ -67,25 +68,26 @@ def main() -> None:
         parser.error(f"--new-tokens {args.new_tokens}: give at least 2")
 
     model, prompt = load(args.source, args.n_ahead)
-    with torch.inference_mode():
+    budget = args.n_ahead + 1
+    meta = dict(source=args.source, n_ahead=args.n_ahead, prompt_tokens=prompt.size(1), new_tokens=args.new_tokens,
+                target_ratio=budget, device=device_name(torch.device("cpu")), threads=torch.get_num_threads(),
+                torch=torch.__version__)
+    with Record(args.json, meta) as record, torch.inference_mode():
         plain = per_token_seconds(model, prompt, args.new_tokens, think=False, repeats=args.repeats)
+        print(f"plain decode:           {plain * 1e3:8.1f} ms/token ({1 / plain:.2f} tok/s)", flush=True)
+        record.update(plain_ms_per_token=plain * 1e3)
         thought = per_token_seconds(model, prompt, args.new_tokens, think=True, repeats=args.repeats)
+        print(f"with thoughts (cached): {thought * 1e3:8.1f} ms/token ({1 / thought:.2f} tok/s), "
+              f"{thought / plain:.2f}x plain (target <= {budget}x: n_ahead + 1)", flush=True)
+        record.update(thought_ms_per_token=thought * 1e3, ratio=thought / plain)
         seq = torch.cat([prompt, prompt[:, : args.new_tokens // 2]], 1)  # the run's mean length
         model.next_token_logits(seq)
         t0 = time.perf_counter()
         model.next_token_logits(seq)
         recompute = time.perf_counter() - t0
-    budget = args.n_ahead + 1
-    print(f"plain decode:           {plain * 1e3:8.1f} ms/token ({1 / plain:.2f} tok/s)")
-    print(f"with thoughts (cached): {thought * 1e3:8.1f} ms/token ({1 / thought:.2f} tok/s), "
-          f"{thought / plain:.2f}x plain (target <= {budget}x: n_ahead + 1)")
-    print(f"full recompute per token (official way): {recompute * 1e3:8.1f} ms/token, {recompute / plain:.1f}x plain")
-    emit(dict(source=args.source, n_ahead=args.n_ahead, prompt_tokens=prompt.size(1), new_tokens=args.new_tokens,
-              plain_ms_per_token=plain * 1e3, thought_ms_per_token=thought * 1e3, ratio=thought / plain,
-              target_ratio=budget, recompute_ms_per_token=recompute * 1e3, recompute_ratio=recompute / plain,
-              device=device_name(torch.device("cpu")), threads=torch.get_num_threads(), torch=torch.__version__),
-         args.json)
-
+        print(f"full recompute per token (official way): {recompute * 1e3:8.1f} ms/token, "
+              f"{recompute / plain:.1f}x plain")
+        record.update(recompute_ms_per_token=recompute * 1e3, recompute_ratio=recompute / plain)
 
 if __name__ == "__main__":
     main()

@@ -150,6 +150,24 @@ def test_quietstar_cost_keeps_the_rounds_it_finished(benchmarks, monkeypatch, ca
     assert "| thought 4 / talk 1 |" in capsys.readouterr().out
 
 
+def test_thought_decode_keeps_the_plain_time_when_the_thought_run_fails(benchmarks, monkeypatch, tmp_path):
+    import thought_decode
+
+    per_token_seconds = thought_decode.per_token_seconds
+
+    def thinking_fails(model, prompt, new_tokens, think, repeats):
+        if think:
+            raise KeyboardInterrupt
+        return per_token_seconds(model, prompt, new_tokens, think, repeats)
+
+    monkeypatch.setattr(thought_decode, "per_token_seconds", thinking_fails)
+    with pytest.raises(KeyboardInterrupt):
+        run_main(monkeypatch, thought_decode, "--source", "micro", "--n-ahead", "4", "--new-tokens", "3",
+                 "--repeats", "1", "--json", str(tmp_path / "d.json"))
+    record = json.loads((tmp_path / "d.json").read_text())
+    assert record["plain_ms_per_token"] > 0 and record["error"] == "KeyboardInterrupt"
+
+
 def test_a_benchmark_stopped_by_sigterm_prints_and_keeps_the_steps_it_timed(tmp_path):
     """What `timeout` does to a run past its limit: SIGTERM, which by default kills Python at once."""
     proc = subprocess.Popen([sys.executable, str(REPO / "benchmarks" / "mod_throughput.py"), "--shape", "micro",
