@@ -6,8 +6,9 @@
 `ThoughtKVCache` scores each thought chain against the T prefix keys and its own j keys (P x (T + j)
 per pass). The reference here is the official layout: keys of every pass concatenated, attended
 through SDPA with the dense P x (T + jP) boolean mask (`thought_attention_mask`), most of it False.
-Both give the same loss (checked below); the script times forward + backward of `QuietStar.forward`
-(random weights: cost does not depend on them) and, for scale, a plain LM step on the same batch.
+Both give the same loss (checked first: the script refuses to time paths that disagree); it times
+forward + backward of `QuietStar.forward` (random weights: cost does not depend on them) and, for scale,
+a plain LM step on the same batch. Each time is printed and saved to --json as soon as it is measured.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 import modeldefs.quietstar as quietstar
-from report import device_name, emit
+from report import Record, device_name
 from modeldefs import ModelConfig, Transformer
 from modeldefs.quietstar import QuietStar, ThoughtConfig, ThoughtKVCache
 
@@ -83,23 +84,30 @@ def main() -> None:
         logits = lm(x)
         F.cross_entropy(logits[:, :-1].flatten(0, 1), x[:, 1:].flatten()).backward()
 
-    results = {"plain": time_steps(plain_step, args.steps), "compact": time_steps(thought_step, args.steps)}
-    compact_loss = thought_step()
+    compact_loss = thought_step()  # both paths must agree before any time is spent timing them
     quietstar.ThoughtKVCache = DenseMaskCache  # what `think` builds from here on
-    results["dense_mask"] = time_steps(thought_step, args.steps)
     dense_loss = thought_step()
     quietstar.ThoughtKVCache = ThoughtKVCache
-    print(f"loss compact {compact_loss:.6f} vs dense mask {dense_loss:.6f}")
+    print(f"loss compact {compact_loss:.6f} vs dense mask {dense_loss:.6f}", flush=True)
     if abs(compact_loss - dense_loss) > 1e-4 * abs(dense_loss):
-        raise SystemExit("the two attention paths disagree: the timing compares different computations")
-    for name, seconds in results.items():
-        print(f"{name:>10}: {seconds:7.2f} s/step ({seconds / results['plain']:.1f}x plain)")
-    print(f"compact attention takes {results['compact'] / results['dense_mask']:.2f}x the dense mask's time per step")
-    emit(dict(shape=args.shape, batch=args.batch, seq=args.seq, n_ahead=args.n_ahead, n_ahead_talk=args.n_ahead_talk,
-              n_passes=config.n_passes, seconds_per_step=results, compact_loss=compact_loss, dense_loss=dense_loss,
-              speedup=results["dense_mask"] / results["compact"], device=device_name(torch.device("cpu")),
-              threads=torch.get_num_threads(), torch=torch.__version__), args.json)
-
+        raise SystemExit("the two attention paths disagree: the timing would compare different computations")
+    meta = dict(shape=args.shape, batch=args.batch, seq=args.seq, n_ahead=args.n_ahead, n_ahead_talk=args.n_ahead_talk,
+                n_passes=config.n_passes, compact_loss=compact_loss, dense_loss=dense_loss,
+                device=device_name(torch.device("cpu")), threads=torch.get_num_threads(), torch=torch.__version__)
+    results: dict[str, float] = {}
+    with Record(args.json, {**meta, "seconds_per_step": results}) as record:
+        for name, step in (("plain", plain_step), ("compact", thought_step), ("dense_mask", thought_step)):
+            quietstar.ThoughtKVCache = DenseMaskCache if name == "dense_mask" else ThoughtKVCache
+            try:
+                results[name] = time_steps(step, args.steps)
+            finally:
+                quietstar.ThoughtKVCache = ThoughtKVCache
+            print(f"{name:>10}: {results[name]:7.2f} s/step ({results[name] / results['plain']:.1f}x plain)",
+                  flush=True)
+            record.save()
+        record.update(speedup=results["dense_mask"] / results["compact"])
+        print(f"compact attention takes {results['compact'] / results['dense_mask']:.2f}x the dense mask's time "
+              "per step")
 
 if __name__ == "__main__":
     main()

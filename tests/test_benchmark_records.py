@@ -168,6 +168,19 @@ def test_thought_decode_keeps_the_plain_time_when_the_thought_run_fails(benchmar
     assert record["plain_ms_per_token"] > 0 and record["error"] == "KeyboardInterrupt"
 
 
+def test_thought_attention_checks_the_paths_agree_before_timing_them(benchmarks, monkeypatch):
+    import thought_attention
+
+    attend = thought_attention.DenseMaskCache.attend
+    monkeypatch.setattr(thought_attention.DenseMaskCache, "attend", lambda self, *args: 2 * attend(self, *args))
+    timed = []
+    monkeypatch.setattr(thought_attention, "time_steps", lambda step, steps: timed.append(step) or 1.0)
+    with pytest.raises(SystemExit, match="the two attention paths disagree"):
+        run_main(monkeypatch, thought_attention, "--shape", "micro", "--seq", "16", "--n-ahead", "4",
+                 "--n-ahead-talk", "2", "--steps", "1")
+    assert timed == []
+
+
 def test_a_benchmark_stopped_by_sigterm_prints_and_keeps_the_steps_it_timed(tmp_path):
     """What `timeout` does to a run past its limit: SIGTERM, which by default kills Python at once."""
     proc = subprocess.Popen([sys.executable, str(REPO / "benchmarks" / "mod_throughput.py"), "--shape", "micro",
