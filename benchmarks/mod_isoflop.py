@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from report import Record, device_name
+from report import Record, device_name, positive_int
 from modeldefs import ModelConfig, Transformer
 from training.data import jsonl_records
 from training.formatting import format_csqa, format_gsm8k
@@ -103,12 +103,12 @@ def train(name: str, config: ModelConfig, budget: float, train_tokens: torch.Ten
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--n-embd", type=int, default=192)
-    parser.add_argument("--n-layer", type=int, default=8)
-    parser.add_argument("--n-head", type=int, default=6)
-    parser.add_argument("--seq", type=int, default=256)
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--dense-steps", type=int, default=200, help="sets the FLOP budget")
+    parser.add_argument("--n-embd", type=positive_int, default=192)
+    parser.add_argument("--n-layer", type=positive_int, default=8)
+    parser.add_argument("--n-head", type=positive_int, default=6)
+    parser.add_argument("--seq", type=positive_int, default=256)
+    parser.add_argument("--batch", type=positive_int, default=8)
+    parser.add_argument("--dense-steps", type=positive_int, default=200, help="sets the FLOP budget")
     parser.add_argument("--capacity", type=float, default=0.125)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")

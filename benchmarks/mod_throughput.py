@@ -34,7 +34,7 @@ from collections.abc import Callable
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from report import Record, add_heap_option, device_name, print_profile, steady_heap, sync
+from report import Record, add_heap_option, device_name, positive_int, print_profile, steady_heap, sync
 from modeldefs import ModelConfig, Transformer
 from training.loss import linear_cross_entropy
 from training.parallelize import apply_compile
@@ -174,20 +174,20 @@ def print_table(record: dict) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", choices=sorted(SHAPES), default="mid")
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--seq", type=int, default=512)
+    parser.add_argument("--batch", type=positive_int, default=4)
+    parser.add_argument("--seq", type=positive_int, default=512)
     parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="bf16 = autocast over fp32 weights")
     parser.add_argument("--vocab", type=int, help="override the shape's vocabulary size (the output head is dense)")
     parser.add_argument("--capacities", type=float, nargs="+", default=[1.0, 0.5, 0.25, 0.125])
-    parser.add_argument("--steps", type=int, default=3, help="timed steps per variant")
+    parser.add_argument("--steps", type=positive_int, default=3, help="timed steps per variant")
     parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--rounds", type=int, help="sweeps over the variants, alternating their order "
+    parser.add_argument("--rounds", type=positive_int, help="sweeps over the variants, alternating their order "
                         "(default 2; one variant resident at a time)")
     parser.add_argument("--interleave", action="store_true",
                         help="keep every variant resident and run them in turn, step by step (for a machine whose "
                         "speed drifts, like a shared CPU; needs the memory of all of them)")
     parser.add_argument("--compile", action="store_true", help="torch.compile each block and the loss's chunks")
-    parser.add_argument("--loss-chunk", type=int, default=1024,
+    parser.add_argument("--loss-chunk", type=positive_int, default=1024,
                         help="tokens per chunk of the fused head + cross-entropy (CausalLM's loss_chunk_size)")
     add_heap_option(parser)
     parser.add_argument("--profile", type=int, default=0, metavar="ROWS",

@@ -28,7 +28,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from report import Record, device_name, saved_activation_bytes, sync
+from report import Record, device_name, positive_int, saved_activation_bytes, sync
 from modeldefs import ModelConfig, Transformer
 from modeldefs.quietstar import QuietStar, ThoughtConfig
 from training.parallelize import apply_compile
@@ -84,19 +84,19 @@ def activation_bytes(model: torch.nn.Module, loss_of: Callable[[torch.Tensor], t
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", choices=sorted(SHAPES), default="cpu-small")
-    parser.add_argument("--batch", type=int, default=2)
-    parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--batch", type=positive_int, default=2)
+    parser.add_argument("--seq", type=positive_int, default=128)
     parser.add_argument("--n-ahead", type=int, nargs="+", default=[4, 8, 16], help="thought lengths (incl. start/end)")
     parser.add_argument("--n-ahead-talk", type=int, nargs="+", default=[1, 4, 8])
-    parser.add_argument("--n-passes", type=int, default=1,
+    parser.add_argument("--n-passes", type=positive_int, default=1,
                         help="thoughts per position (official 2); the bound is per thought sample")
-    parser.add_argument("--stride", type=int, default=1, help="think at every stride-th position")
+    parser.add_argument("--stride", type=positive_int, default=1, help="think at every stride-th position")
     parser.add_argument("--checkpointing", action="store_true", help="recompute every block's MLP in backward")
     parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="bf16 = autocast over fp32 weights")
     parser.add_argument("--compile", action="store_true",
                         help="also time a twin of every variant with torch.compile'd blocks (rows '... +compile')")
-    parser.add_argument("--steps", type=int, default=2, help="timed steps per round")
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--steps", type=positive_int, default=2, help="timed steps per round")
+    parser.add_argument("--rounds", type=positive_int, default=2)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args()

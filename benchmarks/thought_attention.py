@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 import modeldefs.quietstar as quietstar
-from report import Record, device_name
+from report import Record, device_name, positive_int
 from modeldefs import ModelConfig, Transformer
 from modeldefs.quietstar import QuietStar, ThoughtConfig, ThoughtKVCache
 
@@ -57,11 +57,11 @@ def time_steps(step: Callable[[], object], steps: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", default="smollm2-135m", help="a named ModelConfig")
-    parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--seq", type=int, default=64)
+    parser.add_argument("--batch", type=positive_int, default=1)
+    parser.add_argument("--seq", type=positive_int, default=64)
     parser.add_argument("--n-ahead", type=int, default=12)
     parser.add_argument("--n-ahead-talk", type=int, default=4)
-    parser.add_argument("--steps", type=int, default=2, help="timed steps per variant (median)")
+    parser.add_argument("--steps", type=positive_int, default=2, help="timed steps per variant (median)")
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args()
 

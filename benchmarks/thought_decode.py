@@ -20,7 +20,7 @@ import time
 
 import torch
 
-from report import Record, device_name
+from report import Record, device_name, positive_int
 from modeldefs import ModelConfig, Transformer
 from modeldefs.quietstar import QuietStar, ThoughtConfig
 from modeldefs.thought_generate import generate_with_thoughts
@@ -61,7 +61,7 @@ def main() -> None:
     parser.add_argument("--n-ahead", type=int, default=12, help="thought length (official meaning; default official)")
     parser.add_argument("--new-tokens", type=int, default=24, help="tokens per timed run (>= 2: the per-token "
                         "time is the difference between this run and a one-token run)")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=positive_int, default=3)
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args()
     if args.new_tokens < 2:

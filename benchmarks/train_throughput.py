@@ -47,7 +47,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from report import Record, add_heap_option, device_name, print_profile, steady_heap, sync
+from report import Record, add_heap_option, device_name, positive_int, print_profile, steady_heap, sync
 from modeldefs import ModelConfig, Transformer
 from modeldefs.pretrained import to_hf_model
 from training.loss import linear_cross_entropy
@@ -321,21 +321,21 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", choices=sorted(SHAPES), default="mid")
     parser.add_argument("--vocab", type=int, help="override the shape's vocabulary size (the output head)")
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--seq", type=int, default=512)
+    parser.add_argument("--batch", type=positive_int, default=4)
+    parser.add_argument("--seq", type=positive_int, default=512)
     parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="bf16 = autocast over fp32 weights")
-    parser.add_argument("--loss-chunk", type=int, default=1024,
+    parser.add_argument("--loss-chunk", type=positive_int, default=1024,
                         help="tokens per chunk of qd's fused head + cross-entropy (CausalLM's loss_chunk_size)")
     parser.add_argument("--variants", nargs="+", default=["hf", "hf+compile", "qd", "qd+compile", "mod+compile"])
-    parser.add_argument("--steps", type=int, default=5, help="timed steps per round")
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--steps", type=positive_int, default=5, help="timed steps per round")
+    parser.add_argument("--rounds", type=positive_int, default=2)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--sequential", action="store_true", help="one variant resident at a time")
     add_heap_option(parser)
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--max-batch", action="store_true", help="largest batch per activation-checkpointing policy")
     parser.add_argument("--compile", action="store_true", help="with --max-batch: compile the blocks")
-    parser.add_argument("--batch-limit", type=int, default=256,
+    parser.add_argument("--batch-limit", type=positive_int, default=256,
                         help="with --max-batch: the largest batch tried")
     parser.add_argument("--memory-budget-gib", type=float, help="with --max-batch: the budget (required on a CPU)")
     parser.add_argument("--profile", type=int, default=0, help="print this many top ops of one step per variant")

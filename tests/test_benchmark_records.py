@@ -210,3 +210,14 @@ def test_an_unwritable_json_path_is_refused_before_any_timing(tmp_path):
                           cwd=REPO, env=ENV, capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0 and f"--json {tmp_path / 'missing' / 'mod.json'}: cannot write it" in proc.stderr
     assert "round 1" not in proc.stdout
+
+
+@pytest.mark.parametrize("script,args", [("train_throughput.py", ["--steps", "0"]),
+                                         ("mod_throughput.py", ["--rounds", "0"]),
+                                         ("quietstar_cost.py", ["--steps", "0"]),
+                                         ("thought_decode.py", ["--repeats", "0"])])
+def test_a_zero_count_is_refused_before_any_work(script, args):
+    """--steps 0 would warm up every variant, then divide by zero time; --repeats 0 take the median of nothing."""
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / script), *args], cwd=REPO, env=ENV,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and f"argument {args[0]}: 0 is not a positive integer" in proc.stderr
