@@ -126,35 +126,43 @@ def _stop(signum: int, frame: Any) -> None:
 class Record:
     """A benchmark's record, kept on disk as it grows, so that no finished measurement is lost.
 
-    The meta fields are written to `json_path` at once (an unwritable path fails before any measurement); each
-    `add` or `update` rewrites the file (`write_json`), with `"complete": false` until the `with` block ends.
-    Leaving the block, normally or by an exception, Ctrl-C or SIGTERM, prints `table(record)` (the finished rows)
-    and the record as one JSON line and saves it; a run that did not finish keeps `"complete": false` and gets
-    `"error"`, and the exception goes on.
+    An unwritable `json_path` is refused at once, before any measurement. Each `add` or `update` (a finished
+    measurement) rewrites the file (`write_json`), with `"complete": false` until the `with` block ends; a file
+    already there (an earlier run's record) is kept until this run has measured something. Leaving the block,
+    normally or by an exception, Ctrl-C or SIGTERM, prints `table(record)` (the finished rows) and the record as
+    one JSON line and saves it; a run that did not finish keeps `"complete": false` and gets `"error"`, and the
+    exception goes on.
     """
 
     def __init__(self, json_path: str | None, meta: dict[str, Any],
                  table: Callable[[dict[str, Any]], None] | None = None) -> None:
         self.json_path, self.table = json_path, table
         self.data: dict[str, Any] = {**meta, "complete": False}
-        try:
-            self.save()
-        except OSError as error:
-            raise SystemExit(f"--json {json_path}: cannot write it ({error.strerror}); give a path in a folder "
-                             "that exists") from error
+        self.measured = False
+        if json_path:
+            probe = Path(json_path).with_name(f".{Path(json_path).name}.{os.getpid()}.tmp")
+            try:
+                probe.touch()
+                probe.unlink()
+            except OSError as error:
+                raise SystemExit(f"--json {json_path}: cannot write it ({error.strerror}); give a path in a folder "
+                                 "that exists") from error
 
     def save(self) -> None:
-        if self.json_path:
+        """Write the record to `json_path` once something is measured (until then an earlier file stays)."""
+        if self.json_path and self.measured:
             write_json(self.data, self.json_path)
 
     def add(self, key: str, row: dict[str, Any]) -> None:
         """Append a finished row to the list `key` and save."""
         self.data.setdefault(key, []).append(row)
+        self.measured = True
         self.save()
 
     def update(self, **fields: Any) -> None:
         """Set fields (results so far) and save."""
         self.data.update(fields)
+        self.measured = True
         self.save()
 
     def __enter__(self) -> Record:
@@ -165,7 +173,7 @@ class Record:
                  traceback: TracebackType | None) -> None:
         signal.signal(signal.SIGTERM, self._handler)
         if error is None:
-            self.data["complete"] = True
+            self.data["complete"] = self.measured = True
         else:
             self.data["error"] = ("stopped by SIGTERM" if isinstance(error, Stopped)
                                   else f"{kind.__name__}: {error}" if str(error) else kind.__name__)

@@ -104,7 +104,7 @@ def main() -> None:
                 quietstar.ThoughtKVCache = ThoughtKVCache
             print(f"{name:>10}: {results[name]:7.2f} s/step ({results[name] / results['plain']:.1f}x plain)",
                   flush=True)
-            record.save()
+            record.update(seconds_per_step=results)
         record.update(speedup=results["dense_mask"] / results["compact"])
         print(f"compact attention takes {results['compact'] / results['dense_mask']:.2f}x the dense mask's time "
               "per step")

@@ -52,6 +52,24 @@ def test_mod_isoflop_keeps_the_models_it_trained_when_a_later_one_fails(benchmar
     assert json.loads(out.strip().splitlines()[-1]) == record
 
 
+def test_an_earlier_json_file_is_kept_when_a_run_stops_before_measuring_anything(benchmarks, monkeypatch, tmp_path):
+    import mod_isoflop
+
+    monkeypatch.setattr(mod_isoflop, "SHARED", shared_file("gsm8k/train.jsonl").parents[1])
+    shared_file("commonsense_qa/train_rand_split.jsonl")
+
+    def interrupted(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(mod_isoflop, "train", interrupted)
+    (tmp_path / "iso.json").write_text('{"results": "an earlier run"}')
+    with pytest.raises(KeyboardInterrupt):
+        run_main(monkeypatch, mod_isoflop, "--n-embd", "32", "--n-layer", "2", "--n-head", "2", "--seq", "32",
+                 "--json", str(tmp_path / "iso.json"))
+    assert (tmp_path / "iso.json").read_text() == '{"results": "an earlier run"}'
+    assert [f.name for f in tmp_path.iterdir()] == ["iso.json"]
+
+
 def failing_build(module, fail_variant: str, fail_at_call: int):
     """`module.build`, but `fail_variant`'s step raises out-of-memory on its `fail_at_call`-th call (0: at build)."""
     build = module.build
