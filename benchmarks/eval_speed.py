@@ -22,7 +22,6 @@ Rounds whose metrics differ (GPU kernels need not be deterministic) are flagged,
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -31,7 +30,7 @@ from typing import Any
 
 import torch
 
-from report import add_heap_option, device_name, emit, steady_heap
+from report import Record, add_heap_option, device_name, positive_int, steady_heap
 
 TASKS_DIR = Path(__file__).resolve().parents[1] / "evals" / "lm_eval_tasks"
 DEFAULT_TASKS = "commonsense_qa_local,commonsense_qa_cloze_local,gsm8k_local"
@@ -144,25 +143,19 @@ def table_rows(task: str, result: dict[str, Any]) -> list[str]:
     return rows
 
 
-def write_json(record: dict[str, Any], path: str | None) -> None:
-    """Write the record so far (after each task, so a later task's failure loses no finished one)."""
-    if path:
-        Path(path).write_text(json.dumps(record, indent=2))
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m-instruct", help="a .gguf, an HF directory or smollm2-135m-instruct")
     parser.add_argument("--tasks", default=DEFAULT_TASKS, help="comma-separated task names from evals/lm_eval_tasks")
     parser.add_argument("--limit", default="", help="documents per task, e.g. gsm8k_local=20 (default: all)")
-    parser.add_argument("--batch-size", type=int, default=32, help="quietdepth: rows per forward, completions being generated or packed scoring rows")
-    parser.add_argument("--pack-tokens", type=int, default=512, help="quietdepth: most tokens per packed scoring row")
+    parser.add_argument("--batch-size", type=positive_int, default=32, help="quietdepth: rows per forward, completions being generated or packed scoring rows")
+    parser.add_argument("--pack-tokens", type=positive_int, default=512, help="quietdepth: most tokens per packed scoring row")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                         help="weights and compute of both backends")
-    parser.add_argument("--hf-batch-size", type=int, default=32, help="lm-eval hf backend batch size")
+    parser.add_argument("--hf-batch-size", type=positive_int, default=32, help="lm-eval hf backend batch size")
     parser.add_argument("--num-fewshot", type=int, help="few-shot examples per prompt (default: each task's own, "
                         "5 for gsm8k_local)")
-    parser.add_argument("--rounds", type=int, default=2,
+    parser.add_argument("--rounds", type=positive_int, default=2,
                         help="runs of each task per backend, in alternating order; each side's fastest counts")
     add_heap_option(parser)
     parser.add_argument("--json", help="also write the record to this file")
@@ -182,35 +175,35 @@ def main() -> None:
     hf, ours, hf_load, ours_load = load_models(args.model, args.batch_size, args.hf_batch_size, args.pack_tokens,
                                                 args.dtype)
     tokenizer = ours.model.tokenizer
-    record: dict[str, Any] = {
+    meta = {
         "benchmark": "eval_speed", "model": args.model, "device": device_name(ours.model.device),
         "threads": torch.get_num_threads(), "torch": torch.__version__, "dtype": args.dtype, "batch_size": args.batch_size,
         "hf_batch_size": args.hf_batch_size, "pack_tokens": args.pack_tokens, "rounds": args.rounds,
         "num_fewshot": args.num_fewshot,
         "cpu_heap_kept": heap_kept, "load_seconds": {"lm-eval hf": hf_load, "quietdepth": ours_load},
         "tasks": {}}
-    rows = []
-    for task in tasks:
-        limit = limits.get(task)
-        sides = [("lm-eval hf", hf), ("quietdepth", ours)]
-        rounds: dict[str, list[dict[str, Any]]] = {"lm-eval hf": [], "quietdepth": []}
-        for i in range(args.rounds):  # the order alternates, so neither side always runs on a warmer process
-            for side, lm in sides if i % 2 == 0 else sides[::-1]:
-                rounds[side].append(run(lm, task, limit, task_manager, tokenizer, args.num_fewshot))
-        result = {side: fastest(task, side, runs) for side, runs in rounds.items()}
-        result["speedup"] = result["lm-eval hf"]["request_seconds"] / result["quietdepth"]["request_seconds"]
-        record["tasks"][task] = result
-        write_json(record, args.json)
-        rows += table_rows(task, result)
-        print("\n".join(rows[-2:]), flush=True)  # this task's rows now: a later task may still fail
-    print(f"\n{args.model} on {record['device']} ({record['threads']} threads), torch {torch.__version__}, {args.dtype}; "
-          f"batch size quietdepth {args.batch_size}, lm-eval hf {args.hf_batch_size}; fastest of {args.rounds} "
-          f"round(s), alternating order" + ("; CPU heap kept" if heap_kept else "") + "\n")
-    print("| task | backend | n | model s | wall s | tokens/s | accuracy ± stderr | speed-up (model s) |")
-    print("|---|---|---:|---:|---:|---:|---|---:|")
-    print("\n".join(rows))
-    emit(record, args.json)
 
+    def print_table(data: dict[str, Any]) -> None:
+        print(f"\n{args.model} on {data['device']} ({data['threads']} threads), torch {torch.__version__}, "
+              f"{args.dtype}; batch size quietdepth {args.batch_size}, lm-eval hf {args.hf_batch_size}; fastest of "
+              f"{args.rounds} round(s), alternating order" + ("; CPU heap kept" if heap_kept else "") + "\n")
+        print("| task | backend | n | model s | wall s | tokens/s | accuracy ± stderr | speed-up (model s) |")
+        print("|---|---|---:|---:|---:|---:|---|---:|")
+        for task, result in data["tasks"].items():
+            print("\n".join(table_rows(task, result)))
+
+    with Record(args.json, meta, table=print_table) as record:
+        for task in tasks:
+            limit = limits.get(task)
+            sides = [("lm-eval hf", hf), ("quietdepth", ours)]
+            rounds: dict[str, list[dict[str, Any]]] = {"lm-eval hf": [], "quietdepth": []}
+            for i in range(args.rounds):  # the order alternates, so neither side always runs on a warmer process
+                for side, lm in sides if i % 2 == 0 else sides[::-1]:
+                    rounds[side].append(run(lm, task, limit, task_manager, tokenizer, args.num_fewshot))
+            result = {side: fastest(task, side, runs) for side, runs in rounds.items()}
+            result["speedup"] = result["lm-eval hf"]["request_seconds"] / result["quietdepth"]["request_seconds"]
+            record.update(tasks={**record.data["tasks"], task: result})
+            print("\n".join(table_rows(task, result)), flush=True)  # this task's rows now: a later one may fail
 
 if __name__ == "__main__":
     main()

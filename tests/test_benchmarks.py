@@ -120,7 +120,8 @@ def test_eval_speed_keeps_a_finished_task_when_a_later_task_fails(tmp_path, smol
                           env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin", "QUIETDEPTH_SHARED_DATA": str(data)})
     assert proc.returncode != 0 and "gsm8k" in proc.stderr
     assert "| commonsense_qa_local | quietdepth | 2 |" in proc.stdout
-    assert list(json.loads((tmp_path / "speed.json").read_text())["tasks"]) == ["commonsense_qa_local"]
+    record = json.loads((tmp_path / "speed.json").read_text())
+    assert list(record["tasks"]) == ["commonsense_qa_local"] and record["complete"] is False and "error" in record
 
 
 def test_eval_speed_refuses_an_unknown_task_before_loading_models(tmp_path):
@@ -128,6 +129,13 @@ def test_eval_speed_refuses_an_unknown_task_before_loading_models(tmp_path):
                            "--tasks", "commonsense_qa_local,gsm8k"], cwd=REPO, capture_output=True, text=True,
                           timeout=120, env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
     assert proc.returncode == 2 and "--tasks gsm8k: no such task" in proc.stderr and "gsm8k_local" in proc.stderr
+
+
+def test_eval_speed_refuses_zero_rounds_before_loading_models(tmp_path):
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "eval_speed.py"), "--model", str(tmp_path / "none"),
+                           "--rounds", "0"], cwd=REPO, capture_output=True, text=True, timeout=120,
+                          env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
+    assert proc.returncode == 2 and "--rounds: 0 is not a positive integer" in proc.stderr
 
 
 FAULTS_ON_REALLOCATION = """
