@@ -63,6 +63,21 @@ def test_each_run_in_one_process_writes_its_wandb_run_into_its_own_folder(tmp_pa
 
 
 @requires_smollm2  # loads the smoke config's SmolLM2 tokenizer
+def test_a_wandb_run_the_caller_opened_is_logged_into_and_left_open(in_tmp, gsm8k_train):
+    """A script or a sweep agent's function that calls wandb.init() and then runs quietdepth goes on logging to its
+    run afterwards: the command closes only a run it started."""
+    wandb = pytest.importorskip("wandb")
+    callers = wandb.init(project="quietdepth-test", dir=str(in_tmp), mode="offline")
+    try:
+        run(["fit", *smoke_args(gsm8k_train, "--trainer.limit_val_batches", "0", steps=1)])
+        assert wandb.run is callers
+        assert callers.summary.get("train/loss") is not None  # WandbLogger logged into it
+        callers.log({"after": 1.0})
+    finally:
+        callers.finish()
+
+
+@requires_smollm2  # loads the smoke config's SmolLM2 tokenizer
 @pytest.mark.parametrize("init_args", [{"save_dir": "wb"}, {"save_dir": None, "dir": "wb"}])
 def test_a_wandb_folder_given_as_save_dir_or_dir_is_made_absolute(in_tmp, gsm8k_train, init_args):
     """WandbLogger writes to `save_dir or dir`: either, made absolute, is where the run's files go."""

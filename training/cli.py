@@ -261,6 +261,8 @@ def run(args: list[str] | None = None) -> QuietDepthCLI:
     for handler in logging.getLogger("lightning.pytorch").handlers:
         if _not_an_advert not in handler.filters:
             handler.addFilter(_not_an_advert)
+    wandb = sys.modules.get("wandb")
+    callers_run = wandb.run if wandb is not None else None  # WandbLogger logs into it; the caller closes it
     try:
         return QuietDepthCLI(
             subclass_mode_model=True,
@@ -271,13 +273,15 @@ def run(args: list[str] | None = None) -> QuietDepthCLI:
             args=args,
         )
     finally:
-        _finish_wandb_run(failed=sys.exc_info()[0] is not None)
+        _finish_wandb_run(failed=sys.exc_info()[0] is not None, keep=callers_run)
 
 
-def _finish_wandb_run(failed: bool) -> None:
-    """Close the W&B run (WandbLogger leaves it open), so a second run in one process starts its own."""
+def _finish_wandb_run(failed: bool, keep: Any = None) -> None:
+    """Close the W&B run that the command started (WandbLogger leaves it open), so a second run in one process
+    starts its own. `keep`: a run the caller had open before (`wandb.init()` in a script or a sweep agent's
+    function), which WandbLogger logged into and which stays open for the caller to go on logging to."""
     wandb = sys.modules.get("wandb")
-    if wandb is not None and wandb.run is not None:
+    if wandb is not None and wandb.run is not None and wandb.run is not keep:
         wandb.finish(exit_code=1 if failed else 0)
 
 if __name__ == "__main__":
