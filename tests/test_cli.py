@@ -62,6 +62,21 @@ def test_each_run_in_one_process_writes_its_wandb_run_into_its_own_folder(tmp_pa
         assert len(list((tmp_path / name / "runs" / "smoke" / "wandb").glob("offline-run-*/*.wandb"))) == 1, name
 
 
+def test_a_wandb_logger_without_wandb_installed_is_refused_naming_the_package(in_tmp, gsm8k_train, monkeypatch,
+                                                                              capsys):
+    """Without wandb, WandbLogger raises ModuleNotFoundError, which jsonargparse reported as "Not a valid subclass
+    of Logger" with the whole logger list, naming neither wandb nor the fix."""
+    from lightning.pytorch.loggers import wandb as lightning_wandb
+
+    monkeypatch.setitem(sys.modules, "wandb", None)  # `import wandb` fails, as where it is not installed
+    monkeypatch.setattr(lightning_wandb, "_WANDB_AVAILABLE", False)  # what WandbLogger checks then
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", *smoke_args(gsm8k_train, steps=1)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "WandbLogger, but the wandb package is not installed: pip install wandb" in err, err
+
+
 @requires_smollm2  # loads the smoke config's SmolLM2 tokenizer
 def test_a_wandb_run_the_caller_opened_is_logged_into_and_left_open(in_tmp, gsm8k_train):
     """A script or a sweep agent's function that calls wandb.init() and then runs quietdepth goes on logging to its

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import sys
@@ -83,10 +84,16 @@ class QuietDepthCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         """Make each WandbLogger's save_dir absolute. W&B's background service outlives a run and resolves a
         relative one against the folder where the process's first run started, so a second run in the same
-        process (a notebook, a sweep, the tests) started from another folder would write into the first's."""
+        process (a notebook, a sweep, the tests) started from another folder would write into the first's.
+        A WandbLogger without the wandb package is refused, naming it (jsonargparse would report only "Not a
+        valid subclass of Logger" and the whole logger list)."""
         loggers = self.config[self.subcommand].get("trainer", {}).get("logger")
         for logger in loggers if isinstance(loggers, list) else [loggers]:
             if isinstance(logger, Namespace) and logger.class_path.endswith("WandbLogger"):
+                if importlib.util.find_spec("wandb") is None:
+                    raise ConfigError(f"trainer.logger has {logger.class_path}, but the wandb package is not "
+                                      "installed: pip install wandb, or remove the WandbLogger from trainer.logger "
+                                      "in the config (the CSVLogger logs alone)")
                 init = logger.init_args  # WandbLogger writes to `save_dir or dir`
                 key = "save_dir" if init.get("save_dir") or not init.get("dir") else "dir"
                 init[key] = os.path.abspath(init.get(key) or ".")
