@@ -78,6 +78,20 @@ def test_a_wandb_logger_without_wandb_installed_is_refused_naming_the_package(in
 
 
 @requires_smollm2  # loads the smoke config's SmolLM2 tokenizer
+def test_a_resumed_run_logs_on_to_the_wandb_run_of_its_checkpoint(in_tmp, gsm8k_train):
+    """`--ckpt_path` continues the W&B run the checkpoint was logged to (offline: a second folder with its id, which
+    `wandb sync` uploads into it), not a new run of the same name; a given id still decides."""
+    args = ["fit", *smoke_args(gsm8k_train, "--trainer.limit_val_batches", "0", steps=2)]
+    run(args)
+    wandb_dir = in_tmp / "runs" / "smoke" / "wandb"
+    (first,) = [p.name.removeprefix("run-") for p in wandb_dir.glob("offline-run-*/run-*.wandb")]
+    run([*args, "--trainer.max_steps", "3", "--ckpt_path", "last"])
+    assert sorted(p.name for p in wandb_dir.glob("offline-run-*/run-*.wandb")) == [f"run-{first}"] * 2
+    run([*args, "--trainer.max_steps", "4", "--ckpt_path", "last", "--trainer.logger.init_args.id", "mine"])
+    assert len(list(wandb_dir.glob("offline-run-*/run-mine.wandb"))) == 1
+
+
+@requires_smollm2  # loads the smoke config's SmolLM2 tokenizer
 def test_a_wandb_run_the_caller_opened_is_logged_into_and_left_open(in_tmp, gsm8k_train):
     """A script or a sweep agent's function that calls wandb.init() and then runs quietdepth goes on logging to its
     run afterwards: the command closes only a run it started."""

@@ -45,7 +45,8 @@ def _wandb_has_key() -> bool:
 class SaveResolvedConfig(SaveConfigCallback):
     """Writes the resolved config to the run folder (config.yaml, as Lightning does) and also into each W&B
     run's config and each checkpoint (`config`), which otherwise get only the model's and the data's
-    hyperparameters: not the trainer's max_steps, accumulation, clipping or seed."""
+    hyperparameters: not the trainer's max_steps, accumulation, clipping or seed. A checkpoint also records the
+    id of the W&B run it was logged to (`wandb_run_id`), which resuming from it logs on to."""
 
     def _resolved(self) -> dict[str, Any]:
         return yaml.safe_load(self.parser.dump(self.config, skip_none=False))
@@ -57,6 +58,9 @@ class SaveResolvedConfig(SaveConfigCallback):
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
         checkpoint["config"] = self._resolved()
+        run_ids = [logger.version for logger in trainer.loggers if isinstance(logger, WandbLogger) and logger.version]
+        if run_ids:
+            checkpoint["wandb_run_id"] = run_ids[0]
 
 
 class QuietDepthCLI(LightningCLI):
@@ -140,7 +144,10 @@ class QuietDepthCLI(LightningCLI):
     def before_fit(self) -> None:
         paths = self._ckpt_paths()
         self._check_ckpt_path(paths)
-        self._check_steps_left(paths)
+        metadata = {path: checkpoint_metadata(path) for path in paths
+                    if (path / "meta.pt" if path.is_dir() else path).is_file()}
+        self._check_steps_left(metadata)
+        self._continue_wandb_run(metadata)
         for callback in self.trainer.checkpoint_callbacks:  # a file there would fail only at the first save
             if callback.dirpath and Path(callback.dirpath).is_file():
                 raise ConfigError(f"the checkpoint folder {callback.dirpath} is a file: set the checkpoint callback's "
@@ -203,14 +210,12 @@ class QuietDepthCLI(LightningCLI):
                     f"--trainer.strategy.init_args.data_parallel_size 1), or start a new run from its weights with "
                     f"--model.init_args.init_from {path}")
 
-    def _check_steps_left(self, paths: list[Path]) -> None:
-        """Refuse to resume a checkpoint (`paths`: `_ckpt_paths()`) at or past trainer.max_steps, or that had trained
-        trainer.max_epochs epochs: Lightning would train nothing and leave an empty run folder behind."""
+    def _check_steps_left(self, checkpoints: dict[Path, dict[str, Any]]) -> None:
+        """Refuse to resume a checkpoint (`checkpoints`: the `checkpoint_metadata` of each of `_ckpt_paths()`) at or
+        past trainer.max_steps, or that had trained trainer.max_epochs epochs: Lightning would train nothing and leave
+        an empty run folder behind."""
         max_steps, max_epochs = self.trainer.max_steps, self.trainer.max_epochs
-        for path in paths:
-            if not (path / "meta.pt" if path.is_dir() else path).is_file():
-                continue
-            metadata = checkpoint_metadata(path)
+        for path, metadata in checkpoints.items():
             step = metadata.get("global_step", 0)
             if 0 <= max_steps <= step:
                 raise ConfigError(f"--ckpt_path {path} is at step {step} and trainer.max_steps is {max_steps}: "
@@ -221,6 +226,17 @@ class QuietDepthCLI(LightningCLI):
                 raise ConfigError(f"--ckpt_path {path} has trained {epochs} epoch(s) and trainer.max_epochs is "
                                   f"{max_epochs}: there is nothing left to train. Raise --trainer.max_epochs "
                                   f"(e.g. to {epochs + 1}) to train on from it")
+
+    def _continue_wandb_run(self, checkpoints: dict[Path, dict[str, Any]]) -> None:
+        """Resuming logs on to the W&B run the checkpoint was logged to (its `wandb_run_id`), as WandbLogger does
+        for a given id (resume="allow"), not to a new run of the same name: a WandbLogger given no
+        `id`/`version` takes it. Offline, each part is its own folder with that id; `wandb sync` uploads them
+        into the one run. `checkpoints`: as for `_check_steps_left`."""
+        for metadata in checkpoints.values():
+            run_id = metadata.get("wandb_run_id")
+            for logger in self.trainer.loggers:
+                if run_id and isinstance(logger, WandbLogger) and logger.version is None:  # not started, no id given
+                    logger._id = logger._wandb_init["id"] = run_id  # what `version` reports, what wandb.init gets
 
 
 def _weights_only(kwargs: dict[str, Any]) -> dict[str, Any]:
