@@ -10,6 +10,7 @@ results.json, append to the leaderboard, and plot accuracy against compute knobs
 from __future__ import annotations
 
 import argparse
+import contextlib
 import fcntl
 import hashlib
 import json
@@ -94,6 +95,10 @@ def run_parser() -> argparse.ArgumentParser:
     p.add_argument("--leaderboard", default="eval-results", help="folder of leaderboard.csv/.md/.html (appended to)")
     p.add_argument("--log-samples", action="store_true", help="also write per-item prompts and outputs (jsonl)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--wandb-project", default=None, metavar="PROJECT",
+                   help="log the leaderboard tables to a new W&B run in PROJECT (job type eval, the options as its "
+                        "config; offline without a W&B API key: `wandb sync` uploads it); without it they go to a "
+                        "W&B run only where one is already active (quietdepth-eval called from Python)")
     return p
 
 
@@ -373,9 +378,30 @@ def _evaluate_all(args: argparse.Namespace, output: Path, report: dict[str, Any]
             added += _save(report, output, new, args.leaderboard)
             rows += new
         del model
-    logged = log_to_wandb([{c: str(r[c]) if r[c] is not None else "" for c in COLUMNS} for r in rows])
+    with _wandb_run(args.wandb_project, output, vars(args)):
+        logged = log_to_wandb([{c: str(r[c]) if r[c] is not None else "" for c in COLUMNS} for r in rows])
     print(summary(rows, output, args.leaderboard, added, logged, report["wall_seconds"]))
     return report
+
+
+@contextlib.contextmanager
+def _wandb_run(project: str | None, output: Path, config: dict[str, Any]) -> Iterator[None]:
+    """A W&B run in `project` (files under `output`) for the block, finished after it; nothing for None. Offline
+    where no API key is set (WANDB_API_KEY or a ~/.netrc entry), as `quietdepth fit`, so it never asks to log in."""
+    if project is None:
+        yield
+        return
+    import wandb
+
+    netrc = Path.home() / ".netrc"
+    if not os.environ.get("WANDB_API_KEY") and not (netrc.is_file() and "api.wandb.ai" in netrc.read_text()):
+        os.environ.setdefault("WANDB_MODE", "offline")
+    output.mkdir(parents=True, exist_ok=True)
+    run = wandb.init(project=project, job_type="eval", config=config, dir=str(output))
+    try:
+        yield
+    finally:
+        run.finish()
 
 
 def summary(rows: list[dict[str, Any]], output: Path, leaderboard: str, added: int, wandb_logged: bool,

@@ -371,6 +371,19 @@ def test_leaderboard_goes_to_the_active_wandb_run_as_tables(tmp_path, monkeypatc
         run.finish()
 
 
+def test_wandb_project_logs_the_leaderboard_to_a_new_wandb_run_from_the_command_line(
+        tiny_checkpoint, smollm2_tokenizer_dir, tmp_path, monkeypatch, capsys):
+    """The tables went to W&B only where a run was already active, which a command line never has."""
+    wandb = pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    main(run_args(tiny_checkpoint, smollm2_tokenizer_dir, tmp_path, "--tasks", "csqa", "--wandb-project", "qd-test"))
+    (offline,) = (tmp_path / "run" / "wandb").glob("offline-run-*")
+    assert list(offline.rglob("media/table/eval/leaderboard*.table.json"))
+    assert list(offline.rglob("media/table/eval/summary*.table.json"))
+    assert "leaderboard logged to the active W&B run" in capsys.readouterr().out
+    assert wandb.run is None  # finished
+
+
 def test_a_model_path_with_a_pipe_or_markup_keeps_its_cells_in_the_markdown_and_html_tables(tmp_path):
     """A path is user text: `|` would end a Markdown cell early (shifting every cell after it), `<` open an HTML tag."""
     row = dict(model="runs/a|b <i>x</i>/last.ckpt", decoding="greedy", task="csqa", version="N/A", filter="none",
