@@ -79,9 +79,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_fsdp(config: Path, *extra: str, timeout: float = 240, subcommand: str = "fit") -> None:
+def run_fsdp(config: Path, *extra: str, timeout: float = 240, subcommand: str = "fit",
+             succeeds: bool = True) -> subprocess.CompletedProcess:
     """`quietdepth <subcommand>` with FSDP2 over 2 CPU processes (Lightning starts the second), each with half
-    the batch (`extra` arguments come last and override these)."""
+    the batch (`extra` arguments come last and override these); asserts that it succeeds, or with
+    `succeeds=False` that it fails."""
     env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1",
            "MASTER_PORT": str(free_port()), "PYTHONPATH": str(REPO)}
     args = [sys.executable, "-m", "training", subcommand, "--config", str(config), "--config", FSDP,
@@ -92,7 +94,11 @@ def run_fsdp(config: Path, *extra: str, timeout: float = 240, subcommand: str = 
         proc = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired as e:
         pytest.fail(f"2-process run did not finish in {timeout} s:\n{(e.stdout or '')[-2000:]}{(e.stderr or '')[-3000:]}")
-    assert proc.returncode == 0, f"2-process run failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
+    if succeeds:
+        assert proc.returncode == 0, f"2-process run failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
+    else:
+        assert proc.returncode != 0, f"the run succeeded:\n{proc.stdout[-2000:]}"
+    return proc
 
 
 def fit_one_process(config: Path, monkeypatch: pytest.MonkeyPatch, *extra: str) -> None:
@@ -268,6 +274,21 @@ def test_sharded_checkpoint_loads_in_one_process_and_exports(runs, smollm2_token
     hf = load_pretrained(str(tmp_path / "hf"))
     for (name, a), b in zip(hf.state_dict().items(), two.state_dict().values()):
         assert torch.equal(a, b), name
+
+@pytest.mark.parametrize("run, overrides, change", [
+    ("dense-2", {"mod_capacity": 0.5}, "mod_capacity: None in the checkpoint, 0.5 here"),  # a sharded folder
+    ("mod-2", None, "mod_capacity: 0.5 in the checkpoint, None here")])                   # a full file
+def test_a_checkpoint_of_another_architecture_is_refused_under_fsdp_before_its_weights_load(
+        runs, run, overrides, change, gsm8k_train, smollm2_tokenizer_dir, tmp_path):
+    """ModelParallelStrategy loads the weights before `on_load_checkpoint`: the refusal that names the fields
+    comes from `configure_model`, not DCP's "Missing key" or load_state_dict's "Unexpected key(s)" traceback."""
+    config = write_config(tmp_path, gsm8k_train, smollm2_tokenizer_dir, 4, 2, overrides)
+    proc = run_fsdp(config, "--ckpt_path", str(runs[run] / "checkpoints" / "epoch=0-step=2.ckpt"),
+                    "--trainer.devices", "1", "--trainer.strategy.init_args.data_parallel_size", "1",
+                    "--data.init_args.batch_size", "4", succeeds=False)
+    assert f"error: --ckpt_path resumes the same architecture, and this one differs ({change})" in proc.stderr, \
+        proc.stderr[-3000:]
+
 
 def test_a_sharded_folder_resumes_only_under_model_parallel_and_says_so(runs, tmp_path, capsys):
     sharded = runs["dense-2"] / "checkpoints" / "epoch=0-step=2.ckpt"

@@ -315,10 +315,10 @@ def checkpoint_epochs(metadata: dict[str, Any]) -> int:
     return trained
 
 
-def checkpoint_metadata(path: Path) -> dict[str, Any]:
+def checkpoint_metadata(path: Path, weights_only: bool = True) -> dict[str, Any]:
     """A checkpoint's Lightning state (a file's whole dict, memory-mapped, or a sharded checkpoint's `meta.pt`)."""
     source = path / "meta.pt" if path.is_dir() else path
-    return torch.load(source, map_location="cpu", weights_only=True, mmap=not path.is_dir())
+    return torch.load(source, map_location="cpu", weights_only=weights_only, mmap=not path.is_dir())
 
 
 class StepProgressBar(RichProgressBar):

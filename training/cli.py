@@ -188,7 +188,9 @@ class QuietDepthCLI(LightningCLI):
         checkpoint's .metadata, a file that is not a torch archive: truncated, or something else), a folder
         whose metadata or values would run code when unpickled (`modeldefs.safe_dcp`), and a sharded
         checkpoint folder where the strategy reads only files (Lightning would end in an
-        IsADirectoryError), naming the ways that work. `paths`: `_ckpt_paths()`."""
+        IsADirectoryError), naming the ways that work. Under ModelParallelStrategy, which loads the weights before
+        `on_load_checkpoint`, the module is told of the checkpoint to check its architecture when it is built
+        (`CausalLM.will_restore`). `paths`: `_ckpt_paths()`."""
         trusted = self.config_init[self.subcommand].get("weights_only") is False  # --weights_only false
         for path in paths:
             if path.is_dir() and not (path / ".metadata").is_file():
@@ -209,6 +211,11 @@ class QuietDepthCLI(LightningCLI):
                     f"reads: add --config configs/trainer/fsdp.yaml (on one device also --trainer.devices 1 "
                     f"--trainer.strategy.init_args.data_parallel_size 1), or start a new run from its weights with "
                     f"--model.init_args.init_from {path}")
+            if isinstance(self.trainer.strategy, ModelParallelStrategy) and hasattr(self.model, "will_restore"):
+                # it loads the weights before on_load_checkpoint: the module checks the architecture when built
+                source = path / "meta.pt" if path.is_dir() else path
+                if source.is_file():
+                    self.model.will_restore(checkpoint_metadata(path, weights_only=not trusted))
 
     def _check_steps_left(self, checkpoints: dict[Path, dict[str, Any]]) -> None:
         """Refuse to resume a checkpoint (`checkpoints`: the `checkpoint_metadata` of each of `_ckpt_paths()`) at or

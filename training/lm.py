@@ -145,6 +145,7 @@ class CausalLM(L.LightningModule):
         self._nonfinite: torch.Tensor | None = None  # any non-finite loss since the last host check (on device)
         self._step_sums: dict[str, torch.Tensor] = {}  # this optimizer step's train scalars so far (on device)
         self._step_micro_batches = 0
+        self._restoring: dict[str, Any] | None = None  # a checkpoint to check once the model is built (will_restore)
 
     def configure_model(self) -> None:
         if self.model is not None:
@@ -162,6 +163,7 @@ class CausalLM(L.LightningModule):
             self.model = Transformer(ModelConfig.from_name(self.hparams.model, **overrides))
         self._check_vocab()
         self._check_seq_len()
+        self._check_restoring()
         hp = self.hparams
         apply_activation_checkpointing(self.model, hp.activation_checkpointing)
         if hp.compile:
@@ -401,9 +403,9 @@ class CausalLM(L.LightningModule):
             order = self._optimizer_order()
             checkpoint["optimizer_states"] = [by_name(s, order) for s in checkpoint["optimizer_states"]]
 
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Refuse, naming the fields, a checkpoint of another architecture (before its weights are loaded). In
-        validate and test, log on the checkpoint's step, as the fit logged its validation of these weights."""
+    def check_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Refuse, naming the fields, a checkpoint (its Lightning dict, or a sharded one's metadata) of another kind
+        of model or another architecture than the one built."""
         thinks, thought = "thought_config" in checkpoint, hasattr(self.model, "thought_config")
         if thinks != thought:
             kinds = (("a Quiet-STaR", "a plain language model") if thinks
@@ -418,6 +420,25 @@ class CausalLM(L.LightningModule):
             raise ConfigError(f"--ckpt_path resumes the same architecture, and this one differs ({fields}). Give the "
                               "checkpoint's settings, or start a new run from its weights with "
                               "model.init_args.init_from=<checkpoint> (plus model_overrides to MoD-ify it)")
+
+    def will_restore(self, checkpoint: dict[str, Any]) -> None:
+        """Run `check_checkpoint` on `checkpoint` (`training.callbacks.checkpoint_metadata` of --ckpt_path) as soon as
+        `configure_model` has built the model. Under `ModelParallelStrategy` Lightning loads the weights before
+        `on_load_checkpoint`: a checkpoint of another architecture ended in DCP's "Missing key in checkpoint
+        state_dict" (or load_state_dict's) traceback, or with fewer layers loaded in part, before it was refused."""
+        self._restoring = checkpoint
+
+    def _check_restoring(self) -> None:
+        """`check_checkpoint` on what `will_restore` announced (once the model is built), then let it go."""
+        checkpoint, self._restoring = self._restoring, None
+        if checkpoint is not None:
+            self.check_checkpoint(checkpoint)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Refuse (`check_checkpoint`) a checkpoint of another architecture before its weights are loaded (under
+        `ModelParallelStrategy` the CLI has it checked in `configure_model`: `will_restore`). In validate and test, log
+        on the checkpoint's step, as the fit logged its validation of these weights."""
+        self.check_checkpoint(checkpoint)
         if "optimizer_states" in checkpoint and not isinstance(self.trainer.strategy, ModelParallelStrategy):
             order = self._optimizer_order()  # (ModelParallelStrategy reads state keyed by name itself)
             checkpoint["optimizer_states"] = [by_number(s, order) for s in checkpoint["optimizer_states"]]

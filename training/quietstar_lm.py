@@ -124,6 +124,7 @@ class QuietStarLM(CausalLM):
                 thought_state[name] = thought_state[name] * ratio
             self.model.load_state_dict(thought_state, strict=False)
         self._check_seq_len()
+        self._check_restoring()
         if hp.activation_checkpointing == "mlp":
             recompute_mlps(lm)
         if hp.compile:
@@ -212,7 +213,7 @@ class QuietStarLM(CausalLM):
         super().on_save_checkpoint(checkpoint)
         checkpoint["thought_config"] = self.model.thought_config.to_dict()
 
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+    def check_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Also refuse (resume, validate, test) thought settings that change what the checkpoint's <start>/<end>
         vectors and mixing head compute: its weights would silently be another model. n_ahead and the
         others may change."""
@@ -227,7 +228,7 @@ class QuietStarLM(CausalLM):
                               "give the checkpoint's model.init_args.thoughts, or start a new run from its weights "
                               "with model.init_args.init_from=<checkpoint> (a new meta_token_scale then keeps its "
                               "vectors)")
-        super().on_load_checkpoint(checkpoint)
+        super().check_checkpoint(checkpoint)
 
     def flops_per_token(self, seq_len: int) -> int:
         """Training FLOPs per input token: the plain decoder's, times the tokens Quiet-STaR runs through it.
