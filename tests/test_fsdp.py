@@ -49,6 +49,17 @@ class RecordLoss(L.Callback):
             f.write(json.dumps({"step": step, "loss": loss}) + "\n")
 
 
+class RecordThoughts(L.Callback):
+    """Saves each rank's sampled thought tokens per micro-batch to `<dirpath>/thoughts_rank<r>_<batch>.pt`."""
+
+    def __init__(self, dirpath: str) -> None:
+        self.dirpath = Path(dirpath)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.dirpath.mkdir(parents=True, exist_ok=True)
+        torch.save(outputs["thought_tokens"], self.dirpath / f"thoughts_rank{trainer.global_rank}_{batch_idx}.pt")
+
+
 def write_config(run_dir: Path, data: Path, tokenizer: Path, steps: int, every: int,
                  model_overrides: dict | None = None, base: str = "smoke.yaml", monitor: dict | None = None) -> Path:
     """`base` for a short run into `run_dir`, with checkpoints every `every` steps, per-rank losses recorded,
@@ -329,6 +340,22 @@ def test_quietstar_two_process_fsdp_matches_one_process_and_its_full_checkpoint_
     assert isinstance(loaded, QuietStar) and loaded.thought_config == reference.thought_config
     for (name, a), b in zip(loaded.state_dict().items(), reference.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-4, msg=lambda m: f"{name}: {m}")
+
+
+def test_quietstar_ranks_sample_their_thoughts_from_random_streams_of_their_own(
+        tmp_path, gsm8k_train, smollm2_tokenizer_dir):
+    """Every rank builds the model from the same seed (the same initial weights), but from then on draws its own
+    random numbers. With one stream everywhere each rank's thoughts took the same uniform numbers: at the random
+    model's near-uniform next-token distributions, 15% of the two ranks' thought tokens were the same (of 49,152)
+    and most others a few ids apart (the same quantile of similar distributions)."""
+    run_dir = tmp_path / "qs"
+    config = write_config(run_dir, gsm8k_train, smollm2_tokenizer_dir, 2, 2, base="quietstar-smoke.yaml", monitor={
+        "class_path": "tests.test_fsdp.RecordThoughts", "init_args": {"dirpath": str(run_dir / "thoughts")}})
+    run_fsdp(config, "--trainer.strategy.init_args.save_distributed_checkpoint", "false")
+    for batch in (0, 1):
+        ranks = [torch.load(run_dir / "thoughts" / f"thoughts_rank{r}_{batch}.pt") for r in (0, 1)]
+        assert ranks[0].shape == ranks[1].shape and ranks[0].numel() > 100
+        assert (ranks[0] == ranks[1]).float().mean() < 0.01, f"batch {batch}: ranks sampled the same thoughts"
 
 
 @pytest.mark.parametrize("base", ["smoke.yaml", "quietstar-smoke.yaml"])

@@ -348,6 +348,14 @@ class CausalLM(L.LightningModule):
         schedule = partial(warmup_cosine, warmup_steps=hp.warmup_steps, max_steps=max_steps, min_lr_ratio=hp.min_lr_ratio)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": LambdaLR(optimizer, schedule), "interval": "step"}}
 
+    def on_fit_start(self) -> None:
+        """On several ranks, give each its own random stream (`torch.manual_seed(initial seed + rank)`) now that the
+        model is built: the ranks built it from the same seed (the same initial weights), but a random draw in
+        training (Quiet-STaR's thoughts) that took the same numbers on every rank coupled the global batch's samples
+        instead of drawing them independently. A resumed run then restores each rank's own stream (`RNGState`)."""
+        if self.trainer.world_size > 1:
+            torch.manual_seed(torch.initial_seed() + self.trainer.global_rank)
+
     def on_train_start(self) -> None:
         """Apply this run's optimizer settings over those a resumed checkpoint restored (its param groups
         and the schedule's base learning rate), so that a resume with, say, a new lr trains with it. A fit
