@@ -194,14 +194,17 @@ class WriteFinalTrainLoss(L.Callback):
             self.path.write_text(str(float(trainer.callback_metrics["train/loss"])))
 
 
+@pytest.mark.parametrize("bound", [(), ("--trainer.max_steps", "-1", "--trainer.max_epochs", "1",
+                                        "--trainer.limit_train_batches", "3")], ids=["max_steps", "max_epochs"])
 def test_the_summary_s_final_train_loss_is_the_mean_over_ranks_when_the_last_step_is_no_logging_step(
-        gsm8k_train, smollm2_tokenizer_dir, tmp_path):
-    """max_steps 3, logged every 2nd step: Lightning writes no row for step 3, but the summary shows its loss."""
+        bound, gsm8k_train, smollm2_tokenizer_dir, tmp_path):
+    """3 steps (max_steps 3, or one epoch of 3 batches), logged every 2nd step: Lightning writes no row for step 3,
+    but the summary shows its loss."""
     run_dir = tmp_path / "final"
     final = run_dir / "final_train_loss.txt"
     run_fsdp(write_config(run_dir, gsm8k_train, smollm2_tokenizer_dir, 3, 3, monitor={
         "class_path": "tests.test_fsdp.WriteFinalTrainLoss", "init_args": {"path": str(final)}}),
-        "--trainer.log_every_n_steps", "2")
+        "--trainer.log_every_n_steps", "2", *bound)
     expected = losses(run_dir, 2)
     assert sorted(logged(run_dir, "train/loss")) == [1] and sorted(expected) == [0, 1, 2]
     assert float(final.read_text()) == pytest.approx(expected[2], rel=1e-6)

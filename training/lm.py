@@ -26,7 +26,7 @@ from training.parallelize import (ActivationCheckpointing, DType, apply_activati
                                   apply_fsdp, data_parallel_mesh)
 from training.routing import causal_fraction, routing_losses
 from training.schedule import warmup_cosine
-from training.steps import ends_optimizer_step, is_logging_step
+from training.steps import ends_fit, ends_optimizer_step, is_logging_step
 
 
 class NonFiniteLossError(RuntimeError):
@@ -260,8 +260,8 @@ class CausalLM(L.LightningModule):
         Each micro-batch adds to sums on the device. On steps that read values (the first and Lightning's
         logging steps), the step's last micro-batch averages the means over the ranks (one collective) and
         takes the bar's copy to the host: Lightning turns every progress-bar metric into a number after every
-        batch, a sync per step for a device tensor. The last step (`trainer.max_steps`), whose means the run
-        summary shows, averages them over the ranks too, without a host copy. Other steps log this rank's
+        batch, a sync per step for a device tensor. The fit's last step (by `trainer.max_steps` or `max_epochs`), whose
+        means the run summary shows, averages them over the ranks too, without a host copy. Other steps log this rank's
         means with neither a sync nor a collective; a logger writes those only on the row Lightning adds where
         a run stops early (max_time).
         """
@@ -276,7 +276,7 @@ class CausalLM(L.LightningModule):
         self._step_sums, self._step_micro_batches = {}, 0
         step = self.global_step + 1  # the step this batch completes, as Lightning counts logging steps
         read = step == 1 or is_logging_step(self.trainer, step)
-        if read or step == self.trainer.max_steps:
+        if read or ends_fit(self.trainer, step):
             means = self.trainer.strategy.reduce(means, reduce_op="mean")
         if read:
             self.log("loss", means[names.index("train/loss")].cpu(), prog_bar=True, logger=False)

@@ -21,3 +21,10 @@ def is_logging_step(trainer: L.Trainer, step: int) -> bool:
     (0: never)."""
     every = trainer.log_every_n_steps
     return every > 0 and step % every == 0
+
+
+def ends_fit(trainer: L.Trainer, step: int) -> bool:
+    """Whether optimizer step `step` (counted from 1), which the current batch completes, is the fit's last by
+    `trainer.max_steps` or by `trainer.max_epochs` (the last epoch's last batch); a stop by max_time or a callback
+    cannot be foreseen."""
+    return step == trainer.max_steps or (trainer.is_last_batch and trainer.current_epoch + 1 == trainer.max_epochs)
