@@ -131,6 +131,8 @@ def _decode_rows(model: EvalModel, prompts: Sequence[Sequence[int]], max_new_tok
     Prompts longer than the context leaves room for (block_size - max_new_tokens - a thought's slots)
     keep their last tokens, with a warning.
     """
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1 (a continuation has at least one token)")
     scratch = 0 if thinker is None else thinker.thought_config.n_ahead - 1  # a thought's slots past the newest token
     limit = _prompt_limit(model, max_new_tokens + scratch)
     cut = sum(len(p) > limit for p in prompts)

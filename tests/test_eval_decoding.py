@@ -309,3 +309,10 @@ def test_decoding_config_names_a_bad_variant():
     with pytest.raises(ValueError, match="'beam' is not one of"):
         DecodingConfig(variant="beam")
     assert DecodingConfig(variant="cot", cot_k=5).label == "cot-k5"
+
+
+@pytest.mark.parametrize("decode", [generate_tokens, generate, generate_thoughts])
+def test_max_new_tokens_below_one_is_a_clear_error(decode):
+    model = quietstar_model() if decode is generate_thoughts else tiny_model()
+    with pytest.raises(ValueError, match=r"max_new_tokens=0 must be >= 1"):
+        decode(model, PROMPTS, 0)
