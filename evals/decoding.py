@@ -88,8 +88,9 @@ class _StopChecker:
 
     def __init__(self, model: EvalModel, stop: Sequence[str]) -> None:
         self.model, self.stop = model, [s for s in stop if s]
-        # A token decodes to at least one character, so a stop string ending now lies within this many tokens.
-        self.window = max((len(s) for s in self.stop), default=0) + 1
+        # A token decodes to at least one byte of UTF-8 (a character can take several byte-level tokens), so a
+        # stop string ending now lies within this many tokens.
+        self.window = max((len(s.encode()) for s in self.stop), default=0) + 1
 
     def __call__(self, tokens: list[int]) -> bool:
         if not self.stop:

@@ -316,3 +316,28 @@ def test_max_new_tokens_below_one_is_a_clear_error(decode):
     model = quietstar_model() if decode is generate_thoughts else tiny_model()
     with pytest.raises(ValueError, match=r"max_new_tokens=0 must be >= 1"):
         decode(model, PROMPTS, 0)
+
+
+def scripted_model(text: str) -> EvalModel:
+    """A `micro` model that greedily continues the first byte of `text` (distinct bytes) with the rest of it,
+    then from its second byte on again, and so on: the blocks add nothing, and the embedding and head map
+    each byte to the next (the last byte to the second)."""
+    model = tiny_model()
+    data = text.encode()
+    with torch.no_grad():
+        for block in model.net.blocks:
+            block.attn.proj.weight.zero_()
+            block.mlp.down.weight.zero_()
+        model.net.embed.weight.zero_()
+        model.net.lm_head.weight.zero_()
+        for slot, (byte, successor) in enumerate(zip(data, data[1:] + data[1:2])):
+            model.net.embed.weight[byte, slot] = 1.0
+            model.net.lm_head.weight[successor, slot] = 10.0
+    return model
+
+
+def test_a_stop_string_of_multibyte_characters_ends_generation():
+    # "\U0001F600" is one character but four byte tokens: the stop check must look back far enough to see it.
+    model = scripted_model("ab\U0001F600\n")
+    assert generate(model, [[ord("a")]], max_new_tokens=18) == ["b\U0001F600\n" * 3]
+    assert generate_tokens(model, [[ord("a")]], max_new_tokens=20, stop=["\U0001F600\n"]) == [list("b\U0001F600\n".encode())]
