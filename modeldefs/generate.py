@@ -31,8 +31,8 @@ def check_request(prompt: torch.Tensor, max_new_tokens: int, temperature: float 
         raise ValueError(f"prompt must hold token ids of shape (batch, length >= 1), got shape {tuple(prompt.shape)}")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
-    if temperature < 0:
-        raise ValueError(f"temperature={temperature} must be >= 0 (0 decodes greedily)")
+    if not temperature >= 0:  # nan too, which would reach the sampler as nan probabilities
+        raise ValueError(f"temperature={temperature} must be a number >= 0 (0 decodes greedily)")
     if top_k is not None and top_k < 1:
         raise ValueError(f"top_k={top_k} must be >= 1 (or None for no top-k filter)")
     if top_p is not None and not 0 < top_p <= 1:

@@ -138,6 +138,7 @@ def test_top_p_keeps_only_the_nucleus():
 @pytest.mark.parametrize("prompt_shape, settings, message", [
     ((4,), {}, r"shape \(batch, length >= 1\), got shape \(4,\)"), ((1, 0), {}, "got shape"),
     ((1, 4), {"max_new_tokens": 0}, "max_new_tokens=0"), ((1, 4), {"temperature": -1.0}, "temperature=-1.0"),
+    ((1, 4), {"temperature": float("nan")}, "temperature=nan must be a number >= 0"),
     ((1, 4), {"temperature": 1.0, "top_k": 0}, "top_k=0"), ((1, 4), {"top_p": 0.0}, r"top_p=0.0 must be in \(0, 1\]")])
 def test_malformed_generation_requests_are_refused_naming_the_setting(prompt_shape, settings, message):
     settings = {"max_new_tokens": 4, **settings}
