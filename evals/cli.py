@@ -132,7 +132,12 @@ def check_args(args: argparse.Namespace) -> None:
 
 
 def check_device(device: str) -> None:
-    """Refuse `--device cuda...` on a machine without CUDA (a ValueError naming the fix)."""
+    """Refuse a `--device` torch does not know, and `--device cuda...` on a machine without CUDA (a
+    ValueError naming the fix)."""
+    try:
+        torch.device(device)
+    except RuntimeError as error:
+        raise ValueError(f"--device {device}: not a device torch knows; use cpu, cuda or cuda:<index>") from error
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"--device {device}: this machine has no CUDA device; use --device cpu")
 

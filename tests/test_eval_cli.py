@@ -251,6 +251,7 @@ def test_settings_that_cannot_run_fail_before_any_model_is_evaluated(
                            (["--leaderboard", str(tmp_path / "afile")], "--leaderboard"),
                            (["--leaderboard", str(tmp_path / "foreign")], "is not a leaderboard of this quietdepth version"),
                            (["--device", "cuda"], "--device cuda: this machine has no CUDA device"),
+                           (["--device", "gpu"], "--device gpu: not a device torch knows"),
                            (["--cot-k", "5"], "--cot-k and --cot-aggregate set CoT-decoding"),
                            (["--decoding", "cot", "--cot-k", "5"], "--decoding cot changes generation only"),
                            (["--tasks", "csqa", "--shots", "5"], "--shots sets GSM8K's few-shot count")]:

@@ -131,6 +131,7 @@ def test_chat_wraps_the_prompt_in_the_template(checkpoints, smollm2_tokenizer_di
     (["--prompt", "x", "--model", "{thoughts}", "--top-k", "5", "--temperature", "1"], "add --no-thoughts"),
     (["--prompt", "x", "--max-new-tokens", "300"], "exceeds block_size=256"),
     (["--prompt", "x", "--model", "{missing}"], "cannot load model"),
+    (["--prompt", "x", "--device", "gpu"], "--device gpu: not a device torch knows"),
 ])
 def test_settings_that_cannot_run_are_clear_errors(checkpoints, smollm2_tokenizer_dir, tmp_path, capsys, extra, message):
     names = {"thoughts": checkpoints["thoughts"], "missing": tmp_path / "missing.ckpt"}
