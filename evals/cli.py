@@ -163,8 +163,11 @@ def check_model(model: EvalModel, args: argparse.Namespace) -> None:
     if "thoughts" in args.decoding and not model.has_thoughts:
         raise ValueError(f"--decoding thoughts needs a Quiet-STaR model; {model.source} is a plain "
                          f"{type(model.net).__name__}: evaluate it without thoughts in a run of its own")
-    if set(GENERATIVE) & set(args.tasks) and args.max_new_tokens >= model.block_size:
-        raise ValueError(f"--max-new-tokens {args.max_new_tokens} leaves no room for a prompt in {model.source}'s "
+    # thinking before a token writes its thought into the slots after the newest token (evals.decoding)
+    thought = model.net.thought_config.n_ahead - 1 if "thoughts" in args.decoding and model.has_thoughts else 0
+    if set(GENERATIVE) & set(args.tasks) and args.max_new_tokens + thought >= model.block_size:
+        slots = f" and {thought} thought slots leave" if thought else " leaves"
+        raise ValueError(f"--max-new-tokens {args.max_new_tokens}{slots} no room for a prompt in {model.source}'s "
                          f"context of {model.block_size} tokens; lower it")
 
 

@@ -99,10 +99,12 @@ class _StopChecker:
         return any(s in tail for s in self.stop)
 
 
-def _prompt_limit(model: EvalModel, max_new_tokens: int) -> int:
-    limit = model.block_size - max_new_tokens
+def _prompt_limit(model: EvalModel, max_new_tokens: int, scratch: int) -> int:
+    """The longest prompt that leaves room for `max_new_tokens` and `scratch` thought slots in the context."""
+    limit = model.block_size - max_new_tokens - scratch
     if limit < 1:
-        raise ValueError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt in block_size={model.block_size}")
+        slots = f" and {scratch} thought slots leave" if scratch else " leaves"
+        raise ValueError(f"max_new_tokens={max_new_tokens}{slots} no room for a prompt in block_size={model.block_size}")
     return limit
 
 
@@ -135,7 +137,7 @@ def _decode_rows(model: EvalModel, prompts: Sequence[Sequence[int]], max_new_tok
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1 (a continuation has at least one token)")
     scratch = 0 if thinker is None else thinker.thought_config.n_ahead - 1  # a thought's slots past the newest token
-    limit = _prompt_limit(model, max_new_tokens + scratch)
+    limit = _prompt_limit(model, max_new_tokens, scratch)
     cut = sum(len(p) > limit for p in prompts)
     if cut:
         warnings.warn(f"{cut} of {len(prompts)} prompts are longer than the {limit} tokens the context leaves "

@@ -335,6 +335,24 @@ def test_quietstar_checkpoint_runs_with_thoughts_and_records_the_thought_length(
     assert {(r["decoding"], r["thought_length"]) for r in rows} == {("greedy", ""), ("thoughts", "4")}  # greedy did not think
 
 
+def test_thought_slots_count_against_the_context_when_the_model_is_checked(smollm2_tokenizer_dir, tmp_path, capsys):
+    """A thought takes n_ahead - 1 slots after the newest token: a --max-new-tokens that leaves no room for a
+    prompt once they are counted is refused when the model loads, not in the thoughts task after the others ran."""
+    from modeldefs.quietstar import QuietStar, ThoughtConfig
+
+    lm = Transformer(ModelConfig.from_name("tiny", n_layer=1, block_size=64))
+    net = QuietStar(lm, ThoughtConfig(n_ahead=4, n_ahead_talk=2, n_passes=1), init_token_id=7)
+    checkpoint = tmp_path / "qs.ckpt"
+    torch.save({"model_config": lm.config.to_dict(), "thought_config": net.thought_config.to_dict(),
+                "state_dict": {f"model.{k}": v for k, v in net.state_dict().items()}}, checkpoint)
+    with pytest.raises(SystemExit) as exit_info:
+        main([*run_args(checkpoint, smollm2_tokenizer_dir, tmp_path, "--tasks", "csqa_gen", "--decoding", "greedy",
+                        "thoughts"), "--max-new-tokens", "61"])
+    assert exit_info.value.code == 2
+    assert "--max-new-tokens 61 and 3 thought slots leave no room for a prompt" in capsys.readouterr().err
+    assert not (tmp_path / "board").exists()  # nothing was evaluated, greedy included
+
+
 def test_sampled_thoughts_give_the_same_results_on_every_run(smollm2_tokenizer_dir, tmp_path):
     """A model whose thoughts are sampled (eval_thought_temperature > 0, as the official eval's tau-0.001 hard
     Gumbel-softmax in effect is) is scored the same on a rerun: before, the draws came from an unseeded generator."""

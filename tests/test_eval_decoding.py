@@ -318,6 +318,12 @@ def test_max_new_tokens_below_one_is_a_clear_error(decode):
         decode(model, PROMPTS, 0)
 
 
+def test_a_context_without_room_for_the_thought_slots_names_them():
+    model = quietstar_model()  # block_size 128, n_ahead 5: a thought takes 4 slots after the newest token
+    with pytest.raises(ValueError, match=r"max_new_tokens=124 and 4 thought slots leave no room for a prompt in block_size=128"):
+        generate_thoughts(model, PROMPTS, 124)
+
+
 def scripted_model(text: str) -> EvalModel:
     """A `micro` model that greedily continues the first byte of `text` (distinct bytes) with the rest of it,
     then from its second byte on again, and so on: the blocks add nothing, and the embedding and head map
