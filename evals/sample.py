@@ -91,10 +91,9 @@ class RoutingCount:
                 f" ({int(self.routed[i]) / max(self.seen[i], 1):.0%})" for i in self.routed]
 
 
-def complete(model: EvalModel, text: str, args: argparse.Namespace,
+def complete(model: EvalModel, tokens: list[int], args: argparse.Namespace,
              generator: torch.Generator) -> list[list[int]]:
-    """`args.num_samples` completions of `text` as token ids, cut at the end-of-sequence token."""
-    tokens = model.encode(text)
+    """`args.num_samples` completions of the prompt `tokens` as token ids, cut at the end-of-sequence token."""
     if not tokens:
         raise ValueError("a prompt is empty: give text to continue")
     ids = torch.tensor([tokens] * args.num_samples, device=model.device)
@@ -108,6 +107,15 @@ def complete(model: EvalModel, text: str, args: argparse.Namespace,
     return [row[:row.index(model.eos_id)] if model.eos_id in row else row for row in rows]
 
 
+def completion_text(model: EvalModel, prompt: list[int], completion: list[int]) -> str:
+    """The text `completion` adds to `prompt`: both decoded together, then the prompt's text taken off (a
+    SentencePiece-style tokenizer drops the space before the first token it decodes, so the completion
+    decoded alone would lose the space between prompt and completion)."""
+    before = model.decode(prompt, skip_special_tokens=True)
+    whole = model.decode(prompt + completion, skip_special_tokens=True)
+    return whole[len(before):] if whole.startswith(before) else model.decode(completion, skip_special_tokens=True)
+
+
 def run(args: argparse.Namespace) -> None:
     check_args(args)
     model = load_eval_model(args.model, args.tokenizer, args.device, DTYPES[args.dtype])
@@ -119,12 +127,13 @@ def run(args: argparse.Namespace) -> None:
     bold, plain = ("\033[1m", "\033[0m") if sys.stdout.isatty() else ("", "")  # the completion stands out
     start, produced = time.perf_counter(), 0
     for i, (shown, text) in enumerate(texts):
-        for j, completion in enumerate(complete(model, text, args, generator)):
+        tokens = model.encode(text)
+        for j, completion in enumerate(complete(model, tokens, args, generator)):
             produced += len(completion)
             sample = f", sample {j + 1}" if args.num_samples > 1 else ""
             joint = "\n" if args.chat else ""  # a chat answer starts its own turn
             print(f"--- prompt {i + 1}{sample} ---\n{shown}{joint}{bold}"
-                  f"{model.decode(completion, skip_special_tokens=True)}{plain}\n")
+                  f"{completion_text(model, tokens, completion)}{plain}\n")
     seconds = time.perf_counter() - start
     thinking = " with thoughts" if model.has_thoughts and not args.no_thoughts else ""
     print(f"{produced} tokens{thinking} in {seconds:.1f} s ({produced / seconds:.1f} tokens/s), {args.model}, "

@@ -140,3 +140,28 @@ def test_settings_that_cannot_run_are_clear_errors(checkpoints, smollm2_tokenize
         main(["--model", str(checkpoints["dense"]), "--tokenizer", str(smollm2_tokenizer_dir), *extra])
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_the_completion_keeps_the_space_a_sentencepiece_tokenizer_drops_from_a_first_token(tmp_path, capsys):
+    """A Metaspace decoder (SentencePiece: Llama, Mistral) drops the space of the first token it decodes, so the
+    completion decoded alone would be glued to the prompt ('Natalia soldclips'); it is printed as the text it
+    adds to the prompt."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["Natalia", "sold", "clips", "to", "her", "friends", "in", "April", "May", "and"]
+    vocab = {"<unk>": 0, "</s>": 1, **{"\u2581" + w: i + 2 for i, w in enumerate(words)}}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="always")
+    backend.decoder = decoders.Metaspace(prepend_scheme="always")
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="</s>", unk_token="<unk>")
+    tokenizer.save_pretrained(tmp_path / "tokenizer")
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig.from_name("tiny", n_layer=1, vocab_size=len(vocab), init_std=0.3))
+    with torch.no_grad():
+        model.embed.weight[:2] = 0  # (tied head) <unk> and </s> never win: every new token is a word
+    checkpoint = save(model, tmp_path / "sp.ckpt")
+    main(["--model", str(checkpoint), "--tokenizer", str(tmp_path / "tokenizer"), "--prompt", "Natalia sold",
+          "--max-new-tokens", "4"])
+    (printed,) = printed_completions(capsys, "Natalia sold")
+    assert len(printed.split()) == 4 and printed.startswith(" ") and printed.split()[0] in words
