@@ -394,9 +394,12 @@ def _evaluate_all(args: argparse.Namespace, output: Path, report: dict[str, Any]
 
 @contextlib.contextmanager
 def _wandb_run(project: str | None, output: Path, config: dict[str, Any]) -> Iterator[None]:
-    """A W&B run in `project` (files under `output`) for the block, finished after it; nothing for None. Offline
-    where no API key is set (WANDB_API_KEY or a ~/.netrc entry), as `quietdepth fit`, so it never asks to log in."""
-    if project is None:
+    """A W&B run in `project` (files under `output`) for the block, finished after it; nothing for None, nor
+    inside a caller's active run, which the tables go to and which stays open (wandb.init would return that run,
+    and finishing it would close it under the caller). Offline where no API key is set (WANDB_API_KEY or a
+    ~/.netrc entry), as `quietdepth fit`, so it never asks to log in."""
+    active = sys.modules.get("wandb")
+    if project is None or (active is not None and active.run is not None):
         yield
         return
     import wandb

@@ -456,3 +456,18 @@ def test_a_row_cut_short_inside_a_quoted_field_does_not_swallow_the_rows_appende
         leaderboard.append_rows(tmp_path, [_board_row(model="m3")])
     with pytest.warns(UserWarning, match="incomplete"):
         assert [r["model"] for r in leaderboard.read_rows(path)] == ["m", "m3"]
+
+
+def test_wandb_project_inside_a_callers_active_run_leaves_that_run_open(
+        tiny_checkpoint, smollm2_tokenizer_dir, tmp_path, monkeypatch):
+    """wandb.init inside an active run returns that run, which _wandb_run then finished under the caller."""
+    wandb = pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    callers = wandb.init(project="quietdepth-test", dir=str(tmp_path))
+    try:
+        main(run_args(tiny_checkpoint, smollm2_tokenizer_dir, tmp_path, "--tasks", "csqa", "--wandb-project", "qd-test"))
+        assert wandb.run is callers
+        assert {"eval/leaderboard", "eval/summary"} <= set(callers.summary.keys())
+        callers.log({"after": 1})  # the caller goes on logging
+    finally:
+        callers.finish()
