@@ -11,8 +11,9 @@ from pathlib import Path
 def write_atomic(path: str | Path, text: str) -> None:
     """Write `text` to `path` through a temporary file in the same folder, renamed over `path` once it
     is complete (a rename within a folder is atomic). The file keeps the mode of the one it replaces; a new
-    one gets the mode `open` would give it (mkstemp's is 0600: readable by its owner alone)."""
-    path = Path(path)
+    one gets the mode `open` would give it (mkstemp's is 0600: readable by its owner alone). A symlink stays
+    one: its target is replaced (as `open` writes through it), with the temporary file beside the target."""
+    path = Path(os.path.realpath(path))
     fd, staged = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         os.fchmod(fd, path.stat().st_mode & 0o7777 if path.exists() else 0o666 & ~_umask())

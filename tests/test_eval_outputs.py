@@ -51,6 +51,21 @@ def test_a_file_written_whole_gets_the_mode_open_gives_or_keeps_the_one_it_repla
     assert (tmp_path / "shared.md").stat().st_mode & 0o777 == 0o660
 
 
+def test_a_leaderboard_view_that_is_a_symlink_stays_one_and_its_target_gets_the_new_text(tmp_path):
+    """write_text followed a symlink (say leaderboard.md linked into a docs site); renaming a temporary file over
+    the link replaced the link with a file, and the page it pointed to was never updated again."""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "leaderboard.md").write_text("old")
+    board = tmp_path / "board"
+    board.mkdir()
+    (board / "leaderboard.md").symlink_to(site / "leaderboard.md")
+    leaderboard.append_rows(board, [_row()])
+    assert (board / "leaderboard.md").is_symlink()
+    assert "| m " in (site / "leaderboard.md").read_text()
+    assert not list(board.glob(".*")) and not list(site.glob(".*"))
+
+
 def test_a_leaderboard_view_that_fails_midway_keeps_the_earlier_one_whole(tmp_path):
     """leaderboard.md/.html were rewritten in place: a full disk (or a kill) mid-write left them cut short."""
     leaderboard.append_rows(tmp_path, [_row()])
