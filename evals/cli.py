@@ -13,6 +13,7 @@ import argparse
 import contextlib
 import fcntl
 import hashlib
+import importlib.util
 import json
 import math
 import os
@@ -128,6 +129,9 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError("--shots sets GSM8K's few-shot count; the tasks asked for are 0-shot: add gsm8k "
                          "(or gsm8k_chat) to --tasks, or drop --shots")
     args.shots, args.cot_k = args.shots or [5], args.cot_k or [DecodingConfig.cot_k]
+    if args.wandb_project is not None and importlib.util.find_spec("wandb") is None:
+        raise ValueError(f"--wandb-project {args.wandb_project} logs to W&B, but the wandb package is not installed: "
+                         "pip install wandb, or drop --wandb-project")
     check_device(args.device)
 
 

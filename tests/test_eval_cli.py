@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -471,3 +472,15 @@ def test_wandb_project_inside_a_callers_active_run_leaves_that_run_open(
         callers.log({"after": 1})  # the caller goes on logging
     finally:
         callers.finish()
+
+
+def test_wandb_project_without_wandb_installed_is_refused_before_the_evaluation(
+        tiny_checkpoint, smollm2_tokenizer_dir, tmp_path, monkeypatch, capsys):
+    """`import wandb` ran only once every task was done: a ModuleNotFoundError traceback at the end of the run."""
+    monkeypatch.setitem(sys.modules, "wandb", None)  # `import wandb` fails, as where it is not installed
+    with pytest.raises(SystemExit) as exit_info:
+        main(run_args(tiny_checkpoint, smollm2_tokenizer_dir, tmp_path, "--tasks", "csqa", "--wandb-project", "qd"))
+    assert exit_info.value.code == 2
+    assert "--wandb-project qd logs to W&B, but the wandb package is not installed: pip install wandb" in \
+        capsys.readouterr().err
+    assert not (tmp_path / "run").exists() and not (tmp_path / "board" / "leaderboard.csv").exists()
