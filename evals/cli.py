@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import fcntl
 import hashlib
 import importlib.util
 import json
@@ -29,7 +28,7 @@ import torch
 
 from evals import answer_prob, csqa, gsm8k
 from evals.decoding import DecodingConfig
-from evals.files import write_atomic
+from evals.files import lock, write_atomic
 from evals.leaderboard import COLUMNS, LONG_HEADER, append_rows, log_to_wandb, long_table, read_rows, wide_table
 from evals.model import DTYPES, EvalModel, ModelLoadError, load_eval_model
 from evals.plots import plot_accuracy
@@ -358,7 +357,7 @@ def _held(output: Path) -> Iterator[None]:
     fd = os.open(output, os.O_RDONLY)
     try:
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            lock(fd, f"--output {output}", wait=False)
         except BlockingIOError:
             raise ValueError(f"another quietdepth-eval run is writing to --output {output}; give another folder, or "
                              "drop --output (each run then gets its own eval-results/<UTC time>)") from None

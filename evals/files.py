@@ -3,9 +3,31 @@ leaves the earlier version whole."""
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import os
+import sys
 import tempfile
 from pathlib import Path
+
+# flock errors of filesystems without (this kind of) locking: NFS refuses an exclusive lock on a descriptor not
+# open for writing (EBADF), Lustre without -o flock has none (ENOSYS), some servers run out (ENOLCK)
+_NO_LOCKING = {errno.EBADF, errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP}
+
+
+def lock(fd: int, what: str, wait: bool = True) -> None:
+    """Take an exclusive `flock` on `fd` (blocking unless `wait` is False: then BlockingIOError if it is
+    held). Where the filesystem cannot lock, warn that concurrent runs on `what` are not kept apart and go on:
+    the run itself is sound, only two at once are not guarded."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+    except BlockingIOError:
+        raise
+    except OSError as error:
+        if error.errno not in _NO_LOCKING:
+            raise
+        print(f"warning: {what}: this filesystem cannot lock it ({error.strerror}); runs writing there at the "
+              "same time are not kept apart", file=sys.stderr)
 
 
 def write_atomic(path: str | Path, text: str) -> None:

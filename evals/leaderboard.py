@@ -9,7 +9,6 @@ is not added again.
 from __future__ import annotations
 
 import csv
-import fcntl
 import html
 import math
 import os
@@ -18,7 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from evals.files import write_atomic
+from evals.files import lock, write_atomic
 
 COLUMNS = ["model", "weights_sha256", "dtype", "decoding", "task", "version", "filter", "n_shot", "metric", "value",
            "stderr", "n", "max_new_tokens", "tokens_per_s", "capacity", "thought_length", "prompts_hash", "commit", "date"]
@@ -81,7 +80,7 @@ def append_rows(directory: str | Path, rows: Sequence[dict[str, Any]]) -> tuple[
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / "leaderboard.csv"
     with path.open("a", newline="") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
+        lock(f.fileno(), str(path))
         existing = read_rows(path)
         seen = {_key(r) for r in existing}
         added = []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import errno
 import fcntl
 import json
 import os
@@ -98,6 +99,23 @@ def test_a_run_updating_the_leaderboard_holds_its_csv_locked_so_another_run_wait
     with (tmp_path / "leaderboard.csv").open("a") as after:
         fcntl.flock(after, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released once the views are written
 
+
+
+def test_a_run_on_a_filesystem_without_locks_warns_and_keeps_its_results(
+        tiny_checkpoint, smollm2_tokenizer_dir, tmp_path, monkeypatch, capsys):
+    """NFS emulates flock with POSIX locks, which refuse an exclusive lock on a descriptor not open for writing
+    (the --output folder's: EBADF); Lustre without -o flock has none (ENOSYS). Every run stopped with OSError."""
+    def no_locks(fd, operation):
+        raise OSError(errno.EBADF, os.strerror(errno.EBADF))
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    main(["--model", str(tiny_checkpoint), "--tokenizer", str(smollm2_tokenizer_dir), "--tasks", "csqa", "--limit",
+          "1", "--no-progress", "--csqa-path", str(shared_file("commonsense_qa/dev_rand_split.jsonl")),
+          "--output", str(tmp_path / "run"), "--leaderboard", str(tmp_path / "board")])
+    assert json.loads((tmp_path / "run" / "results.json").read_text())["models"][0]["results"][0]["n"] == 1
+    assert len(leaderboard.read_rows(tmp_path / "board" / "leaderboard.csv")) == 1
+    err = capsys.readouterr().err
+    assert "--output" in err and "leaderboard.csv" in err and "cannot lock it" in err
 
 def test_runs_started_in_the_same_second_each_get_their_own_default_folder(
         tiny_checkpoint, smollm2_tokenizer_dir, tmp_path, monkeypatch):
