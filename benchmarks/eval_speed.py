@@ -167,21 +167,7 @@ def main() -> None:
     known = sorted(p.stem for p in TASKS_DIR.glob("*.yaml"))
     for task in set(tasks) - set(known):
         parser.error(f"--tasks {task}: no such task in {TASKS_DIR} (tasks: {', '.join(known)})")
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     heap_kept = steady_heap(args, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
-    from lm_eval.tasks import TaskManager
-
-    task_manager = TaskManager(include_path=str(TASKS_DIR), include_defaults=False)
-    hf, ours, hf_load, ours_load = load_models(args.model, args.batch_size, args.hf_batch_size, args.pack_tokens,
-                                                args.dtype)
-    tokenizer = ours.model.tokenizer
-    meta = {
-        "benchmark": "eval_speed", "model": args.model, "device": device_name(ours.model.device),
-        "threads": torch.get_num_threads(), "torch": torch.__version__, "dtype": args.dtype, "batch_size": args.batch_size,
-        "hf_batch_size": args.hf_batch_size, "pack_tokens": args.pack_tokens, "rounds": args.rounds,
-        "num_fewshot": args.num_fewshot,
-        "cpu_heap_kept": heap_kept, "load_seconds": {"lm-eval hf": hf_load, "quietdepth": ours_load},
-        "tasks": {}}
 
     def print_table(data: dict[str, Any]) -> None:
         print(f"\n{args.model} on {data['device']} ({data['threads']} threads), torch {torch.__version__}, "
@@ -192,7 +178,23 @@ def main() -> None:
         for task, result in data["tasks"].items():
             print("\n".join(table_rows(task, result)))
 
-    with Record(args.json, meta, table=print_table) as record:
+    record = Record(args.json, {"benchmark": "eval_speed"}, table=print_table)  # an unwritable --json: refused now
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    from lm_eval.tasks import TaskManager
+
+    task_manager = TaskManager(include_path=str(TASKS_DIR), include_defaults=False)
+    hf, ours, hf_load, ours_load = load_models(args.model, args.batch_size, args.hf_batch_size, args.pack_tokens,
+                                                args.dtype)
+    tokenizer = ours.model.tokenizer
+    record.data.update({
+        "model": args.model, "device": device_name(ours.model.device),
+        "threads": torch.get_num_threads(), "torch": torch.__version__, "dtype": args.dtype, "batch_size": args.batch_size,
+        "hf_batch_size": args.hf_batch_size, "pack_tokens": args.pack_tokens, "rounds": args.rounds,
+        "num_fewshot": args.num_fewshot,
+        "cpu_heap_kept": heap_kept, "load_seconds": {"lm-eval hf": hf_load, "quietdepth": ours_load},
+        "tasks": {}})
+
+    with record:
         for task in tasks:
             limit = limits.get(task)
             sides = [("lm-eval hf", hf), ("quietdepth", ours)]
@@ -204,6 +206,7 @@ def main() -> None:
             result["speedup"] = result["lm-eval hf"]["request_seconds"] / result["quietdepth"]["request_seconds"]
             record.update(tasks={**record.data["tasks"], task: result})
             print("\n".join(table_rows(task, result)), flush=True)  # this task's rows now: a later one may fail
+
 
 if __name__ == "__main__":
     main()

@@ -131,6 +131,13 @@ def test_eval_speed_refuses_an_unknown_task_before_loading_models(tmp_path):
     assert proc.returncode == 2 and "--tasks gsm8k: no such task" in proc.stderr and "gsm8k_local" in proc.stderr
 
 
+
+def test_eval_speed_refuses_an_unwritable_json_path_before_loading_models(tmp_path):
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "eval_speed.py"), "--model", str(tmp_path / "none"),
+                           "--json", str(tmp_path / "no" / "such" / "speed.json")], cwd=REPO, capture_output=True,
+                          text=True, timeout=120, env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
+    assert proc.returncode == 1 and f"--json {tmp_path / 'no' / 'such' / 'speed.json'}: cannot write it" in proc.stderr
+
 def test_eval_speed_refuses_zero_rounds_before_loading_models(tmp_path):
     proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "eval_speed.py"), "--model", str(tmp_path / "none"),
                            "--rounds", "0"], cwd=REPO, capture_output=True, text=True, timeout=120,
