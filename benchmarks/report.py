@@ -16,6 +16,8 @@ from typing import Any
 
 import torch
 
+from evals.files import write_atomic
+
 
 def device_name(device: torch.device) -> str:
     """The GPU's name, or the CPU's."""
@@ -95,15 +97,9 @@ def emit(record: dict[str, Any], json_path: str | None) -> None:
 
 
 def write_json(record: dict[str, Any], json_path: str) -> None:
-    """Replace `json_path` with `record` in one step: a process killed while writing leaves the file it had."""
-    path = Path(json_path)
-    partial = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(partial, "w") as f:
-            json.dump(record, f, indent=2)
-        os.replace(partial, path)
-    finally:
-        partial.unlink(missing_ok=True)
+    """Replace `json_path` with `record` in one step (`evals.files.write_atomic`): a process killed while
+    writing leaves the file it had."""
+    write_atomic(json_path, json.dumps(record, indent=2))
 
 
 def positive_int(text: str) -> int:

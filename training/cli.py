@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import logging
 import os
@@ -144,7 +145,7 @@ class QuietDepthCLI(LightningCLI):
     def before_fit(self) -> None:
         paths = self._ckpt_paths()
         self._check_ckpt_path(paths)
-        metadata = {path: checkpoint_metadata(path) for path in paths
+        metadata = {path: self._metadata(path) for path in paths
                     if (path / "meta.pt" if path.is_dir() else path).is_file()}
         self._check_steps_left(metadata)
         self._continue_wandb_run(metadata)
@@ -213,9 +214,14 @@ class QuietDepthCLI(LightningCLI):
                     f"--model.init_args.init_from {path}")
             if isinstance(self.trainer.strategy, ModelParallelStrategy) and hasattr(self.model, "will_restore"):
                 # it loads the weights before on_load_checkpoint: the module checks the architecture when built
-                source = path / "meta.pt" if path.is_dir() else path
-                if source.is_file():
-                    self.model.will_restore(checkpoint_metadata(path, weights_only=not trusted))
+                if (path / "meta.pt" if path.is_dir() else path).is_file():
+                    self.model.will_restore(self._metadata(path))
+
+    @functools.cache
+    def _metadata(self, path: Path) -> dict[str, Any]:
+        """`checkpoint_metadata` of a --ckpt_path, read once per run (the architecture check under
+        ModelParallelStrategy and before_fit's step, epoch and W&B checks share it), with --weights_only."""
+        return checkpoint_metadata(path, weights_only=self.config_init[self.subcommand].get("weights_only") is not False)
 
     def _check_steps_left(self, checkpoints: dict[Path, dict[str, Any]]) -> None:
         """Refuse to resume a checkpoint (`checkpoints`: the `checkpoint_metadata` of each of `_ckpt_paths()`) at or
