@@ -373,6 +373,6 @@ def test_trainer_presets_stack_on_a_model_config(preset, base, gsm8k_train, caps
     assert printed["trainer"]["callbacks"]  # and its callbacks
     if preset == FSDP:
         strategy = printed["trainer"]["strategy"]
-        assert strategy["class_path"] == "lightning.pytorch.strategies.ModelParallelStrategy"
+        assert strategy["class_path"] == "training.strategy.FSDP2Strategy"
         assert strategy["init_args"]["data_parallel_size"] == printed["trainer"]["devices"]
         assert strategy["init_args"]["tensor_parallel_size"] == 1

@@ -56,6 +56,24 @@ def test_fsdp2_preset_on_one_gpu_reports_mfu_against_the_bf16_peak(tmp_path, mon
         assert float(r["train/device/mfu"]) == pytest.approx(float(r["train/device/flops_per_sec"]) / peak, rel=1e-4)
 
 
+def test_fsdp2_cpu_offload_on_one_gpu_trains_with_the_shards_in_host_memory(tmp_path, monkeypatch, gsm8k_train,
+                                                                            tokenizer_source):
+    """The preset's FSDP2Strategy leaves the offloaded shards in host memory (Lightning's own strategy moves
+    them to the GPU, which FSDP2 refuses), and gradient clipping reduces host-memory gradients over gloo."""
+    monkeypatch.chdir(tmp_path)
+    config = smoke_config(tmp_path, gsm8k_train, tokenizer_source, max_steps=20, compile=False)
+    cli = run(["fit", "--config", config, "--config", str(REPO / "configs" / "trainer" / "fsdp.yaml"),
+               "--trainer.devices", "1", "--trainer.strategy.init_args.data_parallel_size", "1",
+               "--trainer.strategy.init_args.process_group_backend", "cuda:nccl,cpu:gloo",
+               "--trainer.strategy.init_args.save_distributed_checkpoint", "false",
+               "--model.init_args.fsdp_cpu_offload", "true", "--model.init_args.compile", "false"])
+    assert {p.device.type for p in cli.model.parameters()} == {"cpu"}
+    assert {b.device.type for b in cli.model.buffers()} == {"cuda"}
+    (metrics,) = Path("runs/smoke/csv").glob("version_*/metrics.csv")
+    losses = [float(r["train/loss"]) for r in csv.DictReader(metrics.open()) if r.get("train/loss")]
+    assert all(math.isfinite(x) for x in losses) and losses[-1] < losses[0]
+
+
 class FailOnSyncBetweenLoggingSteps(L.Callback):
     """CUDA raises on any host-device sync during a step that neither logs nor checks the loss (and during the
     next batch's transfer): such steps must queue work without waiting for the GPU."""

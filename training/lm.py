@@ -27,6 +27,7 @@ from training.parallelize import (ActivationCheckpointing, DType, apply_activati
 from training.routing import causal_fraction, routing_losses
 from training.schedule import warmup_cosine
 from training.steps import ends_fit, ends_optimizer_step, is_logging_step
+from training.strategy import check_cpu_offload
 
 
 class NonFiniteLossError(RuntimeError):
@@ -150,6 +151,8 @@ class CausalLM(L.LightningModule):
     def configure_model(self) -> None:
         if self.model is not None:
             return
+        if self.device_mesh is not None and self.hparams.fsdp_cpu_offload:
+            check_cpu_offload(self.trainer.strategy)  # before any weights load
         overrides = self.hparams.model_overrides or {}
         if self.hparams.init_from is not None:
             self.model = load_init_from(self.hparams.init_from)

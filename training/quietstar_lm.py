@@ -13,6 +13,7 @@ from training.errors import ConfigError
 from training.lm import CausalLM, load_init_from
 from training.parallelize import DType, apply_compile, apply_fsdp, checkpointed, data_parallel_mesh
 from training.routing import causal_fraction
+from training.strategy import check_cpu_offload
 
 
 class QuietStarLM(CausalLM):
@@ -94,6 +95,8 @@ class QuietStarLM(CausalLM):
     def configure_model(self) -> None:
         if self.model is not None:
             return
+        if self.device_mesh is not None and self.hparams.fsdp_cpu_offload:
+            check_cpu_offload(self.trainer.strategy)  # before any weights load
         hp = self.hparams
         overrides = hp.model_overrides or {}
         previous: QuietStar | None = None
