@@ -364,3 +364,32 @@ def test_routing_by_predictors_this_run_creates_is_refused(init_from, tmp_path):
     _refuse_untrained_predictors(routed, source=routed)  # continuing from a MoD model: its predictors
     by_router = {**overrides, "mod_causal_rule": "router"}
     _refuse_untrained_predictors(Transformer(ModelConfig.from_name("micro", **by_router)), source=None)
+
+
+def test_new_routers_that_do_not_scale_their_update_are_refused():
+    """With mod_scale_by_router false a router's logit never reaches the Quiet-STaR loss (no top-k targets
+    either): routers this run creates would route at random throughout."""
+    overrides = {"mod_capacity": 0.5, "mod_scale_by_router": False, "mod_exempt_last": False}
+    with pytest.raises(ConfigError, match=r"mod_scale_by_router=false.*routers of layers \[1\], which this run creates"):
+        QuietStarLM(model="micro", model_overrides=overrides).configure_model()
+
+
+def test_every_parameter_adamw_holds_gets_a_gradient_when_routers_do_not_scale_their_update(
+        tmp_path, smollm2_tokenizer_dir):
+    """A MoD model's trained routers with mod_scale_by_router false get no Quiet-STaR gradient: they are frozen
+    and kept out of AdamW, as the predictors are. In AdamW without a gradient they had no optimizer state, and
+    resuming a sharded FSDP checkpoint stopped with 'Missing key in checkpoint state_dict:
+    optimizer_0.state.model.lm.blocks.1.router.weight.step'."""
+    mod = Transformer(ModelConfig.from_name("tiny", n_layer=3, mod_capacity=0.5))
+    torch.save({"state_dict": {f"model.{k}": v for k, v in mod.state_dict().items()},
+                "model_config": mod.config.to_dict()}, tmp_path / "mod.ckpt")
+    module = QuietStarLM(model=None, init_from=str(tmp_path / "mod.ckpt"), model_overrides={"mod_scale_by_router": False},
+                         thoughts={"n_ahead": 4, "n_ahead_talk": 2, "n_passes": 2},
+                         thought_init_tokenizer=str(smollm2_tokenizer_dir))
+    module.configure_model()
+    module.model(torch.randint(0, 1000, (2, 12)), generator=torch.Generator().manual_seed(0)).loss.backward()
+    decay, no_decay = module._param_groups()
+    names = {id(p): name for name, p in module.model.named_parameters()}
+    assert [names[id(p)] for p in decay + no_decay if p.grad is None] == []
+    router = module.model.lm.blocks[1].router.weight
+    assert torch.equal(router, mod.blocks[1].router.weight)  # the trained router, kept

@@ -113,11 +113,14 @@ class QuietStarLM(CausalLM):
         else:
             lm = Transformer(ModelConfig.from_name(hp.model, **overrides))
         _refuse_untrained_predictors(lm, source)
+        _refuse_untrained_routers(lm, source)
         self._check_vocab(lm.config.vocab_size)  # before the meta tokens take a row of the data tokenizer's
         self.model = QuietStar(lm, self.thought_config, init_token_id=self._init_token_id())
         for block in lm.routed_blocks.values():  # Quiet-STaR routes by the causal rule, never by top-k, so the
             if block.predictor is not None:      # MoD predictors get no gradient: frozen, they stay out of AdamW
                 block.predictor.requires_grad_(False)  # (under FSDP every parameter it holds needs a state)
+            if not block.scale_by_router:  # nor do routers whose logit does not scale the update
+                block.router.requires_grad_(False)
         if previous is not None:  # continue from a Quiet-STaR checkpoint: keep its meta tokens and mixing head
             thought_state = {k: v for k, v in previous.state_dict().items() if not k.startswith("lm.")}
             # <start>/<end> are stored divided by meta_token_scale: a new scale keeps the learned vectors (it
@@ -261,6 +264,23 @@ def _refuse_untrained_predictors(lm: Transformer, source: Transformer | None) ->
             "run creates and Quiet-STaR never trains (they would route at random): start from a Mixture-of-Depths "
             "checkpoint whose predictors were trained (model.init_args.init_from=<a run of "
             "configs/mod-smollm2-135m.yaml>), or set model_overrides.mod_causal_rule: router")
+
+
+def _refuse_untrained_routers(lm: Transformer, source: Transformer | None) -> None:
+    """Refuse routing by routers that this run creates and cannot train: with mod_scale_by_router false the
+    router's logit never reaches the Quiet-STaR loss (it has no top-k targets either), so new routers would
+    decide every pass's routing at their random initialisation throughout (a pretrained MoD model's routers
+    are kept, frozen)."""
+    if lm.config.mod_scale_by_router or lm.config.mod_causal_rule != "router":
+        return
+    trained = set(source.routed_blocks) if source is not None else set()
+    new = sorted(i for i in lm.routed_blocks if i not in trained)
+    if new:
+        raise ConfigError(
+            f"mod_scale_by_router=false: Quiet-STaR trains a router only through the 2*sigmoid(logit) scale on its "
+            f"layer's update, so the routers of layers {new}, which this run creates, would route at random: set "
+            "model_overrides.mod_scale_by_router: true, or start from a Mixture-of-Depths checkpoint whose routers "
+            "were trained (model.init_args.init_from=<a run of configs/mod-smollm2-135m.yaml>)")
 
 
 def recompute_mlps(lm: Transformer) -> None:
