@@ -15,6 +15,7 @@ from tests.conftest import REPO, requires_smollm2
 from training.cli import main
 from training.errors import ConfigError
 from training.lm import CausalLM
+from training.routing import routing_losses
 
 pytestmark = requires_smollm2
 
@@ -152,3 +153,21 @@ def test_routing_monitor_refuses_a_cadence_below_1():
 
     with pytest.raises(ConfigError, match=r"must be positive \(got 0, 100, 64\)"):
         RoutingMonitor(stats_every_n_steps=0)
+
+
+def test_every_parameter_adamw_holds_gets_a_gradient_when_routers_have_neither_scale_nor_bce():
+    """mod_scale_by_router false with mod_aux_weight 0 leaves a router no gradient: it is frozen and kept out of
+    AdamW. In AdamW without a gradient it had no optimizer state, and resuming a sharded FSDP checkpoint stopped
+    with 'Missing key in checkpoint state_dict: optimizer_0.state.model.blocks.1.router.weight.step'."""
+    overrides = {"mod_capacity": 0.5, "mod_exempt_last": False, "mod_scale_by_router": False, "mod_aux_weight": 0.0}
+    module = CausalLM(model="micro", model_overrides=overrides)
+    module.configure_model()
+    x = torch.randint(0, 256, (2, 16))
+    (module.loss({"input_ids": x, "labels": x}) + routing_losses(module.model)).backward()
+    decay, no_decay = module._param_groups()
+    names = {id(p): name for name, p in module.model.named_parameters()}
+    assert [names[id(p)] for p in decay + no_decay if p.grad is None] == []
+    routed = CausalLM(model="micro", model_overrides={**overrides, "mod_aux_weight": 0.01})  # the BCE trains it
+    routed.configure_model()
+    assert routed.model.blocks[1].router.weight.requires_grad
+

@@ -167,6 +167,11 @@ class CausalLM(L.LightningModule):
         self._check_vocab()
         self._check_seq_len()
         self._check_restoring()
+        for block in self.model.routed_blocks.values():
+            # With neither the 2*sigmoid scale nor the BCE loss a router gets no gradient (the ablation that keeps its
+            # initial routing): frozen, it stays out of AdamW, which under FSDP resumes only parameters with a state.
+            if not block.scale_by_router and self.model.config.mod_aux_weight == 0:
+                block.router.requires_grad_(False)
         hp = self.hparams
         apply_activation_checkpointing(self.model, hp.activation_checkpointing)
         if hp.compile:
