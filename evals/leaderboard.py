@@ -209,6 +209,19 @@ def log_to_wandb(rows: Sequence[dict[str, str]]) -> bool:
     if wandb.run is None:
         return False
     header, wide = wide_table(rows)
-    wandb.run.log({"eval/leaderboard": wandb.Table(columns=COLUMNS, data=[[r[c] for c in COLUMNS] for r in rows]),
-                   "eval/summary": wandb.Table(columns=header, data=wide)})
+    typed = {**_NUMBERS, **_NUMBERS_OR_EMPTY}
+    long = [[_typed(r[c], typed.get(c)) for c in COLUMNS] for r in rows]
+    # the summary's score columns (after "max new tokens") and tokens/s are numbers; n may read "16/9"
+    kinds = [None] * 6 + [int] + [float] * (len(header) - 7)
+    summary = [[_typed(cell, kind) for cell, kind in zip(row, kinds)] for row in wide]
+    wandb.run.log({"eval/leaderboard": wandb.Table(columns=COLUMNS, data=long),
+                   "eval/summary": wandb.Table(columns=header, data=summary)})
     return True
+
+
+def _typed(text: str, kind: type | None) -> Any:
+    """A table cell for W&B, which sorts and charts a column by its type: a number column's text as that number
+    (None where empty or "N/A"), other columns as text."""
+    if kind is None:
+        return text
+    return None if text in ("", "N/A") else kind(text)

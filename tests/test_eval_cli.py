@@ -484,3 +484,32 @@ def test_wandb_project_without_wandb_installed_is_refused_before_the_evaluation(
     assert "--wandb-project qd logs to W&B, but the wandb package is not installed: pip install wandb" in \
         capsys.readouterr().err
     assert not (tmp_path / "run").exists() and not (tmp_path / "board" / "leaderboard.csv").exists()
+
+
+def test_the_wandb_tables_hold_numbers_as_numbers(tmp_path, monkeypatch):
+    """W&B sorts, filters and charts a Table column by its type: values logged as text sort '1583.1' before
+    '825.9' and cannot be plotted."""
+    wandb = pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    base = dict(model="m", weights_sha256="0123456789abcdef", dtype="float32", decoding="greedy", version="3.0",
+                task="gsm8k", filter="strict-match", metric="exact_match", n_shot="0", n="4", max_new_tokens="32",
+                capacity="", thought_length="", prompts_hash="h", commit="c", date="d")
+    rows = [{**base, "value": "0.25", "stderr": "0.25", "tokens_per_s": "825.86"},
+            {**base, "task": "csqa", "filter": "none", "metric": "acc", "value": "0.5", "stderr": "",
+             "max_new_tokens": "", "tokens_per_s": "1583.1"}]
+    run = wandb.init(project="quietdepth-test", dir=str(tmp_path))
+    try:
+        assert leaderboard.log_to_wandb(rows)
+    finally:
+        run.finish()
+    (long,) = tmp_path.rglob("media/table/eval/leaderboard*.table.json")
+    table = json.loads(long.read_text())
+    first, second = (dict(zip(table["columns"], row)) for row in table["data"])
+    assert (first["value"], first["stderr"], first["n"], first["n_shot"], first["max_new_tokens"],
+            first["tokens_per_s"], first["capacity"]) == (0.25, 0.25, 4, 0, 32, 825.86, None)
+    assert (second["stderr"], second["max_new_tokens"], second["tokens_per_s"]) == (None, None, 1583.1)
+    (summary,) = tmp_path.rglob("media/table/eval/summary*.table.json")
+    table = json.loads(summary.read_text())
+    (cells,) = (dict(zip(table["columns"], row)) for row in table["data"])
+    assert (cells["gsm8k 0-shot strict"], cells["csqa acc"], cells["tokens/s"], cells["max new tokens"]) == (
+        0.25, 0.5, 825.9, 32)
