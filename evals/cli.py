@@ -166,6 +166,9 @@ def check_model(model: EvalModel, args: argparse.Namespace) -> None:
     if "thoughts" in args.decoding and not model.has_thoughts:
         raise ValueError(f"--decoding thoughts needs a Quiet-STaR model; {model.source} is a plain "
                          f"{type(model.net).__name__}: evaluate it without thoughts in a run of its own")
+    if "gsm8k_chat" in args.tasks and model.tokenizer.chat_template is None:
+        raise ValueError(f"--tasks gsm8k_chat needs a chat template, and the tokenizer of {model.source} has none: "
+                         "evaluate gsm8k (the plain prompt) instead, or give --tokenizer one that has a template")
     # thinking before a token writes its thought into the slots after the newest token (evals.decoding)
     thought = model.net.thought_config.n_ahead - 1 if "thoughts" in args.decoding and model.has_thoughts else 0
     if set(GENERATIVE) & set(args.tasks) and args.max_new_tokens + thought >= model.block_size:

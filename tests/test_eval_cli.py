@@ -318,6 +318,24 @@ def test_thoughts_on_a_plain_model_is_a_clear_error(tiny_checkpoint, smollm2_tok
     assert "needs a Quiet-STaR model" in capsys.readouterr().err
 
 
+def test_gsm8k_chat_with_a_tokenizer_without_a_chat_template_is_refused_before_any_task_runs(
+        tiny_checkpoint, smollm2_tokenizer_dir, tmp_path, capsys):
+    """It stopped only when gsm8k_chat's turn came, after the tasks before it, with transformers' message."""
+    plain = tmp_path / "plain-tokenizer"
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (plain / name).parent.mkdir(exist_ok=True)
+        (plain / name).write_text((smollm2_tokenizer_dir / name).read_text())
+    config = json.loads((plain / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (plain / "tokenizer_config.json").write_text(json.dumps(config))
+    with pytest.raises(SystemExit) as exit_info:
+        main(run_args(tiny_checkpoint, plain, tmp_path, "--tasks", "csqa", "gsm8k_chat", "--shots", "0"))
+    assert exit_info.value.code == 2
+    assert (f"--tasks gsm8k_chat needs a chat template, and the tokenizer of {tiny_checkpoint} has none"
+            in capsys.readouterr().err)
+    assert not (tmp_path / "run" / "results.json").exists() and not (tmp_path / "board").exists()
+
+
 def test_quietstar_checkpoint_runs_with_thoughts_and_records_the_thought_length(smollm2_tokenizer_dir, tmp_path):
     from modeldefs.quietstar import QuietStar, ThoughtConfig
 
