@@ -304,6 +304,18 @@ def test_a_checkpoint_of_another_architecture_is_refused_under_fsdp_before_its_w
         proc.stderr[-3000:]
 
 
+def test_a_mesh_that_does_not_span_the_processes_is_refused_before_they_start(
+        gsm8k_train, smollm2_tokenizer_dir, tmp_path):
+    """fsdp.yaml's data_parallel_size 8 with --trainer.devices 2: Lightning found the mismatch only once both
+    ranks had started, and each printed a traceback (RuntimeError: The sizes ... should equal the world size)."""
+    config = write_config(tmp_path, gsm8k_train, smollm2_tokenizer_dir, 2, 2)
+    proc = run_fsdp(config, "--trainer.strategy.init_args.data_parallel_size", "8", succeeds=False)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1] == (
+        "error: trainer.strategy.init_args.data_parallel_size 8 x tensor_parallel_size 1 must equal the number of "
+        "processes, trainer.devices 2 x trainer.num_nodes 1: set data_parallel_size to 2"), proc.stderr[-3000:]
+    assert not (tmp_path / "checkpoints").exists()
+
+
 def test_a_sharded_folder_resumes_only_under_model_parallel_and_says_so(runs, tmp_path, capsys):
     sharded = runs["dense-2"] / "checkpoints" / "epoch=0-step=2.ckpt"
     config = runs["dense-2"] / "config.in.yaml"

@@ -84,7 +84,9 @@ class QuietDepthCLI(LightningCLI):
         if (config.get("enable_progress_bar") is not False and _RICH_AVAILABLE
                 and not any(isinstance(c, ProgressBar) for c in given)):
             kwargs["callbacks"] = [*given, StepProgressBar()]
-        return super().instantiate_trainer(**kwargs)
+        trainer = super().instantiate_trainer(**kwargs)
+        _check_mesh(trainer)
+        return trainer
 
     def before_instantiate_classes(self) -> None:
         """Make each WandbLogger's save_dir absolute. W&B's background service outlives a run and resolves a
@@ -250,6 +252,22 @@ class QuietDepthCLI(LightningCLI):
             for logger in self.trainer.loggers:
                 if run_id and isinstance(logger, WandbLogger) and logger.version is None:  # not started, no id given
                     logger._id = logger._wandb_init["id"] = run_id  # what `version` reports, what wandb.init gets
+
+
+def _check_mesh(trainer: L.Trainer) -> None:
+    """ModelParallelStrategy's device mesh must span the processes: Lightning checks it only once every rank has
+    started, and then each fails with a traceback. Its "auto" sizes are resolved as Lightning resolves them."""
+    strategy = trainer.strategy
+    if not isinstance(strategy, ModelParallelStrategy):
+        return
+    dp, tp = strategy._data_parallel_size, strategy._tensor_parallel_size
+    dp = trainer.num_nodes if dp == "auto" else dp
+    tp = trainer.num_devices if tp == "auto" else tp
+    processes = trainer.num_devices * trainer.num_nodes
+    if dp * tp != processes:
+        raise ConfigError(f"trainer.strategy.init_args.data_parallel_size {dp} x tensor_parallel_size {tp} must equal "
+                          f"the number of processes, trainer.devices {trainer.num_devices} x trainer.num_nodes "
+                          f"{trainer.num_nodes}: set data_parallel_size to {processes // tp if tp else processes}")
 
 
 def _weights_only(kwargs: dict[str, Any]) -> dict[str, Any]:
