@@ -15,7 +15,8 @@ and the loss's chunks). Two ways to time them:
   speed drifts by tens of percent within a minute (a shared 2-core CPU), this is what makes the
   ratios mean something: every variant is timed in the same stretches of time.
 tokens/s is steps x tokens over the summed step times; the median step's speed-up is printed beside
-it. Peak memory (GPU) is each variant's own, above what was resident before it was built. Forward
+it. Peak memory is each variant's own (built and warmed up), above what was allocated before it was built
+(on a CPU from the profiler's allocation events, `report.PeakMemory`). Forward
 FLOPs per token are counted by torch's FlopCounterMode on a real forward pass (top-k routing).
 On a CPU, freed memory stays in the process (`report.keep_freed_memory`; `--default-heap` opts out),
 so page faults do not depend on which variant ran before. Prints a Markdown table and a JSON line; the
@@ -34,7 +35,7 @@ from collections.abc import Callable
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from report import Record, add_heap_option, device_name, positive_int, print_profile, steady_heap, sync
+from report import PeakMemory, Record, add_heap_option, device_name, positive_int, print_profile, steady_heap, sync
 from modeldefs import ModelConfig, Transformer
 from training.loss import linear_cross_entropy
 from training.parallelize import apply_compile
@@ -49,13 +50,10 @@ SHAPES = {
 }
 
 
-def prepare(config: ModelConfig, args: argparse.Namespace, device: torch.device,
-            dtype: torch.dtype) -> tuple[Callable[[], None], dict]:
-    """Build the model, count its forward FLOPs and warm it up. Returns its training step (forward,
-    cross-entropy plus the MoD auxiliary losses, backward, AdamW) and the FLOPs and peak memory."""
-    resident = torch.cuda.memory_allocated() if device.type == "cuda" else 0  # variants built before
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
+def build(config: ModelConfig, args: argparse.Namespace, device: torch.device,
+          dtype: torch.dtype) -> tuple[Callable[[], None], float]:
+    """Build the model and count its forward FLOPs per token. Returns its training step (forward,
+    cross-entropy plus the MoD auxiliary losses, backward, AdamW) and the FLOPs."""
     torch.manual_seed(0)
     model = Transformer(config).to(device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
@@ -63,7 +61,6 @@ def prepare(config: ModelConfig, args: argparse.Namespace, device: torch.device,
     y = torch.randint(0, config.vocab_size, (args.batch, args.seq), device=device)
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         model(x)
-    forward_flops = counter.get_total_flops() / x.numel()
     if args.compile:
         apply_compile(model)
 
@@ -77,11 +74,18 @@ def prepare(config: ModelConfig, args: argparse.Namespace, device: torch.device,
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    for _ in range(args.warmup):
-        step()
-    sync(device)
-    peak = (torch.cuda.max_memory_allocated() - resident) / 2**30 if device.type == "cuda" else None
-    return step, dict(forward_gflops_per_token=forward_flops / 1e9, peak_mem_gib=peak)
+    return step, counter.get_total_flops() / x.numel()
+
+
+def prepare(config: ModelConfig, args: argparse.Namespace, device: torch.device,
+            dtype: torch.dtype) -> tuple[Callable[[], None], dict]:
+    """Build the model and warm it up. Returns its training step and its FLOPs and peak memory."""
+    with PeakMemory(device) as memory:  # above the variants built before
+        step, forward_flops = build(config, args, device, dtype)
+        for _ in range(args.warmup):
+            step()
+        sync(device)
+    return step, dict(forward_gflops_per_token=forward_flops / 1e9, peak_mem_gib=memory.gib)
 
 
 def timed(step: Callable[[], None], device: torch.device) -> float:
@@ -164,7 +168,7 @@ def print_table(record: dict) -> None:
           "| speed-up, median step | peak memory (GiB) |")
     print("|---|---|---|---|---|---|---|")
     for r in record.get("results", []):
-        mem = "n/a" if r["peak_mem_gib"] is None else f"{r['peak_mem_gib']:.2f}"
+        mem = f"{r['peak_mem_gib']:.2f}"
         ratios = (f"{r['flop_ratio_dense_over_this']:.2f}x", f"{r['speedup_vs_dense']:.2f}x",
                   f"{r['speedup_median_step']:.2f}x") if "speedup_vs_dense" in r else ("n/a",) * 3
         print(f"| {r['variant']} | {r['forward_gflops_per_token']:.3f} | {ratios[0]} | "

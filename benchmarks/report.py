@@ -89,6 +89,39 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
+class PeakMemory:
+    """`with PeakMemory(device) as m: ...`, then `m.gib`: the most memory that tensors allocated in the block held
+    at once, above what was allocated when it began (weights, gradients and AdamW state built there included).
+    On a GPU from the CUDA allocator's statistics; a CPU's allocator keeps none, so there the profiler records
+    every allocation and free, and their running sum in time order gives the peak."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.gib: float | None = None
+
+    def __enter__(self) -> PeakMemory:
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+            self._resident = torch.cuda.memory_allocated()
+        else:
+            self._profile = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
+                                                   profile_memory=True)
+            self._profile.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.device.type == "cuda":
+            self.gib = (torch.cuda.max_memory_allocated() - self._resident) / 2**30
+            return
+        self._profile.__exit__(*exc)
+        events = [e for e in self._profile.profiler.kineto_results.events() if e.name() == "[memory]"]
+        held = peak = 0
+        for e in sorted(events, key=lambda e: e.start_ns()):
+            held += e.nbytes()  # negative for a free
+            peak = max(peak, held)
+        self.gib = peak / 2**30
+
+
 def emit(record: dict[str, Any], json_path: str | None) -> None:
     """Print the record as one JSON line and, where asked, write it to `json_path`."""
     print(json.dumps(record))

@@ -47,7 +47,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from report import Record, add_heap_option, device_name, positive_int, print_profile, steady_heap, sync
+from report import PeakMemory, Record, add_heap_option, device_name, positive_int, print_profile, steady_heap, sync
 from modeldefs import ModelConfig, Transformer
 from modeldefs.pretrained import to_hf_model
 from training.loss import linear_cross_entropy
@@ -164,16 +164,13 @@ def throughput(args: argparse.Namespace, config: ModelConfig, device: torch.devi
     tokens_per_round = args.batch * args.seq * args.steps
 
     def warm(v: Variant) -> None:
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-            resident = torch.cuda.memory_allocated()
-        model, step, flops[v.name] = build(v, config, args.seq, device, dtype, args.loss_chunk)
-        built[v.name] = (model, step)
-        for _ in range(args.warmup):
-            step(x, y)
-        sync(device)
-        if device.type == "cuda":
-            peak_mem[v.name] = (torch.cuda.max_memory_allocated() - resident) / 2**30
+        with PeakMemory(device) as memory:
+            model, step, flops[v.name] = build(v, config, args.seq, device, dtype, args.loss_chunk)
+            built[v.name] = (model, step)
+            for _ in range(args.warmup):
+                step(x, y)
+            sync(device)
+        peak_mem[v.name] = memory.gib
 
     def timed(v: Variant) -> None:
         step = built[v.name][1]
@@ -192,7 +189,7 @@ def throughput(args: argparse.Namespace, config: ModelConfig, device: torch.devi
         tps = tokens_per_round * rounds / times[v.name]
         return dict(variant=v.name, tokens_per_s=round(tps, 1),
                     mfu=None if peak is None else round(tps * flops[v.name] / peak, 4),
-                    peak_mem_gib=None if v.name not in peak_mem else round(peak_mem[v.name], 2))
+                    peak_mem_gib=round(peak_mem[v.name], 2))
 
     if args.sequential:
         for v in variants:
@@ -200,7 +197,7 @@ def throughput(args: argparse.Namespace, config: ModelConfig, device: torch.devi
             for _ in range(args.rounds):
                 timed(v)
             print(f"{v.name}: {tokens_per_round * args.rounds / times[v.name]:,.0f} tokens/s"
-                  + (f", peak {peak_mem[v.name]:.1f} GiB" if v.name in peak_mem else ""), flush=True)
+                  f", peak {peak_mem[v.name]:.1f} GiB", flush=True)
             record.add("results", result(v, args.rounds))
             if args.profile:
                 profile(v)
@@ -228,9 +225,8 @@ def print_throughput(record: dict) -> None:
     print("| variant | tokens/s | vs first | MFU | peak memory (GiB) |\n|---|---|---|---|---|")
     for r in results:
         mfu = "n/a" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
-        mem = "n/a" if r["peak_mem_gib"] is None else r["peak_mem_gib"]
         print(f"| {r['variant']} | {r['tokens_per_s']:,.0f} | {r['tokens_per_s'] / results[0]['tokens_per_s']:.2f}x | "
-              f"{mfu} | {mem} |")
+              f"{mfu} | {r['peak_mem_gib']} |")
 
 
 def step_memory(model: torch.nn.Module, step: Callable[[torch.Tensor, torch.Tensor], None], x: torch.Tensor,

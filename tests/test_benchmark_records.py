@@ -239,3 +239,15 @@ def test_a_zero_count_is_refused_before_any_work(script, args):
     proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / script), *args], cwd=REPO, env=ENV,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and f"argument {args[0]}: 0 is not a positive integer" in proc.stderr
+
+
+def test_peak_memory_on_a_cpu_is_the_most_held_at_once_above_the_start(benchmarks):
+    from report import PeakMemory
+
+    before = torch.ones(2**24)  # 64 MiB allocated before the block: not counted
+    with PeakMemory(torch.device("cpu")) as memory:
+        first = torch.ones(2**25)  # 128 MiB
+        del first
+        second = torch.ones(2**24)  # 64 MiB: the peak stays 128, not the 192 allocated in all
+    assert memory.gib == pytest.approx(0.125, rel=1e-3)
+    assert before.numel() and second.numel()

@@ -49,6 +49,8 @@ def test_mod_throughput_interleaved_times_every_variant_at_each_step(tmp_path):
     for r in record["results"]:
         assert len(r["step_seconds"]) == 3
         assert abs(r["tokens_per_s"] - 3 * 4 * 32 / sum(r["step_seconds"])) < 1e-6 * r["tokens_per_s"]
+    dense, *routed = record["results"]  # peak memory on the CPU too: routing fewer tokens holds fewer activations
+    assert 0 < routed[-1]["peak_mem_gib"] < dense["peak_mem_gib"]
 
 
 def test_mod_throughput_refuses_rounds_with_interleave():
