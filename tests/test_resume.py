@@ -156,3 +156,25 @@ def test_a_last_checkpoint_saved_as_a_link_holds_the_final_step(tmp_path, gsm8k_
     config_path.write_text(yaml.safe_dump(config))
     run(["fit", "--config", str(config_path), "--trainer.max_steps", "6"])
     assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 6
+
+
+def test_a_checkpoint_scored_by_validation_is_saved_after_the_final_steps_validation(tmp_path, gsm8k_train,
+                                                                                       monkeypatch):
+    """Without every_n_train_steps, ModelCheckpoint saves its top-k after each validation, scored by it. The final
+    step's last.ckpt, written before that step's validation, must not make the callback skip that save: the final
+    weights (often the best) were left out of the top-k, and best_model_path named an older checkpoint."""
+    monkeypatch.chdir(tmp_path)
+    config_path = write_config(tmp_path, gsm8k_train)
+    config = yaml.safe_load(config_path.read_text())
+    checkpoint = config["trainer"]["callbacks"][0]["init_args"]
+    del checkpoint["every_n_train_steps"]
+    checkpoint.update(monitor="val/loss", save_top_k=-1)
+    config["trainer"].update(val_check_interval=3, limit_val_batches=2)
+    config_path.write_text(yaml.safe_dump(config))
+    cli = run(["fit", "--config", str(config_path), "--trainer.max_steps", "6"])
+    with next(tmp_path.glob("csv/version_*/metrics.csv")).open() as f:
+        validated = {int(r["step"]) + 1: float(r["val/loss"]) for r in csv.DictReader(f) if r.get("val/loss")}
+    scores = {torch.load(path, weights_only=True)["global_step"]: float(score)
+              for path, score in cli.trainer.checkpoint_callback.best_k_models.items()}
+    assert scores == pytest.approx(validated) and sorted(validated) == [3, 6]
+    assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 6

@@ -149,7 +149,8 @@ class StepCheckpoint(ModelCheckpoint):
     the loop has counted the interrupted epoch as finished: `last.ckpt` can miss the final steps, and a
     run extended from it (a larger max_steps, `--ckpt_path last`) would skip the rest of that epoch's data.
     This writes it at the final optimizer step instead, inside the epoch, as every periodic checkpoint is
-    (with `save_last="link"` as a file, unless a periodic checkpoint of that step is there to link to),
+    (with `save_last="link"` as a file, unless a periodic checkpoint of that step is there to link to; a top-k
+    saved after each validation still saves after that step's validation, scored by it),
     through `ModelCheckpoint`'s own save path (its private helpers, as of Lightning 2.6; the resume test in
     tests/test_resume.py guards the behaviour).
     """
@@ -160,7 +161,11 @@ class StepCheckpoint(ModelCheckpoint):
         if self.save_last and trainer.global_step == trainer.max_steps and not self._should_skip_saving_checkpoint(trainer):
             if self.save_last == "link":  # no checkpoint holds this step for a link: write last.ckpt itself
                 self._last_checkpoint_saved = ""
+            saved_before = self._last_global_step_saved
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+            if self._every_n_epochs >= 1 and not self._should_save_on_train_epoch_end(trainer):
+                # This callback saves its top-k after each validation: one at this step still saves (scored by it).
+                self._last_global_step_saved = saved_before
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """As `ModelCheckpoint`'s (`last` where the run saved nothing yet), except under `fast_dev_run`, which
