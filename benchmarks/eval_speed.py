@@ -30,7 +30,8 @@ from typing import Any
 
 import torch
 
-from report import Record, add_heap_option, device_name, positive_int, steady_heap
+from evals.cli import positive_int
+from report import Record, add_heap_option, device_name, steady_heap
 
 TASKS_DIR = Path(__file__).resolve().parents[1] / "evals" / "lm_eval_tasks"
 DEFAULT_TASKS = "commonsense_qa_local,commonsense_qa_cloze_local,gsm8k_local"

@@ -24,7 +24,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from report import Record, device_name, positive_int
+from evals.cli import positive_int
+from report import Record, device_name
 from modeldefs import ModelConfig, Transformer
 from training.data import jsonl_records
 from training.formatting import format_csqa, format_gsm8k

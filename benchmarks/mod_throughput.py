@@ -35,7 +35,8 @@ from collections.abc import Callable
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from report import PeakMemory, Record, add_heap_option, device_name, positive_int, print_profile, steady_heap, sync
+from evals.cli import positive_int
+from report import PeakMemory, Record, add_heap_option, device_name, print_profile, steady_heap, sync
 from modeldefs import ModelConfig, Transformer
 from training.loss import linear_cross_entropy
 from training.parallelize import apply_compile

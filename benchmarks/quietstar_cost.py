@@ -28,7 +28,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from report import Record, device_name, positive_int, saved_activation_bytes, sync
+from evals.cli import positive_int
+from report import Record, device_name, saved_activation_bytes, sync
 from modeldefs import ModelConfig, Transformer
 from modeldefs.quietstar import QuietStar, ThoughtConfig
 from training.parallelize import apply_compile

@@ -135,14 +135,6 @@ def write_json(record: dict[str, Any], json_path: str) -> None:
     write_atomic(json_path, json.dumps(record, indent=2))
 
 
-def positive_int(text: str) -> int:
-    """An argparse type: an integer >= 1 (a count of steps, rounds, tokens...)."""
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} is not a positive integer")
-    return value
-
-
 class Stopped(SystemExit):
     """SIGTERM (what `timeout` sends) as an exception in the main thread, so that a `Record` saves and reports what
     was finished; the process still exits with 143, as one the signal killed."""

@@ -22,7 +22,8 @@ import torch
 import torch.nn.functional as F
 
 import modeldefs.quietstar as quietstar
-from report import Record, device_name, positive_int
+from evals.cli import positive_int
+from report import Record, device_name
 from modeldefs import ModelConfig, Transformer
 from modeldefs.quietstar import QuietStar, ThoughtConfig, ThoughtKVCache
 

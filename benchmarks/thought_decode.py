@@ -20,7 +20,8 @@ import time
 
 import torch
 
-from report import Record, device_name, positive_int
+from evals.cli import positive_int
+from report import Record, device_name
 from modeldefs import ModelConfig, Transformer
 from modeldefs.quietstar import QuietStar, ThoughtConfig
 from modeldefs.thought_generate import generate_with_thoughts

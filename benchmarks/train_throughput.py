@@ -47,7 +47,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from report import PeakMemory, Record, add_heap_option, device_name, positive_int, print_profile, steady_heap, sync
+from evals.cli import positive_int
+from report import PeakMemory, Record, add_heap_option, device_name, print_profile, steady_heap, sync
 from modeldefs import ModelConfig, Transformer
 from modeldefs.pretrained import to_hf_model
 from training.loss import linear_cross_entropy
