@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from evals import answer_prob, csqa, gsm8k
+from evals import answer_prob, csqa, gsm8k, wandb_auth
 from evals.decoding import DecodingConfig
 from evals.files import lock, write_atomic
 from evals.leaderboard import COLUMNS, LONG_HEADER, append_rows, log_to_wandb, long_table, read_rows, wide_table
@@ -402,16 +402,15 @@ def _evaluate_all(args: argparse.Namespace, output: Path, report: dict[str, Any]
 def _wandb_run(project: str | None, output: Path, config: dict[str, Any]) -> Iterator[None]:
     """A W&B run in `project` (files under `output`) for the block, finished after it; nothing for None, nor
     inside a caller's active run, which the tables go to and which stays open (wandb.init would return that run,
-    and finishing it would close it under the caller). Offline where no API key is set (WANDB_API_KEY or a
-    ~/.netrc entry), as `quietdepth fit`, so it never asks to log in."""
+    and finishing it would close it under the caller). Offline where wandb would find no credentials
+    (`wandb_auth.has_credentials`), as `quietdepth fit`, so it never asks to log in."""
     active = sys.modules.get("wandb")
     if project is None or (active is not None and active.run is not None):
         yield
         return
     import wandb
 
-    netrc = Path.home() / ".netrc"
-    if not os.environ.get("WANDB_API_KEY") and not (netrc.is_file() and "api.wandb.ai" in netrc.read_text()):
+    if not wandb_auth.has_credentials():
         os.environ.setdefault("WANDB_MODE", "offline")
     output.mkdir(parents=True, exist_ok=True)
     run = wandb.init(project=project, job_type="eval", config=config, dir=str(output))

@@ -24,6 +24,7 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.imports import _RICH_AVAILABLE
 
+from evals import wandb_auth
 from modeldefs.safe_dcp import check_distributed_checkpoint
 
 # Imported so their classes resolve by short name in YAML (class_path: CausalLM).
@@ -36,11 +37,6 @@ from training.lm import NonFiniteLossError
 def default_precision() -> str:
     """bf16 mixed precision where the accelerator supports it, fp32 elsewhere."""
     return "bf16-mixed" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "32-true"
-
-
-def _wandb_has_key() -> bool:
-    netrc = Path.home() / ".netrc"
-    return bool(os.environ.get("WANDB_API_KEY")) or (netrc.is_file() and "api.wandb.ai" in netrc.read_text())
 
 
 class SaveResolvedConfig(SaveConfigCallback):
@@ -305,7 +301,7 @@ def main(args: list[str] | None = None) -> None:
 
 def run(args: list[str] | None = None) -> QuietDepthCLI:
     """Parse `args` (default: the command line), run the subcommand and return the CLI object."""
-    if not _wandb_has_key():
+    if not wandb_auth.has_credentials():
         os.environ.setdefault("WANDB_MODE", "offline")  # a real, `wandb sync`-able run folder; no login prompt
     # TextDataModule restores the data position itself (its state_dict), which Lightning cannot see.
     warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
