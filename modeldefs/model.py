@@ -39,6 +39,19 @@ class Transformer(nn.Module):
             for proj in (block.attn.proj, block.mlp.down):
                 nn.init.normal_(proj.weight, std=config.init_std / math.sqrt(2 * config.n_layer))
 
+    @classmethod
+    def to_load(cls, config: ModelConfig) -> Transformer:
+        """A model for a strict `load_state_dict` to fill: its parameters allocated but not initialised, since the
+        random init that `__init__` does would be overwritten (1.5 of the 1.7 s that loading SmolLM2-135M took on
+        a 2-core CPU); its RoPE tables (buffers, not in a state dict) computed."""
+        with torch.device("meta"):
+            model = cls(config)
+        model.to_empty(device="cpu")  # gives each module its own tensor: the tied head is tied again below
+        if config.tie_embeddings:
+            model.lm_head.weight = model.embed.weight
+        model.rope_cos, model.rope_sin = rope_cache(config.head_dim, config.block_size, config.rope_theta)
+        return model
+
     def _init_weights(self, module: nn.Module) -> None:
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, std=self.config.init_std)

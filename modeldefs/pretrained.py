@@ -93,7 +93,7 @@ def load_hf_model(source: str) -> torch.nn.Module:
 def from_hf_model(hf_model: torch.nn.Module, name: str = "custom") -> Transformer:
     """Our `Transformer` holding the weights of a transformers Llama-family model."""
     config = config_from_hf(hf_model.config, name=name)
-    model = Transformer(config)
+    model = Transformer.to_load(config)
     model.load_state_dict(state_dict_from_hf(hf_model.state_dict(), config), strict=True)
     return model
 
@@ -132,7 +132,7 @@ def load_checkpoint(path: str | os.PathLike) -> Transformer | QuietStar:
     whose model shards are read without a process group and without the optimizer's."""
     path = Path(path)
     checkpoint = _checkpoint_meta(path)
-    model: Transformer | QuietStar = Transformer(ModelConfig.from_dict(checkpoint["model_config"]))
+    model: Transformer | QuietStar = Transformer.to_load(ModelConfig.from_dict(checkpoint["model_config"]))
     if "thought_config" in checkpoint:
         # init_token_id only seeds <start>/<end>; the strict load below replaces them with the trained ones
         model = QuietStar(model, ThoughtConfig.from_dict(checkpoint["thought_config"]), init_token_id=0)

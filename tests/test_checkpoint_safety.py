@@ -43,6 +43,21 @@ def sharded_checkpoint(folder: Path, **replaced: object) -> Transformer:
     return model
 
 
+def test_a_checkpoint_loads_bit_for_bit_without_a_random_init(tiny_checkpoint):
+    """The model is built without the random init its weights would overwrite, so loading draws nothing from
+    torch's generator; the RoPE tables, which the checkpoint does not hold, are computed."""
+    saved = torch.load(tiny_checkpoint, weights_only=True)["state_dict"]
+    rng = torch.get_rng_state()
+    loaded = load_pretrained(str(tiny_checkpoint))
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert {f"model.{k}": v for k, v in loaded.state_dict().items()}.keys() == saved.keys()
+    for name, tensor in loaded.state_dict().items():
+        assert torch.equal(tensor.view(torch.int32), saved[f"model.{name}"].view(torch.int32)), name
+    fresh = Transformer(loaded.config)
+    assert torch.equal(loaded.rope_cos, fresh.rope_cos) and torch.equal(loaded.rope_sin, fresh.rope_sin)
+    assert loaded.lm_head.weight is loaded.embed.weight
+
+
 def test_a_sharded_checkpoint_loads(tmp_path):
     model = sharded_checkpoint(tmp_path / "step=2.ckpt")
     loaded = load_pretrained(str(tmp_path / "step=2.ckpt"))

@@ -4,7 +4,8 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from modeldefs.convert import config_from_hf
+from modeldefs import Transformer
+from modeldefs.convert import config_from_hf, state_dict_from_hf
 from modeldefs.generate import generate
 from modeldefs.pretrained import export_hf, from_hf_model, load_pretrained, to_hf_model
 from tests.conftest import file_size_limit
@@ -61,6 +62,25 @@ def test_export_then_import_is_exact(model_type, overrides, tmp_path):
     x = torch.randint(0, 128, (1, 10))
     with torch.no_grad():
         torch.testing.assert_close(loaded(x).logits, ours.eval()(x), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("model_type,overrides", CASES)
+def test_a_loaded_model_holds_the_source_weights_bit_for_bit_without_a_random_init(model_type, overrides):
+    """The model is built without the random init its weights would overwrite (most of the time a load took),
+    so loading draws nothing from torch's generator; the RoPE tables, which no state dict holds, are computed."""
+    hf = tiny_hf(model_type, **overrides)
+    rng = torch.get_rng_state()
+    ours = from_hf_model(hf)
+    assert torch.equal(torch.get_rng_state(), rng)
+    source = state_dict_from_hf(hf.state_dict(), ours.config)
+    loaded = ours.state_dict()
+    assert loaded.keys() == source.keys()
+    for name, tensor in source.items():
+        assert torch.equal(loaded[name].view(torch.int32), tensor.view(torch.int32)), name
+    fresh = Transformer(ours.config)
+    assert torch.equal(ours.rope_cos, fresh.rope_cos) and torch.equal(ours.rope_sin, fresh.rope_sin)
+    assert (ours.lm_head.weight is ours.embed.weight) == ours.config.tie_embeddings
+    assert ours.training
 
 
 def word_tokenizer(words: list[str], **special: str):
