@@ -6,6 +6,7 @@ from typing import Protocol
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import nn
 
 from modeldefs.config import ModelConfig
@@ -51,14 +52,14 @@ class KVCache(nn.Module):
         0..T-1), every cached key for one new token. A cache with structure it knows better
         (Quiet-STaR's thought chains) overrides this."""
         k, v = self.update(start_pos, k, v)
-        B, H, T, D = q.shape
-        group = H // k.size(1)  # query heads per key/value head
+        T = q.size(2)
+        group = q.size(1) // k.size(1)  # query heads per key/value head
         if T == 1 and group > 1 and (mask is None or (mask.dim() == 4 and mask.size(1) == 1)):
             # One new token (a decoding step): a group's query heads attend as `group` queries of its one
             # key/value head. Same result as the grouped-query path, which on the CPU took 4.1 ms where
             # this takes 2.6 (28 rows, 1,300 cached slots; evals/RESULTS.md).
-            y = F.scaled_dot_product_attention(q.reshape(B, H // group, group, D), k, v, attn_mask=mask)
-            return y.reshape(B, H, 1, D)
+            y = F.scaled_dot_product_attention(rearrange(q, "b (h g) 1 d -> b h g d", g=group), k, v, attn_mask=mask)
+            return rearrange(y, "b h g d -> b (h g) 1 d")
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
                                               enable_gqa=group > 1)
 
@@ -78,13 +79,11 @@ class CausalSelfAttention(nn.Module):
                 start_pos: int = 0) -> torch.Tensor:
         """x (B, T, C). `mask` (bool, True = may attend, broadcastable to (B, H, T, S)) replaces the
         causal rule when given; with `kv_cache`, the new keys are written from slot `start_pos` first."""
-        B, T, _ = x.shape
+        T = x.size(1)
         q, k, v = self.qkv(x).split(
             [self.n_head * self.head_dim, self.n_kv_head * self.head_dim, self.n_kv_head * self.head_dim], dim=-1
         )
-        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
-        k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
-        v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        q, k, v = (rearrange(t, "b t (h d) -> b h t d", d=self.head_dim) for t in (q, k, v))
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if kv_cache is not None:
             y = kv_cache.attend(q, k, v, start_pos, mask)
@@ -93,4 +92,4 @@ class CausalSelfAttention(nn.Module):
                 q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
                 enable_gqa=self.n_kv_head != self.n_head,
             )
-        return self.proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
+        return self.proj(rearrange(y, "b h t d -> b t (h d)"))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 
 
 class ThoughtKVCache:
@@ -80,13 +81,13 @@ class ThoughtKVCache:
     def _attend_prefix_and_own_chain(self, q: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Attention output (B, H, P, D) of a thought pass's queries q (B, H, P, D): chain p's queries read
         the T prefix keys and chain p's own keys of every thought pass so far."""
-        T, P = self.seq_len, self.n_chains
+        T = self.seq_len
         prefix_k, prefix_v = self.prefix                                                # (B, Hkv, T, D)
         chain_k, chain_v = self.chain                                                   # (B, Hkv, P, j, D)
-        B, H, _, D = q.shape
+        D = q.size(-1)
         Hkv, j = chain_k.size(1), chain_k.size(3)
-        G = H // Hkv  # query heads per key/value head
-        q = q.reshape(B, Hkv, G, P, D)
+        G = q.size(1) // Hkv  # query heads per key/value head
+        q = rearrange(q, "b (hkv g) p d -> b hkv g p d", hkv=Hkv)
 
         # Every chain reads the same prefix keys: one matmul, the prefix broadcast over the G query heads.
         prefix_scores = q @ prefix_k.unsqueeze(2).transpose(-1, -2)                    # (B, Hkv, G, P, T)
@@ -99,7 +100,7 @@ class ThoughtKVCache:
         prefix_probs, own_probs = probs[..., :T], probs[..., T:]
         y_prefix = prefix_probs @ prefix_v.unsqueeze(2)                                 # (B, Hkv, G, P, D)
         y_own = (own_probs.transpose(2, 3) @ chain_v).transpose(2, 3)                   # (B, Hkv, G, P, D)
-        return (y_prefix + y_own).reshape(B, H, P, D)
+        return rearrange(y_prefix + y_own, "b hkv g p d -> b (hkv g) p d")
 
     def _keep(self, mask: torch.Tensor, j: int, Hkv: int, G: int) -> torch.Tensor:
         """Which of the P x (T + j) scores of the compact layout the thought mask (P, T + jP), or
