@@ -4,6 +4,8 @@ tiny shape."""
 
 from __future__ import annotations
 
+import copy
+import pickle
 import platform
 import subprocess
 import sys
@@ -119,6 +121,32 @@ def test_activation_checkpointing_keeps_names_types_and_gradients(policy, mod):
     assert types == [type(b) for b in Transformer(config).blocks]
     for k, g in grads["none"].items():
         torch.testing.assert_close(grads[policy][k], g, msg=lambda m: f"{k}: {m}")
+
+
+@pytest.mark.parametrize("recompute", ["block", "selective", "mlp"])
+def test_a_copy_of_a_checkpointed_model_computes_with_its_own_weights(recompute):
+    """copy.deepcopy (a frozen reference model, an EMA teacher) and pickling (torch.save of the model) of a model whose
+    blocks or MLPs recompute in backward: the copy runs its own weights and gradients reach them, not the original's."""
+    config = ModelConfig.from_name("micro", n_layer=4, mod_capacity=0.5)
+    torch.manual_seed(0)
+    model = Transformer(config)
+    if recompute == "mlp":
+        recompute_mlps(model)
+    else:
+        apply_activation_checkpointing(model, recompute)
+    x = torch.randint(0, config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    for copy_of in (copy.deepcopy, lambda m: pickle.loads(pickle.dumps(m))):
+        copied = copy_of(model)
+        with torch.no_grad():
+            for block in copied.blocks:
+                block.mlp.down.weight.mul_(2)
+        fresh = Transformer(config)
+        fresh.load_state_dict(copied.state_dict())
+        got = copied(x)
+        torch.testing.assert_close(got, fresh(x))
+        got.logsumexp(-1).mean().backward()
+        assert all(p.grad is None for p in model.parameters())
+        assert all(block.mlp.down.weight.grad is not None for block in copied.blocks)
 
 
 def test_checkpointed_blocks_compile_to_one_graph_that_still_recomputes(monkeypatch):

@@ -9,6 +9,7 @@ nothing of this; none of it changes parameter names or module types, so checkpoi
 from __future__ import annotations
 
 from functools import partial
+from types import MethodType
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Literal
 
@@ -42,17 +43,20 @@ def _selective_policy(ctx: Any, op: Any, *args: Any, **kwargs: Any) -> Checkpoin
     return CheckpointPolicy.MUST_SAVE if op in _SAVED_OPS else CheckpointPolicy.PREFER_RECOMPUTE
 
 
-def checkpointed(forward: Callable[..., Any], **options: Any) -> Callable[..., Any]:
-    """`forward`, its activations recomputed in backward (non-reentrant `torch.utils.checkpoint`,
-    `options` passed on). A closure, not `functools.partial(checkpoint, forward)`: a compiled module
-    whose forward is that partial starts in `checkpoint`'s own frame, which dynamo skips (nothing is
-    compiled), and a partial reached as a module attribute is guarded by identity (one graph per
-    layer). This function's frame is traced once and shared by every layer."""
+def checkpointed(module: nn.Module, **options: Any) -> Callable[..., Any]:
+    """`module`'s own forward (its class's), its activations recomputed in backward (non-reentrant
+    `torch.utils.checkpoint`, `options` passed on), to be set as `module.forward`. A method bound to `module`, so a
+    copy of the module (`copy.deepcopy`: a reference model, an EMA teacher) is bound to the copy and runs the copy's
+    weights, not the original's (a pickled copy runs its class's forward, without recomputation). Not
+    `functools.partial(checkpoint, forward)`: a compiled module whose forward is that partial starts in `checkpoint`'s
+    own frame, which dynamo skips (nothing is compiled), and a partial or callable object reached as a module
+    attribute is guarded by identity (one graph per layer). This function's frame is traced once and shared by
+    every layer."""
 
-    def run(*args: Any, **kwargs: Any) -> Any:
-        return checkpoint(forward, *args, use_reentrant=False, **options, **kwargs)
+    def forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        return checkpoint(type(self).forward, self, *args, use_reentrant=False, **options, **kwargs)
 
-    return run
+    return MethodType(forward, module)
 
 
 def apply_activation_checkpointing(model: Transformer, policy: ActivationCheckpointing) -> None:
@@ -67,7 +71,7 @@ def apply_activation_checkpointing(model: Transformer, policy: ActivationCheckpo
         options: dict[str, Any] = {}
         if policy == "selective":
             options["context_fn"] = partial(create_selective_checkpoint_contexts, _selective_policy)
-        block.forward = checkpointed(block.forward, **options)
+        block.forward = checkpointed(block, **options)
 
 
 def apply_compile(model: Transformer) -> None:

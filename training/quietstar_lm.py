@@ -289,7 +289,7 @@ def recompute_mlps(lm: Transformer) -> None:
     Quiet-STaR's thought passes it appends to a KV cache, a side effect that must happen once."""
     for block in lm.blocks:
         # An instance attribute shadows the class's forward, so state-dict keys stay as they are.
-        block.mlp.forward = checkpointed(block.mlp.forward)
+        block.mlp.forward = checkpointed(block.mlp)
 
 
 def thought_stats(out: ThoughtOutput) -> dict[str, torch.Tensor]:
