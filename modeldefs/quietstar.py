@@ -190,7 +190,8 @@ class QuietStar(nn.Module):
                           generator: torch.Generator | None = None,
                           positions: torch.Tensor | None = None) -> torch.Tensor:
         """Inference logits (B, T, V) at every position: after a thought at that position (sampled at
-        eval_thought_temperature, greedy by default) mixed by the head, or with think=False the plain LM's.
+        eval_thought_temperature, greedy by default) mixed by the head, or with think=False the plain LM's. A
+        Mixture-of-Depths model routes by its causal rule either way, in train mode too.
 
         positions: (P,) only these positions (logits (B, P, V)); a thought at t reads tokens <= t only,
         so this equals the full result at those positions and skips the other thoughts' compute.
@@ -198,7 +199,10 @@ class QuietStar(nn.Module):
         if positions is None:
             positions = torch.arange(input_ids.size(1), device=input_ids.device)
         if not think:
-            return self.lm.lm_head(self.lm.hidden(self.lm.embed(input_ids))[:, positions])
+            # Through a KV cache a Mixture-of-Depths model routes by its causal rule in train mode too, as the thought
+            # path does (without one, train mode would route by top-k, which looks ahead)
+            cache = self.lm.make_kv_cache(*input_ids.shape) if self.lm.routed_blocks else None
+            return self.lm.lm_head(self.lm.hidden(self.lm.embed(input_ids), kv_cache=cache)[:, positions])
         no_talk = input_ids.new_empty(input_ids.size(0), positions.numel(), 0)
         h0, h_thought, _, _ = self.think(input_ids, positions, no_talk, self.thought_config.eval_thought_temperature,
                                          generator)

@@ -303,6 +303,17 @@ def test_mod_model_thinks_trains_and_routes_by_its_causal_rule():
     assert model.start_thought.grad.abs().sum() > 0 and model.mixing_head.net[0].weight.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("think", [True, False])
+def test_inference_logits_of_a_mod_model_route_by_its_causal_rule_in_train_mode_too(think):
+    """`load_pretrained` returns train mode; `next_token_logits` is inference, with and without thoughts alike:
+    the causal rule, never training's top-k (which looks ahead)."""
+    model = make_model(mod_capacity=0.5)
+    with torch.no_grad():
+        trained = model.train().next_token_logits(ids(), think=think)
+        deployed = model.eval().next_token_logits(ids(), think=think)
+    torch.testing.assert_close(trained, deployed)
+
+
 def test_mod_thought_pass_that_no_row_routes_skips_the_block_and_still_runs():
     model = make_model(mod_capacity=0.5)
     (block,) = model.lm.routed_blocks.values()
