@@ -31,6 +31,12 @@ class EvalModel:
     dtype: torch.dtype
     source: str
 
+    def __post_init__(self) -> None:
+        if self.lm.training and self.lm.routed_blocks:
+            raise ValueError(f"EvalModel of {self.source}: the Mixture-of-Depths model is in train mode, where its routed "
+                             "layers pick training's top-k, which looks ahead at the tokens scored; call .eval() on "
+                             "it first (load_eval_model does)")
+
     @property
     def lm(self) -> Transformer:
         """The plain language model: the model itself, or the LM a Quiet-STaR wrapper thinks with."""

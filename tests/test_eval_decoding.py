@@ -199,6 +199,15 @@ def test_answer_confidence_averages_the_margins_of_the_tokens_overlapping_the_an
     assert answer_confidence(model, tokens, margins, None) == 0.0
 
 
+def test_a_mixture_of_depths_model_in_train_mode_is_refused():
+    """A model fresh from training (or `load_pretrained`) is in train mode, where routed layers pick top-k, which
+    looks ahead: its scores and completions would not be the causal rule's."""
+    net = Transformer(ModelConfig.from_name("micro", n_layer=4, mod_capacity=0.5))
+    with pytest.raises(ValueError, match=r"EvalModel of mine: the Mixture-of-Depths model is in train mode.*\.eval\(\)"):
+        EvalModel(net, ByteTokenizer(), torch.device("cpu"), torch.float32, "mine")
+    EvalModel(net.eval(), ByteTokenizer(), torch.device("cpu"), torch.float32, "mine")
+
+
 def test_completions_drop_special_tokens_as_lm_eval_does(smollm2_tokenizer):
     """lm-eval's `hf` backend decodes a completion with skip_special_tokens, then cuts it at the stops: a
     special token inside the answer must not split the number that flexible-extract reads, and CoT's
