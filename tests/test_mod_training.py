@@ -16,6 +16,7 @@ from training.cli import main
 from training.errors import ConfigError
 from training.lm import CausalLM
 from training.routing import routing_losses
+from training.quietstar_lm import QuietStarLM
 
 pytestmark = requires_smollm2
 
@@ -171,3 +172,11 @@ def test_every_parameter_adamw_holds_gets_a_gradient_when_routers_have_neither_s
     routed.configure_model()
     assert routed.model.blocks[1].router.weight.requires_grad
 
+
+@pytest.mark.parametrize("module", [CausalLM, QuietStarLM])
+def test_init_from_alone_in_python_names_the_default_model_it_conflicts_with(module):
+    """`model` defaults to 'tiny', so `CausalLM(init_from=...)` sets both: the error says so and gives the fix, not
+    "not both" to a caller who set one."""
+    with pytest.raises(ConfigError, match=r"model='tiny' \(random init; the default is 'tiny'\) and init_from='x.gguf': "
+                                          r"set one of them, .*\(in Python: model=None\)"):
+        module(init_from="x.gguf")

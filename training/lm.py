@@ -126,7 +126,8 @@ class CausalLM(L.LightningModule):
         if init_from is None and model is None:
             raise ConfigError("set model.init_args.model (a named config) or model.init_args.init_from")
         if init_from is not None and model is not None:
-            raise ConfigError("set either model.init_args.model (random init) or model.init_args.init_from, not both")
+            raise ConfigError(f"model={model!r} (random init; the default is 'tiny') and init_from={init_from!r}: set "
+                              "one of them, model.init_args.model: null with init_from (in Python: model=None)")
         if finite_check_interval < 1:
             raise ConfigError(f"model.init_args.finite_check_interval={finite_check_interval} must be >= 1 "
                               "(switch the check off with check_finite_loss: false)")
