@@ -6,6 +6,7 @@ The accelerator is stood in for by the meta device (this machine has none): Ligh
 
 from __future__ import annotations
 
+import lightning as L
 import pytest
 import torch
 import torch.distributed as dist
@@ -67,3 +68,17 @@ def test_cpu_offload_on_an_accelerator_names_the_strategy_and_backend_to_set(pro
     monkeypatch.setattr(dist, "get_backend_config", lambda: "cuda:nccl")
     with pytest.raises(ConfigError, match='process_group_backend: "cuda:nccl,cpu:gloo"'):
         check_cpu_offload(FSDP2Strategy())
+
+
+def test_fsdp2_strategy_sets_the_lightning_modules_device_it_leaves_unmoved(process_group, monkeypatch):
+    """`LightningModule.device` is set by its `.to()`, which FSDP2Strategy skips: it still names the accelerator
+    that the batches go to (where `self.log` puts numbers, and a `sync_dist` reduces them), not the CPU."""
+    on_accelerator(monkeypatch, FSDP2Strategy, "meta")
+    module = L.LightningModule()
+    module.model = offloaded_model(process_group)
+    fully_shard(module, mesh=process_group, offload_policy=CPUOffloadPolicy(pin_memory=False))
+    strategy = FSDP2Strategy()
+    strategy.model = module
+    strategy.model_to_device()
+    assert module.device == torch.device("meta")
+    assert {p.device.type for p in module.parameters()} == {"cpu"}

@@ -9,6 +9,7 @@ them (its first forward refuses shards found on the accelerator).
 from __future__ import annotations
 
 import torch.distributed as dist
+from lightning.fabric.utilities.device_dtype_mixin import _update_properties
 from lightning.pytorch.strategies import ModelParallelStrategy, Strategy
 from torch.distributed.fsdp import FSDPModule
 
@@ -21,6 +22,8 @@ class FSDP2Strategy(ModelParallelStrategy):
 
     def model_to_device(self) -> None:
         if isinstance(self.model, FSDPModule):
+            # What the skipped `.to()` would have set: `LightningModule.device`, where `self.log` puts numbers
+            _update_properties(self.model, device=self.root_device)
             return
         super().model_to_device()
 
