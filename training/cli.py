@@ -261,9 +261,13 @@ def _check_mesh(trainer: L.Trainer) -> None:
     tp = trainer.num_devices if tp == "auto" else tp
     processes = trainer.num_devices * trainer.num_nodes
     if dp * tp != processes:
+        # quietdepth shards with FSDP only (data_parallel_mesh refuses tensor parallelism)
+        fix = (f"set data_parallel_size to {processes}" if tp == 1
+               else f"set tensor_parallel_size to 1 and data_parallel_size to {processes} (quietdepth shards with FSDP "
+                    "only)")
         raise ConfigError(f"trainer.strategy.init_args.data_parallel_size {dp} x tensor_parallel_size {tp} must equal "
                           f"the number of processes, trainer.devices {trainer.num_devices} x trainer.num_nodes "
-                          f"{trainer.num_nodes}: set data_parallel_size to {processes // tp if tp else processes}")
+                          f"{trainer.num_nodes}: {fix}")
 
 
 def _weights_only(kwargs: dict[str, Any]) -> dict[str, Any]:
