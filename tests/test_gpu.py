@@ -11,6 +11,7 @@ import lightning as L
 import pytest
 import torch
 import yaml
+from torch.distributed.fsdp import FSDPModule
 
 from modeldefs import ModelConfig, Transformer
 from modeldefs.generate import generate
@@ -67,8 +68,12 @@ def test_fsdp2_cpu_offload_on_one_gpu_trains_with_the_shards_in_host_memory(tmp_
                "--trainer.strategy.init_args.process_group_backend", "cuda:nccl,cpu:gloo",
                "--trainer.strategy.init_args.save_distributed_checkpoint", "false",
                "--model.init_args.fsdp_cpu_offload", "true", "--model.init_args.compile", "false"])
+    for module in cli.model.modules():  # the root and last block keep their gathered parameters until resharded
+        if isinstance(module, FSDPModule):
+            module.reshard()
     assert {p.device.type for p in cli.model.parameters()} == {"cpu"}
     assert {b.device.type for b in cli.model.buffers()} == {"cuda"}
+    assert cli.model.device.type == "cuda"
     (metrics,) = Path("runs/smoke/csv").glob("version_*/metrics.csv")
     losses = [float(r["train/loss"]) for r in csv.DictReader(metrics.open()) if r.get("train/loss")]
     assert all(math.isfinite(x) for x in losses) and losses[-1] < losses[0]

@@ -1,9 +1,8 @@
-"""`FSDP2Strategy`: Lightning's `ModelParallelStrategy`, leaving a model where FSDP2's `fully_shard` placed it.
+"""`FSDP2Strategy`: Lightning's `ModelParallelStrategy`, for FSDP2's CPU offload on an accelerator.
 
-Needed for FSDP2's CPU offload on an accelerator. After `configure_model`, Lightning moves the whole
-model to the accelerator, but `fully_shard` has already placed every parameter and buffer: on the
-accelerator or, under `CPUOffloadPolicy`, the parameter shards in pinned host memory, where FSDP2 requires
-them (its first forward refuses shards found on the accelerator).
+After `configure_model`, Lightning moves the whole model to the accelerator. `fully_shard` has already
+placed every parameter and buffer there, except, under `CPUOffloadPolicy`, the parameter shards it keeps in
+pinned host memory, where FSDP2 requires them (its first forward refuses shards found on the accelerator).
 """
 
 from __future__ import annotations
@@ -17,15 +16,17 @@ from training.errors import ConfigError
 
 
 class FSDP2Strategy(ModelParallelStrategy):
-    """`ModelParallelStrategy` that does not move an FSDP2-sharded model after `configure_model`: `fully_shard`
-    moved its buffers and parameters to the accelerator already, except the shards it keeps in host memory."""
+    """`ModelParallelStrategy` that leaves the parameter shards FSDP2 keeps in host memory (`CPUOffloadPolicy`)
+    there after `configure_model`; any other model moves to the accelerator as Lightning moves it."""
 
     def model_to_device(self) -> None:
-        if isinstance(self.model, FSDPModule):
-            # What the skipped `.to()` would have set: `LightningModule.device`, where `self.log` puts numbers
-            _update_properties(self.model, device=self.root_device)
+        offloaded = isinstance(self.model, FSDPModule) and any(p.device.type == "cpu" for p in self.model.parameters())
+        if not offloaded or self.root_device.type == "cpu":
+            super().model_to_device()
             return
-        super().model_to_device()
+        # `fully_shard` put the buffers on the accelerator already. Set what the skipped `.to()` would have:
+        # `LightningModule.device`, where `self.log` puts numbers.
+        _update_properties(self.model, device=self.root_device)
 
 
 def check_cpu_offload(strategy: Strategy) -> None:
