@@ -405,12 +405,14 @@ def generate_thoughts(model: EvalModel, prompts: Sequence[Sequence[int]], max_ne
 
 
 def decode_completions(model: EvalModel, prompts: Sequence[Sequence[int]], config: DecodingConfig,
-                       stop: Sequence[str], answer_span: AnswerSpan, progress: bool = False) -> tuple[list[str], int]:
+                       stop: Sequence[str], answer_span: AnswerSpan, progress: bool = False,
+                       normalize: Callable[[str], str] = str.strip) -> tuple[list[str], int]:
     """(completions cut at the first stop string, tokens generated) under `config`'s variant;
-    `answer_span` locates the answer for CoT-decoding's confidence."""
+    `answer_span` locates the answer for CoT-decoding's confidence, and `normalize` makes the answers
+    that CoT-decoding's aggregation counts as one (the task's exact-match normalisation)."""
     if config.variant == "cot":
         results = cot_decode(model, prompts, config.max_new_tokens, stop, answer_span, k=config.cot_k,
-                             aggregate=config.cot_aggregate, batch_size=config.batch_size,
+                             aggregate=config.cot_aggregate, batch_size=config.batch_size, normalize=normalize,
                              progress=progress, prefill_chunk=config.prefill_chunk)
         return [r.text for r in results], sum(r.generated_tokens for r in results)
     generate_variant = generate_thoughts_tokens if config.variant == "thoughts" else generate_tokens

@@ -134,7 +134,8 @@ def evaluate(model: EvalModel, rows: list[dict[str, str]], train: list[dict[str,
                for q, examples in zip(questions, draws)]
     with timed() as clock:
         completions, generated = decode_completions(model, [model.encode(p) for p in prompts], decoding,
-                                                    list(STOP_SEQUENCES), flexible_span, progress=progress)
+                                                    list(STOP_SEQUENCES), flexible_span, progress=progress,
+                                                    normalize=normalize)
     strict = [extract_strict(c) for c in completions]
     flexible = [extract_flexible(c) for c in completions]
     scores = {

@@ -237,6 +237,37 @@ def test_cot_aggregation_sums_confidence_per_answer():
     assert isinstance(chosen, CotResult) and chosen.text == "z= 2" and chosen.confidence == pytest.approx(0.7)
 
 
+def bigram_model(successors: dict[str, dict[str, float]]) -> EvalModel:
+    """A `micro`-shaped model whose next token depends on the newest byte alone: logits
+    `successors[byte][next]` (0 elsewhere, so an unlisted byte is followed by id 0, the EOS). Its blocks
+    add nothing (zero output projections) and its hidden state is the newest byte's one-hot."""
+    torch.manual_seed(0)
+    net = Transformer(ModelConfig.from_name("micro", n_embd=256)).eval()
+    with torch.no_grad():
+        net.embed.weight.copy_(torch.eye(256))
+        net.norm.weight.fill_(1 / 16)  # RMSNorm of a one-hot in 256 dimensions is 16 times it
+        net.lm_head.weight.zero_()
+        for block in net.blocks:
+            block.attn.proj.weight.zero_()
+            block.mlp.down.weight.zero_()
+        for byte, logits in successors.items():
+            for following, logit in logits.items():
+                net.lm_head.weight[ord(following), ord(byte)] = logit
+    return EvalModel(net, ByteTokenizer(), torch.device("cpu"), torch.float32, "micro-bigram")
+
+
+def test_gsm8k_cot_aggregation_counts_answers_equal_under_exact_match_as_one():
+    """Branches "$7." and "7." state the answer 7 (GSM8K's exact match drops "$" and a trailing "."), "9" is
+    the single most confident branch: aggregated, 7's summed confidence wins."""
+    model = bigram_model({":": {"$": 8.0, "7": 1.0, "9": 0.9}, "$": {"7": 5.0}, "7": {".": 5.0}})
+    config = DecodingConfig(variant="cot", cot_k=3, cot_aggregate=True, max_new_tokens=8)
+    (branches,) = cot_decode(model, [model.encode("Answer:")], 8, [], gsm8k.flexible_span, k=3)
+    assert [(text, round(confidence, 2)) for text, confidence in branches.branches] == [
+        ("$7.", 0.55), ("7.", 0.64), ("9", 0.92)]
+    result = gsm8k.evaluate(model, [{"question": "q", "answer": "#### 7"}], [], config, shots=0, progress=False)
+    assert result.samples[0]["completion"] == "7." and result.metrics[1].value == 1.0
+
+
 def quietstar_model(**overrides) -> EvalModel:
     """A random Quiet-STaR model over a `micro` LM (dense, or Mixture-of-Depths with overrides)."""
     from modeldefs.quietstar import QuietStar, ThoughtConfig
