@@ -25,7 +25,7 @@ from evals.scoring import encode_pair, loglikelihood
 HUB_ID = "tau/commonsense_qa"
 LETTERS = ("A", "B", "C", "D", "E")
 GEN_STOP = ("\n\n", "Question:", "</s>", "<|im_end|>")
-_STATED = re.compile(r"\banswer(?: is|:)?\s*\(?([A-E])\b", re.IGNORECASE)
+_STATED = re.compile(r"\b(?i:answer(?: is|:)?)\s*\(?([A-E])\b")  # "Answer is" in any case, the letter a capital
 _LETTER = re.compile(r"\b([A-E])\b")
 
 

@@ -171,6 +171,8 @@ def test_missing_file_and_unlabelled_records_are_clear_errors(tmp_path):
     (" B", "B"), (" The answer is C.", "C"), (" (E) sky", "E"), (" A fridge", "A"), (" I think so", None),
     (" A person would go to the store, so the answer is C.", "C"), (" A shelf holds it. Answer: (D)", "D"),
     (" Answer: B. A bed is soft.", "B"),
+    # a lower-case letter after "answer is" is an article, not a stated answer (and never equals a label A-E)
+    (" The answer is a bank, so B.", "B"), (" the answer is a dog", None),
 ])
 def test_generated_letter_is_the_stated_answer_else_the_first_standalone_a_to_e(completion, letter):
     assert csqa.extract_letter(completion) == letter
