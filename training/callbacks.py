@@ -68,6 +68,10 @@ class TokenThroughput(L.Callback):
         for logger in trainer.loggers:  # on the row of Lightning's own metrics for this step (0-based)
             logger.log_metrics(metrics, step=trainer.global_step - 1)
 
+    _before_validation: dict[str, Any] = {}  # set, never changed in place
+    _validation_metrics: frozenset[str] = frozenset()
+    _warned_unvalidated = False
+
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking:
             _synchronize(trainer)
@@ -153,18 +157,67 @@ class StepCheckpoint(ModelCheckpoint):
     saved after each validation still saves after that step's validation, scored by it),
     through `ModelCheckpoint`'s own save path (its private helpers, as of Lightning 2.6; the resume test in
     tests/test_resume.py guards the behaviour).
+
+    A checkpoint is scored by the validation of its own weights: with `every_n_train_steps` and a `monitor`,
+    Lightning saved at the end of the step, before that step's validation, so each top-k score was the previous
+    validation's. A periodic save at a step that validation follows is made after it; one at a step without
+    validation, where `monitor` is a validation metric, writes `last.ckpt` only (with a warning), not a top-k
+    entry scored by an older step. tests/test_checkpoint_selection.py guards this.
     """
+
+    _before_validation: dict[str, Any] = {}  # set, never changed in place
+    _validation_metrics: frozenset[str] = frozenset()
+    _warned_unvalidated = False
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._before_validation = dict(trainer.callback_metrics)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # The metrics this validation logged: a monitor among them scores only the weights validated.
+        before = self._before_validation
+        self._validation_metrics = frozenset(k for k, v in trainer.callback_metrics.items() if before.get(k) is not v)
+        super().on_validation_end(trainer, pl_module)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
+        if self._saves_now(trainer, pl_module) and self.monitor in trainer.callback_metrics:
+            if trainer.fit_loop.epoch_loop._should_check_val_fx(trainer.fit_loop._data_fetcher):
+                # Validation runs after this step: save then, scored by the validation of these weights.
+                self._defer_save_until_validation = True
+                self._save_final_last(trainer, restore_step=True)
+                return
+            if self.monitor in self._validation_metrics:
+                # The monitor's value is an earlier step's validation, not these weights': no top-k entry.
+                if not self._warned_unvalidated:
+                    self._warned_unvalidated = True
+                    rank_zero_warn(f"StepCheckpoint(monitor={self.monitor!r}): step {trainer.global_step} has no "
+                                   f"validation, so its checkpoint (and those of later steps like it) is not a top-k "
+                                   f"candidate (it would be scored by an earlier step's {self.monitor}); set "
+                                   f"every_n_train_steps to a multiple of trainer.val_check_interval, or leave it out "
+                                   f"to save after each validation")
+                if self.save_last == "link":  # the newest checkpoint is an older step's: write last.ckpt itself
+                    self._last_checkpoint_saved = ""
+                self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+                return
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        self._save_final_last(trainer, restore_step=self._every_n_epochs >= 1
+                              and not self._should_save_on_train_epoch_end(trainer))
+
+    def _saves_now(self, trainer: L.Trainer, pl_module: L.LightningModule) -> bool:
+        """Whether `every_n_train_steps` saves at the step this batch ended (automatic optimization)."""
+        return (pl_module.automatic_optimization and self._every_n_train_steps >= 1 and not self._defer_save_until_validation
+                and trainer.global_step % self._every_n_train_steps == 0
+                and not self._should_skip_saving_checkpoint(trainer))
+
+    def _save_final_last(self, trainer: L.Trainer, restore_step: bool) -> None:
+        """`last.ckpt` at the step `trainer.max_steps` ends the run; `restore_step`: a save after that step's
+        validation (scored by it) still runs."""
         if self.save_last and trainer.global_step == trainer.max_steps and not self._should_skip_saving_checkpoint(trainer):
             if self.save_last == "link":  # no checkpoint holds this step for a link: write last.ckpt itself
                 self._last_checkpoint_saved = ""
             saved_before = self._last_global_step_saved
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
-            if self._every_n_epochs >= 1 and not self._should_save_on_train_epoch_end(trainer):
-                # This callback saves its top-k after each validation: one at this step still saves (scored by it).
+            if restore_step:
                 self._last_global_step_saved = saved_before
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
