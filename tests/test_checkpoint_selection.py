@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 
 import lightning as L
@@ -9,7 +10,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from training.callbacks import StepCheckpoint
+from training.callbacks import RunSummary, StepCheckpoint
 
 
 class Regression(L.LightningModule):
@@ -75,3 +76,44 @@ def test_a_periodic_checkpoint_without_validation_is_not_a_top_k_candidate(tmp_p
                                every_n_train_steps=2, save_last=True)
     assert scores(callback) == pytest.approx(module.validated) and sorted(module.validated) == [4, 8]
 
+
+def test_the_run_summary_names_the_newest_checkpoint_as_latest_without_save_last(tmp_path, capsys):
+    """With save_last false and a monitor, the summary's "latest:" (and its quietdepth-generate line) named the
+    best checkpoint, here the first (mode max on a falling loss), not the newest."""
+    torch.manual_seed(0)
+    callback = StepCheckpoint(dirpath=tmp_path / "checkpoints", monitor="val/loss", mode="max", save_top_k=-1,
+                              save_last=False)
+    trainer = L.Trainer(max_steps=6, val_check_interval=2, check_val_every_n_epoch=None,
+                        callbacks=[callback, RunSummary()], logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, num_sanity_val_steps=0, default_root_dir=tmp_path)
+    trainer.fit(Regression(), loader(1), loader(2))
+    assert Path(callback.best_model_path).name == "epoch=0-step=2.ckpt"
+    assert "(latest: epoch=0-step=6.ckpt)" in capsys.readouterr().out
+
+
+class CtrlCAtStep5(L.Callback):
+    """Ctrl-C as Lightning sees it, once the run has taken 5 steps."""
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == 5:
+            raise KeyboardInterrupt
+
+
+def test_ctrl_c_without_save_last_says_to_resume_from_the_newest_checkpoint(tmp_path, capsys):
+    """The interrupted run's resume line named the best checkpoint (step 2), older than the newest (step 4)."""
+    torch.manual_seed(0)
+    callback = StepCheckpoint(dirpath=tmp_path / "checkpoints", monitor="val/loss", mode="max", save_top_k=-1,
+                              save_last=False)
+    trainer = L.Trainer(max_steps=8, val_check_interval=2, check_val_every_n_epoch=None,
+                        callbacks=[callback, RunSummary(), CtrlCAtStep5()], logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, num_sanity_val_steps=0, default_root_dir=tmp_path)
+    handler = signal.getsignal(signal.SIGINT)
+    try:
+        with pytest.raises(SystemExit):  # Lightning exits with status 1 after its graceful shutdown
+            trainer.fit(Regression(), loader(1), loader(2))
+    finally:
+        signal.signal(signal.SIGINT, handler)  # which Lightning set to ignore Ctrl-C for the rest of the process
+    newest = tmp_path / "checkpoints" / "epoch=0-step=4.ckpt"
+    assert Path(callback.best_model_path).name == "epoch=0-step=2.ckpt"
+    assert f"resume: the same command with --ckpt_path {newest}   (continues from {newest}, step 4)" in \
+        capsys.readouterr().out

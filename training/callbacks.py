@@ -322,7 +322,9 @@ class RunSummary(L.Callback):
         lines += [f"{k}: {v:.4g}" for k, v in sorted(metrics.items())]
         for cb in trainer.checkpoint_callbacks:
             if isinstance(cb, ModelCheckpoint) and cb.dirpath:
-                last = cb.last_model_path or cb.best_model_path
+                newest = _newest([Path(path) for path in (cb.last_model_path, cb.best_model_path, *cb.best_k_models)
+                                  if path])
+                last = str(newest) if newest else ""
                 lines.append(f"checkpoints: {cb.dirpath}" + (f"   (latest: {Path(last).name})" if last else ""))
                 if last:
                     lines.append(f"try it: quietdepth-generate --model {shlex.quote(last)} --prompt 'Once upon a time'")
@@ -345,15 +347,19 @@ def _resume_lines(trainer: L.Trainer) -> list[str]:
     """How to go on from the newest checkpoint on disk, which the interrupt left as it was: this run's, or the
     last checkpoint that `--ckpt_path last` finds in its folder (an interrupt before a resumed run has restored
     its checkpoint, or saved one, leaves the checkpoint callbacks knowing of none)."""
-    saved = [Path(path) for cb in trainer.checkpoint_callbacks if isinstance(cb, ModelCheckpoint)
-             for path in (cb.last_model_path, cb.best_model_path, *cb._find_last_checkpoints(trainer))
-             if path and Path(path).exists()]
-    if not saved:
+    newest = _newest([Path(path) for cb in trainer.checkpoint_callbacks if isinstance(cb, ModelCheckpoint)
+                      for path in (cb.last_model_path, cb.best_model_path, *cb.best_k_models,
+                                   *cb._find_last_checkpoints(trainer)) if path])
+    if newest is None:
         return ["no checkpoint written yet: rerunning the command starts from step 0"]
-    newest = max(saved, key=lambda path: path.stat().st_mtime)
     ckpt_path = "last" if newest.name.startswith(ModelCheckpoint.CHECKPOINT_NAME_LAST) else shlex.quote(str(newest))
     return [f"resume: the same command with --ckpt_path {ckpt_path}   (continues from {newest}, step "
             f"{checkpoint_step(newest)})"]
+
+
+def _newest(paths: list[Path]) -> Path | None:
+    """The most recently written of `paths` that exist (a top-k other than the best can be the newest)."""
+    return max((path for path in paths if path.exists()), key=lambda path: path.stat().st_mtime, default=None)
 
 
 def checkpoint_step(path: Path) -> int:
