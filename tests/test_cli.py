@@ -353,6 +353,21 @@ def test_resuming_a_checkpoint_saved_at_the_last_step_of_its_final_epoch_is_refu
 
 
 @requires_smollm2  # loads the smoke config's SmolLM2 tokenizer
+def test_validate_with_ckpt_path_best_is_refused_naming_the_runs_best_checkpoint(in_tmp, gsm8k_train):
+    """Lightning's "best" is the best of a fit earlier in the same process: a new command stopped with a traceback
+    saying that ModelCheckpoint "is not configured to save the best model", though it was."""
+    settings = yaml.safe_load(Path(SMOKE).read_text())
+    settings["trainer"]["callbacks"][0]["init_args"].update(every_n_train_steps=3, monitor="val/loss", save_top_k=1)
+    config = in_tmp / "smoke.yaml"
+    config.write_text(yaml.safe_dump(settings))
+    fitted = run(["fit", *smoke_args(gsm8k_train, config=str(config))])
+    best = fitted.trainer.checkpoint_callback.best_model_path
+    with pytest.raises(ConfigError, match=rf"^--ckpt_path best means .* `quietdepth validate` has not run: give "
+                                          rf"--ckpt_path {best} \(the best by val/loss, as .*last.ckpt records it\)$"):
+        run(["validate", *smoke_args(gsm8k_train, "--ckpt_path", "best", config=str(config))])
+
+
+@requires_smollm2  # loads the smoke config's SmolLM2 tokenizer
 def test_a_resumed_run_does_not_warn_that_its_checkpoint_folder_is_not_empty(in_tmp, gsm8k_train, recwarn):
     """It holds the checkpoint the run resumes; Lightning's ModelCheckpoint warned on every `--ckpt_path last`."""
     args = ["fit", *smoke_args(gsm8k_train, "--trainer.limit_val_batches", "0", steps=2)]

@@ -173,14 +173,34 @@ class QuietDepthCLI(LightningCLI):
         ckpt = self.config_init[self.subcommand].get("ckpt_path")
         if ckpt is None:
             return []
+        if ckpt == "best":
+            self._refuse_best()
         if ckpt == "last":
-            for callback in self.trainer.checkpoint_callbacks:  # before Lightning looks for the newest last*.ckpt
-                if isinstance(callback, ModelCheckpoint) and callback.dirpath and Path(callback.dirpath).is_dir():
-                    finish_interrupted_moves(Path(callback.dirpath))
-            found = [Path(p) for cb in self.trainer.checkpoint_callbacks if isinstance(cb, ModelCheckpoint)
-                     for p in cb._find_last_checkpoints(self.trainer)]
-            return [max(found, key=lambda p: p.stat().st_mtime)] if found else []
+            last = self._newest_last()
+            return [last] if last else []
         return [Path(ckpt)]
+
+    def _newest_last(self) -> Path | None:
+        """The newest `last*.ckpt` of the checkpoint callbacks, after putting back one a crash left mid-move."""
+        for callback in self.trainer.checkpoint_callbacks:  # before Lightning looks for the newest last*.ckpt
+            if isinstance(callback, ModelCheckpoint) and callback.dirpath and Path(callback.dirpath).is_dir():
+                finish_interrupted_moves(Path(callback.dirpath))
+        found = [Path(p) for cb in self.trainer.checkpoint_callbacks if isinstance(cb, ModelCheckpoint)
+                 for p in cb._find_last_checkpoints(self.trainer)]
+        return max(found, key=lambda p: p.stat().st_mtime) if found else None
+
+    def _refuse_best(self) -> None:
+        """`--ckpt_path best` is Lightning's best checkpoint of a fit earlier in this process, which a command never
+        has: Lightning stopped with a traceback saying ModelCheckpoint "is not configured to save the best model".
+        Refuse it, naming the run's best checkpoint as its newest `last*.ckpt` records it."""
+        last = self._newest_last()
+        states = (self._metadata(last).get("callbacks") or {}).values() if last else []
+        scored = next((state for state in states if isinstance(state, dict) and state.get("monitor")
+                       and state.get("best_model_path")), None)
+        instead = (f"--ckpt_path {scored['best_model_path']} (the best by {scored['monitor']}, as {last} records it)"
+                   if scored else "a checkpoint's path, or --ckpt_path last")
+        raise ConfigError(f"--ckpt_path best means the best checkpoint of a fit earlier in the same process, which "
+                          f"`quietdepth {self.subcommand}` has not run: give {instead}")
 
     def _check_ckpt_path(self, paths: list[Path]) -> None:
         """Refuse, before the run starts, a --ckpt_path that is no checkpoint (a folder without a distributed
