@@ -79,7 +79,10 @@ def load_hf_model(source: str) -> torch.nn.Module:
 
     path, kwargs = _from_pretrained_args(source)
     if os.path.isdir(path) and not kwargs and not os.path.isfile(os.path.join(path, "config.json")):
-        raise FileNotFoundError(f"{source} is a directory without config.json; not an HF model directory")
+        saved = list(Path(path).glob("*.ckpt"))  # a run's checkpoint folder: name its newest checkpoint to give
+        newest = max(saved, key=lambda ckpt: ckpt.stat().st_mtime, default=None)
+        hint = f": it holds quietdepth checkpoints, give one of them, e.g. the newest, {newest}" if newest else ""
+        raise FileNotFoundError(f"{source} is a directory without config.json; not an HF model directory{hint}")
     try:
         return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **kwargs)
     except OSError as error:

@@ -58,6 +58,18 @@ def test_a_checkpoint_loads_bit_for_bit_without_a_random_init(tiny_checkpoint):
     assert loaded.lm_head.weight is loaded.embed.weight
 
 
+def test_a_runs_checkpoint_folder_given_as_the_model_names_its_newest_checkpoint(tmp_path):
+    """quietdepth-export/-eval/-generate of runs/<run>/checkpoints said only 'not an HF model directory'."""
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+    for name in ("epoch=0-step=2.ckpt", "last.ckpt"):
+        (folder / name).touch()
+    os.utime(folder / "epoch=0-step=2.ckpt", (0, 0))
+    with pytest.raises(FileNotFoundError, match=rf"not an HF model directory: it holds quietdepth checkpoints, give "
+                                                rf"one of them, e\.g\. the newest, {folder / 'last.ckpt'}$"):
+        load_pretrained(str(folder))
+
+
 def test_a_sharded_checkpoint_loads(tmp_path):
     model = sharded_checkpoint(tmp_path / "step=2.ckpt")
     loaded = load_pretrained(str(tmp_path / "step=2.ckpt"))
