@@ -71,11 +71,24 @@ def test_a_periodic_checkpoint_on_a_validation_step_is_scored_by_that_validation
 def test_a_periodic_checkpoint_without_validation_is_not_a_top_k_candidate(tmp_path):
     """Saves between validations (every 2 steps, validation every 4) hold weights no validation has scored: they
     must not enter the top-k under an older step's val/loss; the user is told why and how to align them."""
-    with pytest.warns(UserWarning, match=r"step 6 has no validation.*multiple of trainer\.val_check_interval"):
+    with pytest.warns(UserWarning, match=r"step 2 has no validation.*multiple of trainer\.val_check_interval"):
         module, callback = fit(tmp_path, max_steps=8, val_check_interval=4, monitor="val/loss", save_top_k=-1,
                                every_n_train_steps=2, save_last=True)
     assert scores(callback) == pytest.approx(module.validated) and sorted(module.validated) == [4, 8]
 
+
+
+def test_a_periodic_checkpoint_before_an_epoch_end_validation_is_scored_by_it(tmp_path):
+    """With validation at each epoch's end (16 steps), Lightning's deferral of a save whose metric is not logged yet
+    never ran: step 16's checkpoint was lost and steps 24 and 32 were kept under step 16's val/loss."""
+    torch.manual_seed(0)
+    module, callback = Regression(), StepCheckpoint(dirpath=tmp_path / "checkpoints", monitor="val/loss",
+                                                    save_top_k=-1, every_n_train_steps=8, save_last=True)
+    trainer = L.Trainer(max_steps=32, callbacks=[callback], logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, num_sanity_val_steps=0, default_root_dir=tmp_path)
+    with pytest.warns(UserWarning, match=r"step 8 has no validation"):
+        trainer.fit(module, loader(1), loader(2))
+    assert scores(callback) == pytest.approx(module.validated) and sorted(module.validated) == [16, 32]
 
 def test_the_run_summary_names_the_newest_checkpoint_as_latest_without_save_last(tmp_path, capsys):
     """With save_last false and a monitor, the summary's "latest:" (and its quietdepth-generate line) named the

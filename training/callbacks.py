@@ -22,6 +22,7 @@ from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from training.steps import ends_optimizer_step, is_logging_step, starts_optimizer_step
 
@@ -71,6 +72,7 @@ class TokenThroughput(L.Callback):
     _before_validation: dict[str, Any] = {}  # set, never changed in place
     _validation_metrics: frozenset[str] = frozenset()
     _warned_unvalidated = False
+    _save_after_validation = False  # a periodic save waits for the validation that follows its step
 
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking:
@@ -161,13 +163,15 @@ class StepCheckpoint(ModelCheckpoint):
     A checkpoint is scored by the validation of its own weights: with `every_n_train_steps` and a `monitor`,
     Lightning saved at the end of the step, before that step's validation, so each top-k score was the previous
     validation's. A periodic save at a step that validation follows is made after it; one at a step without
-    validation, where `monitor` is a validation metric, writes `last.ckpt` only (with a warning), not a top-k
-    entry scored by an older step. tests/test_checkpoint_selection.py guards this.
+    validation (or before the first) writes `last.ckpt` only (with a warning), not a top-k entry scored by an
+    older step; a `monitor` the validation did not log stops the run there, naming the metrics it did log.
+    tests/test_checkpoint_selection.py guards this.
     """
 
     _before_validation: dict[str, Any] = {}  # set, never changed in place
     _validation_metrics: frozenset[str] = frozenset()
     _warned_unvalidated = False
+    _save_after_validation = False  # a periodic save waits for the validation that follows its step
 
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._before_validation = dict(trainer.callback_metrics)
@@ -176,25 +180,35 @@ class StepCheckpoint(ModelCheckpoint):
         # The metrics this validation logged: a monitor among them scores only the weights validated.
         before = self._before_validation
         self._validation_metrics = frozenset(k for k, v in trainer.callback_metrics.items() if before.get(k) is not v)
+        if self._save_after_validation and self.monitor not in trainer.callback_metrics:
+            raise MisconfigurationException(f"StepCheckpoint(monitor={self.monitor!r}): validation logged no "
+                                            f"{self.monitor!r}; the metrics are {sorted(trainer.callback_metrics)}")
+        if self._save_after_validation and not self._should_skip_saving_checkpoint(trainer):
+            self._save_after_validation = False
+            candidates = self._monitor_candidates(trainer)
+            self._save_topk_checkpoint(trainer, candidates)
+            self._save_last_checkpoint(trainer, candidates)
+            return
         super().on_validation_end(trainer, pl_module)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        if self._saves_now(trainer, pl_module) and self.monitor in trainer.callback_metrics:
+        if self.monitor is not None and self._saves_now(trainer, pl_module):
+            self._defer_save_until_validation = False  # Lightning's deferral, which its epoch-end mode never ran
             if trainer.fit_loop.epoch_loop._should_check_val_fx(trainer.fit_loop._data_fetcher):
                 # Validation runs after this step: save then, scored by the validation of these weights.
-                self._defer_save_until_validation = True
+                self._save_after_validation = True
                 self._save_final_last(trainer, restore_step=True)
                 return
-            if self.monitor in self._validation_metrics:
-                # The monitor's value is an earlier step's validation, not these weights': no top-k entry.
+            if self.monitor not in trainer.callback_metrics or self.monitor in self._validation_metrics:
+                # No validation has scored these weights (the monitor's value, if any, is an earlier step's).
                 if not self._warned_unvalidated:
                     self._warned_unvalidated = True
                     rank_zero_warn(f"StepCheckpoint(monitor={self.monitor!r}): step {trainer.global_step} has no "
                                    f"validation, so its checkpoint (and those of later steps like it) is not a top-k "
-                                   f"candidate (it would be scored by an earlier step's {self.monitor}); set "
-                                   f"every_n_train_steps to a multiple of trainer.val_check_interval, or leave it out "
-                                   f"to save after each validation")
+                                   f"candidate (no validation scored its weights); set every_n_train_steps to a "
+                                   f"multiple of trainer.val_check_interval, or leave it out to save after each "
+                                   f"validation")
                 if self.save_last == "link":  # the newest checkpoint is an older step's: write last.ckpt itself
                     self._last_checkpoint_saved = ""
                 self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
@@ -205,7 +219,7 @@ class StepCheckpoint(ModelCheckpoint):
 
     def _saves_now(self, trainer: L.Trainer, pl_module: L.LightningModule) -> bool:
         """Whether `every_n_train_steps` saves at the step this batch ended (automatic optimization)."""
-        return (pl_module.automatic_optimization and self._every_n_train_steps >= 1 and not self._defer_save_until_validation
+        return (pl_module.automatic_optimization and self._every_n_train_steps >= 1
                 and trainer.global_step % self._every_n_train_steps == 0
                 and not self._should_skip_saving_checkpoint(trainer))
 
