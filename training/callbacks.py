@@ -69,11 +69,6 @@ class TokenThroughput(L.Callback):
         for logger in trainer.loggers:  # on the row of Lightning's own metrics for this step (0-based)
             logger.log_metrics(metrics, step=trainer.global_step - 1)
 
-    _before_validation: dict[str, Any] = {}  # set, never changed in place
-    _validation_metrics: frozenset[str] = frozenset()
-    _warned_unvalidated = False
-    _save_after_validation = False  # a periodic save waits for the validation that follows its step
-
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking:
             _synchronize(trainer)
