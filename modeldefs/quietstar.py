@@ -199,9 +199,9 @@ class QuietStar(nn.Module):
         if positions is None:
             positions = torch.arange(input_ids.size(1), device=input_ids.device)
         if not think:
-            # Through a KV cache a Mixture-of-Depths model routes by its causal rule in train mode too, as the thought
-            # path does (without one, train mode would route by top-k, which looks ahead)
-            cache = self.lm.make_kv_cache(*input_ids.shape) if self.lm.routed_blocks else None
+            # In train mode a Mixture-of-Depths model routes by top-k, which looks ahead, except through a KV cache:
+            # one gives it the causal rule, as the thought path has (eval mode has it without one)
+            cache = self.lm.make_kv_cache(*input_ids.shape) if self.lm.routed_blocks and self.lm.training else None
             return self.lm.lm_head(self.lm.hidden(self.lm.embed(input_ids), kv_cache=cache)[:, positions])
         no_talk = input_ids.new_empty(input_ids.size(0), positions.numel(), 0)
         h0, h_thought, _, _ = self.think(input_ids, positions, no_talk, self.thought_config.eval_thought_temperature,
