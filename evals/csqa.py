@@ -20,7 +20,7 @@ from evals.decoding import DecodingConfig, decode_completions
 from evals.metrics import mean_and_stderr
 from evals.model import EvalModel
 from evals.results import Metric, TaskResult, prompts_hash, timed
-from evals.scoring import encode_pair, loglikelihood
+from evals.scoring import encode_pairs, loglikelihood
 
 HUB_ID = "tau/commonsense_qa"
 LETTERS = ("A", "B", "C", "D", "E")
@@ -111,7 +111,7 @@ def _choice_scores(model: EvalModel, contexts: list[str], options: list[list[str
                    progress: bool) -> tuple[list[list[float]], int]:
     """Log-likelihood of each option (target delimiter " " prepended, as lm-eval does) per context,
     and the number of tokens the model read. Under the `thoughts` variant, thought-mixed logits score."""
-    requests = [encode_pair(model, context, " " + option) for context, opts in zip(contexts, options) for option in opts]
+    requests = encode_pairs(model, [(context, " " + option) for context, opts in zip(contexts, options) for option in opts])
     scores = loglikelihood(model, requests, batch_size=decoding.batch_size, progress=progress,
                            think=decoding.variant == "thoughts", pack_tokens=decoding.pack_tokens)
     flat = iter(score for score, _ in scores)
@@ -146,7 +146,7 @@ def evaluate(model: EvalModel, questions: list[Question], task: str, decoding: D
                        for s, n in zip(scores, normed)]
         elif task == "csqa_gen":
             prompts = [letter_prompt(q) for q in questions]
-            completions, tokens = decode_completions(model, [model.encode(p) for p in prompts], decoding,
+            completions, tokens = decode_completions(model, model.encode_batch(prompts), decoding,
                                                      list(GEN_STOP), letter_span, progress=progress)
             preds = [extract_letter(c) for c in completions]
             metrics["acc"] = [float(p == q.answer) for p, q in zip(preds, questions)]

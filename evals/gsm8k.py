@@ -133,7 +133,7 @@ def evaluate(model: EvalModel, rows: list[dict[str, str]], train: list[dict[str,
     prompts = [chat_prompt(q, examples, model.tokenizer) if chat else prompt(q, examples)
                for q, examples in zip(questions, draws)]
     with timed() as clock:
-        completions, generated = decode_completions(model, [model.encode(p) for p in prompts], decoding,
+        completions, generated = decode_completions(model, model.encode_batch(prompts), decoding,
                                                     list(STOP_SEQUENCES), flexible_span, progress=progress,
                                                     normalize=normalize)
     strict = [extract_strict(c) for c in completions]

@@ -98,7 +98,7 @@ class QuietdepthLM(LM):
                                                         continue_final_message=not add_generation_prompt)
 
     def loglikelihood(self, requests: list[Any], disable_tqdm: bool = False) -> list[tuple[float, bool]]:
-        pairs = [scoring.encode_pair(self.model, *request.args) for request in requests]
+        pairs = scoring.encode_pairs(self.model, [request.args for request in requests])
         return self._cached(requests, "loglikelihood",
                             scoring.loglikelihood(self.model, pairs, self.batch_size, progress=not disable_tqdm,
                                                   think=self.decoding == "thoughts", pack_tokens=self.pack_tokens))
@@ -107,7 +107,7 @@ class QuietdepthLM(LM):
         if self.decoding == "thoughts":
             raise ValueError("decoding=thoughts scores continuations and generates with thoughts; rolling "
                              "log-likelihood (perplexity tasks) has no thought path: use decoding=greedy")
-        tokens = [self.model.encode(request.args[0]) for request in requests]
+        tokens = self.model.encode_batch([request.args[0] for request in requests])
         return self._cached(requests, "loglikelihood_rolling",
                             scoring.loglikelihood_rolling(self.model, tokens, self.batch_size, progress=not disable_tqdm,
                                                           pack_tokens=self.pack_tokens))
@@ -119,7 +119,7 @@ class QuietdepthLM(LM):
             groups.setdefault(self._generation_args(request.args[1]), []).append(i)
         out: list[str] = [""] * len(requests)
         for (until, max_new), index in groups.items():
-            prompts = [self.model.encode(requests[i].args[0]) for i in index]
+            prompts = self.model.encode_batch([requests[i].args[0] for i in index])
             generate = decoding.generate_thoughts if self.decoding == "thoughts" else decoding.generate
             texts = generate(self.model, prompts, max_new, until, self.batch_size, progress=not disable_tqdm)
             for i, text in zip(index, texts):

@@ -67,6 +67,10 @@ class EvalModel:
         """Token ids of `text`, without special tokens added (as lm-eval encodes contexts)."""
         return self.tokenizer.encode(text, add_special_tokens=False)
 
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        """`encode` of each text, in one call (a fast tokenizer splits the batch across its threads)."""
+        return self.tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+
     def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
 

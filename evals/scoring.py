@@ -27,16 +27,19 @@ HEAD_CHUNK = 512
 """Positions whose vocabulary logits are held at once (512 x 49,152 fp32 logits: 100 MB)."""
 
 
-def encode_pair(model: EvalModel, context: str, continuation: str) -> tuple[list[int], list[int]]:
-    """(context ids, continuation ids) as lm-eval's HF backend makes them: trailing spaces of the
-    context move to the continuation, and the continuation's ids are the tail of the whole string's
-    ids (so a merge across the boundary is tokenised as in running text)."""
-    spaces = len(context) - len(context.rstrip())
-    if spaces:
-        context, continuation = context[:-spaces], context[-spaces:] + continuation
-    whole = model.encode(context + continuation)
-    context_ids = model.encode(context)
-    return context_ids, whole[len(context_ids):]
+def encode_pairs(model: EvalModel, requests: Sequence[tuple[str, str]]) -> list[tuple[list[int], list[int]]]:
+    """(context ids, continuation ids) of each (context, continuation) as lm-eval's HF backend makes
+    them: trailing spaces of the context move to the continuation, and the continuation's ids are the
+    tail of the whole string's ids (so a merge across the boundary is tokenised as in running text).
+    Each distinct context is tokenised once, and all strings in two batched tokenizer calls."""
+    split = []
+    for context, continuation in requests:
+        spaces = len(context) - len(context.rstrip())
+        split.append((context[:-spaces], context[-spaces:] + continuation) if spaces else (context, continuation))
+    contexts = list(dict.fromkeys(context for context, _ in split))
+    context_ids = dict(zip(contexts, model.encode_batch(contexts)))
+    wholes = model.encode_batch([context + continuation for context, continuation in split])
+    return [(context_ids[context], whole[len(context_ids[context]):]) for (context, _), whole in zip(split, wholes)]
 
 
 @torch.inference_mode()
@@ -127,32 +130,31 @@ def _score_rows(model: EvalModel, rows: list[list[Group]]
     """Scores of every (context, continuation) in a batch of packed rows, by one forward."""
     lm, device = model.lm, model.device
     N = max(sum(map(_length, row)) for row in rows)
-    # Per slot: token, rotary position, group (padding: a group of its own) and branch (0 = context).
-    ids = torch.zeros(len(rows), N, dtype=torch.long)
-    pos = torch.zeros(len(rows), N, dtype=torch.long)
-    group_of = -1 - torch.arange(len(rows) * N).view(len(rows), N)
-    branch = torch.zeros(len(rows), N, dtype=torch.long)
+    # Per slot: token, rotary position, group (padding: -1) and branch (0 = context), built as lists.
+    ids, pos, branch = ([[0] * N for _ in rows] for _ in range(3))
+    group_of = [[-1] * N for _ in rows]
     keys, at, targets = [], [], []  # per scored token: its request, the slot predicting it, the token
     for r, row in enumerate(rows):
         slot = 0
         for g, (context, conts) in enumerate(row):
             n = len(context)
-            ids[r, slot:slot + n] = torch.tensor(context)
-            pos[r, slot:slot + n] = torch.arange(n)
-            group_of[r, slot:slot + _length((context, conts))] = g
+            ids[r][slot:slot + n], pos[r][slot:slot + n] = context, range(n)
+            length = _length((context, conts))
+            group_of[r][slot:slot + length] = [g] * length
             last = r * N + slot + n - 1
             slot += n
             for b, c in enumerate(conts, 1):
                 fed = len(c) - 1
-                ids[r, slot:slot + fed] = torch.tensor(c[:-1], dtype=torch.long)
-                pos[r, slot:slot + fed] = torch.arange(n, n + fed)
-                branch[r, slot:slot + fed] = b
+                ids[r][slot:slot + fed], pos[r][slot:slot + fed] = c[:-1], range(n, n + fed)
+                branch[r][slot:slot + fed] = [b] * fed
                 keys.append((context, c))
                 at += [last, *range(r * N + slot, r * N + slot + fed)]
                 targets += c
                 slot += fed
     owner = torch.tensor([k for k, (_, c) in enumerate(keys) for _ in c], device=device)
-    ids, pos, group_of, branch = ids.to(device), pos.to(device), group_of.to(device), branch.to(device)
+    ids, pos, branch = (torch.tensor(t, device=device) for t in (ids, pos, branch))
+    group_of = torch.tensor(group_of, device=device)  # padding slots: each a group of its own
+    group_of = torch.where(group_of >= 0, group_of, -1 - torch.arange(group_of.numel(), device=device).view_as(group_of))
     slots = torch.arange(N, device=device)
     mask = ((group_of[:, :, None] == group_of[:, None, :]) & (slots[None, :] <= slots[:, None])
             & ((branch[:, None, :] == 0) | (branch[:, None, :] == branch[:, :, None])))

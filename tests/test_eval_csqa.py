@@ -10,7 +10,7 @@ import torch
 from evals import csqa
 from evals.decoding import DecodingConfig
 from evals.model import EvalModel
-from evals.scoring import encode_pair, loglikelihood, loglikelihood_rolling
+from evals.scoring import encode_pairs, loglikelihood, loglikelihood_rolling
 from modeldefs import ModelConfig, Transformer
 from tests.test_eval_decoding import MOD, tiny_model
 
@@ -114,8 +114,30 @@ def test_rolling_windows_longer_than_the_context_add_up():
 
 def test_encode_pair_moves_trailing_spaces_into_the_continuation():
     model = tiny_model()
-    assert encode_pair(model, "Answer: ", "A") == (list(b"Answer:"), list(b" A"))
-    assert encode_pair(model, "Answer:", " A") == (list(b"Answer:"), list(b" A"))
+    assert encode_pairs(model, [("Answer: ", "A"), ("Answer:", " A")]) == [(list(b"Answer:"), list(b" A"))] * 2
+
+
+def test_batched_pair_encoding_equals_lm_evals_one_request_at_a_time(smollm2_tokenizer):
+    """Two batched tokenizer calls give what lm-eval's hf backend gets encoding each request alone: the
+    whole string's ids split after the (space-stripped) context's, merges across the boundary included."""
+    model = EvalModel(Transformer(ModelConfig.from_name("tiny")).eval(), smollm2_tokenizer, torch.device("cpu"),
+                      torch.float32, "tiny-random")
+    pairs = [("Question: Where do you keep milk?\nAnswer:", f" {letter}") for letter in "ABCDE"]
+    pairs += [("The price is 3", "4 dollars"), ("Answer: ", "a bank"), ("naïve café  ", "crème"), ("hel", "lo world"),
+              ("Question: Where do you keep milk?\nAnswer:", " fridge")]
+
+    def alone(context: str, continuation: str) -> tuple[list[int], list[int]]:
+        spaces = len(context) - len(context.rstrip())
+        if spaces:
+            context, continuation = context[:-spaces], context[-spaces:] + continuation
+        context_ids = smollm2_tokenizer.encode(context, add_special_tokens=False)
+        return context_ids, smollm2_tokenizer.encode(context + continuation, add_special_tokens=False)[len(context_ids):]
+
+    expected = [alone(c, x) for c, x in pairs]
+    assert encode_pairs(model, pairs) == expected
+    assert any(c + x != smollm2_tokenizer.encode(ctx, add_special_tokens=False)
+               + smollm2_tokenizer.encode(cont, add_special_tokens=False)
+               for (c, x), (ctx, cont) in zip(expected, pairs))  # a merge across the boundary is among the cases
 
 
 OFFICIAL = {"answerKey": "B", "id": "x", "question": {"question_concept": "c", "stem": " Where do you keep milk? ",
@@ -187,7 +209,7 @@ def test_csqa_protocols_pick_the_argmax_of_hand_computed_log_likelihoods(smollm2
     questions = [csqa._question(HUB, "x"), csqa.Question("What is red?", ["apple", "sky", "grass", "sea", "snow"], "A")]
 
     def by_hand(context: str, option: str) -> float:  # one plain forward over the lm-eval token split
-        c, k = encode_pair(model, context, " " + option)
+        ((c, k),) = encode_pairs(model, [(context, " " + option)])
         return full_forward_score(model, c, k)[0]
 
     letters = csqa.evaluate(model, questions, "csqa", DecodingConfig(), progress=False)
@@ -207,5 +229,5 @@ def test_csqa_protocols_pick_the_argmax_of_hand_computed_log_likelihoods(smollm2
     # the tokens the model read: each question's context once (its five options share it), then the options
     for result, prompt, options in ((letters, csqa.letter_prompt, lambda q: csqa.LETTERS),
                                     (cloze, csqa.cloze_prompt, lambda q: q.choices)):
-        pairs = [encode_pair(model, prompt(q), " " + option) for q in questions for option in options(q)]
+        pairs = encode_pairs(model, [(prompt(q), " " + option) for q in questions for option in options(q)])
         assert result.scored_tokens == sum(len(c) for c, _ in pairs[::5]) + sum(len(k) for _, k in pairs)

@@ -24,6 +24,9 @@ class ByteTokenizer:
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
         return list(text.encode())
 
+    def __call__(self, texts: list[str], add_special_tokens: bool = False) -> dict[str, list[list[int]]]:
+        return {"input_ids": [list(t.encode()) for t in texts]}
+
     def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
         return bytes(ids).decode(errors="replace")
 

@@ -56,7 +56,7 @@ def test_a_quietstar_model_scores_with_its_thoughts_when_decoding_thoughts():
     from tests.test_eval_decoding import quietstar_model
 
     qs = quietstar_model()
-    pairs = [scoring.encode_pair(qs, c, x) for c, x in PAIRS[:3]]
+    pairs = scoring.encode_pairs(qs, PAIRS[:3])
     lm = QuietdepthLM(qs, decoding="thoughts")
     thinking = lm.loglikelihood(requests("loglikelihood", PAIRS[:3]), disable_tqdm=True)
     assert thinking == scoring.loglikelihood(qs, pairs, think=True)
@@ -68,7 +68,7 @@ def test_a_quietstar_model_scores_with_its_thoughts_when_decoding_thoughts():
 def test_loglikelihood_equals_our_scorer_and_a_plain_full_forward(model):
     lm = QuietdepthLM(model, batch_size=2)
     got = lm.loglikelihood(requests("loglikelihood", PAIRS), disable_tqdm=True)
-    pairs = [scoring.encode_pair(model, c, x) for c, x in PAIRS]
+    pairs = scoring.encode_pairs(model, PAIRS)
     assert got == scoring.loglikelihood(model, pairs, batch_size=2)
     for (logprob, greedy), (context, continuation) in zip(got, pairs):
         expected, expected_greedy = full_forward_loglikelihood(model, context or [model.prefix_token_id], continuation)
