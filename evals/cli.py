@@ -97,7 +97,8 @@ def run_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--wandb-project", default=None, metavar="PROJECT",
                    help="log the leaderboard tables to a new W&B run in PROJECT (job type eval, the options as its "
-                        "config; offline without a W&B API key: `wandb sync` uploads it); without it they go to a "
+                        "config; offline where wandb finds no credentials, neither WANDB_API_KEY nor a netrc entry "
+                        "for its server: `wandb sync` uploads it); without it they go to a "
                         "W&B run only where one is already active (quietdepth-eval called from Python)")
     return p
 
