@@ -81,9 +81,8 @@ class CausalSelfAttention(nn.Module):
         causal rule when given; with `kv_cache`, the new keys are written from slot `start_pos` first."""
         T = x.size(1)
         qkv = rearrange(self.qkv(x), "b t (h d) -> b h t d", d=self.head_dim)  # query, key, then value heads
-        qk = apply_rope(qkv[:, : self.n_head + self.n_kv_head], cos, sin)  # queries and keys rotated in one pass
-        q, k = qk.split([self.n_head, self.n_kv_head], dim=1)
-        v = qkv[:, self.n_head + self.n_kv_head:]
+        qk, v = qkv.split([self.n_head + self.n_kv_head, self.n_kv_head], dim=1)
+        q, k = apply_rope(qk, cos, sin).split([self.n_head, self.n_kv_head], dim=1)  # rotated in one pass
         if kv_cache is not None:
             y = kv_cache.attend(q, k, v, start_pos, mask)
         else:
