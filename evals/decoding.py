@@ -84,7 +84,7 @@ def completion(model: EvalModel, tokens: list[int], stop: Sequence[str]) -> str:
 
 
 class _StopChecker:
-    """Whether a row's newest token completed a stop string (looks at a short decoded tail only)."""
+    """Whether each row's newest token completed a stop string (looks at a short decoded tail only)."""
 
     def __init__(self, model: EvalModel, stop: Sequence[str]) -> None:
         self.model, self.stop = model, [s for s in stop if s]
@@ -92,11 +92,11 @@ class _StopChecker:
         # stop string ending now lies within this many tokens.
         self.window = max((len(s.encode()) for s in self.stop), default=0) + 1
 
-    def __call__(self, tokens: list[int]) -> bool:
-        if not self.stop:
-            return False
-        tail = self.model.decode(tokens[-self.window:])
-        return any(s in tail for s in self.stop)
+    def __call__(self, rows: list[list[int]]) -> list[bool]:
+        if not self.stop or not rows:
+            return [False] * len(rows)
+        tails = self.model.decode_batch([tokens[-self.window:] for tokens in rows])  # one tokenizer call a step
+        return [any(s in tail for s in self.stop) for tail in tails]
 
 
 def _prompt_limit(model: EvalModel, max_new_tokens: int, scratch: int) -> int:
@@ -195,14 +195,18 @@ class _Rows:
         thought = thought_hidden(self.thinker, kv_cache, thought_slot, positions=positions, key_valid=keys)
         return self.thinker.mix(h, thought)[0]
 
-    def record(self, row: int, t: int, m: float) -> None:
-        """Append row's new token to its continuation; free the row when the continuation ends."""
-        out = self.owner[row]
-        if t != self.eos:
-            self.tokens[out].append(t)
-            self.margins[out].append(m)
-        if t == self.eos or len(self.tokens[out]) == self.n or self.stops(self.tokens[out]):
-            self.owner[row] = None
+    def record(self, rows: list[int], produced: list[int], margins: list[float]) -> None:
+        """Append each row's new token to its continuation; free the rows whose continuations end."""
+        ended, going = [], []
+        for row, t, m in zip(rows, produced, margins):
+            out = self.owner[row]
+            if t != self.eos:
+                self.tokens[out].append(t)
+                self.margins[out].append(m)
+            (ended if t == self.eos or len(self.tokens[out]) == self.n else going).append(row)
+        stopped = self.stops([self.tokens[self.owner[row]] for row in going])
+        for row in ended + [row for row, stop in zip(going, stopped) if stop]:
+            out, self.owner[row] = self.owner[row], None
             self.unfinished[out // self.branches] -= 1
             if not self.unfinished[out // self.branches]:
                 self.bar.update()
@@ -243,7 +247,7 @@ class _Rows:
         # host-to-device copy, a sync per started continuation
         self.next_pos[row].fill_(length)
         self.owner[row] = i * self.branches + j
-        self.record(row, first[j], margin)
+        self.record([row], [first[j]], [margin])
         if self.owner[row] is not None:
             self.token[row].fill_(first[j])
 
@@ -287,9 +291,8 @@ class _Rows:
             produced, margin = [int(t) for t in both[0]], both[1]
         else:
             produced, margin = self.token.tolist(), [0.0] * self.width
-        for row in range(self.width):
-            if self.owner[row] is not None:
-                self.record(row, produced[row], margin[row])
+        alive = [row for row in range(self.width) if self.owner[row] is not None]
+        self.record(alive, [produced[row] for row in alive], [margin[row] for row in alive])
         return True
 
 

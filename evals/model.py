@@ -74,6 +74,14 @@ class EvalModel:
     def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
 
+    def decode_batch(self, batch: list[list[int]]) -> list[str]:
+        """`decode` of each id list (special tokens kept), in one call to a fast tokenizer's backend where
+        decoding is the backend's alone (no clean-up of spaces after it); else one `decode` each."""
+        backend = getattr(self.tokenizer, "backend_tokenizer", None)
+        if backend is None or getattr(self.tokenizer, "clean_up_tokenization_spaces", True):
+            return [self.decode(ids) for ids in batch]
+        return backend.decode_batch(batch, skip_special_tokens=False)
+
 
 def load_eval_model(source: str, tokenizer: str | None = None, device: str | torch.device = "cpu",
                     dtype: torch.dtype = torch.float32) -> EvalModel:

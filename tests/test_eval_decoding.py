@@ -232,6 +232,22 @@ def test_completions_drop_special_tokens_as_lm_eval_does(smollm2_tokenizer):
     assert answer_confidence(model, tokens, margins, gsm8k.flexible_span(text)) == pytest.approx(0.6)
 
 
+def test_batched_stop_check_decodes_as_one_decode_per_row(smollm2_tokenizer):
+    """The stop check decodes every row's tail in one tokenizer call (`EvalModel.decode_batch`): each text
+    must be what `decode` gives, special tokens and a character split across byte tokens included; a
+    tokenizer without a fast backend, or one that cleans up spaces after it, is decoded row by row."""
+    model = EvalModel(Transformer(ModelConfig.from_name("micro")), smollm2_tokenizer, torch.device("cpu"),
+                      torch.float32, "micro-random")
+    encode = lambda text: smollm2_tokenizer.encode(text, add_special_tokens=False)  # noqa: E731
+    emoji = encode("\U0001F600")
+    rows = [encode("The answer is 18.\n\nQuestion:"), [smollm2_tokenizer.convert_tokens_to_ids("<|im_end|>")],
+            emoji[:1], encode(" ok") + emoji[:-1], [], encode("  two  spaces , here .")]
+    assert model.decode_batch(rows) == [model.decode(ids) for ids in rows]
+    assert decoding._StopChecker(model, ["Question:", "<|im_end|>"])(rows) == [True, True, False, False, False, False]
+    bytes_model = tiny_model()
+    assert bytes_model.decode_batch([[104, 105], [240, 159]]) == ["hi", "\ufffd"]
+
+
 def test_cot_aggregation_sums_confidence_per_answer():
     spans = lambda text: (text.index("=") + 1, len(text))  # noqa: E731
     branches = [(t, c, spans(t)) for t, c in [("x=1", 0.5), ("y=2", 0.3), ("z= 2", 0.4), ("w=3", 0.0)]]
