@@ -78,6 +78,8 @@ def loglikelihood(model: EvalModel, requests: Sequence[tuple[Sequence[int], Sequ
         normalised.append((tuple(context[-(L - len(continuation) + 1):]), tuple(continuation)))
     if think:
         return _score_with_thoughts(model, normalised, batch_size, progress)
+    if not normalised:  # nothing to pack (e.g. rolling scores of empty texts only)
+        return []
     continuations: dict[tuple[int, ...], dict[tuple[int, ...], None]] = {}
     for context, continuation in normalised:
         continuations.setdefault(context, {})[continuation] = None

@@ -112,6 +112,14 @@ def test_rolling_windows_longer_than_the_context_add_up():
     assert rolling == pytest.approx(sum(windows), abs=1e-3)
 
 
+def test_no_requests_score_to_no_results_and_an_empty_text_to_zero():
+    """An empty request list gives an empty result (as generation does), and rolling scores of texts that
+    tokenise to nothing are 0.0 each (lm-eval's hf backend: no windows), even when no text has a token."""
+    model = tiny_model()
+    assert encode_pairs(model, []) == [] and loglikelihood(model, []) == []
+    assert loglikelihood_rolling(model, [[], []]) == [0.0, 0.0]
+
+
 def test_encode_pair_moves_trailing_spaces_into_the_continuation():
     model = tiny_model()
     assert encode_pairs(model, [("Answer: ", "A"), ("Answer:", " A")]) == [(list(b"Answer:"), list(b" A"))] * 2
