@@ -101,12 +101,14 @@ def test_resuming_with_a_larger_batch_trains_the_rest_of_the_epoch(tmp_path, gsm
     first = run(["fit", "--config", str(config), "--data.init_args.batch_size", "2", "--trainer.max_steps", "4"])
     sequences = len(first.datamodule.train_dataloader().dataset)
     assert sequences >= 16, "the test needs at least two more batches of 4 in epoch 0"
-    second = run(["fit", "--config", str(config), "--data.init_args.batch_size", "4", "--trainer.max_steps", "40",
+    rest = (sequences - 4 * 2) // 4  # the steps left in epoch 0; then one step of epoch 1
+    second = run(["fit", "--config", str(config), "--data.init_args.batch_size", "4", "--trainer.max_steps",
+                  str(4 + rest + 1),
                   "--trainer.callbacks+=tests.test_resume.RecordBatches",
                   "--ckpt_path", str(tmp_path / "checkpoints" / "epoch=0-step=4.ckpt")])
     (recorder,) = [c for c in second.trainer.callbacks if isinstance(c, RecordBatches)]
     epoch0 = [b for epoch, b in recorder.seen if epoch == 0]
-    assert len(epoch0) == (sequences - 4 * 2) // 4 and set(epoch0) == {4}
+    assert len(epoch0) == rest and set(epoch0) == {4}
     assert any(epoch == 1 for epoch, _ in recorder.seen)
 
 
