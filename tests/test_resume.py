@@ -57,10 +57,20 @@ def finish(proc: subprocess.Popen, timeout: float = 300) -> None:
     assert proc.returncode == 0, output[-3000:]
 
 
-def test_resume_after_sigkill_reproduces_the_uninterrupted_losses(tmp_path, gsm8k_train):
-    straight = tmp_path / "straight"
-    finish(quietdepth(write_config(straight, gsm8k_train)))
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory, gsm8k_train) -> tuple[Path, int]:
+    """The uninterrupted smoke run of STEPS steps that the resumed runs below are compared with (read only), and
+    its steps per epoch."""
+    run_dir = tmp_path_factory.mktemp("straight")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(run_dir)
+        cli = run(["fit", "--config", str(write_config(run_dir, gsm8k_train))])
+    return run_dir, len(cli.datamodule.train_dataloader())
 
+
+def test_resume_after_sigkill_reproduces_the_uninterrupted_losses(tmp_path, gsm8k_train, straight):
+    """Killed and resumed in processes of their own, compared with the same run uninterrupted (in this process)."""
+    straight, _ = straight
     killed = tmp_path / "killed"
     config = write_config(killed, gsm8k_train)
     proc = quietdepth(config)
@@ -112,12 +122,11 @@ def test_resuming_with_a_larger_batch_trains_the_rest_of_the_epoch(tmp_path, gsm
     assert any(epoch == 1 for epoch, _ in recorder.seen)
 
 
-def test_extending_a_finished_run_continues_step_for_step(tmp_path, gsm8k_train, monkeypatch):
+def test_extending_a_finished_run_continues_step_for_step(tmp_path, gsm8k_train, monkeypatch, straight):
     """A run that max_steps ends between periodic checkpoints (every 4 steps) leaves its final step in
     last.ckpt, inside its epoch: extended with a larger max_steps it trains what the longer run would have."""
     monkeypatch.chdir(tmp_path)
-    straight = run(["fit", "--config", str(write_config(tmp_path / "straight", gsm8k_train))])
-    steps_per_epoch = len(straight.datamodule.train_dataloader())
+    straight, steps_per_epoch = straight
     # the first run ends in its second epoch, between two periodic checkpoints
     first = next(s for s in range(steps_per_epoch + 1, STEPS) if s % 4 and s % steps_per_epoch)
     config = write_config(tmp_path / "extended", gsm8k_train)
@@ -126,7 +135,7 @@ def test_extending_a_finished_run_continues_step_for_step(tmp_path, gsm8k_train,
     assert last["global_step"] == first
     assert last["loops"]["fit_loop"]["epoch_progress"]["current"]["completed"] == first // steps_per_epoch
     run(["fit", "--config", str(config), "--ckpt_path", "last"])
-    expected, got = losses(tmp_path / "straight"), losses(tmp_path / "extended")
+    expected, got = losses(straight), losses(tmp_path / "extended")
     assert sorted(got) == sorted(expected) == list(range(STEPS))
     assert [got[s] for s in range(first, STEPS)] == [expected[s] for s in range(first, STEPS)]
 
