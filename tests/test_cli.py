@@ -329,7 +329,7 @@ def test_a_run_without_end_is_refused_as_the_schedule_needs_a_length(in_tmp, gsm
 
 @requires_smollm2  # loads the smoke config's SmolLM2 tokenizer
 def test_resuming_a_run_that_trained_max_epochs_is_refused_with_the_epochs_to_raise_it_to(in_tmp, gsm8k_train):
-    by_epochs = ["--data.init_args.max_documents", "60", "--trainer.max_epochs", "1"]
+    by_epochs = ["--data.init_args.max_documents", "30", "--trainer.max_epochs", "1"]  # one short epoch
     main(["fit", *smoke_args(gsm8k_train, *by_epochs, steps=-1)])
     refusal = r"last.ckpt has trained 1 epoch\(s\) and trainer.max_epochs is 1: .* \(e.g. to 2\)"
     with pytest.raises(ValueError, match=refusal):
@@ -345,7 +345,7 @@ def test_resuming_a_checkpoint_saved_at_the_last_step_of_its_final_epoch_is_refu
     settings["trainer"]["callbacks"][0]["init_args"].update(every_n_train_steps=1, save_top_k=1)
     config = in_tmp / "smoke.yaml"
     config.write_text(yaml.safe_dump(settings))
-    by_epochs = ["--data.init_args.max_documents", "60", "--trainer.max_epochs", "1"]
+    by_epochs = ["--data.init_args.max_documents", "30", "--trainer.max_epochs", "1"]  # one short epoch
     main(["fit", *smoke_args(gsm8k_train, *by_epochs, steps=-1, config=str(config))])
     with pytest.raises(ValueError, match=r"last.ckpt has trained 1 epoch\(s\) and trainer.max_epochs is 1"):
         run(["fit", *smoke_args(gsm8k_train, *by_epochs, "--ckpt_path", "last", steps=-1, config=str(config))])
