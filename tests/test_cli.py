@@ -615,7 +615,7 @@ class SlowValidationRecorder(L.Callback):
 def test_throughput_and_bar_loss_are_read_on_logging_steps_without_validation_time(in_tmp, gsm8k_train):
     config = yaml.safe_load(Path(SMOKE).read_text())
     config["trainer"]["callbacks"].append(
-        {"class_path": "tests.test_cli.SlowValidationRecorder", "init_args": {"sleep": 3.0}})
+        {"class_path": "tests.test_cli.SlowValidationRecorder", "init_args": {"sleep": 1.5}})
     (in_tmp / "slow.yaml").write_text(yaml.safe_dump(config))
     cli = run(["fit", *smoke_args(gsm8k_train, "--trainer.log_every_n_steps", "3", "--trainer.val_check_interval",
                                   "4", steps=9, config=str(in_tmp / "slow.yaml"))])
@@ -628,7 +628,7 @@ def test_throughput_and_bar_loss_are_read_on_logging_steps_without_validation_ti
     for i, r in enumerate(speed):
         interval = seconds[i] - (seconds[i - 1] if i else 0.0)
         assert float(r["train/device/items_per_sec"]) == pytest.approx(3 * 4 * 128 / interval, rel=1e-6)
-        assert interval < 2 * 3.0  # validations after steps 4 and 8 slept 2 x 3 s each, not counted
+        assert interval < 2 * 1.5  # validations after steps 4 and 8 slept 2 x 1.5 s each, not counted
     (recorder,) = [c for c in cli.trainer.callbacks if isinstance(c, SlowValidationRecorder)]
     losses = {int(r["step"]): float(r["train/loss"]) for r in rows if r.get("train/loss")}
     for i, shown in enumerate(recorder.shown):  # refreshed on steps 1, 3, 6 and 9 only; then as logged
