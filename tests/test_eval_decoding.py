@@ -406,3 +406,18 @@ def test_a_stop_string_of_multibyte_characters_ends_generation():
     model = scripted_model("ab\U0001F600\n")
     assert generate(model, [[ord("a")]], max_new_tokens=18) == ["b\U0001F600\n" * 3]
     assert generate_tokens(model, [[ord("a")]], max_new_tokens=20, stop=["\U0001F600\n"]) == [list("b\U0001F600\n".encode())]
+
+
+def test_continuations_that_end_at_their_first_token_free_their_row_at_once():
+    """A first token that is EOS ends the continuation as it starts (before any decoding step): the row takes
+    the next prompt, duplicates included, and a CoT branch forced to EOS is empty while its siblings go on."""
+    model = bigram_model({"x": {"\0": 5.0, "y": 1.0}, "a": {"b": 5.0, "\0": 3.0}, "b": {"c": 5.0},
+                          "q": {"r": 5.0, "s": 1.0}, "r": {"q": 5.0}})  # "x" and "a"'s runner-up are EOS
+    prompts = [model.encode(text) for text in ("x", "za", "x", "zq", "zzx", "b", "zq")]
+    for n, batch_size in [(1, 2), (5, 2), (5, 3), (5, 7)]:
+        assert generate_tokens(model, prompts, n, batch_size=batch_size) == [reference(model, p, n) for p in prompts]
+    assert generate(model, prompts, 5, stop=["qr"], batch_size=2) == ["", "bc", "", "r", "", "c", "r"]
+    last_char = lambda text: (len(text) - 1, len(text)) if text else None  # noqa: E731
+    streamed = cot_decode(model, [model.encode(t) for t in ("a", "x", "q")], 4, ["qr"], last_char, k=2, batch_size=3)
+    assert [[text for text, _ in r.branches] for r in streamed] == [["bc", ""], ["", "y"], ["r", "s"]]
+    assert [r.generated_tokens for r in streamed] == [2, 1, 4]
