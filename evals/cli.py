@@ -79,6 +79,8 @@ def run_parser() -> argparse.ArgumentParser:
                    help="rows per forward: completions being generated (each CoT branch is one) or packed rows (scoring)")
     p.add_argument("--prefill-chunk", type=positive_int, default=DecodingConfig.prefill_chunk,
                    help="tokens per forward when reading prompts")
+    p.add_argument("--no-cuda-graph", dest="cuda_graph", action="store_false",
+                   help="on a GPU, launch each decoding step's kernels one by one instead of replaying a CUDA graph")
     p.add_argument("--pack-tokens", type=positive_int, default=DecodingConfig.pack_tokens,
                    help="log-likelihood scoring: most tokens per packed row (rows are as long as the longest context group)")
     p.add_argument("--limit", type=positive_int, default=None, help="evaluate the first N items of each task only")
@@ -157,7 +159,7 @@ def plan(args: argparse.Namespace) -> list[tuple[str, DecodingConfig]]:
                 scored = "greedy" if task not in GENERATIVE and variant == "cot" else variant
                 config = DecodingConfig(variant=scored, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
                                         prefill_chunk=args.prefill_chunk, pack_tokens=args.pack_tokens, cot_k=k,
-                                        cot_aggregate=args.cot_aggregate)
+                                        cot_aggregate=args.cot_aggregate, cuda_graph=args.cuda_graph)
                 pairs.setdefault((task, config.label), (task, config))
     return list(pairs.values())
 

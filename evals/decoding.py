@@ -20,6 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from evals.batching import compact_cache_rows, copy_into_row, prefill_prompts, shift_cache_slots
+from evals.decode_step import DecodeStep, slot_kv_cache
 from evals.model import EvalModel
 from modeldefs.quietstar import QuietStar
 from modeldefs.thought_generate import thought_hidden
@@ -53,6 +54,9 @@ class DecodingConfig:
     cot_aggregate: bool = False
     """CoT-decoding: pick the answer with the largest summed confidence over branches (the paper's
     'agg') instead of the single most confident branch ('max')."""
+    cuda_graph: bool = True
+    """On a GPU, replay each decoding step of a plain model (not Mixture-of-Depths, no thoughts) as one CUDA
+    graph (`evals.decode_step`); off, every step launches its kernels one by one."""
 
     def __post_init__(self) -> None:
         if self.variant not in ("greedy", "cot", "thoughts"):
@@ -60,6 +64,11 @@ class DecodingConfig:
         for name in ("max_new_tokens", "batch_size", "prefill_chunk", "pack_tokens", "cot_k"):
             if getattr(self, name) < 1:
                 raise ValueError(f"decoding {name}={getattr(self, name)} must be >= 1")
+
+    @property
+    def fixed_step(self) -> bool | None:
+        """`generate_tokens`' fixed_step for `cuda_graph`."""
+        return None if self.cuda_graph else False
 
     @property
     def label(self) -> str:
@@ -116,7 +125,8 @@ def _top2_margin(logits: torch.Tensor) -> torch.Tensor:
 
 def _decode_rows(model: EvalModel, prompts: Sequence[Sequence[int]], max_new_tokens: int, stop: Sequence[str],
                  chunk: int, rows: int, branches: int = 1, thinker: QuietStar | None = None,
-                 desc: str = "generate", progress: bool = False) -> tuple[list[list[int]], list[list[float]]]:
+                 desc: str = "generate", progress: bool = False, fixed_step: bool | None = None
+                 ) -> tuple[list[list[int]], list[list[float]]]:
     """Greedy continuations of every prompt, and per token the top-1 minus top-2 probability of the
     distribution it came from (CoT-decoding only; zeros otherwise).
 
@@ -133,6 +143,9 @@ def _decode_rows(model: EvalModel, prompts: Sequence[Sequence[int]], max_new_tok
     (`thought_hidden`), which the next token overwrites.
     Prompts longer than the context leaves room for (block_size - max_new_tokens - a thought's slots)
     keep their last tokens, with a warning.
+    fixed_step: decode with `evals.decode_step`'s fixed-shape step, a CUDA graph on a GPU (finished rows
+    then stay in the batch to the end, their tokens unused). None: on a GPU for a plain model; True: for a
+    plain model on any device (on a CPU eagerly: what tests compare); False: never.
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1 (a continuation has at least one token)")
@@ -148,7 +161,7 @@ def _decode_rows(model: EvalModel, prompts: Sequence[Sequence[int]], max_new_tok
         return [], []
     with tqdm(total=len(prompts), desc=desc, disable=not progress) as bar:
         batch = _Rows(model, [list(p)[-limit:] for p in prompts], max_new_tokens, stop, chunk, rows, branches,
-                      thinker, scratch, bar)
+                      thinker, scratch, bar, fixed_step)
         while batch.step():
             pass
     return batch.tokens, batch.margins
@@ -160,7 +173,8 @@ class _Rows:
     (`slot`, the same for every row), and the prompts still waiting (`work`, longest first)."""
 
     def __init__(self, model: EvalModel, prompts: list[list[int]], max_new_tokens: int, stop: Sequence[str],
-                 chunk: int, rows: int, branches: int, thinker: QuietStar | None, scratch: int, bar: tqdm) -> None:
+                 chunk: int, rows: int, branches: int, thinker: QuietStar | None, scratch: int, bar: tqdm,
+                 fixed_step: bool | None = None) -> None:
         self.model, self.prompts, self.n, self.chunk, self.branches = model, prompts, max_new_tokens, chunk, branches
         self.thinker, self.scratch, self.lm, self.device = thinker, scratch, model.lm, model.device
         self.work = deque((i, j) for i in sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
@@ -171,10 +185,17 @@ class _Rows:
         # every row's prompt starts `shift_at` slots in, and the rows move to the front, before the cache overflows.
         self.shift_at = max(1, max_new_tokens // 2)
         self.capacity = min(self.slot + max_new_tokens + self.shift_at, model.block_size - scratch)
-        self.cache = self.lm.make_kv_cache(self.width, self.capacity + scratch)
         self.key_valid = torch.zeros(self.width, self.capacity + scratch, dtype=torch.bool, device=self.device)
         self.next_pos = torch.zeros(self.width, dtype=torch.long, device=self.device)
         self.token = torch.zeros(self.width, dtype=torch.long, device=self.device)
+        plain, on_gpu = thinker is None and not self.lm.routed_blocks, self.device.type == "cuda"
+        self.fixed_step: DecodeStep | None = None
+        if plain and (on_gpu if fixed_step is None else fixed_step):
+            self.slot_index = torch.zeros(1, dtype=torch.long, device=self.device)
+            self.cache = slot_kv_cache(self.lm, self.width, self.capacity, self.slot_index)
+            self.fixed_step = DecodeStep(self.lm, self.cache, self.token, self.next_pos, self.key_valid, graph=on_gpu)
+        else:
+            self.cache = self.lm.make_kv_cache(self.width, self.capacity + scratch)
         self.owner: list[int | None] = [None] * self.width  # per cache row: its output row (prompt * branches + branch)
         self.first_slot = [0] * self.width
         self.tokens: list[list[int]] = [[] for _ in range(len(prompts) * branches)]
@@ -263,8 +284,26 @@ class _Rows:
         """Drop the `front` cache slots that precede every row's prompt."""
         shift_cache_slots(self.cache, front, self.slot)
         self.key_valid[:, :self.slot - front] = self.key_valid[:, front:self.slot].clone()
+        self.key_valid[:, self.slot - front:self.slot] = False  # no slot past the newest is a key
         self.first_slot = [s - front for s in self.first_slot]
         self.slot -= front
+
+    def decode(self) -> torch.Tensor:
+        """Logits (rows, V) of every row's next token from its token in `token`, written at `slot`; moves the
+        slot and the rows' positions on by one."""
+        if self.fixed_step is not None:
+            self.slot_index.fill_(self.slot)
+            self.slot += 1
+            logits = self.fixed_step()
+            # A finished row goes on decoding to the end of the batch: its position stays in the rotary table.
+            self.next_pos.add_(1).clamp_(max=self.lm.config.block_size - 1)
+            return logits
+        h = self.lm.hidden(self.lm.embed(self.token[:, None]), position_ids=self.next_pos[:, None],
+                           mask=self.key_valid[:, None, None, :self.slot + 1], kv_cache=self.cache,
+                           start_pos=self.slot)[:, -1]
+        self.slot += 1
+        self.next_pos += 1
+        return self.next_logits(h, self.cache, self.slot, self.next_pos, self.key_valid)
 
     def step(self) -> bool:
         """Fill the free rows, then decode one token in every row; False once every continuation has ended."""
@@ -274,18 +313,15 @@ class _Rows:
         alive = [row for row in range(self.width) if self.owner[row] is not None]
         if not alive:
             return False
-        if not self.work and len(alive) < self.width:
+        if not self.work and len(alive) < self.width and self.fixed_step is None:  # a fixed step keeps its rows
             self.drop_finished_rows(alive)
-        front = min(self.first_slot[row] for row in range(self.width))
+            alive = list(range(self.width))
+        front = min(self.first_slot[row] for row in alive)
         if front >= self.shift_at or self.slot == self.capacity:
             self.shift_to_front(front)
         self.key_valid[:, self.slot] = True
-        h = self.lm.hidden(self.lm.embed(self.token[:, None]), position_ids=self.next_pos[:, None],
-                           mask=self.key_valid[:, None, None, :self.slot + 1], kv_cache=self.cache,
-                           start_pos=self.slot)[:, -1]
-        self.slot, self.next_pos = self.slot + 1, self.next_pos + 1
-        logits = self.next_logits(h, self.cache, self.slot, self.next_pos, self.key_valid)
-        self.token = logits.argmax(-1)
+        logits = self.decode()
+        self.token.copy_(logits.argmax(-1))  # in place, as the positions: a fixed step reads them where they are
         if self.branches > 1:  # CoT-decoding's confidence; one transfer for tokens and margins
             both = torch.stack([self.token.float(), _top2_margin(logits)]).tolist()
             produced, margin = [int(t) for t in both[0]], both[1]
@@ -299,17 +335,22 @@ class _Rows:
 @torch.inference_mode()
 def generate_tokens(model: EvalModel, prompts: Sequence[Sequence[int]], max_new_tokens: int,
                     stop: Sequence[str] = (), batch_size: int = 16, progress: bool = False,
-                    prefill_chunk: int = 2048) -> list[list[int]]:
+                    prefill_chunk: int = 2048, fixed_step: bool | None = None) -> list[list[int]]:
     """Greedy continuations (token ids, without EOS) of each prompt, in prompt order, `batch_size`
-    rows at a time. Prompts longer than block_size - max_new_tokens keep their last tokens."""
-    return _decode_rows(model, prompts, max_new_tokens, stop, prefill_chunk, batch_size, progress=progress)[0]
+    rows at a time. Prompts longer than block_size - max_new_tokens keep their last tokens. fixed_step:
+    None: a CUDA graph per step on a GPU (`evals.decode_step`; plain models); True: the same fixed-shape step
+    also on a CPU, eagerly; False: the sliced step everywhere."""
+    return _decode_rows(model, prompts, max_new_tokens, stop, prefill_chunk, batch_size, progress=progress,
+                        fixed_step=fixed_step)[0]
 
 
 def generate(model: EvalModel, prompts: Sequence[Sequence[int]], max_new_tokens: int, stop: Sequence[str] = (),
-             batch_size: int = 16, progress: bool = False, prefill_chunk: int = 2048) -> list[str]:
-    """Greedy completions of each prompt, cut at the first stop string (see `DecodingConfig` for the knobs)."""
-    return [completion(model, t, stop)
-            for t in generate_tokens(model, prompts, max_new_tokens, stop, batch_size, progress, prefill_chunk)]
+             batch_size: int = 16, progress: bool = False, prefill_chunk: int = 2048,
+             fixed_step: bool | None = None) -> list[str]:
+    """Greedy completions of each prompt, cut at the first stop string (see `DecodingConfig` for the knobs,
+    `generate_tokens` for `fixed_step`)."""
+    return [completion(model, t, stop) for t in generate_tokens(model, prompts, max_new_tokens, stop, batch_size,
+                                                                progress, prefill_chunk, fixed_step)]
 
 
 @dataclass
@@ -347,14 +388,14 @@ def answer_confidence(model: EvalModel, tokens: list[int], margins: list[float],
 def cot_decode(model: EvalModel, prompts: Sequence[Sequence[int]], max_new_tokens: int, stop: Sequence[str],
                answer_span: AnswerSpan, k: int = 10, aggregate: bool = False, batch_size: int = 16,
                normalize: Callable[[str], str] = str.strip, progress: bool = False,
-               prefill_chunk: int = 2048) -> list[CotResult]:
+               prefill_chunk: int = 2048, fixed_step: bool | None = None) -> list[CotResult]:
     """CoT-decoding (Wang & Zhou 2024): branch on the top-k first tokens, continue each greedily, and
     keep the branch whose answer (located by `answer_span` in the cut completion) the model is most
     sure of — the mean top-1/top-2 probability margin over the answer tokens. With `aggregate`, the
     answer (compared after `normalize`) with the largest summed confidence wins, as its most
     confident branch. Ties go to the earlier branch, so with no answer anywhere it is greedy."""
-    tokens, margins = _decode_rows(model, prompts, max_new_tokens, stop, prefill_chunk,
-                                   batch_size, branches=k, desc=f"cot-decoding k={k}", progress=progress)
+    tokens, margins = _decode_rows(model, prompts, max_new_tokens, stop, prefill_chunk, batch_size, branches=k,
+                                   desc=f"cot-decoding k={k}", progress=progress, fixed_step=fixed_step)
     out = []
     for i in range(len(prompts)):
         branches = []
@@ -416,9 +457,12 @@ def decode_completions(model: EvalModel, prompts: Sequence[Sequence[int]], confi
     if config.variant == "cot":
         results = cot_decode(model, prompts, config.max_new_tokens, stop, answer_span, k=config.cot_k,
                              aggregate=config.cot_aggregate, batch_size=config.batch_size, normalize=normalize,
-                             progress=progress, prefill_chunk=config.prefill_chunk)
+                             progress=progress, prefill_chunk=config.prefill_chunk, fixed_step=config.fixed_step)
         return [r.text for r in results], sum(r.generated_tokens for r in results)
-    generate_variant = generate_thoughts_tokens if config.variant == "thoughts" else generate_tokens
-    tokens = generate_variant(model, prompts, config.max_new_tokens, stop, config.batch_size, progress,
-                              config.prefill_chunk)
+    if config.variant == "thoughts":
+        tokens = generate_thoughts_tokens(model, prompts, config.max_new_tokens, stop, config.batch_size, progress,
+                                          config.prefill_chunk)
+    else:
+        tokens = generate_tokens(model, prompts, config.max_new_tokens, stop, config.batch_size, progress,
+                                 config.prefill_chunk, config.fixed_step)
     return [completion(model, t, stop) for t in tokens], sum(map(len, tokens))

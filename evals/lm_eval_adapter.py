@@ -52,7 +52,8 @@ class QuietdepthLM(LM):
     `evals.model.load_eval_model`), `dtype` (float32, bfloat16, float16), `decoding` (greedy; thoughts:
     a Quiet-STaR model thinks when it generates and when it scores), `max_gen_toks` (the default when a
     task sets none), `pack_tokens` (log-likelihood scoring: most tokens per packed row, see
-    `evals.scoring.loglikelihood`). `--batch_size` is the number of prompts (generation) or packed
+    `evals.scoring.loglikelihood`), `cuda_graph` (default true: on a GPU, each decoding step of a plain
+    model replays as one CUDA graph, `evals.decode_step`). `--batch_size` is the number of prompts (generation) or packed
     rows (scoring) per forward pass; `--device` is honoured, except that a CUDA device on a machine
     without one falls back to the CPU with a warning, as lm-eval's `hf` backend does (lm-eval's default
     device is cuda:0). `max_batch_size`, which lm-eval passes to every model type, has no use here.
@@ -62,7 +63,7 @@ class QuietdepthLM(LM):
                  device: str | None = None, dtype: str = "float32",
                  batch_size: int | str = DecodingConfig.batch_size, decoding: str = "greedy",
                  max_gen_toks: int = DecodingConfig.max_new_tokens,
-                 pack_tokens: int = DecodingConfig.pack_tokens,
+                 pack_tokens: int = DecodingConfig.pack_tokens, cuda_graph: bool | str = True,
                  max_batch_size: int | None = None, **unknown: Any) -> None:
         if unknown:  # Python's own TypeError names the first unknown arg only, and not the accepted ones
             known = [name for name in inspect.signature(QuietdepthLM.__init__).parameters
@@ -75,6 +76,8 @@ class QuietdepthLM(LM):
         if decoding not in ("greedy", "thoughts"):
             raise ValueError(f"decoding={decoding!r}: use greedy, or thoughts for a Quiet-STaR model "
                              "(CoT-decoding needs a task's answer format: use quietdepth-eval)")
+        if str(cuda_graph).lower() not in ("true", "false"):
+            raise ValueError(f"cuda_graph={cuda_graph!r}: give true or false")
         if not str(batch_size).isdigit() or int(batch_size) < 1:
             raise ValueError(f"batch_size={batch_size!r}: give a positive number (automatic sizing is not supported)")
         if isinstance(pretrained, EvalModel):
@@ -87,6 +90,7 @@ class QuietdepthLM(LM):
         self.decoding = decoding
         self.max_gen_toks = int(max_gen_toks)
         self.pack_tokens = int(pack_tokens)
+        self.cuda_graph = str(cuda_graph).lower() == "true"
 
     @property
     def tokenizer_name(self) -> str:
@@ -120,8 +124,12 @@ class QuietdepthLM(LM):
         out: list[str] = [""] * len(requests)
         for (until, max_new), index in groups.items():
             prompts = self.model.encode_batch([requests[i].args[0] for i in index])
-            generate = decoding.generate_thoughts if self.decoding == "thoughts" else decoding.generate
-            texts = generate(self.model, prompts, max_new, until, self.batch_size, progress=not disable_tqdm)
+            if self.decoding == "thoughts":
+                texts = decoding.generate_thoughts(self.model, prompts, max_new, until, self.batch_size,
+                                                   progress=not disable_tqdm)
+            else:
+                texts = decoding.generate(self.model, prompts, max_new, until, self.batch_size,
+                                          progress=not disable_tqdm, fixed_step=None if self.cuda_graph else False)
             for i, text in zip(index, texts):
                 out[i] = text
         return self._cached(requests, "generate_until", out)

@@ -95,6 +95,20 @@ def test_eval_speed_runs_both_backends_with_the_shot_count_asked_for(tmp_path, s
     assert task["lm-eval hf"]["metrics"] == task["quietdepth"]["metrics"]
 
 
+def test_decode_speed_decodes_the_same_completions_with_both_steps(tmp_path, smollm2_tokenizer):
+    data = shared_subset(tmp_path / "data", ("gsm8k/train.jsonl", "gsm8k/test.jsonl"), 20)
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig.from_name("micro", vocab_size=len(smollm2_tokenizer), block_size=1024))
+    export_hf(model, tmp_path / "tiny", tokenizer=smollm2_tokenizer)
+    out = run_benchmark("decode_speed.py", "--model", str(tmp_path / "tiny"), "--gsm8k-dir", str(data / "gsm8k"),
+                        "--n", "6", "--shots", "2", "--max-new-tokens", "8", "--batch-size", "4",
+                        "--json", str(tmp_path / "decode.json"))
+    record = json.loads((tmp_path / "decode.json").read_text())
+    assert record["identical_completions"] == record["n"] == 6 and "| fixed step, eager |" in out
+    assert [len(v["round_seconds"]) for v in record["variants"].values()] == [2, 2]
+    assert record["variants"]["fixed"]["new_tokens"] == record["variants"]["sliced"]["new_tokens"] > 0
+
+
 def test_eval_speed_flags_rounds_that_disagree_instead_of_dropping_the_run():
     sys.path.insert(0, str(REPO / "benchmarks"))
     from eval_speed import fastest

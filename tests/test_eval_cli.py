@@ -310,6 +310,10 @@ def test_each_task_runs_once_per_variant_and_cot_scores_log_likelihood_tasks_gre
     assert planned("--tasks", "csqa", "gsm8k", "--decoding", "cot") == [("csqa", "greedy"), ("gsm8k", "cot-k10")]
     assert planned("--tasks", "csqa", "csqa", "csqa_gen", "--decoding", "greedy", "cot", "cot", "--cot-k", "3", "3", "5") == [
         ("csqa", "greedy"), ("csqa_gen", "greedy"), ("csqa_gen", "cot-k3"), ("csqa_gen", "cot-k5")]
+    for flags, graph in ([], True), (["--no-cuda-graph"], False):
+        args = run_parser().parse_args(["--tasks", "gsm8k", "--decoding", "greedy", "cot", *flags])
+        check_args(args)
+        assert {decoding.cuda_graph for _, decoding in plan(args)} == {graph}
 
 
 def test_thoughts_on_a_plain_model_is_a_clear_error(tiny_checkpoint, smollm2_tokenizer_dir, tmp_path, capsys):

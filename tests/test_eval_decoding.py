@@ -421,3 +421,44 @@ def test_continuations_that_end_at_their_first_token_free_their_row_at_once():
     streamed = cot_decode(model, [model.encode(t) for t in ("a", "x", "q")], 4, ["qr"], last_char, k=2, batch_size=3)
     assert [[text for text, _ in r.branches] for r in streamed] == [["bc", ""], ["", "y"], ["r", "s"]]
     assert [r.generated_tokens for r in streamed] == [2, 1, 4]
+
+
+def fixed_step_runs(monkeypatch) -> list[int]:
+    """Rows of every fixed-shape decoding step (`evals.decode_step.DecodeStep.run`), recorded as decoding runs."""
+    from evals.decode_step import DecodeStep
+
+    rows: list[int] = []
+    run = DecodeStep.run
+    monkeypatch.setattr(DecodeStep, "run", lambda self: rows.append(self.token.numel()) or run(self))
+    return rows
+
+
+@pytest.mark.parametrize("case", ["refills", "capped-cache", "cot"])
+def test_the_fixed_shape_step_decodes_what_the_sliced_step_does(case, shifts, monkeypatch):
+    """The CUDA-graph step's fixed shapes (keys/values written at a device-held slot, attention over every slot
+    under the key mask), run eagerly on the CPU: refills, moves to the cache front (at max_new_tokens // 2 and
+    at a full cache) and CoT branches give the sliced step's tokens and margins; finished rows stay to the end."""
+    model = tiny_model()
+    prompts, n, stops, rows, branches = MANY, 12, ["K", "6", "y", "%"], 3, 1
+    if case == "capped-cache":
+        prompts, stops, rows = [[(5 * i + j) % 250 + 1 for j in range(116)] for i in range(8)], ["y", "%"], 2
+    if case == "cot":
+        prompts, n, stops, branches = MANY[:5], 10, ["ab", "q"], 4
+    sliced = decoding._decode_rows(model, prompts, n, stops, 2048, rows, branches, fixed_step=False)
+    moves_sliced = list(shifts)
+    steps = fixed_step_runs(monkeypatch)
+    fixed = decoding._decode_rows(model, prompts, n, stops, 2048, rows, branches, fixed_step=True)
+    assert fixed[0] == sliced[0]
+    assert [m for row in fixed[1] for m in row] == pytest.approx([m for row in sliced[1] for m in row], abs=1e-5)
+    assert shifts[len(moves_sliced):] == moves_sliced and len(moves_sliced) >= 2
+    assert steps and set(steps) == {rows}  # every step ran fixed, on all rows (finished ones are not dropped)
+    assert len({len(t) for t in fixed[0]}) > 1  # rows finished at different steps
+
+
+@pytest.mark.parametrize("model", [lambda: tiny_model(**MOD), lambda: quietstar_model()], ids=["mod", "thoughts"])
+def test_mixture_of_depths_and_thought_decoding_keep_the_sliced_step(model, monkeypatch):
+    """A routed block skips work per step and thoughts write scratch slots: neither has a fixed-shape step."""
+    steps = fixed_step_runs(monkeypatch)
+    m = model()
+    decoding._decode_rows(m, MANY[:3], 4, [], 2048, 2, thinker=m.net if m.has_thoughts else None, fixed_step=True)
+    assert steps == []

@@ -130,6 +130,30 @@ def test_kv_cached_greedy_generation_on_cuda_matches_a_full_forward():
     assert torch.equal(predicted[:, 9:], out[:, 10:])
 
 
+@pytest.mark.parametrize("branches", [1, 4], ids=["greedy", "cot"])
+def test_eval_decoding_replays_one_cuda_graph_and_decodes_what_eager_steps_do(branches, monkeypatch):
+    """14 prompts through 3 rows (refills, moves to the cache front, rows ending at different steps): the step
+    is captured once and replayed, and gives the eager sliced step's tokens and CoT margins (fp32)."""
+    from evals import decoding
+    from evals.decode_step import DecodeStep
+    from evals.model import EvalModel
+    from tests.test_eval_decoding import MANY, ByteTokenizer
+
+    torch.manual_seed(0)
+    net = Transformer(ModelConfig.from_name("micro")).cuda().eval()
+    model = EvalModel(net, ByteTokenizer(), torch.device("cuda"), torch.float32, "micro-random")
+    captures: list[DecodeStep] = []
+    capture = DecodeStep._capture
+    monkeypatch.setattr(DecodeStep, "_capture", lambda self: captures.append(self) or capture(self))
+    stops = ["K", "6", "y", "%"]
+    eager = decoding._decode_rows(model, MANY, 12, stops, 2048, 3, branches, fixed_step=False)
+    assert captures == []
+    graphed = decoding._decode_rows(model, MANY, 12, stops, 2048, 3, branches)
+    assert len(captures) == 1 and captures[0].graph is not None
+    assert graphed[0] == eager[0] and len({len(t) for t in graphed[0]}) > 1
+    assert [m for row in graphed[1] for m in row] == pytest.approx([m for row in eager[1] for m in row], abs=1e-4)
+
+
 @pytest.mark.parametrize("policy", ["selective", "block"])
 def test_checkpointed_blocks_compile_with_inductor_and_keep_the_memory_saving(policy):
     """configure_model's order on CUDA (checkpointing, then inductor per block): the blocks compile, every

@@ -65,6 +65,13 @@ def test_a_quietstar_model_scores_with_its_thoughts_when_decoding_thoughts():
         lm.loglikelihood_rolling(requests("loglikelihood_rolling", [("hi",)]))
 
 
+def test_cuda_graph_model_arg_takes_lm_evals_true_and_false_strings(model):
+    assert QuietdepthLM(model, cuda_graph="False").cuda_graph is False
+    assert QuietdepthLM(model, cuda_graph="true").cuda_graph is True
+    with pytest.raises(ValueError, match="cuda_graph='maybe'"):
+        QuietdepthLM(model, cuda_graph="maybe")
+
+
 def test_loglikelihood_equals_our_scorer_and_a_plain_full_forward(model):
     lm = QuietdepthLM(model, batch_size=2)
     got = lm.loglikelihood(requests("loglikelihood", PAIRS), disable_tqdm=True)
