@@ -68,8 +68,14 @@ class EvalModel:
         return self.tokenizer.encode(text, add_special_tokens=False)
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        """`encode` of each text, in one call (a fast tokenizer splits the batch across its threads)."""
-        return self.tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+        """`encode` of each text, in one call: a fast tokenizer's backend splits the batch across its threads,
+        and skips the character offsets, which nothing here reads (half the time of the tokenizer's own call)."""
+        if not texts:
+            return []
+        backend = getattr(self.tokenizer, "backend_tokenizer", None)
+        if backend is None or not hasattr(backend, "encode_batch_fast"):
+            return self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+        return [encoding.ids for encoding in backend.encode_batch_fast(texts, add_special_tokens=False)]
 
     def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)

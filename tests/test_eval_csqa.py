@@ -132,7 +132,7 @@ def test_batched_pair_encoding_equals_lm_evals_one_request_at_a_time(smollm2_tok
                       torch.float32, "tiny-random")
     pairs = [("Question: Where do you keep milk?\nAnswer:", f" {letter}") for letter in "ABCDE"]
     pairs += [("The price is 3", "4 dollars"), ("Answer: ", "a bank"), ("naïve café  ", "crème"), ("hel", "lo world"),
-              ("Question: Where do you keep milk?\nAnswer:", " fridge")]
+              ("Question: Where do you keep milk?\nAnswer:", " fridge"), ("<|im_start|>user\nHi<|im_end|>", "\n<|im_start|>as")]
 
     def alone(context: str, continuation: str) -> tuple[list[int], list[int]]:
         spaces = len(context) - len(context.rstrip())
