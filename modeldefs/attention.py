@@ -80,9 +80,11 @@ class CausalSelfAttention(nn.Module):
         """x (B, T, C). `mask` (bool, True = may attend, broadcastable to (B, H, T, S)) replaces the
         causal rule when given; with `kv_cache`, the new keys are written from slot `start_pos` first."""
         T = x.size(1)
-        qkv = rearrange(self.qkv(x), "b t (h d) -> b h t d", d=self.head_dim)  # query, key, then value heads
-        qk, v = qkv.split([self.n_head + self.n_kv_head, self.n_kv_head], dim=1)
-        q, k = apply_rope(qk, cos, sin).split([self.n_head, self.n_kv_head], dim=1)  # rotated in one pass
+        q, k, v = self.qkv(x).split(
+            [self.n_head * self.head_dim, self.n_kv_head * self.head_dim, self.n_kv_head * self.head_dim], dim=-1
+        )
+        q, k, v = (rearrange(t, "b t (h d) -> b h t d", d=self.head_dim) for t in (q, k, v))
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if kv_cache is not None:
             y = kv_cache.attend(q, k, v, start_pos, mask)
         else:

@@ -7,7 +7,6 @@ import torch.nn.functional as F
 from modeldefs import ModelConfig, Transformer
 from modeldefs.attention import KVCache
 from modeldefs.generate import generate, sample_next
-from modeldefs.rope import apply_rope, rope_cache
 
 
 def micro(**overrides) -> Transformer:
@@ -45,22 +44,6 @@ def test_mask_and_position_ids_reproduce_a_shorter_sequence():
     with torch.no_grad():
         got = model(packed, position_ids=positions, mask=mask)[:, 5:]
         torch.testing.assert_close(got, model(b), rtol=0, atol=1e-5)
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_rope_is_llamas_rotate_half_bit_for_bit(dtype):
-    """apply_rope keeps rotate-half's sign in the sin table and rotates with a roll: the same numbers as HF
-    Llama's x * cos + cat(-x2, x1) * sin with the plain tables, computed in fp32."""
-    D = 64
-    inv_freq = 1.0 / (1e5 ** (torch.arange(0, D, 2, dtype=torch.int64).float() / D))
-    angles = torch.outer(torch.arange(512, dtype=torch.int64).float(), inv_freq).repeat(1, 2)
-    positions = torch.randint(0, 512, (3, 5))
-    cos, sin = angles.cos()[positions][:, None], angles.sin()[positions][:, None]  # (B, 1, T, D)
-    x = torch.randn(3, 5, 6, D).to(dtype).transpose(1, 2)  # (B, H, T, D), strided as attention's heads
-    x1, x2 = x.chunk(2, dim=-1)
-    llama = (x * cos + torch.cat((-x2, x1), dim=-1) * sin).to(dtype)
-    table_cos, table_sin = rope_cache(D, 512, 1e5)
-    assert torch.equal(apply_rope(x, table_cos[positions], table_sin[positions]), llama)
 
 
 def test_tied_embeddings_share_one_tensor_and_untied_do_not():
