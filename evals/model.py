@@ -69,11 +69,16 @@ class EvalModel:
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         """`encode` of each text, in one call: a fast tokenizer's backend splits the batch across its threads,
-        and skips the character offsets, which nothing here reads (half the time of the tokenizer's own call)."""
+        and skips the character offsets, which nothing here reads (half the time of the tokenizer's own call).
+        The backend's own truncation or padding (a tokenizer.json's, or left on by a padded or truncated call),
+        or a split_special_tokens it has not yet been told of, is not ours: the tokenizer's call then runs,
+        which sets all three as it tokenises."""
         if not texts:
             return []
         backend = getattr(self.tokenizer, "backend_tokenizer", None)
-        if backend is None or not hasattr(backend, "encode_batch_fast"):
+        split = getattr(self.tokenizer, "split_special_tokens", False)
+        if (backend is None or not hasattr(backend, "encode_batch_fast") or backend.truncation is not None
+                or backend.padding is not None or getattr(backend, "encode_special_tokens", False) != split):
             return self.tokenizer(texts, add_special_tokens=False)["input_ids"]
         return [encoding.ids for encoding in backend.encode_batch_fast(texts, add_special_tokens=False)]
 

@@ -148,6 +148,31 @@ def test_batched_pair_encoding_equals_lm_evals_one_request_at_a_time(smollm2_tok
                for (c, x), (ctx, cont) in zip(expected, pairs))  # a merge across the boundary is among the cases
 
 
+def test_batched_encoding_ignores_truncation_and_padding_left_on_the_tokenizers_backend(smollm2_tokenizer_dir):
+    """A tokenizer.json may ship with truncation (or padding) on, and a padded or truncated call leaves it on in
+    the backend: the tokenizer's own call turns both off first (and passes split_special_tokens on), so
+    `encode_batch` must not tokenise under them."""
+    from transformers import AutoTokenizer
+
+    texts = ["Question: Natalia sold clips to 48 of her friends in April, and half as many in May.", "hi"]
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_tokenizer_dir)
+    expected = [tokenizer.encode(t, add_special_tokens=False) for t in texts]
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_tokenizer_dir)
+    tokenizer.backend_tokenizer.enable_truncation(max_length=8)  # as a tokenizer.json with "truncation" loads
+    model = EvalModel(Transformer(ModelConfig.from_name("micro", vocab_size=len(tokenizer))).eval(), tokenizer,
+                      torch.device("cpu"), torch.float32, "micro-random")
+    assert model.encode_batch(texts) == expected
+    tokenizer.pad_token = tokenizer.eos_token
+    tokenizer(texts, padding=True)
+    assert model.encode_batch(texts) == expected
+    tokenizer(texts, truncation=True, max_length=4)
+    assert model.encode_batch(texts) == expected and len(expected[0]) > 8
+    special = ["<|im_start|>user\nHi<|im_end|>"]
+    tokenizer.split_special_tokens = True  # special tokens in the text are then split as plain text
+    assert model.encode_batch(special) == tokenizer(special, add_special_tokens=False)["input_ids"]
+    assert len(model.encode_batch(special)[0]) > 5
+
+
 OFFICIAL = {"answerKey": "B", "id": "x", "question": {"question_concept": "c", "stem": " Where do you keep milk? ",
             "choices": [{"label": l, "text": t} for l, t in zip("ABCDE", ["shelf", "fridge", "car", "bed", "sky"])]}}
 HUB = {"id": "x", "question": " Where do you keep milk? ", "question_concept": "c", "answerKey": "B",
