@@ -6,8 +6,9 @@ same process.
 
 Prompts are GSM8K test questions with k solved training problems before each (lm-eval's prompt and draws),
 from `--gsm8k-dir` (the official jsonl files; default ../shared/data/gsm8k). Both variants decode every prompt
-`--rounds` times in alternating order; each variant's fastest round counts, the first (cold) round is reported
-too. Completions are compared token for token: in bf16 the two steps' attention sums over different key counts,
+`--rounds` times in alternating order; each variant's fastest round counts, the first round is reported too
+(only the sliced step's is cold: the fixed step's first round follows it, on the same prompts, in a process and
+a prefill already warmed up). Completions are compared token for token: in bf16 the two steps' attention sums over different key counts,
 so an occasional near-tie may break the other way. On a CPU the fixed step runs eagerly (no graphs there).
 """
 
