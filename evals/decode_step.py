@@ -63,9 +63,12 @@ class DecodeStep:
     def __call__(self) -> torch.Tensor:
         if not self.use_graph:
             return self.run()
-        if self.graph is None:
-            self._capture()
-        self.graph.replay()
+        # On the model's GPU, not the current one: a graph captured on another device's stream records nothing
+        # of the model's kernels, and replaying it would repeat the capture-time logits (pytorch#87894).
+        with torch.cuda.device(self.token.device):
+            if self.graph is None:
+                self._capture()
+            self.graph.replay()
         return self.logits
 
     def _capture(self) -> None:

@@ -154,6 +154,20 @@ def test_eval_decoding_replays_one_cuda_graph_and_decodes_what_eager_steps_do(br
     assert [m for row in graphed[1] for m in row] == pytest.approx([m for row in eager[1] for m in row], abs=1e-4)
 
 
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs a second GPU to hold the model off the current device")
+def test_eval_decoding_graph_runs_on_the_models_gpu_not_the_current_one():
+    from evals import decoding
+    from evals.model import EvalModel
+    from tests.test_eval_decoding import MANY, ByteTokenizer
+
+    torch.manual_seed(0)
+    net = Transformer(ModelConfig.from_name("micro")).to("cuda:1").eval()
+    model = EvalModel(net, ByteTokenizer(), torch.device("cuda:1"), torch.float32, "micro-random")
+    with torch.cuda.device(0):
+        eager = decoding.generate_tokens(model, MANY, 12, batch_size=3, fixed_step=False)
+        assert decoding.generate_tokens(model, MANY, 12, batch_size=3) == eager
+
+
 @pytest.mark.parametrize("policy", ["selective", "block"])
 def test_checkpointed_blocks_compile_with_inductor_and_keep_the_memory_saving(policy):
     """configure_model's order on CUDA (checkpointing, then inductor per block): the blocks compile, every
