@@ -25,7 +25,7 @@ import torch
 from evals import decoding, gsm8k
 from evals.cli import positive_int
 from evals.model import load_eval_model
-from report import device_name, sync, write_json
+from report import check_writable, device_name, sync, write_json
 
 SHARED = Path(os.environ.get("QUIETDEPTH_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 STOP = ["Question:", "</s>", "<|im_end|>"]  # gsm8k_local's stop strings
@@ -46,12 +46,19 @@ def main() -> None:
     for split in ("train", "test"):
         if not (Path(args.gsm8k_dir) / f"{split}.jsonl").is_file():
             parser.error(f"--gsm8k-dir {args.gsm8k_dir}: no {split}.jsonl there (the official GSM8K files)")
+    if args.shots < 0:
+        parser.error(f"--shots {args.shots}: give 0 or more")
+    if args.json:
+        check_writable(args.json)
+    test = gsm8k.load(str(Path(args.gsm8k_dir) / "test.jsonl"))[:args.n]
+    train = gsm8k.load(str(Path(args.gsm8k_dir) / "train.jsonl"), split="train")
+    try:
+        draws = gsm8k.fewshot_draws(train, args.shots, 1234, [q["question"] for q in test])
+    except ValueError as error:
+        parser.error(f"--shots {args.shots}: {error}")
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = load_eval_model(args.model, None, device, getattr(torch, args.dtype))
-    test = gsm8k.load(str(Path(args.gsm8k_dir) / "test.jsonl"))[:args.n]
-    train = gsm8k.load(str(Path(args.gsm8k_dir) / "train.jsonl"), split="train")
-    draws = gsm8k.fewshot_draws(train, args.shots, 1234, [q["question"] for q in test])
     prompts = model.encode_batch([gsm8k.prompt(q["question"], shots) for q, shots in zip(test, draws)])
 
     variants = {"sliced": False, "fixed": True}

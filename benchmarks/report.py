@@ -135,6 +135,17 @@ def write_json(record: dict[str, Any], json_path: str) -> None:
     write_atomic(json_path, json.dumps(record, indent=2))
 
 
+def check_writable(json_path: str) -> None:
+    """Exit with a message naming --json unless a file can be created next to `json_path` (before a run measures)."""
+    probe = Path(json_path).with_name(f".{Path(json_path).name}.{os.getpid()}.tmp")
+    try:
+        probe.touch()
+        probe.unlink()
+    except OSError as error:
+        raise SystemExit(f"--json {json_path}: cannot write it ({error.strerror}); give a path in a folder "
+                         "that exists") from error
+
+
 class Stopped(SystemExit):
     """SIGTERM (what `timeout` sends) as an exception in the main thread, so that a `Record` saves and reports what
     was finished; the process still exits with 143, as one the signal killed."""
@@ -161,13 +172,7 @@ class Record:
         self.data: dict[str, Any] = {**meta, "complete": False}
         self.measured = False
         if json_path:
-            probe = Path(json_path).with_name(f".{Path(json_path).name}.{os.getpid()}.tmp")
-            try:
-                probe.touch()
-                probe.unlink()
-            except OSError as error:
-                raise SystemExit(f"--json {json_path}: cannot write it ({error.strerror}); give a path in a folder "
-                                 "that exists") from error
+            check_writable(json_path)
 
     def save(self) -> None:
         """Write the record to `json_path` once something is measured (until then an earlier file stays)."""

@@ -109,6 +109,27 @@ def test_decode_speed_decodes_the_same_completions_with_both_steps(tmp_path, smo
     assert record["variants"]["fixed"]["new_tokens"] == record["variants"]["sliced"]["new_tokens"] > 0
 
 
+def run_decode_speed(tmp_path, *args: str) -> subprocess.CompletedProcess:
+    data = shared_subset(tmp_path / "data", ("gsm8k/train.jsonl", "gsm8k/test.jsonl"), 20)
+    return subprocess.run([sys.executable, str(REPO / "benchmarks" / "decode_speed.py"), "--gsm8k-dir",
+                           str(data / "gsm8k"), *args], cwd=REPO, capture_output=True, text=True, timeout=300,
+                          env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
+
+
+def test_decode_speed_refuses_an_unwritable_json_path_before_loading_the_model(tmp_path):
+    """It was written after every round had run (minutes on a GPU), then failed."""
+    json_path = tmp_path / "no" / "such" / "decode.json"
+    proc = run_decode_speed(tmp_path, "--model", str(tmp_path / "none"), "--json", str(json_path))
+    assert proc.returncode == 1 and f"--json {json_path}: cannot write it" in proc.stderr, proc.stderr[-2000:]
+
+
+@pytest.mark.parametrize("shots, message", [("-1", "--shots -1: give 0 or more"),
+                                            ("30", "30-shot GSM8K needs at least 30 training problems")])
+def test_decode_speed_refuses_a_shot_count_it_cannot_draw_before_loading_the_model(tmp_path, shots, message):
+    proc = run_decode_speed(tmp_path, "--model", str(tmp_path / "none"), "--shots", shots)
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-2000:]
+
+
 def test_eval_speed_flags_rounds_that_disagree_instead_of_dropping_the_run():
     sys.path.insert(0, str(REPO / "benchmarks"))
     from eval_speed import fastest
