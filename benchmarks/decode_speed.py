@@ -33,7 +33,8 @@ STOP = ["Question:", "</s>", "<|im_end|>"]  # gsm8k_local's stop strings
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="smollm2-135m-instruct", help="a .gguf, an HF directory, a .ckpt, ...")
+    parser.add_argument("--model", default="smollm2-135m-instruct",
+                        help="a plain (not Mixture-of-Depths) model: a .gguf, an HF directory, a .ckpt, ...")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--gsm8k-dir", default=str(SHARED / "gsm8k"), help="directory with train.jsonl, test.jsonl")
     parser.add_argument("--n", type=positive_int, default=128, help="test questions")
@@ -59,6 +60,9 @@ def main() -> None:
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = load_eval_model(args.model, None, device, getattr(torch, args.dtype))
+    if model.lm.routed_blocks:  # its decoding takes the sliced step whatever fixed_step asks
+        parser.error(f"--model {args.model}: a Mixture-of-Depths model has no fixed-shape step to time; give a "
+                     "plain model")
     prompts = model.encode_batch([gsm8k.prompt(q["question"], shots) for q, shots in zip(test, draws)])
 
     variants = {"sliced": False, "fixed": True}

@@ -130,6 +130,19 @@ def test_decode_speed_refuses_a_shot_count_it_cannot_draw_before_loading_the_mod
     assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-2000:]
 
 
+@requires_smollm2
+def test_decode_speed_refuses_a_mixture_of_depths_model_it_would_time_sliced_twice(tmp_path):
+    """A routed model decodes with the sliced step whatever fixed_step asks: both rows would be the sliced step,
+    one of them labelled the fixed step."""
+    torch.manual_seed(0)
+    lm = Transformer(ModelConfig.from_name("tiny", n_layer=4, block_size=512, mod_capacity=0.5))
+    checkpoint = tmp_path / "mod.ckpt"
+    torch.save({"model_config": lm.config.to_dict(),
+                "state_dict": {f"model.{k}": v for k, v in lm.state_dict().items()}}, checkpoint)
+    proc = run_decode_speed(tmp_path, "--model", str(checkpoint), "--n", "2", "--shots", "1", "--max-new-tokens", "2")
+    assert proc.returncode == 2 and "Mixture-of-Depths" in proc.stderr, proc.stdout[-2000:] + proc.stderr[-2000:]
+
+
 def test_eval_speed_flags_rounds_that_disagree_instead_of_dropping_the_run():
     sys.path.insert(0, str(REPO / "benchmarks"))
     from eval_speed import fastest
