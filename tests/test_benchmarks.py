@@ -105,6 +105,7 @@ def test_decode_speed_decodes_the_same_completions_with_both_steps(tmp_path, smo
                         "--json", str(tmp_path / "decode.json"))
     record = json.loads((tmp_path / "decode.json").read_text())
     assert record["identical_completions"] == record["n"] == 6 and "| fixed step, eager |" in out
+    assert "| step | seconds | first round |" in out  # the fixed step's first round is not a cold one
     assert [len(v["round_seconds"]) for v in record["variants"].values()] == [2, 2]
     assert record["variants"]["fixed"]["new_tokens"] == record["variants"]["sliced"]["new_tokens"] > 0
 
