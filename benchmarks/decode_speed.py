@@ -35,13 +35,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m-instruct",
                         help="a plain (not Mixture-of-Depths) model: a .gguf, an HF directory, a .ckpt, ...")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    parser.add_argument("--gsm8k-dir", default=str(SHARED / "gsm8k"), help="directory with train.jsonl, test.jsonl")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="weights and compute")
+    parser.add_argument("--gsm8k-dir", default=str(SHARED / "gsm8k"), help="directory with the official train.jsonl and test.jsonl (default: $QUIETDEPTH_SHARED_DATA/gsm8k, else ../shared/data/gsm8k beside the repository)")
     parser.add_argument("--n", type=positive_int, default=128, help="test questions")
-    parser.add_argument("--shots", type=int, default=5)
-    parser.add_argument("--max-new-tokens", type=positive_int, default=256)
+    parser.add_argument("--shots", type=int, default=5, help="solved training problems before each question")
+    parser.add_argument("--max-new-tokens", type=positive_int, default=256, help="tokens per completion at most")
     parser.add_argument("--batch-size", type=positive_int, default=64, help="rows decoded together")
-    parser.add_argument("--rounds", type=positive_int, default=2)
+    parser.add_argument("--rounds", type=positive_int, default=2, help="runs of each step, alternating; the fastest counts")
     parser.add_argument("--json", help="also write the record to this file")
     args = parser.parse_args()
     for split in ("train", "test"):
