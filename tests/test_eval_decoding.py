@@ -433,12 +433,14 @@ def fixed_step_runs(monkeypatch) -> list[int]:
     return rows
 
 
-@pytest.mark.parametrize("case", ["refills", "capped-cache", "cot"])
+@pytest.mark.parametrize("case", ["refills", "capped-cache", "cot", "sharp-attention"])
 def test_the_fixed_shape_step_decodes_what_the_sliced_step_does(case, shifts, monkeypatch):
     """The CUDA-graph step's fixed shapes (keys/values written at a device-held slot, attention over every slot
     under the key mask), run eagerly on the CPU: refills, moves to the cache front (at max_new_tokens // 2 and
-    at a full cache) and CoT branches give the sliced step's tokens and margins; finished rows stay to the end."""
-    model = tiny_model()
+    at a full cache) and CoT branches give the sliced step's tokens and margins; finished rows stay to the end.
+    sharp-attention: refills on larger weights, whose attention is peaked enough that the tokens depend on the
+    rotary positions (the default init's does not: there, every token at position 0 decodes the same)."""
+    model = tiny_model(init_std=0.3) if case == "sharp-attention" else tiny_model()
     prompts, n, stops, rows, branches = MANY, 12, ["K", "6", "y", "%"], 3, 1
     if case == "capped-cache":
         prompts, stops, rows = [[(5 * i + j) % 250 + 1 for j in range(116)] for i in range(8)], ["y", "%"], 2
@@ -462,3 +464,4 @@ def test_mixture_of_depths_and_thought_decoding_keep_the_sliced_step(model, monk
     m = model()
     decoding._decode_rows(m, MANY[:3], 4, [], 2048, 2, thinker=m.net if m.has_thoughts else None, fixed_step=True)
     assert steps == []
+
