@@ -465,3 +465,15 @@ def test_mixture_of_depths_and_thought_decoding_keep_the_sliced_step(model, monk
     decoding._decode_rows(m, MANY[:3], 4, [], 2048, 2, thinker=m.net if m.has_thoughts else None, fixed_step=True)
     assert steps == []
 
+
+def test_the_fixed_shape_step_decodes_a_bfloat16_model_in_its_dtype(monkeypatch):
+    """The slot cache is made in the weights' dtype, so a bf16 model's keys and values are written into it as
+    they come (a float32 cache refuses them) and decode what the sliced step does."""
+    torch.manual_seed(0)
+    net = Transformer(ModelConfig.from_name("micro")).to(torch.bfloat16).eval()
+    model = EvalModel(net, ByteTokenizer(), torch.device("cpu"), torch.bfloat16, "micro-random-bf16")
+    sliced = decoding._decode_rows(model, MANY, 12, ["K", "6", "y", "%"], 2048, 3, fixed_step=False)
+    steps = fixed_step_runs(monkeypatch)
+    assert decoding._decode_rows(model, MANY, 12, ["K", "6", "y", "%"], 2048, 3, fixed_step=True) == sliced
+    assert steps
+
