@@ -477,3 +477,29 @@ def test_the_fixed_shape_step_decodes_a_bfloat16_model_in_its_dtype(monkeypatch)
     assert decoding._decode_rows(model, MANY, 12, ["K", "6", "y", "%"], 2048, 3, fixed_step=True) == sliced
     assert steps
 
+
+def test_fixed_step_reaches_the_decoding_rows_from_every_entry_point(monkeypatch):
+    """generate, generate_tokens and cot_decode hand `fixed_step` on (True: the fixed-shape step, on the CPU too;
+    False: never); `DecodingConfig.cuda_graph` (--no-cuda-graph, lm-eval's cuda_graph=false) arrives as False
+    when off and as None (a graph on a GPU) when on, for greedy and CoT. On a CPU None and False decode alike,
+    so the value is read where it arrives."""
+    model, prompts = tiny_model(), MANY[:3]
+    steps = fixed_step_runs(monkeypatch)
+    calls = {"generate": lambda fixed: decoding.generate(model, prompts, 3, batch_size=2, fixed_step=fixed),
+             "generate_tokens": lambda fixed: decoding.generate_tokens(model, prompts, 3, batch_size=2,
+                                                                      fixed_step=fixed),
+             "cot_decode": lambda fixed: decoding.cot_decode(model, prompts, 3, [], lambda text: None, k=2,
+                                                             batch_size=2, fixed_step=fixed)}
+    for name, call in calls.items():
+        for fixed in (True, False):
+            steps.clear()
+            call(fixed)
+            assert bool(steps) == fixed, f"{name}(fixed_step={fixed})"
+    seen: list[bool | None] = []
+    rows = decoding._decode_rows
+    monkeypatch.setattr(decoding, "_decode_rows", lambda *a, **kw: seen.append(kw["fixed_step"]) or rows(*a, **kw))
+    for variant in ("greedy", "cot"):
+        for graph in (True, False):
+            config = DecodingConfig(variant=variant, max_new_tokens=2, batch_size=2, cot_k=2, cuda_graph=graph)
+            decoding.decode_completions(model, prompts, config, [], lambda text: None)
+    assert seen == [None, False, None, False]

@@ -72,6 +72,20 @@ def test_cuda_graph_model_arg_takes_lm_evals_true_and_false_strings(model):
         QuietdepthLM(model, cuda_graph="maybe")
 
 
+def test_cuda_graph_false_reaches_generation_as_the_sliced_step(model, monkeypatch):
+    """cuda_graph=false decodes with the sliced step everywhere (fixed_step False); the default leaves the choice
+    to the device (None: a graph on a GPU). On a CPU both decode alike, so the value is read where it arrives."""
+    from evals import decoding
+
+    seen: list[bool | None] = []
+    rows = decoding._decode_rows
+    monkeypatch.setattr(decoding, "_decode_rows", lambda *a, **kw: seen.append(kw["fixed_step"]) or rows(*a, **kw))
+    args = [("Hi", {"until": [], "max_gen_toks": 2})]
+    for graph in ("false", "true"):
+        QuietdepthLM(model, cuda_graph=graph).generate_until(requests("generate_until", args), disable_tqdm=True)
+    assert seen == [False, None]
+
+
 def test_loglikelihood_equals_our_scorer_and_a_plain_full_forward(model):
     lm = QuietdepthLM(model, batch_size=2)
     got = lm.loglikelihood(requests("loglikelihood", PAIRS), disable_tqdm=True)
