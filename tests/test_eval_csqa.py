@@ -161,6 +161,7 @@ def test_batched_encoding_ignores_truncation_and_padding_left_on_the_tokenizers_
     tokenizer.backend_tokenizer.enable_truncation(max_length=8)  # as a tokenizer.json with "truncation" loads
     model = EvalModel(Transformer(ModelConfig.from_name("micro", vocab_size=len(tokenizer))).eval(), tokenizer,
                       torch.device("cpu"), torch.float32, "micro-random")
+    assert model.encode_batch([]) == []  # the tokenizer's own call fails on no texts (IndexError)
     assert model.encode_batch(texts) == expected
     tokenizer.pad_token = tokenizer.eos_token
     tokenizer(texts, padding=True)
@@ -171,6 +172,23 @@ def test_batched_encoding_ignores_truncation_and_padding_left_on_the_tokenizers_
     tokenizer.split_special_tokens = True  # special tokens in the text are then split as plain text
     assert model.encode_batch(special) == tokenizer(special, add_special_tokens=False)["input_ids"]
     assert len(model.encode_batch(special)[0]) > 5
+
+
+def test_batched_encoding_adds_no_special_tokens_where_the_tokenizer_would(smollm2_tokenizer_dir):
+    """A Llama-style tokenizer's post-processor puts BOS before every text it encodes with special tokens;
+    `encode_batch`, like `encode`, adds none (plain prompts get no BOS, as lm-eval's hf)."""
+    from tokenizers.processors import TemplateProcessing
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_tokenizer_dir)
+    bos = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    tokenizer.backend_tokenizer.post_processor = TemplateProcessing(single="<|endoftext|> $A",
+                                                                    special_tokens=[("<|endoftext|>", bos)])
+    model = EvalModel(Transformer(ModelConfig.from_name("micro", vocab_size=len(tokenizer))).eval(), tokenizer,
+                      torch.device("cpu"), torch.float32, "micro-random")
+    texts = ["Question: Where do you keep milk?\nAnswer:", "hi"]
+    assert tokenizer(texts)["input_ids"][1][0] == bos  # the tokenizer's own default adds it
+    assert model.encode_batch(texts) == [model.encode(t) for t in texts] and bos not in model.encode_batch(texts)[0]
 
 
 OFFICIAL = {"answerKey": "B", "id": "x", "question": {"question_concept": "c", "stem": " Where do you keep milk? ",
