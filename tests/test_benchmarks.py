@@ -95,19 +95,40 @@ def test_eval_speed_runs_both_backends_with_the_shot_count_asked_for(tmp_path, s
     assert task["lm-eval hf"]["metrics"] == task["quietdepth"]["metrics"]
 
 
-def test_decode_speed_decodes_the_same_completions_with_both_steps(tmp_path, smollm2_tokenizer):
+def test_decode_speed_decodes_the_same_completions_with_both_steps(tmp_path, smollm2_tokenizer, monkeypatch, capsys):
+    """In process, to see what each round asks of decoding: the 'fixed' variant is the fixed-shape step (on the
+    CPU only fixed_step=True runs it: None would time the sliced step twice), the rounds alternate their order,
+    and the record keeps each variant's fastest and first rounds."""
+    from evals import decoding
+
     data = shared_subset(tmp_path / "data", ("gsm8k/train.jsonl", "gsm8k/test.jsonl"), 20)
     torch.manual_seed(0)
     model = Transformer(ModelConfig.from_name("micro", vocab_size=len(smollm2_tokenizer), block_size=1024))
     export_hf(model, tmp_path / "tiny", tokenizer=smollm2_tokenizer)
-    out = run_benchmark("decode_speed.py", "--model", str(tmp_path / "tiny"), "--gsm8k-dir", str(data / "gsm8k"),
-                        "--n", "6", "--shots", "2", "--max-new-tokens", "8", "--batch-size", "4",
-                        "--json", str(tmp_path / "decode.json"))
+    asked: list[bool | None] = []
+    generate_tokens = decoding.generate_tokens
+    monkeypatch.setattr(decoding, "generate_tokens",
+                        lambda *a, **kw: asked.append(kw["fixed_step"]) or generate_tokens(*a, **kw))
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    monkeypatch.setattr(sys, "argv", ["decode_speed.py", "--model", str(tmp_path / "tiny"), "--gsm8k-dir",
+                                      str(data / "gsm8k"), "--n", "6", "--shots", "2", "--max-new-tokens", "8",
+                                      "--batch-size", "4", "--json", str(tmp_path / "decode.json")])
+    from decode_speed import main
+
+    main()
+    out = capsys.readouterr().out
     record = json.loads((tmp_path / "decode.json").read_text())
     assert record["identical_completions"] == record["n"] == 6 and "| fixed step, eager |" in out
     assert "| step | seconds | first round |" in out  # the fixed step's first round is not a cold one
-    assert [len(v["round_seconds"]) for v in record["variants"].values()] == [2, 2]
-    assert record["variants"]["fixed"]["new_tokens"] == record["variants"]["sliced"]["new_tokens"] > 0
+    assert asked == [False, True, True, False]  # sliced, fixed; then fixed, sliced
+    assert [line.split(":")[0] for line in out.splitlines() if line.startswith("round ")] == [
+        "round 0 sliced", "round 0 fixed", "round 1 fixed", "round 1 sliced"]
+    for v in record["variants"].values():
+        assert len(v["round_seconds"]) == 2 and v["seconds"] == min(v["round_seconds"])
+        assert v["cold_seconds"] == v["round_seconds"][0]
+    fixed, sliced = record["variants"]["fixed"], record["variants"]["sliced"]
+    assert record["speedup"] == pytest.approx(sliced["seconds"] / fixed["seconds"])
+    assert fixed["new_tokens"] == sliced["new_tokens"] > 0
 
 
 def run_decode_speed(tmp_path, *args: str) -> subprocess.CompletedProcess:
