@@ -8,8 +8,9 @@ Prompts are GSM8K test questions with k solved training problems before each (lm
 from `--gsm8k-dir` (the official jsonl files; default ../shared/data/gsm8k). Both variants decode every prompt
 `--rounds` times in alternating order; each variant's fastest round counts, the first round is reported too
 (only the sliced step's is cold: the fixed step's first round follows it, on the same prompts, in a process and
-a prefill already warmed up). Completions are compared token for token: in bf16 the two steps' attention sums over different key counts,
-so an occasional near-tie may break the other way. On a CPU the fixed step runs eagerly (no graphs there).
+a prefill already warmed up). Completions are compared token for token: in bf16 the two steps' attention sums
+over different key counts, so an occasional near-tie may break the other way. On a CPU the fixed step runs
+eagerly (no graphs there).
 """
 
 from __future__ import annotations
@@ -36,7 +37,9 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2-135m-instruct",
                         help="a plain (not Mixture-of-Depths) model: a .gguf, an HF directory, a .ckpt, ...")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="weights and compute")
-    parser.add_argument("--gsm8k-dir", default=str(SHARED / "gsm8k"), help="directory with the official train.jsonl and test.jsonl (default: $QUIETDEPTH_SHARED_DATA/gsm8k, else ../shared/data/gsm8k beside the repository)")
+    parser.add_argument("--gsm8k-dir", default=str(SHARED / "gsm8k"),
+                        help="directory with the official train.jsonl and test.jsonl (default: "
+                        "$QUIETDEPTH_SHARED_DATA/gsm8k, else ../shared/data/gsm8k beside the repository)")
     parser.add_argument("--n", type=positive_int, default=128, help="test questions")
     parser.add_argument("--shots", type=int, default=5, help="solved training problems before each question")
     parser.add_argument("--max-new-tokens", type=positive_int, default=256, help="tokens per completion at most")

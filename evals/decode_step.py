@@ -86,4 +86,5 @@ class DecodeStep:
         except RuntimeError as error:
             raise RuntimeError(f"recording the decoding step as a CUDA graph failed ({error}); decode without: "
                                "--no-cuda-graph (quietdepth-eval), cuda_graph=false (lm-eval's --model_args), "
-                               "DecodingConfig(cuda_graph=False), fixed_step=False (evals.decoding's functions)") from error
+                               "DecodingConfig(cuda_graph=False), fixed_step=False (evals.decoding's functions)"
+                               ) from error
