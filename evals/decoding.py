@@ -64,6 +64,8 @@ class DecodingConfig:
         for name in ("max_new_tokens", "batch_size", "prefill_chunk", "pack_tokens", "cot_k"):
             if getattr(self, name) < 1:
                 raise ValueError(f"decoding {name}={getattr(self, name)} must be >= 1")
+        if not isinstance(self.cuda_graph, bool):  # the string "false" would switch graphs on
+            raise ValueError(f"decoding cuda_graph={self.cuda_graph!r} must be True or False")
 
     @property
     def fixed_step(self) -> bool | None:

@@ -368,6 +368,8 @@ def test_decoding_config_names_a_bad_variant():
     with pytest.raises(ValueError, match="'beam' is not one of"):
         DecodingConfig(variant="beam")
     assert DecodingConfig(variant="cot", cot_k=5).label == "cot-k5"
+    with pytest.raises(ValueError, match="cuda_graph='false' must be True or False"):
+        DecodingConfig(cuda_graph="false")
 
 
 @pytest.mark.parametrize("decode", [generate_tokens, generate, generate_thoughts])
