@@ -26,7 +26,7 @@ import torch
 from evals import decoding, gsm8k
 from evals.cli import positive_int
 from evals.model import load_eval_model
-from report import check_writable, device_name, sync, write_json
+from report import Record, device_name, sync
 
 SHARED = Path(os.environ.get("QUIETDEPTH_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 STOP = ["Question:", "</s>", "<|im_end|>"]  # gsm8k_local's stop strings
@@ -52,8 +52,7 @@ def main() -> None:
             parser.error(f"--gsm8k-dir {args.gsm8k_dir}: no {split}.jsonl there (the official GSM8K files)")
     if args.shots < 0:
         parser.error(f"--shots {args.shots}: give 0 or more")
-    if args.json:
-        check_writable(args.json)
+    record = Record(args.json, {"benchmark": "decode_speed"}, table=print_table)  # an unwritable --json: refused now
     test = gsm8k.load(str(Path(args.gsm8k_dir) / "test.jsonl"))[:args.n]
     train = gsm8k.load(str(Path(args.gsm8k_dir) / "train.jsonl"), split="train")
     try:
@@ -68,47 +67,50 @@ def main() -> None:
                      "plain model")
     prompts = model.encode_batch([gsm8k.prompt(q["question"], shots) for q, shots in zip(test, draws)])
 
+    record.data.update({
+        "model": args.model, "device": device_name(model.device), "torch": torch.__version__, "dtype": args.dtype,
+        "n": len(prompts), "shots": args.shots, "prompt_tokens": sum(map(len, prompts)),
+        "max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size, "rounds": args.rounds,
+        "step": "CUDA graph" if device == "cuda" else "eager"})
     variants = {"sliced": False, "fixed": True}
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name in variants}
     tokens: dict[str, list[list[int]]] = {}
-    for r in range(args.rounds):
-        for name in list(variants)[:: 1 if r % 2 == 0 else -1]:
-            sync(model.device)
-            start = time.perf_counter()
-            out = decoding.generate_tokens(model, prompts, args.max_new_tokens, STOP, args.batch_size,
-                                           fixed_step=variants[name])
-            sync(model.device)
-            seconds = time.perf_counter() - start
-            runs[name].append({"seconds": seconds, "new_tokens": sum(map(len, out))})
-            tokens[name] = out
-            print(f"round {r} {name}: {seconds:.2f} s, {sum(map(len, out))} new tokens", flush=True)
+    with record:
+        for r in range(args.rounds):
+            for name in list(variants)[:: 1 if r % 2 == 0 else -1]:
+                sync(model.device)
+                start = time.perf_counter()
+                out = decoding.generate_tokens(model, prompts, args.max_new_tokens, STOP, args.batch_size,
+                                               fixed_step=variants[name])
+                sync(model.device)
+                seconds = time.perf_counter() - start
+                runs[name].append({"seconds": seconds, "new_tokens": sum(map(len, out))})
+                tokens[name] = out
+                print(f"round {r} {name}: {seconds:.2f} s, {sum(map(len, out))} new tokens", flush=True)
+                # cold_seconds: the first round (a cold one for the sliced step only; the key kept for the records)
+                record.update(variants={v: {"seconds": min(x["seconds"] for x in rs), "cold_seconds": rs[0]["seconds"],
+                                            "round_seconds": [x["seconds"] for x in rs],
+                                            "new_tokens": rs[-1]["new_tokens"]}
+                                        for v, rs in runs.items() if rs})
+        fixed, sliced = record.data["variants"]["fixed"], record.data["variants"]["sliced"]
+        record.update(identical_completions=sum(a == b for a, b in zip(tokens["sliced"], tokens["fixed"])),
+                      speedup=sliced["seconds"] / fixed["seconds"])
 
-    same = sum(a == b for a, b in zip(tokens["sliced"], tokens["fixed"]))
-    record = {
-        "benchmark": "decode_speed", "model": args.model, "device": device_name(model.device),
-        "torch": torch.__version__, "dtype": args.dtype, "n": len(prompts), "shots": args.shots,
-        "prompt_tokens": sum(map(len, prompts)), "max_new_tokens": args.max_new_tokens,
-        "batch_size": args.batch_size, "rounds": args.rounds, "identical_completions": same,
-        # cold_seconds: the first round (a cold one for the sliced step only; the key kept for the records so far)
-        "variants": {name: {"seconds": min(r["seconds"] for r in rs), "cold_seconds": rs[0]["seconds"],
-                            "round_seconds": [r["seconds"] for r in rs], "new_tokens": rs[-1]["new_tokens"]}
-                     for name, rs in runs.items()},
-    }
-    fixed, sliced = record["variants"]["fixed"], record["variants"]["sliced"]
-    record["speedup"] = sliced["seconds"] / fixed["seconds"]
-    label = "fixed step, CUDA graph" if device == "cuda" else "fixed step, eager"
-    print(f"\n{args.model} on {record['device']}, torch {torch.__version__}, {args.dtype}; {len(prompts)} GSM8K "
-          f"{args.shots}-shot prompts, {args.max_new_tokens} new tokens at most, {args.batch_size} rows; fastest of "
-          f"{args.rounds} round(s)\n")
+
+def print_table(data: dict[str, Any]) -> None:
+    """The Markdown table of the steps timed so far, and the speed-up once both are."""
+    print(f"\n{data.get('model')} on {data.get('device')}, torch {torch.__version__}, {data.get('dtype')}; "
+          f"{data.get('n')} GSM8K {data.get('shots')}-shot prompts, {data.get('max_new_tokens')} new tokens at most, "
+          f"{data.get('batch_size')} rows; fastest of {data.get('rounds')} round(s)\n")
     print("| step | seconds | first round | new tokens | new tokens/s |")
     print("|---|---:|---:|---:|---:|")
-    for name, v in (("sliced step", sliced), (label, fixed)):
-        print(f"| {name} | {v['seconds']:.2f} | {v['cold_seconds']:.2f} | {v['new_tokens']} | "
-              f"{v['new_tokens'] / v['seconds']:.0f} |")
-    print(f"\nspeed-up {record['speedup']:.2f}×; identical completions {same} of {len(prompts)}")
-    if args.json:
-        write_json(record, args.json)
-
+    for name, label in (("sliced", "sliced step"), ("fixed", f"fixed step, {data.get('step')}")):
+        if name in data.get("variants", {}):
+            v = data["variants"][name]
+            print(f"| {label} | {v['seconds']:.2f} | {v['cold_seconds']:.2f} | {v['new_tokens']} | "
+                  f"{v['new_tokens'] / v['seconds']:.0f} |")
+    if "speedup" in data:
+        print(f"\nspeed-up {data['speedup']:.2f}×; identical completions {data['identical_completions']} of {data['n']}")
 
 if __name__ == "__main__":
     main()
